@@ -1,0 +1,175 @@
+"""One peer's round as pure steps: plan -> train -> outbox -> merge.
+
+The engine knows nothing of networks: the simulator and the daemon both feed it members,
+carry its outgoing slices and hand it what arrived. Everything it does is a deterministic
+function of its parameters, its data, the seed and the round.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from peerd.aggregate import Arrival, exchange_mask, merge, outbox
+from peerd.config import TrainConfig
+from peerd.data import Split
+from peerd.evaluate import Evaluation, evaluate
+from peerd.losses import task_loss
+from peerd.models.base import ModelSpec, Plan, plan_units
+from peerd.plan import Member, Planner, Plans
+from peerd.submodel import Params, extract, forward_flops_per_sample, write_back
+from peerd.topology import Topology
+from peerd.transport import SliceMessage
+
+# Forward plus backward costs about three forward passes (backward ~ 2x forward).
+TRAIN_FLOPS_PER_FORWARD = 3
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    round_index: int
+    members: tuple[Member, ...]
+    plans_now: Plans
+    plans_next: Plans
+    neighbours: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    loss: float
+    samples: int
+    steps: int
+    forward_flops_per_sample: int
+
+    @property
+    def train_flops(self) -> int:
+        return TRAIN_FLOPS_PER_FORWARD * self.forward_flops_per_sample * self.samples
+
+
+class Engine:
+    def __init__(
+        self, peer_id: str, spec: ModelSpec, params: Params, train_split: Split,
+        test_split: Split, planner: Planner, topology: Topology, train: TrainConfig, seed: int,
+    ) -> None:
+        self.peer_id = peer_id
+        self.spec = spec
+        self.params = params
+        self.train_split = train_split
+        self.test_split = test_split
+        self.planner = planner
+        self.topology = topology
+        self.train_config = train
+        self.seed = seed
+
+    @property
+    def weight(self) -> float:
+        return float(len(self.train_split))
+
+    def begin_round(self, round_index: int, members: Sequence[Member]) -> RoundContext:
+        ordered = tuple(sorted(members, key=lambda member: member.peer_id))
+        groups = self.spec.groups
+        return RoundContext(
+            round_index=round_index,
+            members=ordered,
+            plans_now=self.planner.plan(round_index, ordered, groups),
+            plans_next=self.planner.plan(round_index + 1, ordered, groups),
+            neighbours=self.topology.neighbours([m.peer_id for m in ordered], self.peer_id),
+        )
+
+    def own_plan(self, ctx: RoundContext) -> Plan:
+        return ctx.plans_now[self.peer_id]
+
+    def _batch_order(self, round_index: int) -> torch.Tensor:
+        keys = [self.seed, round_index, zlib.crc32(self.peer_id.encode())]
+        generator = torch.Generator().manual_seed(int(np.random.default_rng(keys).integers(2**62)))
+        return torch.randperm(len(self.train_split), generator=generator)
+
+    def train(self, ctx: RoundContext) -> TrainStats:
+        """Extract this round's sub-model, train it locally, write it back."""
+        plan = self.own_plan(ctx)
+        config = self.train_config
+        module = extract(self.spec, self.params, plan)
+        module.train()
+        optimizer = torch.optim.SGD(
+            module.parameters(), lr=config.lr, momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+        loss_sum, samples, steps = 0.0, 0, 0
+        for epoch in range(config.local_epochs):
+            order = self._batch_order(ctx.round_index * config.local_epochs + epoch)
+            for start in range(0, len(order), config.batch_size):
+                if config.max_local_steps is not None and steps >= config.max_local_steps:
+                    break
+                batch = order[start:start + config.batch_size]
+                loss = task_loss(
+                    self.spec.kind, module(self.train_split.inputs[batch]),
+                    self.train_split.targets[batch],
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.item() * len(batch)
+                samples += len(batch)
+                steps += 1
+        write_back(self.spec, self.params, plan, module)
+        return TrainStats(
+            loss=loss_sum / max(samples, 1), samples=samples, steps=steps,
+            forward_flops_per_sample=forward_flops_per_sample(self.spec, plan_units(plan)),
+        )
+
+    def outbox(self, ctx: RoundContext) -> list[SliceMessage]:
+        """One message per neighbour with the entries it holds now or will hold next round."""
+        return [
+            SliceMessage(
+                sender=self.peer_id, receiver=neighbour, round_index=ctx.round_index,
+                weight=self.weight,
+                values=outbox(self.spec, self.params, self.own_plan(ctx),
+                              ctx.plans_now[neighbour], ctx.plans_next[neighbour]),
+            )
+            for neighbour in ctx.neighbours
+        ]
+
+    def check_message(self, ctx: RoundContext, message: SliceMessage) -> None:
+        """Refuse a message that does not fit this round's plans, before anything is merged."""
+        if message.receiver != self.peer_id or message.round_index != ctx.round_index:
+            raise ValueError(
+                f"message from {message.sender} is for {message.receiver} round "
+                f"{message.round_index}, not {self.peer_id} round {ctx.round_index}"
+            )
+        if message.sender not in ctx.neighbours:
+            raise ValueError(f"{message.sender} is not a neighbour of {self.peer_id}")
+        if not (message.weight > 0 and torch.isfinite(torch.tensor(message.weight))):
+            raise ValueError(f"message from {message.sender}: weight {message.weight} invalid")
+        if set(message.values) != set(self.params):
+            raise ValueError(f"message from {message.sender}: wrong parameter names")
+        for name, values in message.values.items():
+            expected = int(exchange_mask(
+                self.spec, name, self.params[name].shape, ctx.plans_now[message.sender],
+                self.own_plan(ctx), ctx.plans_next[self.peer_id],
+            ).sum())
+            if values.dim() != 1 or values.numel() != expected:
+                raise ValueError(
+                    f"message from {message.sender}: {name} has {values.numel()} values, "
+                    f"the plans say {expected}"
+                )
+            if not torch.isfinite(values).all():
+                raise ValueError(f"message from {message.sender}: {name} has non-finite values")
+
+    def merge(self, ctx: RoundContext, messages: Sequence[SliceMessage]) -> None:
+        for message in messages:
+            self.check_message(ctx, message)
+        arrivals = [
+            Arrival(ctx.plans_now[m.sender], m.weight, m.values)
+            for m in sorted(messages, key=lambda m: m.sender)
+        ]
+        merge(self.spec, self.params, self.own_plan(ctx), ctx.plans_next[self.peer_id],
+              self.weight, arrivals)
+
+    def evaluate_local(self, ctx: RoundContext) -> Evaluation:
+        """This peer's sub-model for the round on its own test split."""
+        module = extract(self.spec, self.params, self.own_plan(ctx))
+        return evaluate(module, self.spec.kind, self.test_split)

@@ -1,0 +1,90 @@
+"""The contract every sliceable model keeps: one table of unit groups and parameter axes.
+
+A *unit group* is a dimension that can be sliced (channels, features, heads). A unit may span
+several consecutive entries along an axis (an attention head spans `head_dim` rows). Every
+parameter names, per axis, the group that slices it or None for an axis that is never sliced
+(input pixels, classes, vocabulary). Tensors that must share indices (a residual stream and the
+norms on it) name the same group, which is how tying is declared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+# group name -> sorted int64 tensor of unit indices kept in that group
+Plan = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class UnitGroup:
+    name: str
+    units: int
+    span: int = 1  # entries per unit along a sliced axis
+
+    @property
+    def entries(self) -> int:
+        return self.units * self.span
+
+
+class ModelSpec(Protocol):
+    """What the slicing machinery needs from a model family."""
+
+    kind: str  # "image" or "text": which task loss and metrics apply
+
+    @property
+    def groups(self) -> Mapping[str, UnitGroup]: ...
+
+    @property
+    def axes(self) -> Mapping[str, tuple[str | None, ...]]: ...
+
+    def build(self, units: Mapping[str, int]) -> nn.Module:
+        """A module with `units[g]` units in every group g (the full model for full counts)."""
+        ...
+
+    def example_input(self, batch: int) -> torch.Tensor: ...
+
+
+def full_units(spec: ModelSpec) -> dict[str, int]:
+    return {name: group.units for name, group in spec.groups.items()}
+
+
+def full_plan(spec: ModelSpec) -> Plan:
+    return {name: torch.arange(group.units) for name, group in spec.groups.items()}
+
+
+def plan_units(plan: Plan) -> dict[str, int]:
+    return {name: int(indices.numel()) for name, indices in plan.items()}
+
+
+def fingerprint(spec: ModelSpec) -> str:
+    """A short digest of the architecture: peers may only exchange slices of the same model."""
+    table = {
+        "groups": {name: [g.units, g.span] for name, g in sorted(spec.groups.items())},
+        "axes": {name: list(axes) for name, axes in sorted(spec.axes.items())},
+        "class": type(spec).__name__,
+    }
+    return hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_table(spec: ModelSpec) -> None:
+    """The axis table must describe the full module exactly: same names, matching sizes."""
+    module = spec.build(full_units(spec))
+    params = dict(module.named_parameters())
+    if set(params) != set(spec.axes):
+        missing = sorted(set(params) - set(spec.axes))
+        extra = sorted(set(spec.axes) - set(params))
+        raise ValueError(f"axis table mismatch: untabled {missing}, unknown {extra}")
+    for name, tensor in params.items():
+        axes = spec.axes[name]
+        if len(axes) != tensor.dim():
+            raise ValueError(f"{name}: {len(axes)} axes tabled for a {tensor.dim()}-d tensor")
+        for size, group_name in zip(tensor.shape, axes, strict=True):
+            if group_name is not None and spec.groups[group_name].entries != size:
+                raise ValueError(f"{name}: group {group_name} does not match size {size}")

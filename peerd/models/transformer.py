@@ -1,0 +1,163 @@
+"""A decoder-only transformer language model (nanoGPT-shaped), sliceable in every width.
+
+Groups: the residual width `embd` (shared by embeddings, every LayerNorm, every projection in
+and out of the stream, and the tied LM head), the attention heads of each layer (a unit spans
+`head_dim` rows of q, k and v) and the FFN neurons of each layer. LayerNorm in a sub-model
+normalises over the kept residual width: its mean and variance over a slice estimate those of
+the full width, and there are no running statistics to go stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peerd.models.base import UnitGroup
+from peerd.models.layers import ScaledLinear, input_scale
+
+EMBD = "embd"
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int
+    block_size: int = 64
+    n_layer: int = 4
+    n_head: int = 8
+    head_dim: int = 32
+    d_model: int = 256
+    d_ffn: int = 1024
+
+
+def _heads_group(layer: int) -> str:
+    return f"l{layer}.heads"
+
+
+def _ffn_group(layer: int) -> str:
+    return f"l{layer}.ffn"
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, heads: int, head_dim: int, scales: tuple[float, float]):
+        super().__init__()
+        embd_scale, heads_scale = scales
+        self.heads = heads
+        self.head_dim = head_dim
+        self.q = ScaledLinear(d_model, heads * head_dim, True, embd_scale)
+        self.k = ScaledLinear(d_model, heads * head_dim, True, embd_scale)
+        self.v = ScaledLinear(d_model, heads * head_dim, True, embd_scale)
+        self.proj = ScaledLinear(heads * head_dim, d_model, True, heads_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, steps, _ = x.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, steps, self.heads, self.head_dim).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(
+            split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True
+        )
+        return self.proj(out.transpose(1, 2).reshape(batch, steps, self.heads * self.head_dim))
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, heads: int, head_dim: int, ffn: int, scales: tuple[float, ...]):
+        super().__init__()
+        embd_scale, heads_scale, ffn_scale = scales
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, heads, head_dim, (embd_scale, heads_scale))
+        self.ln2 = nn.LayerNorm(d_model)
+        self.up = ScaledLinear(d_model, ffn, True, embd_scale)
+        self.down = ScaledLinear(ffn, d_model, True, ffn_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.down(F.gelu(self.up(self.ln2(x))))
+
+
+class TransformerLM(nn.Module):
+    def __init__(
+        self, cfg: TransformerConfig, units: Mapping[str, int], full: Mapping[str, int]
+    ) -> None:
+        super().__init__()
+
+        def scale(group: str) -> float:
+            return input_scale(full[group], units[group])
+
+        d_model = units[EMBD]
+        self.wte = nn.Embedding(cfg.vocab_size, d_model)
+        self.wpe = nn.Embedding(cfg.block_size, d_model)
+        self.blocks = nn.ModuleList(
+            Block(
+                d_model, units[_heads_group(i)], cfg.head_dim, units[_ffn_group(i)],
+                (scale(EMBD), scale(_heads_group(i)), scale(_ffn_group(i))),
+            )
+            for i in range(cfg.n_layer)
+        )
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head_scale = scale(EMBD)
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [batch, steps, d_model], used by representation losses."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.wte(tokens) + self.wpe(positions)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # The LM head is tied to the token embedding, as in GPT-2.
+        return F.linear(self.features(tokens) * self.head_scale, self.wte.weight)
+
+
+class TransformerSpec:
+    kind = "text"
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        self.cfg = cfg
+
+    @cached_property
+    def groups(self) -> dict[str, UnitGroup]:
+        cfg = self.cfg
+        table = {EMBD: UnitGroup(EMBD, cfg.d_model)}
+        for layer in range(cfg.n_layer):
+            heads, ffn = _heads_group(layer), _ffn_group(layer)
+            table[heads] = UnitGroup(heads, cfg.n_head, cfg.head_dim)
+            table[ffn] = UnitGroup(ffn, cfg.d_ffn)
+        return table
+
+    @cached_property
+    def axes(self) -> dict[str, tuple[str | None, ...]]:
+        table: dict[str, tuple[str | None, ...]] = {
+            "wte.weight": (None, EMBD),
+            "wpe.weight": (None, EMBD),
+            "ln_f.weight": (EMBD,),
+            "ln_f.bias": (EMBD,),
+        }
+        for layer in range(self.cfg.n_layer):
+            heads, ffn, prefix = _heads_group(layer), _ffn_group(layer), f"blocks.{layer}"
+            for norm in ("ln1", "ln2"):
+                table[f"{prefix}.{norm}.weight"] = (EMBD,)
+                table[f"{prefix}.{norm}.bias"] = (EMBD,)
+            for projection in ("q", "k", "v"):
+                table[f"{prefix}.attn.{projection}.weight"] = (heads, EMBD)
+                table[f"{prefix}.attn.{projection}.bias"] = (heads,)
+            table[f"{prefix}.attn.proj.weight"] = (EMBD, heads)
+            table[f"{prefix}.attn.proj.bias"] = (EMBD,)
+            table[f"{prefix}.up.weight"] = (ffn, EMBD)
+            table[f"{prefix}.up.bias"] = (ffn,)
+            table[f"{prefix}.down.weight"] = (EMBD, ffn)
+            table[f"{prefix}.down.bias"] = (EMBD,)
+        return table
+
+    def build(self, units: Mapping[str, int]) -> TransformerLM:
+        full = {name: group.units for name, group in self.groups.items()}
+        return TransformerLM(self.cfg, units, full)
+
+    def example_input(self, batch: int) -> torch.Tensor:
+        return torch.zeros(batch, self.cfg.block_size, dtype=torch.long)

@@ -1,0 +1,179 @@
+"""Planners: which units of every group each member trains in a round.
+
+A plan is a pure function of (seed, round, members, capacities, method): every peer computes
+every member's plan locally and nothing is negotiated. Members come sorted by peer id; a
+member's index in that order is its *position*.
+
+- msfusion: double shifting splitting (DSS). Windows of width ceil(mu_n * K) start spaced
+  around the ring of K units in proportion to the members' widths (shift across peers, so the
+  windows cover every unit whenever the widths add up to K) and rotate by zeta units a round
+  (shift across rounds). Each group is also rotated by its own seeded offset every round; without
+  it, windows aligned across layers of equal width would only ever train a diagonal band of each
+  weight matrix (DESIGN invariant 3).
+- fedrolex: one rolling window, the same for every member and every layer.
+- heterofl: a static prefix of each group.
+- fd: Federated Dropout, a fresh random subset per member per round.
+- full: every unit (decentralized FedAvg).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from peerd.models.base import Plan, UnitGroup
+
+
+@dataclass(frozen=True)
+class Member:
+    peer_id: str
+    mu: float  # width ratio this member can afford, in (0, 1]
+
+
+Plans = dict[str, Plan]  # peer id -> plan
+
+
+def window_width(mu: float, units: int) -> int:
+    # The epsilon keeps ceil(0.25 * 16) at 4 despite float rounding.
+    return max(1, min(units, math.ceil(mu * units - 1e-9)))
+
+
+def _stable_hash(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+
+def _rng(*keys: int) -> np.random.Generator:
+    return np.random.default_rng(list(keys))
+
+
+def _window(start: int, width: int, units: int) -> torch.Tensor:
+    return torch.sort((start + torch.arange(width)) % units).values
+
+
+class Planner(ABC):
+    """Plans for all members of a round, selected by name."""
+
+    name: str
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def plan(
+        self, round_index: int, members: Sequence[Member], groups: Mapping[str, UnitGroup]
+    ) -> Plans:
+        ordered = sorted(members, key=lambda member: member.peer_id)
+        if len({m.peer_id for m in ordered}) != len(ordered):
+            raise ValueError("duplicate peer ids among members")
+        for member in ordered:
+            if not 0.0 < member.mu <= 1.0:
+                raise ValueError(f"peer {member.peer_id}: mu={member.mu} is outside (0, 1]")
+        plans: Plans = {member.peer_id: {} for member in ordered}
+        for group in groups.values():
+            for member, units in zip(ordered, self.group_plan(round_index, ordered, group),
+                                     strict=True):
+                plans[member.peer_id][group.name] = units
+        return plans
+
+    @abstractmethod
+    def group_plan(
+        self, round_index: int, members: Sequence[Member], group: UnitGroup
+    ) -> list[torch.Tensor]:
+        """Sorted unit indices of one group for each member, in position order."""
+
+
+class MSFusionPlanner(Planner):
+    name = "msfusion"
+
+    def __init__(self, seed: int, zeta: int = 1, decorrelate_groups: bool = True) -> None:
+        super().__init__(seed)
+        self.zeta = zeta
+        self.decorrelate_groups = decorrelate_groups
+
+    def window_starts(self, widths: Sequence[int], units: int) -> list[int]:
+        """Starts spaced in proportion to the widths: the gap after a window never exceeds it."""
+        total = sum(widths)
+        cumulative = np.concatenate([[0], np.cumsum(widths)[:-1]])
+        return [int(units * c // total) for c in cumulative]
+
+    def group_offset(self, round_index: int, group: UnitGroup) -> int:
+        offset = self.zeta * round_index
+        if self.decorrelate_groups:
+            offset += int(_rng(self.seed, round_index, _stable_hash(group.name)).integers(group.units))
+        return offset % group.units
+
+    def group_plan(
+        self, round_index: int, members: Sequence[Member], group: UnitGroup
+    ) -> list[torch.Tensor]:
+        widths = [window_width(member.mu, group.units) for member in members]
+        offset = self.group_offset(round_index, group)
+        starts = self.window_starts(widths, group.units)
+        return [
+            _window(start + offset, width, group.units)
+            for start, width in zip(starts, widths, strict=True)
+        ]
+
+
+class FedRolexPlanner(Planner):
+    name = "fedrolex"
+
+    def group_plan(
+        self, round_index: int, members: Sequence[Member], group: UnitGroup
+    ) -> list[torch.Tensor]:
+        start = round_index % group.units
+        return [_window(start, window_width(m.mu, group.units), group.units) for m in members]
+
+
+class HeteroFLPlanner(Planner):
+    name = "heterofl"
+
+    def group_plan(
+        self, round_index: int, members: Sequence[Member], group: UnitGroup
+    ) -> list[torch.Tensor]:
+        return [torch.arange(window_width(m.mu, group.units)) for m in members]
+
+
+class FederatedDropoutPlanner(Planner):
+    name = "fd"
+
+    def group_plan(
+        self, round_index: int, members: Sequence[Member], group: UnitGroup
+    ) -> list[torch.Tensor]:
+        plans = []
+        for member in members:
+            rng = _rng(self.seed, round_index, _stable_hash(member.peer_id),
+                       _stable_hash(group.name))
+            chosen = rng.choice(group.units, window_width(member.mu, group.units), replace=False)
+            plans.append(torch.sort(torch.from_numpy(chosen).long()).values)
+        return plans
+
+
+class FullPlanner(Planner):
+    name = "full"
+
+    def group_plan(
+        self, round_index: int, members: Sequence[Member], group: UnitGroup
+    ) -> list[torch.Tensor]:
+        return [torch.arange(group.units) for _ in members]
+
+
+PLANNERS: dict[str, type[Planner]] = {
+    planner.name: planner
+    for planner in (
+        MSFusionPlanner, FedRolexPlanner, HeteroFLPlanner, FederatedDropoutPlanner, FullPlanner
+    )
+}
+
+
+def make_planner(method: str, seed: int) -> Planner:
+    try:
+        return PLANNERS[method](seed)
+    except KeyError:
+        raise ValueError(
+            f"unknown method {method!r}; choose one of {', '.join(sorted(PLANNERS))}"
+        ) from None

@@ -1,0 +1,128 @@
+"""Physically smaller sub-models cut from the full parameters by a plan, and written back.
+
+The full parameters live in a flat dict name -> tensor. A plan keeps, per unit group, a sorted
+set of unit indices; the slice of a parameter is the product of the kept entries along its
+grouped axes. Extraction builds a module with only those entries (so compute, gradients and
+optimizer state shrink with the slice) and write-back is its exact inverse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import lru_cache
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from peerd.models.base import ModelSpec, Plan, UnitGroup, plan_units
+
+Params = dict[str, torch.Tensor]
+
+
+def init_params(spec: ModelSpec, seed: int) -> Params:
+    """The full model's initial parameters: every peer of a cluster derives the same ones."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        module = spec.build({name: group.units for name, group in spec.groups.items()})
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def entry_indices(group: UnitGroup, units: torch.Tensor) -> torch.Tensor:
+    """Entry positions along an axis for the given units (a unit spans `group.span` entries)."""
+    if group.span == 1:
+        return units
+    return (units[:, None] * group.span + torch.arange(group.span)).reshape(-1)
+
+
+def axis_indices(spec: ModelSpec, plan: Plan, name: str) -> list[torch.Tensor | None]:
+    """Per axis of parameter `name`: the kept entry positions, or None for an unsliced axis."""
+    return [
+        None if group is None else entry_indices(spec.groups[group], plan[group])
+        for group in spec.axes[name]
+    ]
+
+
+def slice_tensor(tensor: torch.Tensor, indices: list[torch.Tensor | None]) -> torch.Tensor:
+    for axis, kept in enumerate(indices):
+        if kept is not None:
+            tensor = tensor.index_select(axis, kept)
+    return tensor
+
+
+def _open_mesh(shape: torch.Size, indices: list[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
+    """Broadcastable index tensors selecting the product of per-axis positions."""
+    mesh = []
+    for axis, kept in enumerate(indices):
+        positions = torch.arange(shape[axis]) if kept is None else kept
+        view = [1] * len(shape)
+        view[axis] = -1
+        mesh.append(positions.view(view))
+    return tuple(mesh)
+
+
+def slice_params(spec: ModelSpec, params: Params, plan: Plan) -> Params:
+    return {name: slice_tensor(params[name], axis_indices(spec, plan, name)) for name in spec.axes}
+
+
+def extract(spec: ModelSpec, params: Params, plan: Plan) -> nn.Module:
+    """A module holding exactly the plan's slice of `params` (copies, safe to train)."""
+    module = spec.build(plan_units(plan))
+    sliced = slice_params(spec, params, plan)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            parameter.copy_(sliced[name])
+    return module
+
+
+def write_back(spec: ModelSpec, params: Params, plan: Plan, module: nn.Module) -> None:
+    """Store the module's parameters into their places in the full parameters, in place."""
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            target = params[name]
+            target[_open_mesh(target.shape, axis_indices(spec, plan, name))] = parameter.detach()
+
+
+def axis_masks(spec: ModelSpec, plan: Plan, name: str) -> list[torch.Tensor | None]:
+    """Per axis: a boolean vector of kept entries, or None for an unsliced axis."""
+    masks: list[torch.Tensor | None] = []
+    for group_name, kept in zip(spec.axes[name], axis_indices(spec, plan, name), strict=True):
+        if group_name is None or kept is None:
+            masks.append(None)
+            continue
+        mask = torch.zeros(spec.groups[group_name].entries, dtype=torch.bool)
+        mask[kept] = True
+        masks.append(mask)
+    return masks
+
+
+def entry_mask(spec: ModelSpec, plan: Plan, name: str, shape: torch.Size) -> torch.Tensor:
+    """Boolean tensor of the full parameter's shape: True where the plan holds the entry."""
+    mask = torch.ones(shape, dtype=torch.bool)
+    for axis, axis_mask in enumerate(axis_masks(spec, plan, name)):
+        if axis_mask is not None:
+            view = [1] * len(shape)
+            view[axis] = -1
+            mask = mask & axis_mask.view(view)
+    return mask
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def forward_flops_per_sample(spec: ModelSpec, units: Mapping[str, int]) -> int:
+    """Forward FLOPs for one sample, counted from the ops a module of these widths executes."""
+    return _forward_flops(spec, tuple(sorted(units.items())))
+
+
+@lru_cache(maxsize=4096)
+def _forward_flops(spec: ModelSpec, units: tuple[tuple[str, int], ...]) -> int:
+    module = spec.build(dict(units))
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        module(spec.example_input(1))
+    return int(counter.get_total_flops())
