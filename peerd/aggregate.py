@@ -72,7 +72,9 @@ def merge(
         tensor[received] = total[received] / weight_sum[received]
 
 
-def assemble(spec: ModelSpec, peer_params: Mapping[str, Params], plans: Mapping[str, Plan]) -> Params:
+def assemble(
+    spec: ModelSpec, peer_params: Mapping[str, Params], plans: Mapping[str, Plan]
+) -> Params:
     """The full model for evaluation: each entry is the mean over the peers holding it this
     round; an entry nobody holds takes the mean over all peers."""
     any_peer = next(iter(peer_params.values()))

@@ -104,7 +104,8 @@ class MSFusionPlanner(Planner):
     def group_offset(self, round_index: int, group: UnitGroup) -> int:
         offset = self.zeta * round_index
         if self.decorrelate_groups:
-            offset += int(_rng(self.seed, round_index, _stable_hash(group.name)).integers(group.units))
+            rng = _rng(self.seed, round_index, _stable_hash(group.name))
+            offset += int(rng.integers(group.units))
         return offset % group.units
 
     def group_plan(

@@ -40,7 +40,7 @@ TASKS: dict[str, Task] = {
     task.name: task
     for task in (
         Task("digits", "scikit-learn's 8x8 digits, ResNet-style CNN", _digits_model,
-             TrainConfig(lr=0.05, batch_size=32, local_epochs=1), None),
+             TrainConfig(lr=0.05, batch_size=32, local_epochs=4), None),
         Task("fmnist", "Fashion-MNIST 28x28, ResNet-style CNN", _fmnist_model,
              TrainConfig(lr=0.05, batch_size=64, local_epochs=1, max_local_steps=50), 2000),
         Task("kjv", "King James Bible, character-level transformer LM", _kjv_model,

@@ -76,5 +76,7 @@ def _parse(table: dict, source: str) -> Topology:
     ):
         raise ValueError(f"{source}: neighbour_offsets must be a list of non-zero integers")
     if fully_connected == bool(offsets):
-        raise ValueError(f"{source}: give exactly one of fully_connected = true or neighbour_offsets")
+        raise ValueError(
+            f"{source}: give exactly one of fully_connected = true or neighbour_offsets"
+        )
     return Topology(str(name), tuple(offsets), fully_connected)

@@ -66,7 +66,9 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, heads: int, head_dim: int, ffn: int, scales: tuple[float, ...]):
+    def __init__(
+        self, d_model: int, heads: int, head_dim: int, ffn: int, scales: tuple[float, ...]
+    ) -> None:
         super().__init__()
         embd_scale, heads_scale, ffn_scale = scales
         self.ln1 = nn.LayerNorm(d_model)
