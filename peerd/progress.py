@@ -8,8 +8,8 @@ from typing import TextIO
 
 
 class ProgressLine:
-    def __init__(self, stream: TextIO = sys.stderr, enabled: bool = True) -> None:
-        self.stream = stream
+    def __init__(self, stream: TextIO | None = None, enabled: bool = True) -> None:
+        self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         self.live = stream.isatty()
         self._width = 0

@@ -1,0 +1,124 @@
+"""The engine's steps: outbox sizes follow the plans, merge refuses bad messages untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peerd.aggregate import exchange_mask
+from peerd.config import TrainConfig
+from peerd.data import load_task_data
+from peerd.engine import Engine
+from peerd.models import CNNConfig, CNNSpec
+from peerd.plan import Member, make_planner
+from peerd.submodel import init_params
+from peerd.topology import load_topology
+from peerd.transport import SliceMessage
+
+SPEC = CNNSpec(CNNConfig(image_size=8, stage_widths=(16, 32)))
+
+
+def make_engines(count: int, method: str = "msfusion", topology: str = "ring", mu: float = 0.5):
+    data = load_task_data("digits")
+    planner = make_planner(method, seed=3)
+    initial = init_params(SPEC, 3)
+    engines = []
+    for position in range(count):
+        indices = torch.arange(position, 200, count).numpy()
+        engines.append(Engine(
+            f"p{position}", SPEC, {n: t.clone() for n, t in initial.items()},
+            data.train.subset(indices), data.test.subset(indices[:20]), planner,
+            load_topology(topology), TrainConfig(lr=0.05, local_epochs=1), seed=3,
+        ))
+    members = [Member(e.peer_id, mu) for e in engines]
+    return engines, members
+
+
+def test_outbox_goes_to_topology_neighbours_with_plan_sized_payloads() -> None:
+    engines, members = make_engines(5)
+    sender = engines[0]
+    ctx = sender.begin_round(4, members)
+    messages = sender.outbox(ctx)
+    assert [m.receiver for m in messages] == ["p1", "p4"]  # ring neighbours of p0 among 5
+    for message in messages:
+        expected = sum(
+            int(exchange_mask(SPEC, name, t.shape, ctx.plans_now["p0"],
+                              ctx.plans_now[message.receiver],
+                              ctx.plans_next[message.receiver]).sum())
+            for name, t in sender.params.items()
+        )
+        assert message.payload_bytes() == 4 * expected
+        assert 0 < expected < sum(t.numel() for t in sender.params.values())
+
+
+def test_full_method_fully_connected_merge_is_exact_fedavg() -> None:
+    engines, members = make_engines(3, method="full", topology="full", mu=1.0)
+    contexts = [e.begin_round(0, members) for e in engines]
+    for engine, ctx in zip(engines, contexts, strict=True):
+        engine.train(ctx)
+    weights = torch.tensor([e.weight for e in engines])
+    expected = {
+        name: sum(w * e.params[name] for w, e in zip(weights, engines, strict=True))
+        / weights.sum()
+        for name in engines[0].params
+    }
+    outgoing = [m for e, ctx in zip(engines, contexts, strict=True) for m in e.outbox(ctx)]
+    for engine, ctx in zip(engines, contexts, strict=True):
+        engine.merge(ctx, [m for m in outgoing if m.receiver == engine.peer_id])
+    for engine in engines:
+        for name, value in expected.items():
+            torch.testing.assert_close(engine.params[name], value, rtol=0, atol=1e-6)
+
+
+def _bad_messages(good: SliceMessage) -> list[tuple[SliceMessage, str]]:
+    name = next(iter(good.values))
+    short = dict(good.values)
+    short[name] = short[name][:-1]
+    poisoned = dict(good.values)
+    poisoned[name] = poisoned[name].clone()
+    poisoned[name][0] = float("nan")
+    missing = dict(good.values)
+    del missing[name]
+    fields = (good.sender, good.receiver, good.round_index, good.weight)
+    return [
+        (SliceMessage(good.sender, good.receiver, good.round_index + 1, good.weight,
+                      good.values), "round"),
+        (SliceMessage("p2", good.receiver, good.round_index, good.weight, good.values),
+         "not a neighbour"),
+        (SliceMessage(*fields[:3], -1.0, good.values), "weight"),
+        (SliceMessage(*fields, short), "values, the plans say"),
+        (SliceMessage(*fields, poisoned), "non-finite"),
+        (SliceMessage(*fields, missing), "parameter names"),
+    ]
+
+
+def test_merge_refuses_bad_messages_and_leaves_parameters_untouched() -> None:
+    engines, members = make_engines(4)
+    contexts = [e.begin_round(1, members) for e in engines]
+    receiver, ctx = engines[0], contexts[0]
+    good = next(m for m in engines[1].outbox(contexts[1]) if m.receiver == "p0")
+    before = {n: t.clone() for n, t in receiver.params.items()}
+    for bad, reason in _bad_messages(good):
+        with pytest.raises(ValueError, match=reason):
+            receiver.merge(ctx, [good, bad])
+        for name, tensor in receiver.params.items():
+            assert torch.equal(tensor, before[name]), name
+    receiver.merge(ctx, [good])
+    changed = sum(int((t != before[n]).sum()) for n, t in receiver.params.items())
+    assert changed > 0
+
+
+def test_training_is_deterministic_and_changes_only_the_slice() -> None:
+    first, members = make_engines(2)
+    second, _ = make_engines(2)
+    ctx = first[0].begin_round(2, members)
+    before = {n: t.clone() for n, t in first[0].params.items()}
+    stats_a = first[0].train(ctx)
+    stats_b = second[0].train(second[0].begin_round(2, members))
+    assert stats_a == stats_b
+    for name, tensor in first[0].params.items():
+        assert torch.equal(tensor, second[0].params[name])
+        outside = ~exchange_mask(SPEC, name, tensor.shape, ctx.plans_now["p0"],
+                                 ctx.plans_now["p0"], ctx.plans_now["p0"])
+        assert torch.equal(tensor[outside], before[name][outside]), name
+    assert stats_a.samples == 100 and stats_a.steps == 4
