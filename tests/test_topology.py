@@ -24,7 +24,7 @@ def test_user_topology_file(tmp_path: Path) -> None:
     path.write_text('name = "wide-ring"\nneighbour_offsets = [-2, -1, 1, 2]\n')
     topology = load_topology(str(path))
     assert topology.name == "wide-ring"
-    assert topology.neighbours(MEMBERS + ["f"], "a") == ("b", "c", "e", "f")
+    assert topology.neighbours([*MEMBERS, "f"], "a") == ("b", "c", "e", "f")
 
 
 @pytest.mark.parametrize(
