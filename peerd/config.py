@@ -23,6 +23,7 @@ class TrainConfig:
     batch_size: int = 32
     local_epochs: int = 1
     max_local_steps: int | None = None  # caps a round's steps on large shards
+    grad_clip: float | None = None  # max gradient norm; transformers diverge without it
 
     def __post_init__(self) -> None:
         _require(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a positive number")
@@ -33,6 +34,10 @@ class TrainConfig:
         _require(
             self.max_local_steps is None or self.max_local_steps >= 1,
             "max_local_steps", self.max_local_steps, ">= 1 or unset",
+        )
+        _require(
+            self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip,
+            "a positive number or unset",
         )
 
 

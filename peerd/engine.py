@@ -111,6 +111,8 @@ class Engine:
                 )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if config.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip)
                 optimizer.step()
                 loss_sum += loss.item() * len(batch)
                 samples += len(batch)

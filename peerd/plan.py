@@ -74,6 +74,8 @@ class Planner(ABC):
             if not 0.0 < member.mu <= 1.0:
                 raise ValueError(f"peer {member.peer_id}: mu={member.mu} is outside (0, 1]")
         plans: Plans = {member.peer_id: {} for member in ordered}
+        if not ordered:
+            return plans
         for group in groups.values():
             for member, units in zip(ordered, self.group_plan(round_index, ordered, group),
                                      strict=True):

@@ -11,7 +11,7 @@ class ProgressLine:
     def __init__(self, stream: TextIO | None = None, enabled: bool = True) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
-        self.live = stream.isatty()
+        self.live = self.stream.isatty()
         self._width = 0
 
     def update(self, text: str) -> None:

@@ -13,6 +13,7 @@ from functools import lru_cache
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from peerd.models.base import ModelSpec, Plan, UnitGroup, plan_units
@@ -22,12 +23,9 @@ Params = dict[str, torch.Tensor]
 
 def init_params(spec: ModelSpec, seed: int) -> Params:
     """The full model's initial parameters: every peer of a cluster derives the same ones."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
         module = spec.build({name: group.units for name, group in spec.groups.items()})
-    finally:
-        torch.random.set_rng_state(generator_state)
     return {name: p.detach().clone() for name, p in module.named_parameters()}
 
 
@@ -123,6 +121,7 @@ def forward_flops_per_sample(spec: ModelSpec, units: Mapping[str, int]) -> int:
 def _forward_flops(spec: ModelSpec, units: tuple[tuple[str, int], ...]) -> int:
     module = spec.build(dict(units))
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    # The fused CPU attention kernel has no FLOP formula; the math backend's matmuls do.
+    with torch.no_grad(), counter, sdpa_kernel(SDPBackend.MATH):
         module(spec.example_input(1))
     return int(counter.get_total_flops())

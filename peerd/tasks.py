@@ -44,8 +44,8 @@ TASKS: dict[str, Task] = {
         Task("fmnist", "Fashion-MNIST 28x28, ResNet-style CNN", _fmnist_model,
              TrainConfig(lr=0.05, batch_size=64, local_epochs=1, max_local_steps=50), 2000),
         Task("kjv", "King James Bible, character-level transformer LM", _kjv_model,
-             TrainConfig(lr=0.1, momentum=0.9, weight_decay=0.0, batch_size=32,
-                         max_local_steps=20), 256),
+             TrainConfig(lr=0.05, momentum=0.9, weight_decay=0.0, batch_size=32,
+                         max_local_steps=20, grad_clip=1.0), 256),
     )
 }
 

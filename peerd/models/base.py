@@ -65,9 +65,11 @@ def plan_units(plan: Plan) -> dict[str, int]:
 
 def fingerprint(spec: ModelSpec) -> str:
     """A short digest of the architecture: peers may only exchange slices of the same model."""
+    module = spec.build(full_units(spec))
     table = {
         "groups": {name: [g.units, g.span] for name, g in sorted(spec.groups.items())},
         "axes": {name: list(axes) for name, axes in sorted(spec.axes.items())},
+        "shapes": {name: list(p.shape) for name, p in module.named_parameters()},
         "class": type(spec).__name__,
     }
     return hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()[:16]

@@ -82,6 +82,15 @@ class Block(nn.Module):
         return x + self.down(F.gelu(self.up(self.ln2(x))))
 
 
+def _init_weights(module: nn.Module) -> None:
+    # GPT-2's initialisation: N(0, 0.02) weights, zero biases. PyTorch's N(0, 1) embeddings
+    # would make the tied LM head's logits explode.
+    if isinstance(module, nn.Linear | nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
 class TransformerLM(nn.Module):
     def __init__(
         self, cfg: TransformerConfig, units: Mapping[str, int], full: Mapping[str, int]
@@ -103,6 +112,7 @@ class TransformerLM(nn.Module):
         )
         self.ln_f = nn.LayerNorm(d_model)
         self.head_scale = scale(EMBD)
+        self.apply(_init_weights)
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final hidden states [batch, steps, d_model], used by representation losses."""
