@@ -149,5 +149,6 @@ def run(config: SimConfig, on_round: Callable[[dict], None] | None = None) -> li
             if on_round is not None:
                 on_round(record)
     plot_curves(records, out / "curves.png",
-                f"{config.method} mu={config.mu} {config.task}, {config.peers} peers")
+                f"{config.method} mu={','.join(map(str, config.mu))} {config.task}, "
+                f"{config.peers} peers")
     return records
