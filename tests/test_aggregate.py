@@ -13,6 +13,7 @@ from functools import cache
 
 import pytest
 import torch
+from support import random_plan
 
 from peerd.aggregate import Arrival, assemble, merge, outbox
 from peerd.models import (
@@ -95,23 +96,14 @@ class Scenario:
     neighbours: list[str]
 
 
-def random_subset_plan(spec: ModelSpec, generator: torch.Generator) -> Plan:
-    plan: Plan = {}
-    for name, group in spec.groups.items():
-        size = int(torch.randint(1, group.units + 1, (1,), generator=generator))
-        chosen = torch.randperm(group.units, generator=generator)[:size]
-        plan[name] = torch.sort(chosen).values.to(torch.int64)
-    return plan
-
-
 def make_scenario(spec_name: str, kind: str, seed: int) -> Scenario:
     spec = SPECS[spec_name]
     generator = torch.Generator().manual_seed(seed)
     count = 2 + seed % 4  # 2..5 peers
     peers = [f"peer{i}" for i in range(count)]
     if kind == "random":
-        now = {p: random_subset_plan(spec, generator) for p in peers}
-        nxt = {p: random_subset_plan(spec, generator) for p in peers}
+        now = {p: random_plan(spec, generator) for p in peers}
+        nxt = {p: random_plan(spec, generator) for p in peers}
     else:
         widths = [0.125, 0.25, 0.375, 0.5]
         members = [

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 import pytest
 import torch
+from support import random_plan
 
 from peerd.models import (
     CNNConfig,
@@ -54,16 +55,6 @@ def spec_params(ids: Mapping[str, ModelSpec]) -> pytest.MarkDecorator:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-
-def random_plan(spec: ModelSpec, generator: torch.Generator) -> Plan:
-    """A random non-empty subset of every group: sorted unique int64 unit indices."""
-    plan: Plan = {}
-    for name, group in spec.groups.items():
-        size = int(torch.randint(1, group.units + 1, (1,), generator=generator))
-        chosen = torch.randperm(group.units, generator=generator)[:size]
-        plan[name] = torch.sort(chosen).values.to(torch.int64)
-    return plan
 
 
 def msfusion_plans(spec: ModelSpec, mu: float, peers: int, round_index: int) -> list[Plan]:
