@@ -6,7 +6,7 @@ Defaults come from the task (peerd/tasks.py) and are overridden by what the user
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class ConfigError(ValueError):
@@ -55,7 +55,7 @@ class SimConfig:
     out: str = "runs/sim"
     eval_every: int = 1
     eval_samples: int | None = None  # global test samples per evaluation; None: the task default
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig | None = None  # None: the task's defaults (peerd/tasks.py)
 
     def __post_init__(self) -> None:
         _require(self.peers >= 1, "peers", self.peers, ">= 1")
@@ -87,3 +87,55 @@ def parse_mu(text: str) -> tuple[float, ...]:
     for mu in values:
         _require(0 < mu <= 1, "mu", mu, "in (0, 1]")
     return values
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """One daemon (`peerd start`)."""
+
+    topology: str = "ring"
+    task: str = "digits"
+    mu: float = 0.5
+    method: str = "msfusion"
+    host: str = "0.0.0.0"
+    port: int = 7470
+    peers: tuple[str, ...] = ()  # static HOST:PORT addresses, for networks without multicast
+    mdns: bool = True
+    mdns_interface: str | None = None
+    cluster: str = "default"
+    state_dir: str = "peerd-state"
+    peer_id: str | None = None  # default: the id persisted in state_dir
+    shard: tuple[int, int] | None = None  # (index, count) of the bundled data's shards
+    partition: str = "iid"
+    data_dir: str | None = None
+    rounds: int | None = None  # None: run until stopped
+    min_peers: int = 2
+    seed: int = 0
+    threads: int | None = None  # torch threads; None: torch's default (all cores)
+    round_timeout_s: float = 300.0
+    linger_s: float = 0.0  # keep serving pulls this long after the last round
+
+    def __post_init__(self) -> None:
+        _require(0 < self.mu <= 1, "mu", self.mu, "in (0, 1]")
+        _require(0 <= self.port <= 65535, "port", self.port, "in 0..65535 (0: any free port)")
+        _require(self.min_peers >= 1, "min_peers", self.min_peers, ">= 1")
+        _require(self.rounds is None or self.rounds >= 1, "rounds", self.rounds, ">= 1")
+        _require(bool(self.cluster) and len(self.cluster) <= 64, "cluster", self.cluster,
+                 "1 to 64 characters")
+        _require(self.threads is None or self.threads >= 1, "threads", self.threads, ">= 1")
+        _require(self.round_timeout_s > 0, "round_timeout_s", self.round_timeout_s, "> 0")
+        _require(self.linger_s >= 0, "linger_s", self.linger_s, ">= 0")
+        if self.shard is not None:
+            index, count = self.shard
+            _require(0 <= index < count, "shard", f"{index}/{count}", "I/N with 0 <= I < N")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N': the I-th (from 0) of N deterministic shards of the task's bundled data."""
+    try:
+        index_text, count_text = text.split("/")
+        index, count = int(index_text), int(count_text)
+    except ValueError:
+        raise ConfigError(f"shard={text!r} is invalid: write I/N, e.g. 0/4") from None
+    _require(0 <= index < count, "shard", text, "I/N with 0 <= I < N")
+    return index, count

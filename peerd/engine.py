@@ -135,6 +135,14 @@ class Engine:
             for neighbour in ctx.neighbours
         ]
 
+    def expected_counts(self, ctx: RoundContext, sender: str) -> dict[str, int]:
+        """How many values of each parameter `sender` sends this peer in this round."""
+        return {
+            name: int(exchange_mask(self.spec, name, tensor.shape, ctx.plans_now[sender],
+                                    self.own_plan(ctx), ctx.plans_next[self.peer_id]).sum())
+            for name, tensor in self.params.items()
+        }
+
     def check_message(self, ctx: RoundContext, message: SliceMessage) -> None:
         """Refuse a message that does not fit this round's plans, before anything is merged."""
         if message.receiver != self.peer_id or message.round_index != ctx.round_index:
@@ -148,11 +156,9 @@ class Engine:
             raise ValueError(f"message from {message.sender}: weight {message.weight} invalid")
         if set(message.values) != set(self.params):
             raise ValueError(f"message from {message.sender}: wrong parameter names")
+        expected_counts = self.expected_counts(ctx, message.sender)
         for name, values in message.values.items():
-            expected = int(exchange_mask(
-                self.spec, name, self.params[name].shape, ctx.plans_now[message.sender],
-                self.own_plan(ctx), ctx.plans_next[self.peer_id],
-            ).sum())
+            expected = expected_counts[name]
             if values.dim() != 1 or values.numel() != expected:
                 raise ValueError(
                     f"message from {message.sender}: {name} has {values.numel()} values, "

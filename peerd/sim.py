@@ -8,25 +8,20 @@ OUT/metrics.jsonl and the learning curve to OUT/curves.png.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from peerd.aggregate import assemble
 from peerd.config import SimConfig
 from peerd.coverage import CoverageTracker
 from peerd.data import TaskData, load_task_data, local_train_test, partition
 from peerd.engine import Engine, RoundContext, TrainStats
-from peerd.evaluate import evaluate
-from peerd.models.base import ModelSpec, full_plan, full_units
+from peerd.metrics import MetricsLog, PeerRound, evaluate_global, local_figures, run_title
+from peerd.models.base import ModelSpec, full_units
 from peerd.plan import Member, make_planner
-from peerd.plots import plot_curves
-from peerd.submodel import extract, forward_flops_per_sample, init_params
+from peerd.submodel import forward_flops_per_sample, init_params
 from peerd.tasks import BLOCK_SIZE, get_task
 from peerd.topology import load_topology
 from peerd.transport import InMemoryTransport
@@ -52,7 +47,7 @@ def build(config: SimConfig) -> Simulation:
     task = get_task(config.task)
     data = load_task_data(config.task, config.data_dir, block_size=BLOCK_SIZE)
     spec = task.model(data)
-    train = config.train if config.train != SimConfig().train else task.train
+    train = config.train if config.train is not None else task.train
     planner = make_planner(config.method, config.seed)
     topology = load_topology(config.topology)
     initial = init_params(spec, config.seed)
@@ -85,70 +80,39 @@ def run_round(sim: Simulation, round_index: int) -> tuple[list[RoundContext], li
 
 
 def evaluate_round(sim: Simulation, contexts: list[RoundContext]) -> dict[str, float]:
-    plans = contexts[0].plans_now
-    assembled = assemble(sim.spec, {e.peer_id: e.params for e in sim.engines}, plans)
-    test = sim.data.test
-    if sim.eval_samples is not None and sim.eval_samples < len(test):
-        test = test.subset(np.arange(sim.eval_samples))
-    global_eval = evaluate(extract(sim.spec, assembled, full_plan(sim.spec)), sim.spec.kind, test)
+    peer_params = {engine.peer_id: engine.params for engine in sim.engines}
+    figures = evaluate_global(sim.spec, sim.data, peer_params, contexts[0].plans_now,
+                              sim.eval_samples)
     local = [e.evaluate_local(ctx) for e, ctx in zip(sim.engines, contexts, strict=True)]
-    result = {
-        "global_acc": global_eval.accuracy,
-        "global_loss": global_eval.loss,
-        "peer_acc_mean": statistics.fmean(e.accuracy for e in local if e.samples),
-    }
-    if sim.spec.kind == "text":
-        result["global_ppl"] = global_eval.perplexity
-        result["peer_ppl_mean"] = statistics.fmean(e.perplexity for e in local if e.samples)
-    return result
+    return {**figures, **local_figures(sim.spec, local)}
 
 
 def run(config: SimConfig, on_round: Callable[[dict], None] | None = None) -> list[dict]:
     sim = build(config)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    flops_full = forward_flops_per_sample(sim.spec, full_units(sim.spec))
-    records: list[dict] = []
+    identity = {
+        "task": config.task, "method": config.method, "topology": config.topology,
+        "peers": config.peers, "mu": statistics.fmean(m.mu for m in sim.members),
+        "seed": config.seed,
+    }
+    log = MetricsLog(Path(config.out), identity,
+                     forward_flops_per_sample(sim.spec, full_units(sim.spec)))
     train_flops_cum = [0] * len(sim.engines)
     started = time.monotonic()
-    sent_before = {e.peer_id: 0 for e in sim.engines}
-    with open(out / "metrics.jsonl", "w") as metrics_file:
-        for round_index in range(config.rounds):
-            contexts, stats = run_round(sim, round_index)
-            for position, stat in enumerate(stats):
-                train_flops_cum[position] += stat.train_flops
-            sent = {e.peer_id: sim.transport.bytes_sent[e.peer_id] for e in sim.engines}
-            record = {
-                "round": round_index + 1,
-                "task": config.task,
-                "method": config.method,
-                "topology": config.topology,
-                "peers": config.peers,
-                "mu": statistics.fmean(m.mu for m in sim.members),
-                "seed": config.seed,
-                "train_loss_mean": statistics.fmean(s.loss for s in stats),
-                "flops_per_sample_peer_mean": statistics.fmean(
-                    s.forward_flops_per_sample for s in stats),
-                "flops_per_sample_full": flops_full,
-                "train_flops_cum_peer_mean": statistics.fmean(train_flops_cum),
-                "bytes_sent_peer_mean": statistics.fmean(
-                    sent[p] - sent_before[p] for p in sent),
-                "bytes_sent_cum_peer_mean": statistics.fmean(sent.values()),
-                "coverage": sim.coverage.fraction,
-                "global_acc": None,
-                "peer_acc_mean": None,
-            }
-            sent_before = sent
-            last = round_index + 1 == config.rounds
-            if (round_index + 1) % config.eval_every == 0 or last:
-                record.update(evaluate_round(sim, contexts))
-            record["wall_s"] = time.monotonic() - started
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            records.append(record)
-            if on_round is not None:
-                on_round(record)
-    plot_curves(records, out / "curves.png",
-                f"{config.method} mu={','.join(map(str, config.mu))} {config.task}, "
-                f"{config.peers} peers")
-    return records
+    for round_index in range(config.rounds):
+        contexts, stats = run_round(sim, round_index)
+        peers = []
+        for position, (engine, stat) in enumerate(zip(sim.engines, stats, strict=True)):
+            train_flops_cum[position] += stat.train_flops
+            peers.append(PeerRound(stat.loss, stat.forward_flops_per_sample,
+                                   train_flops_cum[position],
+                                   sim.transport.bytes_sent[engine.peer_id]))
+        last = round_index + 1 == config.rounds
+        evaluation = None
+        if (round_index + 1) % config.eval_every == 0 or last:
+            evaluation = evaluate_round(sim, contexts)
+        record = log.record(round_index + 1, peers, sim.coverage.fraction, evaluation,
+                            time.monotonic() - started)
+        if on_round is not None:
+            on_round(record)
+    log.close(run_title(config.method, config.mu, config.task, config.peers))
+    return log.records

@@ -1,0 +1,103 @@
+"""The per-round metrics record shared by `peerd sim` and `peerd cluster`, and the evaluation
+of the assembled full model."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from peerd.aggregate import assemble
+from peerd.data import TaskData
+from peerd.evaluate import Evaluation, evaluate
+from peerd.models.base import ModelSpec, Plan, full_plan
+from peerd.plots import plot_curves
+from peerd.submodel import Params, extract
+
+
+@dataclass(frozen=True)
+class PeerRound:
+    """One peer's figures after a round."""
+
+    train_loss: float
+    forward_flops_per_sample: int
+    train_flops_cum: int
+    bytes_sent_cum: int
+
+
+def evaluate_global(
+    spec: ModelSpec, data: TaskData, peer_params: Mapping[str, Params],
+    plans: Mapping[str, Plan], eval_samples: int | None,
+) -> dict[str, float]:
+    """The assembled full-width model on the held-out test set (first `eval_samples`)."""
+    test = data.test
+    if eval_samples is not None and eval_samples < len(test):
+        test = test.subset(np.arange(eval_samples))
+    assembled = assemble(spec, peer_params, plans)
+    result = evaluate(extract(spec, assembled, full_plan(spec)), spec.kind, test)
+    figures = {"global_acc": result.accuracy, "global_loss": result.loss}
+    if spec.kind == "text":
+        figures["global_ppl"] = result.perplexity
+    return figures
+
+
+def local_figures(spec: ModelSpec, local: Sequence[Evaluation]) -> dict[str, float]:
+    """Each peer's sub-model on its own test split, averaged."""
+    evaluated = [e for e in local if e.samples]
+    figures = {"peer_acc_mean": statistics.fmean(e.accuracy for e in evaluated)}
+    if spec.kind == "text":
+        figures["peer_ppl_mean"] = statistics.fmean(e.perplexity for e in evaluated)
+    return figures
+
+
+class MetricsLog:
+    """Writes OUT/metrics.jsonl, one record per round, and OUT/curves.png at the end."""
+
+    def __init__(self, out: Path, identity: dict, flops_per_sample_full: int) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self.identity = identity  # task, method, topology, peers, mu, seed
+        self.flops_full = flops_per_sample_full
+        self.records: list[dict] = []
+        self._bytes_before: list[int] | None = None
+        self._file = open(out / "metrics.jsonl", "w")  # noqa: SIM115 - closed in close()
+
+    def record(
+        self, round_number: int, peers: Sequence[PeerRound], coverage: float,
+        evaluation: Mapping[str, float] | None, wall_s: float,
+    ) -> dict:
+        sent = [p.bytes_sent_cum for p in peers]
+        before = self._bytes_before or [0] * len(peers)
+        self._bytes_before = sent
+        record = {
+            "round": round_number, **self.identity,
+            "train_loss_mean": statistics.fmean(p.train_loss for p in peers),
+            "flops_per_sample_peer_mean": statistics.fmean(
+                p.forward_flops_per_sample for p in peers),
+            "flops_per_sample_full": self.flops_full,
+            "train_flops_cum_peer_mean": statistics.fmean(p.train_flops_cum for p in peers),
+            "bytes_sent_peer_mean": statistics.fmean(
+                now - then for now, then in zip(sent, before, strict=True)),
+            "bytes_sent_cum_peer_mean": statistics.fmean(sent),
+            "coverage": coverage,
+            "global_acc": None,
+            "peer_acc_mean": None,
+            **(evaluation or {}),
+            "wall_s": wall_s,
+        }
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        self.records.append(record)
+        return record
+
+    def close(self, title: str) -> None:
+        self._file.close()
+        plot_curves(self.records, self.out / "curves.png", title)
+
+
+def run_title(method: str, mu: Sequence[float], task: str, peers: int) -> str:
+    return f"{method} mu={','.join(map(str, mu))} {task}, {peers} peers"

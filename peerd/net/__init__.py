@@ -1,0 +1,17 @@
+"""Networking: the wire codec, gRPC service and client, discovery and membership."""
+
+PROTOCOL_VERSION = 1
+
+# Explicit limits: frames are chunks of a few hundred KiB, so 8 MiB leaves room for headers
+# that list unit indices without letting a peer make us buffer arbitrarily large messages.
+MAX_MESSAGE_BYTES = 8 << 20
+GRPC_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Keepalive pings notice a dead peer on an idle connection within ~15 s.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+]
