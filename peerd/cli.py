@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+import grpc
 
 from peerd import __version__
-from peerd.config import ConfigError, SimConfig, parse_mu
+from peerd.cluster import ClusterConfig, ClusterError
+from peerd.config import ConfigError, DaemonConfig, SimConfig, parse_mu, parse_shard
 from peerd.data import DatasetMissing
 from peerd.data.partition import parse_partition
 from peerd.plan import PLANNERS
+from peerd.progress import ProgressLine
 from peerd.tasks import TASKS
 
 
@@ -55,6 +60,89 @@ def _add_sim(commands: argparse._SubParsersAction) -> None:
     sim.add_argument("--quiet", action="store_true", help="no progress line")
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        return parse_shard(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _single_mu(text: str) -> float:
+    values = _mu(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"mu={text!r}: a daemon has one width ratio")
+    return values[0]
+
+
+def _add_learning_options(parser: argparse.ArgumentParser) -> None:
+    """The options a daemon and a cluster share with the simulator."""
+    parser.add_argument("--topology", default="ring",
+                        help="ring, full, or the path of a topology TOML file")
+    parser.add_argument("--method", choices=sorted(PLANNERS), default="msfusion")
+    parser.add_argument("--mu", type=_single_mu, default=0.5, help="width ratio in (0, 1]")
+    parser.add_argument("--task", choices=sorted(TASKS), default="digits")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--partition", type=_partition, default="iid",
+                        metavar="iid|dirichlet:ALPHA|natural")
+    parser.add_argument("--data-dir", default=None, help="your own copy of the task's data")
+
+
+def _add_start(commands: argparse._SubParsersAction) -> None:
+    defaults = DaemonConfig()
+    start = commands.add_parser(
+        "start", help="run one daemon: discover peers, train slices, exchange them",
+        description="Run one peerd daemon. Daemons on one LAN find each other by mDNS.",
+    )
+    _add_learning_options(start)
+    start.add_argument("--host", default=defaults.host, help="address to listen on")
+    start.add_argument("--port", type=int, default=defaults.port, help="gRPC port (0: any)")
+    start.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
+                       help="a peer's address, for networks without multicast (repeatable)")
+    start.add_argument("--no-mdns", action="store_true", help="do not use mDNS discovery")
+    start.add_argument("--mdns-interface", default=None, metavar="ADDR",
+                       help="the IPv4 address of the interface mDNS uses")
+    start.add_argument("--cluster", default=defaults.cluster,
+                       help="cluster name: peers of other clusters are ignored")
+    start.add_argument("--state-dir", default=defaults.state_dir)
+    start.add_argument("--peer-id", default=None, help="default: the id kept in --state-dir")
+    start.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                       help="train on the I-th of N shards of the task's bundled data")
+    start.add_argument("--rounds", type=int, default=None, help="stop after R rounds")
+    start.add_argument("--min-peers", type=int, default=defaults.min_peers,
+                       help="members needed before the first round")
+    start.add_argument("--threads", type=int, default=None, help="torch threads")
+    start.add_argument("--round-timeout", type=float, default=defaults.round_timeout_s,
+                       help="seconds to wait for neighbours' slices")
+    start.add_argument("--linger", type=float, default=0.0, help=argparse.SUPPRESS)
+    start.add_argument("--log-level", default="INFO",
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _add_cluster(commands: argparse._SubParsersAction) -> None:
+    defaults = ClusterConfig()
+    cluster = commands.add_parser(
+        "cluster", help="start N real daemons on loopback and watch them learn",
+        description="Start N peerd daemon processes on this machine (real gRPC, real mDNS on "
+        "127.0.0.1), evaluate the global model assembled from their slices, write metrics.",
+    )
+    cluster.add_argument("--peers", type=int, default=defaults.peers)
+    _add_learning_options(cluster)
+    cluster.add_argument("--rounds", type=int, default=defaults.rounds)
+    cluster.add_argument("--out", default=defaults.out)
+    cluster.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    cluster.add_argument("--eval-samples", type=int, default=None)
+    cluster.add_argument("--no-mdns", action="store_true",
+                         help="daemons find each other only by their static addresses")
+    cluster.add_argument("--quiet", action="store_true", help="no progress line")
+
+
+def _add_status(commands: argparse._SubParsersAction) -> None:
+    status = commands.add_parser("status", help="one daemon's view of the cluster")
+    status.add_argument("--addr", default=f"127.0.0.1:{DaemonConfig().port}",
+                        metavar="HOST:PORT")
+    status.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="peerd", description="Serverless decentralized training of overlapping sub-models."
@@ -62,11 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"peerd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_sim(commands)
+    _add_start(commands)
+    _add_cluster(commands)
+    _add_status(commands)
     return parser
 
 
 def _sim(args: argparse.Namespace) -> int:
-    from peerd.progress import ProgressLine
     from peerd.sim import run
 
     config = SimConfig(
@@ -76,32 +166,88 @@ def _sim(args: argparse.Namespace) -> int:
         eval_samples=args.eval_samples,
     )
     progress = ProgressLine(enabled=not args.quiet)
+    records = run(config, _progress_printer(progress, config.rounds))
+    progress.close()
+    _print_summary(records, config.rounds, config.out)
+    return 0
 
+
+def _progress_printer(progress: ProgressLine, rounds: int) -> Callable[[dict], None]:
     def show(record: dict) -> None:
         quality = "" if record["global_acc"] is None else f"  global_acc {record['global_acc']:.3f}"
         if record.get("global_ppl") is not None:
             quality += f"  ppl {record['global_ppl']:.2f}"
         progress.update(
-            f"round {record['round']}/{config.rounds}{quality}  "
+            f"round {record['round']}/{rounds}{quality}  "
             f"loss {record['train_loss_mean']:.3f}  coverage {record['coverage']:.3f}  "
             f"{record['bytes_sent_peer_mean'] / 1024:.0f} KiB/peer  {record['wall_s']:.1f} s"
         )
 
-    records = run(config, show)
-    progress.close()
+    return show
+
+
+def _print_summary(records: list[dict], rounds: int, out: str) -> None:
     final = records[-1]
-    summary = f"done: {config.rounds} rounds, global_acc {final['global_acc']:.4f}"
+    summary = f"done: {rounds} rounds, global_acc {final['global_acc']:.4f}"
     if "global_ppl" in final:
         summary += f", global_ppl {final['global_ppl']:.2f}"
-    print(f"{summary}, coverage {final['coverage']:.4f}; metrics in {config.out}/metrics.jsonl")
+    print(f"{summary}, coverage {final['coverage']:.4f}; metrics in {out}/metrics.jsonl")
+
+
+def _start(args: argparse.Namespace) -> int:
+    from peerd.daemon import serve
+
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = DaemonConfig(
+        topology=args.topology, task=args.task, mu=args.mu, method=args.method,
+        host=args.host, port=args.port, peers=tuple(args.peer), mdns=not args.no_mdns,
+        mdns_interface=args.mdns_interface, cluster=args.cluster, state_dir=args.state_dir,
+        peer_id=args.peer_id, shard=args.shard, partition=args.partition,
+        data_dir=args.data_dir, rounds=args.rounds, min_peers=args.min_peers, seed=args.seed,
+        threads=args.threads, round_timeout_s=args.round_timeout, linger_s=args.linger,
+    )
+    summary = serve(config)
+    print(f"{summary.peer_id}: {summary.rounds_done} rounds with {summary.members} members, "
+          f"train loss {summary.train_loss:.4f}, sent {summary.bytes_sent} B, "
+          f"received {summary.bytes_received} B")
+    return 0
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    from peerd.cluster import run_cluster
+
+    config = ClusterConfig(
+        peers=args.peers, topology=args.topology, method=args.method, mu=args.mu,
+        task=args.task, rounds=args.rounds, seed=args.seed, partition=args.partition,
+        data_dir=args.data_dir, out=args.out, eval_every=args.eval_every,
+        eval_samples=args.eval_samples, mdns=not args.no_mdns,
+    )
+    progress = ProgressLine(enabled=not args.quiet)
+    records = run_cluster(config, _progress_printer(progress, config.rounds))
+    progress.close()
+    _print_summary(records, config.rounds, config.out)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from peerd.status import show_status
+
+    try:
+        print(show_status(args.addr, args.json))
+    except grpc.aio.AioRpcError as error:
+        print(f"peerd: error: no daemon answers at {args.addr}: {error.details()}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"sim": _sim}[args.command](args)
-    except (ConfigError, DatasetMissing, ValueError) as error:
+        return {"sim": _sim, "start": _start, "cluster": _cluster, "status": _status}[
+            args.command](args)
+    except (ConfigError, DatasetMissing, ValueError, ClusterError) as error:
         print(f"peerd: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,272 @@
+"""`peerd cluster`: N real daemon processes on loopback, watched and evaluated from outside.
+
+Each daemon is a separate `peerd start` process with its own state dir, port and data shard;
+they find each other by mDNS on 127.0.0.1 (and, unless disabled, by their static addresses)
+and exchange slices over gRPC. This process never touches their training: it polls their
+status, pulls each peer's post-merge parameters at evaluation rounds, assembles the global
+model from them (mean over each entry's holders) and writes the same metrics as `peerd sim`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+
+from peerd.coverage import CoverageTracker
+from peerd.data import load_task_data
+from peerd.metrics import MetricsLog, PeerRound, evaluate_global, run_title
+from peerd.models.base import fingerprint, full_units
+from peerd.net import PROTOCOL_VERSION
+from peerd.net.client import PeerClients
+from peerd.net.codec import Expectation
+from peerd.plan import Member, make_planner
+from peerd.sim import peer_name
+from peerd.submodel import forward_flops_per_sample, init_params
+from peerd.tasks import BLOCK_SIZE, get_task
+from peerd.v1 import peer_pb2
+
+POLL_INTERVAL_S = 0.2
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    peers: int = 4
+    topology: str = "ring"
+    method: str = "msfusion"
+    mu: float = 0.5
+    task: str = "digits"
+    rounds: int = 30
+    seed: int = 0
+    partition: str = "iid"
+    data_dir: str | None = None
+    out: str = "runs/cluster"
+    eval_every: int = 1
+    eval_samples: int | None = None
+    mdns: bool = True
+    static_peers: bool = True
+    round_timeout_s: float = 120.0
+
+
+class ClusterError(RuntimeError):
+    """A daemon failed; the message carries the end of its log."""
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@dataclass
+class DaemonProcess:
+    peer_id: str
+    address: str
+    state_dir: Path
+    process: subprocess.Popen
+
+    def log_tail(self, lines: int = 20) -> str:
+        log_path = self.state_dir / "daemon.log"
+        text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def rounds(self) -> list[dict]:
+        path = self.state_dir / "rounds.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def launch(config: ClusterConfig, out: Path) -> list[DaemonProcess]:
+    ports = free_ports(config.peers)
+    addresses = [f"127.0.0.1:{port}" for port in ports]
+    daemons = []
+    for position, port in enumerate(ports):
+        peer_id = peer_name(position)
+        state_dir = out / peer_id
+        state_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("rounds.jsonl", "daemon.log"):
+            (state_dir / stale).unlink(missing_ok=True)
+        args = [
+            sys.executable, "-m", "peerd.cli", "start", "--peer-id", peer_id,
+            "--host", "127.0.0.1", "--port", str(port), "--topology", config.topology,
+            "--method", config.method, "--mu", str(config.mu), "--task", config.task,
+            "--seed", str(config.seed), "--shard", f"{position}/{config.peers}",
+            "--partition", config.partition, "--rounds", str(config.rounds),
+            "--min-peers", str(config.peers), "--state-dir", str(state_dir),
+            "--cluster", f"local-{os.getpid()}", "--threads", "1",
+            "--round-timeout", str(config.round_timeout_s), "--linger", "600",
+        ]
+        if config.data_dir:
+            args += ["--data-dir", config.data_dir]
+        if config.mdns:
+            args += ["--mdns-interface", "127.0.0.1"]
+        else:
+            args += ["--no-mdns"]
+        if config.static_peers:
+            for other in addresses:
+                if other != addresses[position]:
+                    args += ["--peer", other]
+        log_file = open(state_dir / "daemon.log", "w")  # noqa: SIM115 - owned by the child
+        process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL)
+        log_file.close()
+        daemons.append(DaemonProcess(peer_id, addresses[position], state_dir, process))
+    return daemons
+
+
+def stop(daemons: list[DaemonProcess]) -> list[int]:
+    for daemon in daemons:
+        if daemon.process.poll() is None:
+            daemon.process.send_signal(signal.SIGTERM)
+    codes = []
+    for daemon in daemons:
+        try:
+            codes.append(daemon.process.wait(timeout=STOP_TIMEOUT_S))
+        except subprocess.TimeoutExpired:
+            daemon.process.kill()
+            codes.append(daemon.process.wait())
+    return codes
+
+
+class ClusterWatcher:
+    """Polls the daemons, pulls their parameters at evaluation rounds, writes the metrics."""
+
+    def __init__(self, config: ClusterConfig, daemons: list[DaemonProcess]) -> None:
+        self.config = config
+        self.daemons = daemons
+        task = get_task(config.task)
+        self.data = load_task_data(config.task, config.data_dir, block_size=BLOCK_SIZE)
+        self.spec = task.model(self.data)
+        self.eval_samples = config.eval_samples if config.eval_samples else task.eval_samples
+        shapes = {name: (torch.float32, tuple(t.shape))
+                  for name, t in init_params(self.spec, config.seed).items()}
+        self.expectation = Expectation(PROTOCOL_VERSION, f"local-{os.getpid()}",
+                                       fingerprint(self.spec), lambda header: shapes)
+        self.clients = PeerClients()
+        members = [Member(d.peer_id, config.mu) for d in daemons]
+        self.planner = make_planner(config.method, config.seed)
+        self.members = members
+        self.coverage = CoverageTracker(self.spec, init_params(self.spec, config.seed))
+
+    def check_alive(self) -> None:
+        for daemon in self.daemons:
+            code = daemon.process.poll()
+            if code is not None:
+                raise ClusterError(f"{daemon.peer_id} exited with code {code}:\n"
+                                   f"{daemon.log_tail()}")
+
+    async def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        pending = list(self.daemons)
+        while pending:
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{pending[0].peer_id} did not answer within "
+                                   f"{START_TIMEOUT_S:.0f} s:\n{pending[0].log_tail()}")
+            still = []
+            for daemon in pending:
+                try:
+                    await self.clients.status(daemon.address)
+                except grpc.aio.AioRpcError:
+                    still.append(daemon)
+            pending = still
+            await asyncio.sleep(POLL_INTERVAL_S)
+
+    async def wait_rounds(self, rounds: int) -> None:
+        while True:
+            self.check_alive()
+            done = [len(d.rounds()) for d in self.daemons]
+            if min(done) >= rounds:
+                return
+            await asyncio.sleep(POLL_INTERVAL_S)
+
+    async def evaluate(self, rounds: int) -> dict[str, float]:
+        request = peer_pb2.PullRequest(
+            protocol_version=PROTOCOL_VERSION, cluster=self.expectation.cluster,
+            model_fingerprint=self.expectation.model_fingerprint, requester="cluster",
+            round=rounds,
+        )
+        pulled = await asyncio.gather(*(
+            self.clients.pull(d.address, request, self.expectation) for d in self.daemons))
+        params = {d.peer_id: stream.tensors for d, stream in zip(self.daemons, pulled,
+                                                                 strict=True)}
+        plans = {
+            d.peer_id: {g.group: torch.tensor(list(g.units), dtype=torch.long)
+                        for g in stream.header.plan}
+            for d, stream in zip(self.daemons, pulled, strict=True)
+        }
+        figures = evaluate_global(self.spec, self.data, params, plans, self.eval_samples)
+        local = [d.rounds()[rounds - 1] for d in self.daemons]
+        figures["peer_acc_mean"] = statistics.fmean(r["local_acc"] for r in local)
+        if self.spec.kind == "text":
+            figures["peer_ppl_mean"] = statistics.fmean(r["local_ppl"] for r in local)
+        return figures
+
+    def peer_rounds(self, rounds: int) -> list[PeerRound]:
+        figures = []
+        for daemon in self.daemons:
+            history = daemon.rounds()[:rounds]
+            last = history[-1]
+            figures.append(PeerRound(last["train_loss"], last["forward_flops_per_sample"],
+                                     sum(r["train_flops"] for r in history),
+                                     last["bytes_sent_cum"]))
+        return figures
+
+    async def run(self, log: MetricsLog, on_round: Callable[[dict], None] | None) -> None:
+        await self.wait_ready()
+        started = time.monotonic()
+        for rounds in range(1, self.config.rounds + 1):
+            await self.wait_rounds(rounds)
+            plans = self.planner.plan(rounds - 1, self.members, self.spec.groups)
+            self.coverage.record(plans.values())
+            evaluation = None
+            if rounds % self.config.eval_every == 0 or rounds == self.config.rounds:
+                evaluation = await self.evaluate(rounds)
+            record = log.record(rounds, self.peer_rounds(rounds), self.coverage.fraction,
+                                evaluation, time.monotonic() - started)
+            if on_round is not None:
+                on_round(record)
+        await self.clients.close()
+
+
+def run_cluster(config: ClusterConfig, on_round: Callable[[dict], None] | None = None
+                ) -> list[dict]:
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    daemons = launch(config, out)
+    try:
+        watcher = ClusterWatcher(config, daemons)
+        identity = {
+            "task": config.task, "method": config.method, "topology": config.topology,
+            "peers": config.peers, "mu": config.mu, "seed": config.seed,
+        }
+        log = MetricsLog(out, identity, forward_flops_per_sample(watcher.spec,
+                                                                 full_units(watcher.spec)))
+        asyncio.run(watcher.run(log, on_round))
+        log.close(run_title(config.method, (config.mu,), config.task, config.peers))
+    finally:
+        codes = stop(daemons)
+    for daemon, code in zip(daemons, codes, strict=True):
+        if code != 0:
+            raise ClusterError(f"{daemon.peer_id} exited with code {code}:\n{daemon.log_tail()}")
+    return log.records

@@ -1,0 +1,436 @@
+"""One daemon: discovery + membership + the engine + the gRPC transport, on one asyncio loop.
+
+Training, slicing and merging run on a single worker thread (the engine is not thread-safe and
+the event loop must never block); the loop keeps answering handshakes, pushes, pulls and
+status calls meanwhile. Rounds are synchronous: a round closes when every topology neighbour's
+slice for it has arrived (or the round timeout passes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import ifaddr
+import numpy as np
+import torch
+
+from peerd.config import DaemonConfig
+from peerd.data import Split, TaskData, load_task_data, local_train_test, partition
+from peerd.engine import Engine, RoundContext, TrainStats
+from peerd.evaluate import Evaluation
+from peerd.models.base import Plan, fingerprint
+from peerd.net import GRPC_OPTIONS, PROTOCOL_VERSION
+from peerd.net.client import PeerClients
+from peerd.net.codec import DecodedStream, Expectation, WireError
+from peerd.net.discovery import (
+    Discovery,
+    DiscoveryManager,
+    MdnsDiscovery,
+    PeerRecord,
+    StaticDiscovery,
+)
+from peerd.net.membership import Membership, View
+from peerd.net.service import PeerService
+from peerd.plan import Member, make_planner
+from peerd.state import load_or_create_peer_id, save_parameters
+from peerd.submodel import init_params
+from peerd.tasks import BLOCK_SIZE, get_task
+from peerd.topology import load_topology
+from peerd.transport import SliceMessage
+from peerd.v1 import peer_pb2, peer_pb2_grpc
+
+log = logging.getLogger("peerd.daemon")
+
+SNAPSHOTS_KEPT = 8
+HANDSHAKE_INTERVAL_S = 0.5
+SERVER_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    peer_id: str
+    rounds_done: int
+    train_loss: float
+    members: int
+    bytes_sent: int
+    bytes_received: int
+
+
+def advertised_host(config: DaemonConfig) -> str:
+    """The address peers should dial: the bind address, else the mDNS interface, else the
+    first non-loopback IPv4 address of this machine."""
+    if config.host not in ("0.0.0.0", ""):
+        return config.host
+    if config.mdns_interface:
+        return config.mdns_interface
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str) and not ip.ip.startswith("127."):
+                return ip.ip
+    return "127.0.0.1"
+
+
+def plan_to_wire(plan: Plan) -> list[peer_pb2.GroupUnits]:
+    return [peer_pb2.GroupUnits(group=group, units=units.tolist())
+            for group, units in sorted(plan.items())]
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        state_dir = Path(config.state_dir)
+        self.state_dir = state_dir
+        self.peer_id = load_or_create_peer_id(state_dir, config.peer_id)
+        task = get_task(config.task)
+        data = load_task_data(config.task, config.data_dir, block_size=BLOCK_SIZE)
+        self.spec = task.model(data)
+        train_split, test_split = self._local_data(data)
+        self.engine = Engine(
+            self.peer_id, self.spec, init_params(self.spec, config.seed), train_split,
+            test_split, make_planner(config.method, config.seed), load_topology(config.topology),
+            task.train, config.seed,
+        )
+        self.fingerprint = fingerprint(self.spec)
+        self.expectation = Expectation(PROTOCOL_VERSION, config.cluster, self.fingerprint,
+                                       self._expected_tensors)
+        self.membership: Membership | None = None
+        self.clients = PeerClients(push_timeout_s=config.round_timeout_s)
+        self.round_index = 0
+        self.rounds_done = 0
+        self.last_loss = float("nan")
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._contexts: dict[int, RoundContext] = {}
+        self._inbox: dict[int, dict[str, SliceMessage]] = {}
+        self._arrived = asyncio.Event()
+        self._snapshots: dict[int, tuple[dict[str, torch.Tensor], Plan]] = {}
+        self._stopping = asyncio.Event()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+
+    def _local_data(self, data: TaskData) -> tuple[Split, Split]:
+        config = self.config
+        if config.shard is None:
+            local_train, local_test = local_train_test(np.arange(len(data.train)), config.seed)
+        else:
+            index, count = config.shard
+            shard = partition(data.train, count, config.partition, config.seed)[index]
+            # The simulator seeds the split of position I with seed + I: the same here.
+            local_train, local_test = local_train_test(shard, config.seed + index)
+        return data.train.subset(local_train), data.train.subset(local_test)
+
+    # ---- what peers ask of us (PeerHost) ----------------------------------------------------
+
+    def hello(self) -> peer_pb2.Hello:
+        assert self.membership is not None
+        return self.membership.hello(PROTOCOL_VERSION, self.config.cluster, self.fingerprint,
+                                     self.round_index)
+
+    def admit(self, hello: peer_pb2.Hello) -> None:
+        assert self.membership is not None
+        if self.membership.claims_elsewhere(hello.peer_id, hello.address):
+            raise WireError(grpc.StatusCode.ALREADY_EXISTS,
+                            f"peer id {hello.peer_id} is already taken by another address")
+        if not 0 < hello.capacity.mu <= 1:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"capacity mu={hello.capacity.mu} is outside (0, 1]")
+        self.membership.observe(hello)
+
+    def _context(self, round_index: int) -> RoundContext:
+        assert self.membership is not None and self.membership.view is not None
+        if round_index not in self._contexts:
+            self._contexts[round_index] = self.engine.begin_round(
+                round_index, self.membership.view.members)
+        return self._contexts[round_index]
+
+    def _expected_tensors(
+        self, header: peer_pb2.StreamHeader
+    ) -> Mapping[str, tuple[torch.dtype, tuple[int, ...]]]:
+        view = self.membership.view if self.membership else None
+        if view is None:
+            raise WireError(grpc.StatusCode.UNAVAILABLE, "no committed view yet")
+        if header.view_id != view.view_id:
+            raise WireError(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"view {header.view_id} differs from ours ({view.view_id})")
+        if header.receiver != self.peer_id:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"slice addressed to {header.receiver}, this is {self.peer_id}")
+        if not self.round_index <= header.round <= self.round_index + 1:
+            raise WireError(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"slice for round {header.round}; this peer is in round "
+                            f"{self.round_index} and takes rounds {self.round_index} and "
+                            f"{self.round_index + 1}")
+        ctx = self._context(header.round)
+        if header.sender not in ctx.neighbours:
+            raise WireError(grpc.StatusCode.PERMISSION_DENIED,
+                            f"{header.sender} is not a neighbour of {self.peer_id}")
+        if header.sender in self._inbox.get(header.round, {}):
+            raise WireError(grpc.StatusCode.ALREADY_EXISTS,
+                            f"round {header.round} slice from {header.sender} already arrived")
+        sender_plan = ctx.plans_now[header.sender]
+        if list(header.plan) != plan_to_wire(sender_plan):
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{header.sender}'s units differ from its plan for round "
+                            f"{header.round}")
+        counts = self.engine.expected_counts(ctx, header.sender)
+        return {name: (torch.float32, (count,)) for name, count in counts.items()}
+
+    def accept_slice(self, decoded: DecodedStream) -> None:
+        header = decoded.header
+        message = SliceMessage(header.sender, header.receiver, header.round, header.weight,
+                               decoded.tensors)
+        try:
+            self.engine.check_message(self._context(header.round), message)
+        except ValueError as error:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        self._inbox.setdefault(header.round, {})[header.sender] = message
+        self.bytes_received += decoded.payload_bytes
+        if self.membership and header.sender in self.membership.known:
+            self.membership.known[header.sender].bytes_received += decoded.payload_bytes
+        self._arrived.set()
+
+    def snapshot(
+        self, request: peer_pb2.PullRequest
+    ) -> tuple[peer_pb2.StreamHeader, Mapping[str, torch.Tensor]]:
+        if not self._snapshots:
+            raise WireError(grpc.StatusCode.UNAVAILABLE, "no round completed yet")
+        rounds = request.round or max(self._snapshots)
+        if rounds not in self._snapshots:
+            raise WireError(grpc.StatusCode.NOT_FOUND,
+                            f"no snapshot after {rounds} rounds; kept: {sorted(self._snapshots)}")
+        params, plan = self._snapshots[rounds]
+        header = peer_pb2.StreamHeader(
+            protocol_version=PROTOCOL_VERSION, cluster=self.config.cluster,
+            model_fingerprint=self.fingerprint, sender=self.peer_id,
+            receiver=request.requester, round=rounds, weight=self.engine.weight,
+            view_id=self.membership.view.view_id if self.membership and self.membership.view
+            else "",
+            plan=plan_to_wire(plan),
+        )
+        return header, params
+
+    def status(self) -> peer_pb2.StatusReply:
+        assert self.membership is not None
+        view = self.membership.view
+        positions = {peer: i for i, peer in enumerate(view.ids)} if view else {}
+        neighbours = set(self._context(self.round_index).neighbours) if view else set()
+        peers = [
+            peer_pb2.PeerStatus(
+                peer_id=peer.peer_id, address=peer.address,
+                capacity=peer_pb2.Capacity(mu=peer.mu),
+                position=positions.get(peer.peer_id, -1), round=peer.round,
+                last_seen_unix=peer.last_seen, bytes_sent=peer.bytes_sent,
+                bytes_received=peer.bytes_received, neighbour=peer.peer_id in neighbours,
+            )
+            for peer in sorted(self.membership.known.values(), key=lambda p: p.peer_id)
+        ]
+        return peer_pb2.StatusReply(
+            self=self.hello(), peers=peers, bytes_sent=self.bytes_sent,
+            bytes_received=self.bytes_received, train_loss=self.last_loss,
+            rounds_done=self.rounds_done,
+        )
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> RunSummary:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._stopping.set)
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        peer_pb2_grpc.add_PeerServicer_to_server(PeerService(self), server)
+        bind = f"{self.config.host}:{self.config.port}"
+        port = server.add_insecure_port(bind)
+        if port == 0:
+            raise OSError(f"cannot listen on {bind}")
+        address = f"{advertised_host(self.config)}:{port}"
+        self.membership = Membership(Member(self.peer_id, self.config.mu), address,
+                                     self.config.min_peers)
+        await server.start()
+        discovery = DiscoveryManager(self._discovery_sources(address, port))
+        await discovery.start()
+        log.info("peer %s serving on %s (cluster %s, model %s)", self.peer_id, address,
+                 self.config.cluster, self.fingerprint)
+        handshakes = asyncio.create_task(self._handshake_forever(discovery))
+        try:
+            await self._train(address)
+            if self.config.linger_s and not self._stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.config.linger_s)
+        finally:
+            handshakes.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await handshakes
+            await discovery.stop()
+            await self.clients.close()
+            await server.stop(SERVER_GRACE_S)
+            self._worker.shutdown(wait=True)
+            self._save()
+        return RunSummary(self.peer_id, self.rounds_done, self.last_loss,
+                          len(self.membership.view.members) if self.membership.view else 1,
+                          self.bytes_sent, self.bytes_received)
+
+    def _discovery_sources(self, address: str, port: int) -> list[Discovery]:
+        sources: list[Discovery] = [StaticDiscovery(list(self.config.peers))]
+        if self.config.mdns:
+            record = PeerRecord(
+                peer_id=self.peer_id, cluster=self.config.cluster,
+                protocol_version=PROTOCOL_VERSION, model_fingerprint=self.fingerprint,
+                mu=self.config.mu, host=address.rsplit(":", 1)[0], port=port,
+            )
+            sources.append(MdnsDiscovery(record, self.config.mdns_interface))
+        return sources
+
+    async def _handshake_forever(self, discovery: DiscoveryManager) -> None:
+        assert self.membership is not None
+        while True:
+            for candidate in discovery.candidates():
+                if candidate.address == self.membership.address:
+                    continue
+                try:
+                    reply = await self.clients.handshake(candidate.address, self.hello())
+                    self.admit(reply)
+                except (grpc.aio.AioRpcError, WireError) as error:
+                    log.debug("handshake with %s failed: %s", candidate.address, error)
+            await asyncio.sleep(HANDSHAKE_INTERVAL_S)
+
+    async def _wait_for_view(self) -> View | None:
+        assert self.membership is not None
+        while not self._stopping.is_set():
+            view = self.membership.try_commit()
+            if view is not None:
+                log.info("view %s committed: %s", view.view_id, ", ".join(view.ids))
+                return view
+            await asyncio.sleep(0.1)
+        return None
+
+    async def _train(self, address: str) -> None:
+        view = await self._wait_for_view()
+        if view is None:
+            return
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        while not self._stopping.is_set() and (
+            self.config.rounds is None or self.rounds_done < self.config.rounds
+        ):
+            round_started = time.monotonic()
+            ctx = self._context(self.round_index)
+            stats = await loop.run_in_executor(self._worker, self.engine.train, ctx)
+            outgoing = await loop.run_in_executor(self._worker, self.engine.outbox, ctx)
+            await self._push_all(view, ctx, outgoing)
+            arrived = await self._collect(ctx)
+            if arrived is None:
+                return
+            await loop.run_in_executor(self._worker, self.engine.merge, ctx, arrived)
+            await loop.run_in_executor(self._worker, self._keep_snapshot, ctx)
+            local = await loop.run_in_executor(self._worker, self.engine.evaluate_local, ctx)
+            self.last_loss = stats.loss
+            self.rounds_done += 1
+            self._record_round(ctx, stats, local, time.monotonic() - round_started,
+                               time.monotonic() - started)
+            self._forget_before(self.round_index)
+            self.round_index += 1
+
+    async def _push_all(self, view: View, ctx: RoundContext,
+                        outgoing: list[SliceMessage]) -> None:
+        assert self.membership is not None
+
+        async def push(message: SliceMessage) -> None:
+            peer = self.membership.known[message.receiver]
+            header = peer_pb2.StreamHeader(
+                protocol_version=PROTOCOL_VERSION, cluster=self.config.cluster,
+                model_fingerprint=self.fingerprint, sender=self.peer_id,
+                receiver=message.receiver, round=ctx.round_index, view_id=view.view_id,
+                weight=message.weight, plan=plan_to_wire(ctx.plans_now[self.peer_id]),
+            )
+            try:
+                acknowledged = await self.clients.push(peer.address, header, message.values)
+            except grpc.aio.AioRpcError as error:
+                log.warning("round %d: push to %s failed: %s %s", ctx.round_index,
+                            message.receiver, error.code().name, error.details())
+                return
+            self.bytes_sent += acknowledged
+            peer.bytes_sent += acknowledged
+
+        await asyncio.gather(*(push(message) for message in outgoing))
+
+    async def _collect(self, ctx: RoundContext) -> list[SliceMessage] | None:
+        """Wait for every neighbour's slice of this round; None if the daemon is stopping."""
+        deadline = time.monotonic() + self.config.round_timeout_s
+        while True:
+            arrived = self._inbox.get(ctx.round_index, {})
+            missing = [p for p in ctx.neighbours if p not in arrived]
+            if not missing:
+                return list(arrived.values())
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning("round %d: no slice from %s after %.0f s; merging without",
+                            ctx.round_index, ", ".join(missing), self.config.round_timeout_s)
+                return list(arrived.values())
+            self._arrived.clear()
+            waiter = asyncio.ensure_future(self._arrived.wait())
+            stopper = asyncio.ensure_future(self._stopping.wait())
+            await asyncio.wait({waiter, stopper}, timeout=remaining,
+                               return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stopper.cancel()
+            if self._stopping.is_set():
+                log.info("round %d abandoned: stopping", ctx.round_index)
+                return None
+
+    def _keep_snapshot(self, ctx: RoundContext) -> None:
+        params = {name: tensor.clone() for name, tensor in self.engine.params.items()}
+        self._snapshots[self.rounds_done + 1] = (params, ctx.plans_now[self.peer_id])
+        for old in sorted(self._snapshots)[:-SNAPSHOTS_KEPT]:
+            del self._snapshots[old]
+
+    def _forget_before(self, round_index: int) -> None:
+        for old in [r for r in self._inbox if r <= round_index]:
+            del self._inbox[old]
+        for old in [r for r in self._contexts if r < round_index]:
+            del self._contexts[old]
+
+    def _record_round(
+        self, ctx: RoundContext, stats: TrainStats, local: Evaluation, round_s: float,
+        wall_s: float,
+    ) -> None:
+        record = {
+            "round": self.rounds_done, "peer_id": self.peer_id, "train_loss": stats.loss,
+            "local_acc": local.accuracy, "local_loss": local.loss, "local_ppl": local.perplexity,
+            "samples": stats.samples,
+            "forward_flops_per_sample": stats.forward_flops_per_sample,
+            "train_flops": stats.train_flops, "bytes_sent_cum": self.bytes_sent,
+            "bytes_received_cum": self.bytes_received, "neighbours": list(ctx.neighbours),
+            "round_s": round_s, "wall_s": wall_s,
+        }
+        with open(self.state_dir / "rounds.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        log.info("round %d done: loss %.4f, %d neighbours, %.2f s, sent %d B", self.rounds_done,
+                 stats.loss, len(ctx.neighbours), round_s, self.bytes_sent)
+
+    def _save(self) -> None:
+        view = self.membership.view if self.membership else None
+        save_parameters(self.state_dir, self.engine.params, {
+            "peer_id": self.peer_id, "rounds_done": self.rounds_done, "seed": self.config.seed,
+            "method": self.config.method, "task": self.config.task,
+            "view": [[m.peer_id, m.mu] for m in view.members] if view else [],
+            "model_fingerprint": self.fingerprint,
+        })
+
+
+def serve(config: DaemonConfig) -> RunSummary:
+    """Run one daemon to completion on uvloop (`peerd start`)."""
+    import uvloop
+
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    daemon = Daemon(config)
+    return uvloop.run(daemon.run())

@@ -1,0 +1,111 @@
+"""The gRPC face of a daemon: decodes and validates what peers send, hands it to the host.
+
+The servicer knows the wire, not the algorithm: everything about plans, views and rounds is
+asked of the `PeerHost` (the daemon). A bad message is answered with a specific status code and
+a message naming the problem, counted, and nothing from it reaches the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from typing import Protocol
+
+import grpc
+import torch
+
+from peerd.net.codec import DecodedStream, Expectation, StreamDecoder, WireError, encode_frames
+from peerd.v1 import peer_pb2, peer_pb2_grpc
+
+log = logging.getLogger("peerd.service")
+
+
+class PeerHost(Protocol):
+    expectation: Expectation
+
+    def hello(self) -> peer_pb2.Hello: ...
+
+    def admit(self, hello: peer_pb2.Hello) -> None:
+        """Record a peer's introduction; raises WireError to refuse it."""
+        ...
+
+    def accept_slice(self, decoded: DecodedStream) -> None:
+        """Queue a validated slice for merging; raises WireError to refuse it."""
+        ...
+
+    def snapshot(
+        self, request: peer_pb2.PullRequest
+    ) -> tuple[peer_pb2.StreamHeader, Mapping[str, torch.Tensor]]: ...
+
+    def status(self) -> peer_pb2.StatusReply: ...
+
+
+class PeerService(peer_pb2_grpc.PeerServicer):
+    def __init__(self, host: PeerHost) -> None:
+        self.host = host
+        self.rejected: Counter[str] = Counter()
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, rpc: str, error: WireError) -> None:
+        self.rejected[rpc] += 1
+        log.warning("refused %s from %s: %s", rpc, context.peer(), error.detail)
+        await context.abort(error.code, error.detail)
+
+    def _check_identity(self, protocol_version: int, cluster: str, fingerprint: str) -> None:
+        expected = self.host.expectation
+        if protocol_version != expected.protocol_version:
+            raise WireError(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"protocol version {protocol_version}, expected "
+                            f"{expected.protocol_version}")
+        if cluster != expected.cluster:
+            raise WireError(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"cluster {cluster!r}, expected {expected.cluster!r}")
+        if fingerprint != expected.model_fingerprint:
+            raise WireError(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"model fingerprint {fingerprint}, expected "
+                            f"{expected.model_fingerprint}")
+
+    async def Handshake(
+        self, request: peer_pb2.Hello, context: grpc.aio.ServicerContext
+    ) -> peer_pb2.Hello:
+        try:
+            self._check_identity(request.protocol_version, request.cluster,
+                                 request.model_fingerprint)
+            self.host.admit(request)
+        except WireError as error:
+            await self._refuse(context, "Handshake", error)
+        return self.host.hello()
+
+    async def PushSlices(
+        self, request_iterator: AsyncIterator[peer_pb2.SliceFrame],
+        context: grpc.aio.ServicerContext,
+    ) -> peer_pb2.PushAck:
+        decoder = StreamDecoder(self.host.expectation)
+        try:
+            async for frame in request_iterator:
+                decoder.feed(frame)
+            # Checksums and finiteness scan every byte: off the event loop.
+            decoded = await asyncio.get_running_loop().run_in_executor(None, decoder.finish)
+            self.host.accept_slice(decoded)
+        except WireError as error:
+            await self._refuse(context, "PushSlices", error)
+        return peer_pb2.PushAck(bytes_received=decoded.payload_bytes)
+
+    async def Pull(
+        self, request: peer_pb2.PullRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[peer_pb2.SliceFrame]:
+        try:
+            self._check_identity(request.protocol_version, request.cluster,
+                                 request.model_fingerprint)
+            header, tensors = self.host.snapshot(request)
+        except WireError as error:
+            await self._refuse(context, "Pull", error)
+            return
+        for frame in encode_frames(header, tensors):
+            yield frame
+
+    async def Status(
+        self, request: peer_pb2.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> peer_pb2.StatusReply:
+        return self.host.status()

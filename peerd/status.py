@@ -1,0 +1,57 @@
+"""`peerd status`: one daemon's view of the cluster, as a table or JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from google.protobuf.json_format import MessageToDict
+
+from peerd.net.client import PeerClients
+from peerd.v1 import peer_pb2
+
+
+async def fetch_status(address: str) -> peer_pb2.StatusReply:
+    clients = PeerClients()
+    try:
+        return await clients.status(address)
+    finally:
+        await clients.close()
+
+
+def _age(last_seen_unix: float) -> str:
+    return f"{time.time() - last_seen_unix:.1f}s ago" if last_seen_unix else "-"
+
+
+def format_status(reply: peer_pb2.StatusReply) -> str:
+    me = reply.self
+    lines = [
+        f"peer {me.peer_id} at {me.address}  cluster {me.cluster}  round {me.round}  "
+        f"rounds done {reply.rounds_done}  loss {reply.train_loss:.4f}",
+        f"view {me.view_id or '(not committed)'}: {len(me.members)} members  "
+        f"sent {reply.bytes_sent} B  received {reply.bytes_received} B",
+        "",
+        f"{'position':>8}  {'peer':<20} {'address':<22} {'mu':>6} {'round':>6} "
+        f"{'last seen':>10} {'sent B':>12} {'received B':>12}  neighbour",
+    ]
+    rows = [(list(me.members).index(me.peer_id) if me.peer_id in me.members else -1, me.peer_id,
+             me.address, me.capacity.mu, me.round, "self", reply.bytes_sent,
+             reply.bytes_received, "")]
+    rows += [(p.position, p.peer_id, p.address, p.capacity.mu, p.round, _age(p.last_seen_unix),
+              p.bytes_sent, p.bytes_received, "yes" if p.neighbour else "")
+             for p in reply.peers]
+    for position, peer_id, address, mu, round_index, seen, sent, received, neighbour in sorted(
+        rows, key=lambda row: (row[0] < 0, row[0], row[1])
+    ):
+        shown = str(position) if position >= 0 else "-"
+        lines.append(f"{shown:>8}  {peer_id:<20} {address:<22} {mu:>6.3f} {round_index:>6} "
+                     f"{seen:>10} {sent:>12} {received:>12}  {neighbour}")
+    return "\n".join(lines)
+
+
+def show_status(address: str, as_json: bool) -> str:
+    reply = asyncio.run(fetch_status(address))
+    if as_json:
+        return json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2)
+    return format_status(reply)

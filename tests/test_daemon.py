@@ -1,0 +1,146 @@
+"""Real daemon processes on loopback: rounds over gRPC equal the simulator's, bytes follow the
+outbox rule along the topology, status answers, SIGTERM stops cleanly, strangers are refused."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from daemons import RunningDaemon, kill_all, start_loopback_daemons, wait_all
+from safetensors.torch import load_file
+
+from peerd.config import SimConfig
+from peerd.net import PROTOCOL_VERSION
+from peerd.net.client import PeerClients
+from peerd.sim import build, run_round
+from peerd.v1 import peer_pb2
+
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def ring_of_four(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RunningDaemon]]:
+    daemons = start_loopback_daemons(tmp_path_factory.mktemp("ring"), 4,
+                                     ["--rounds", str(ROUNDS), "--topology", "ring"])
+    try:
+        codes = wait_all(daemons)
+        assert codes == [0, 0, 0, 0], [d.output() for d in daemons]
+        yield daemons
+    finally:
+        kill_all(daemons)
+
+
+@pytest.fixture(scope="module")
+def simulated_ring() -> list:
+    torch.set_num_threads(1)  # the daemons train with one thread each
+    sim = build(SimConfig(peers=4, rounds=ROUNDS, topology="ring", out="unused"))
+    for round_index in range(ROUNDS):
+        run_round(sim, round_index)
+    return sim
+
+
+def test_daemons_over_grpc_equal_the_simulator(ring_of_four: list[RunningDaemon],
+                                               simulated_ring) -> None:
+    for daemon, engine in zip(ring_of_four, simulated_ring.engines, strict=True):
+        assert daemon.peer_id == engine.peer_id
+        saved = load_file(daemon.state_dir / "params.safetensors")
+        assert set(saved) == set(engine.params)
+        difference = max(float((saved[n] - t).abs().max()) for n, t in engine.params.items())
+        assert difference <= 1e-6, (daemon.peer_id, difference)
+        meta = json.loads((daemon.state_dir / "state.json").read_text())
+        assert meta["rounds_done"] == ROUNDS
+        assert [peer for peer, _ in meta["view"]] == [d.peer_id for d in ring_of_four]
+        assert f"{daemon.peer_id}: {ROUNDS} rounds with 4 members" in daemon.output()
+
+
+def test_ring_neighbours_and_bytes_follow_the_outbox_rule(
+    ring_of_four: list[RunningDaemon], simulated_ring
+) -> None:
+    expected_neighbours = {"peer-00": ["peer-01", "peer-03"], "peer-01": ["peer-00", "peer-02"],
+                           "peer-02": ["peer-01", "peer-03"], "peer-03": ["peer-00", "peer-02"]}
+    for daemon in ring_of_four:
+        rounds = daemon.rounds()
+        assert [r["round"] for r in rounds] == [1, 2, 3]
+        assert all(r["neighbours"] == expected_neighbours[daemon.peer_id] for r in rounds)
+        # Payload acknowledged by the receivers equals what the outbox rule sends in the sim.
+        assert rounds[-1]["bytes_sent_cum"] == simulated_ring.transport.bytes_sent[daemon.peer_id]
+        assert rounds[-1]["bytes_received_cum"] == simulated_ring.transport.bytes_received[
+            daemon.peer_id]
+
+
+def test_status_and_sigterm(tmp_path: Path) -> None:
+    daemons = start_loopback_daemons(tmp_path, 2, ["--rounds", "1", "--linger", "120"])
+    try:
+        for daemon in daemons:
+            daemon.wait_rounds(1)
+        shown = subprocess.run(
+            [sys.executable, "-m", "peerd.cli", "status", "--addr", daemons[0].address, "--json"],
+            capture_output=True, text=True, timeout=60, check=True,
+        )
+        status = json.loads(shown.stdout)
+        assert status["self"]["peer_id"] == "peer-00"
+        assert status["self"]["members"] == ["peer-00", "peer-01"]
+        assert status["rounds_done"] == "1"  # protobuf JSON writes uint64 as a string
+        (peer,) = status["peers"]
+        assert peer["peer_id"] == "peer-01" and peer["neighbour"] is True
+        assert int(peer["bytes_sent"]) == int(status["bytes_sent"]) > 0
+        table = subprocess.run(
+            [sys.executable, "-m", "peerd.cli", "status", "--addr", daemons[1].address],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout
+        assert "peer-00" in table and "self" in table
+        for daemon in daemons:
+            daemon.process.send_signal(signal.SIGTERM)
+        assert wait_all(daemons, timeout_s=30) == [0, 0]
+        for daemon in daemons:
+            assert (daemon.state_dir / "params.safetensors").exists()
+    finally:
+        kill_all(daemons)
+
+
+def test_strangers_are_refused(tmp_path: Path) -> None:
+    daemons = start_loopback_daemons(tmp_path, 1, ["--min-peers", "2", "--cluster", "lab"])
+    try:
+        async def introduce(**changes: object) -> grpc.StatusCode:
+            clients = PeerClients()
+            hello = peer_pb2.Hello(protocol_version=PROTOCOL_VERSION, cluster="lab",
+                                   peer_id="stranger", model_fingerprint="0" * 16,
+                                   capacity=peer_pb2.Capacity(mu=0.5), address="127.0.0.1:9")
+            for field, value in changes.items():
+                setattr(hello, field, value)
+            try:
+                await clients.handshake(daemons[0].address, hello)
+            except grpc.aio.AioRpcError as error:
+                return error.code(), error.details()
+            finally:
+                await clients.close()
+            return grpc.StatusCode.OK, ""
+
+        async def wait_ready() -> None:
+            for _ in range(300):
+                try:
+                    clients = PeerClients()
+                    await clients.status(daemons[0].address)
+                    return
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.1)
+                finally:
+                    await clients.close()
+
+        asyncio.run(wait_ready())
+        code, detail = asyncio.run(introduce())
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "model fingerprint" in detail
+        code, detail = asyncio.run(introduce(cluster="other"))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "cluster 'other'" in detail
+        code, detail = asyncio.run(introduce(protocol_version=99))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "protocol version 99" in detail
+    finally:
+        kill_all(daemons)

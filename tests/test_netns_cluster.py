@@ -1,0 +1,37 @@
+"""Three hosts in network namespaces on one bridge: `peerd start --topology ring` with no
+addresses given finds the others by mDNS multicast alone and completes its rounds."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from netns import bridged_hosts, netns_available
+
+available, reason = netns_available()
+pytestmark = pytest.mark.skipif(not available, reason=reason)
+
+ROUNDS = 2
+
+
+def test_three_namespaced_daemons_find_each_other_by_mdns(tmp_path: Path) -> None:
+    with bridged_hosts(3, "peerd-mdns") as hosts:
+        processes = []
+        for position, host in enumerate(hosts):
+            state_dir = tmp_path / f"host{position}"
+            processes.append(host.popen(
+                [sys.executable, "-m", "peerd.cli", "start", "--topology", "ring",
+                 "--state-dir", str(state_dir), "--shard", f"{position}/3", "--rounds",
+                 str(ROUNDS), "--min-peers", "3", "--threads", "1"],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            ))
+        outputs = []
+        for process in processes:
+            output, _ = process.communicate(timeout=240)
+            outputs.append(output)
+            assert process.returncode == 0, output
+        for host, output in zip(hosts, outputs, strict=True):
+            assert f"serving on {host.address}:7470" in output, output
+            assert f"{ROUNDS} rounds with 3 members" in output, output
