@@ -14,7 +14,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ import ifaddr
 import numpy as np
 import torch
 
+from peerd.aggregate import assemble
 from peerd.config import DaemonConfig
 from peerd.data import Split, TaskData, load_task_data, local_train_test, partition
 from peerd.engine import Engine, RoundContext, TrainStats
@@ -85,6 +86,10 @@ def plan_to_wire(plan: Plan) -> list[peer_pb2.GroupUnits]:
             for group, units in sorted(plan.items())]
 
 
+def plan_from_wire(groups: Sequence[peer_pb2.GroupUnits]) -> Plan:
+    return {g.group: torch.tensor(list(g.units), dtype=torch.long) for g in groups}
+
+
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
@@ -143,21 +148,25 @@ class Daemon:
         if not 0 < hello.capacity.mu <= 1:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"capacity mu={hello.capacity.mu} is outside (0, 1]")
-        self.membership.observe(hello)
+        self.membership.observe(hello, self.round_index)
 
     def _context(self, round_index: int) -> RoundContext:
-        assert self.membership is not None and self.membership.view is not None
+        assert self.membership is not None
+        view = self.membership.view_at(round_index)
+        assert view is not None
         if round_index not in self._contexts:
-            self._contexts[round_index] = self.engine.begin_round(
-                round_index, self.membership.view.members)
+            self._contexts[round_index] = self.engine.begin_round(round_index, view.members)
         return self._contexts[round_index]
 
     def _expected_tensors(
         self, header: peer_pb2.StreamHeader
     ) -> Mapping[str, tuple[torch.dtype, tuple[int, ...]]]:
-        view = self.membership.view if self.membership else None
-        if view is None:
-            raise WireError(grpc.StatusCode.UNAVAILABLE, "no committed view yet")
+        membership = self.membership
+        view = membership.view_at(header.round) if membership else None
+        if view is None or membership.undecided_before(header.round):
+            # The sender retries: our view of that round is not settled yet.
+            raise WireError(grpc.StatusCode.UNAVAILABLE,
+                            f"the view of round {header.round} is not settled here yet")
         if header.view_id != view.view_id:
             raise WireError(grpc.StatusCode.FAILED_PRECONDITION,
                             f"view {header.view_id} differs from ours ({view.view_id})")
@@ -204,6 +213,8 @@ class Daemon:
         if not self._snapshots:
             raise WireError(grpc.StatusCode.UNAVAILABLE, "no round completed yet")
         rounds = request.round or max(self._snapshots)
+        if rounds > max(self._snapshots):
+            raise WireError(grpc.StatusCode.UNAVAILABLE, f"round {rounds} is not finished yet")
         if rounds not in self._snapshots:
             raise WireError(grpc.StatusCode.NOT_FOUND,
                             f"no snapshot after {rounds} rounds; kept: {sorted(self._snapshots)}")
@@ -222,7 +233,8 @@ class Daemon:
         assert self.membership is not None
         view = self.membership.view
         positions = {peer: i for i, peer in enumerate(view.ids)} if view else {}
-        neighbours = set(self._context(self.round_index).neighbours) if view else set()
+        current = self.membership.view_at(self.round_index)
+        neighbours = set(self._context(self.round_index).neighbours) if current else set()
         peers = [
             peer_pb2.PeerStatus(
                 peer_id=peer.peer_id, address=peer.address,
@@ -303,14 +315,57 @@ class Daemon:
             await asyncio.sleep(HANDSHAKE_INTERVAL_S)
 
     async def _wait_for_view(self) -> View | None:
+        """The first view: agreed with the others, or entered by joining a running one."""
         assert self.membership is not None
         while not self._stopping.is_set():
             view = self.membership.try_commit()
             if view is not None:
                 log.info("view %s committed: %s", view.view_id, ", ".join(view.ids))
                 return view
+            running = self.membership.running_view()
+            joined = self.membership.advance_join() if running is not None else None
+            if joined is not None:
+                round_index = self.membership.join_round
+                if self.config.rounds is not None and round_index >= self.config.rounds:
+                    log.error("the run ends before round %d, where this peer could join",
+                              round_index)
+                    return None
+                log.info("joining view %s at round %d as %s", joined.view_id, round_index,
+                         ", ".join(joined.ids))
+                await self._enter_at(round_index, running)
+                return joined
             await asyncio.sleep(0.1)
         return None
+
+    async def _enter_at(self, round_index: int, running: View) -> None:
+        """A joiner starts from the members' parameters after round `round_index - 1`:
+        each entry the mean over the members that held it then."""
+        shapes = {name: (t.dtype, tuple(t.shape)) for name, t in self.engine.params.items()}
+        expectation = Expectation(PROTOCOL_VERSION, self.config.cluster, self.fingerprint,
+                                  lambda header: shapes)
+        request = peer_pb2.PullRequest(
+            protocol_version=PROTOCOL_VERSION, cluster=self.config.cluster,
+            model_fingerprint=self.fingerprint, requester=self.peer_id, round=round_index)
+        deadline = time.monotonic() + self.config.round_timeout_s
+        pulled: dict[str, DecodedStream] = {}
+        while len(pulled) < len(running.ids) and not self._stopping.is_set():
+            for member in running.ids:
+                if member in pulled:
+                    continue
+                try:
+                    pulled[member] = await self.clients.pull(
+                        self.membership.known[member].address, request, expectation)
+                except grpc.aio.AioRpcError as error:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"could not pull round {round_index} from {member}: "
+                                           f"{error.details()}") from None
+            await asyncio.sleep(0.2)
+        params = {member: stream.tensors for member, stream in pulled.items()}
+        plans = {member: plan_from_wire(stream.header.plan) for member, stream in pulled.items()}
+        assembled = assemble(self.spec, params, plans)
+        for name, tensor in self.engine.params.items():
+            tensor.copy_(assembled[name])
+        self.round_index = round_index
 
     async def _train(self, address: str) -> None:
         view = await self._wait_for_view()
@@ -319,8 +374,11 @@ class Daemon:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         while not self._stopping.is_set() and (
-            self.config.rounds is None or self.rounds_done < self.config.rounds
+            self.config.rounds is None or self.round_index < self.config.rounds
         ):
+            if not await self._settle_joins():
+                return
+            view = self.membership.view_at(self.round_index)
             round_started = time.monotonic()
             ctx = self._context(self.round_index)
             stats = await loop.run_in_executor(self._worker, self.engine.train, ctx)
@@ -339,6 +397,21 @@ class Daemon:
             self._forget_before(self.round_index)
             self.round_index += 1
 
+    async def _settle_joins(self) -> bool:
+        """Wait until every join accepted for this round is decided; False when stopping."""
+        assert self.membership is not None
+        before = self.membership.view_at(self.round_index)
+        while not self.membership.settle_joins(self.round_index):
+            if self._stopping.is_set():
+                return False
+            await asyncio.sleep(0.05)
+        after = self.membership.view_at(self.round_index)
+        if after is not before and after is not None:
+            log.info("view %s from round %d: %s", after.view_id, self.round_index,
+                     ", ".join(after.ids))
+            self._contexts = {r: c for r, c in self._contexts.items() if r < self.round_index}
+        return True
+
     async def _push_all(self, view: View, ctx: RoundContext,
                         outgoing: list[SliceMessage]) -> None:
         assert self.membership is not None
@@ -351,12 +424,20 @@ class Daemon:
                 receiver=message.receiver, round=ctx.round_index, view_id=view.view_id,
                 weight=message.weight, plan=plan_to_wire(ctx.plans_now[self.peer_id]),
             )
-            try:
-                acknowledged = await self.clients.push(peer.address, header, message.values)
-            except grpc.aio.AioRpcError as error:
-                log.warning("round %d: push to %s failed: %s %s", ctx.round_index,
-                            message.receiver, error.code().name, error.details())
-                return
+            deadline = time.monotonic() + self.config.round_timeout_s
+            while True:
+                try:
+                    acknowledged = await self.clients.push(peer.address, header, message.values)
+                    break
+                except grpc.aio.AioRpcError as error:
+                    # UNAVAILABLE: the receiver cannot place the round yet (not started, or its
+                    # view of the round not settled); anything else is final.
+                    retry = error.code() == grpc.StatusCode.UNAVAILABLE
+                    if not retry or time.monotonic() > deadline or self._stopping.is_set():
+                        log.warning("round %d: push to %s failed: %s %s", ctx.round_index,
+                                    message.receiver, error.code().name, error.details())
+                        return
+                    await asyncio.sleep(0.1)
             self.bytes_sent += acknowledged
             peer.bytes_sent += acknowledged
 
@@ -388,7 +469,7 @@ class Daemon:
 
     def _keep_snapshot(self, ctx: RoundContext) -> None:
         params = {name: tensor.clone() for name, tensor in self.engine.params.items()}
-        self._snapshots[self.rounds_done + 1] = (params, ctx.plans_now[self.peer_id])
+        self._snapshots[ctx.round_index + 1] = (params, ctx.plans_now[self.peer_id])
         for old in sorted(self._snapshots)[:-SNAPSHOTS_KEPT]:
             del self._snapshots[old]
 
@@ -403,7 +484,7 @@ class Daemon:
         wall_s: float,
     ) -> None:
         record = {
-            "round": self.rounds_done, "peer_id": self.peer_id, "train_loss": stats.loss,
+            "round": ctx.round_index + 1, "peer_id": self.peer_id, "train_loss": stats.loss,
             "local_acc": local.accuracy, "local_loss": local.loss, "local_ppl": local.perplexity,
             "samples": stats.samples,
             "forward_flops_per_sample": stats.forward_flops_per_sample,
@@ -413,7 +494,7 @@ class Daemon:
         }
         with open(self.state_dir / "rounds.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        log.info("round %d done: loss %.4f, %d neighbours, %.2f s, sent %d B", self.rounds_done,
+        log.info("round %d done: loss %.4f, %d neighbours, %.2f s, sent %d B", ctx.round_index + 1,
                  stats.loss, len(ctx.neighbours), round_s, self.bytes_sent)
 
     def _save(self) -> None:

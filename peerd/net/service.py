@@ -48,8 +48,12 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         self.rejected: Counter[str] = Counter()
 
     async def _refuse(self, context: grpc.aio.ServicerContext, rpc: str, error: WireError) -> None:
-        self.rejected[rpc] += 1
-        log.warning("refused %s from %s: %s", rpc, context.peer(), error.detail)
+        if error.code == grpc.StatusCode.UNAVAILABLE:
+            # "Not yet" (a round not reached, a view not settled): the caller retries.
+            log.debug("%s from %s deferred: %s", rpc, context.peer(), error.detail)
+        else:
+            self.rejected[rpc] += 1
+            log.warning("refused %s from %s: %s", rpc, context.peer(), error.detail)
         await context.abort(error.code, error.detail)
 
     def _check_identity(self, protocol_version: int, cluster: str, fingerprint: str) -> None:

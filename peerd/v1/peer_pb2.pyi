@@ -13,7 +13,7 @@ class Capacity(_message.Message):
     def __init__(self, mu: _Optional[float] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "cluster", "peer_id", "model_fingerprint", "capacity", "address", "round", "members", "view_id")
+    __slots__ = ("protocol_version", "cluster", "peer_id", "model_fingerprint", "capacity", "address", "round", "members", "view_id", "join_round", "join_confirmed", "accepted_joins")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,9 @@ class Hello(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     VIEW_ID_FIELD_NUMBER: _ClassVar[int]
+    JOIN_ROUND_FIELD_NUMBER: _ClassVar[int]
+    JOIN_CONFIRMED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_JOINS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     cluster: str
     peer_id: str
@@ -32,7 +35,18 @@ class Hello(_message.Message):
     round: int
     members: _containers.RepeatedScalarFieldContainer[str]
     view_id: str
-    def __init__(self, protocol_version: _Optional[int] = ..., cluster: _Optional[str] = ..., peer_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., address: _Optional[str] = ..., round: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., view_id: _Optional[str] = ...) -> None: ...
+    join_round: int
+    join_confirmed: bool
+    accepted_joins: _containers.RepeatedCompositeFieldContainer[JoinTicket]
+    def __init__(self, protocol_version: _Optional[int] = ..., cluster: _Optional[str] = ..., peer_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., address: _Optional[str] = ..., round: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., view_id: _Optional[str] = ..., join_round: _Optional[int] = ..., join_confirmed: _Optional[bool] = ..., accepted_joins: _Optional[_Iterable[_Union[JoinTicket, _Mapping]]] = ...) -> None: ...
+
+class JoinTicket(_message.Message):
+    __slots__ = ("peer_id", "round")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    round: int
+    def __init__(self, peer_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
 class GroupUnits(_message.Message):
     __slots__ = ("group", "units")
