@@ -14,7 +14,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,9 +85,6 @@ def plan_to_wire(plan: Plan) -> list[peer_pb2.GroupUnits]:
     return [peer_pb2.GroupUnits(group=group, units=units.tolist())
             for group, units in sorted(plan.items())]
 
-
-def plan_from_wire(groups: Sequence[peer_pb2.GroupUnits]) -> Plan:
-    return {g.group: torch.tensor(list(g.units), dtype=torch.long) for g in groups}
 
 
 class Daemon:
@@ -273,7 +270,7 @@ class Daemon:
                  self.config.cluster, self.fingerprint)
         handshakes = asyncio.create_task(self._handshake_forever(discovery))
         try:
-            await self._train(address)
+            await self._train()
             if self.config.linger_s and not self._stopping.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self.config.linger_s)
@@ -361,13 +358,14 @@ class Daemon:
                                            f"{error.details()}") from None
             await asyncio.sleep(0.2)
         params = {member: stream.tensors for member, stream in pulled.items()}
-        plans = {member: plan_from_wire(stream.header.plan) for member, stream in pulled.items()}
+        # Plans are a pure function: computed here, never taken from the wire.
+        plans = self.engine.planner.plan(round_index - 1, running.members, self.spec.groups)
         assembled = assemble(self.spec, params, plans)
         for name, tensor in self.engine.params.items():
             tensor.copy_(assembled[name])
         self.round_index = round_index
 
-    async def _train(self, address: str) -> None:
+    async def _train(self) -> None:
         view = await self._wait_for_view()
         if view is None:
             return

@@ -144,3 +144,21 @@ def test_strangers_are_refused(tmp_path: Path) -> None:
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "protocol version 99" in detail
     finally:
         kill_all(daemons)
+
+
+def test_fully_connected_daemons_talk_to_everyone_with_outbox_bytes(tmp_path: Path) -> None:
+    daemons = start_loopback_daemons(tmp_path, 4, ["--rounds", "2", "--topology", "full",
+                                                   "--mu", "0.25"])
+    try:
+        assert wait_all(daemons) == [0, 0, 0, 0], [d.output() for d in daemons]
+    finally:
+        kill_all(daemons)
+    torch.set_num_threads(1)
+    sim = build(SimConfig(peers=4, rounds=2, topology="full", mu=(0.25,), out="unused"))
+    for round_index in range(2):
+        run_round(sim, round_index)
+    for daemon in daemons:
+        others = [d.peer_id for d in daemons if d is not daemon]
+        rounds = daemon.rounds()
+        assert all(r["neighbours"] == others for r in rounds)
+        assert rounds[-1]["bytes_sent_cum"] == sim.transport.bytes_sent[daemon.peer_id] > 0
