@@ -607,3 +607,12 @@ def test_fuzz_without_plan_accepts_only_legal_streams(frames: list[peer_pb2.Slic
                 assert bool(torch.isfinite(tensor).all())
         again = decode_frames(encode_frames(decoded.header, tensors, chunk_bytes=5), OPEN)
         assert_bit_identical(again.tensors, tensors)
+
+
+async def test_off_loop_encoding_yields_the_same_frames() -> None:
+    tensors = {"big": torch.arange(300_000, dtype=torch.float32), "small": torch.ones(3, 2)}
+    expected = list(codec.encode_frames(make_header(), tensors, chunk_bytes=64 * 1024))
+    produced = [frame async for frame in codec.encode_frames_off_loop(
+        make_header(), tensors, chunk_bytes=64 * 1024)]
+    assert produced == expected
+    assert sum(frame.HasField("chunk") for frame in produced) == math.ceil(1_200_000 / 65536) + 1

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 
 import grpc
 import torch
 
 from peerd.net import GRPC_OPTIONS
-from peerd.net.codec import DecodedStream, Expectation, StreamDecoder, encode_frames
+from peerd.net.codec import DecodedStream, Expectation, StreamDecoder, encode_frames_off_loop
 from peerd.v1 import peer_pb2, peer_pb2_grpc
 
 HANDSHAKE_TIMEOUT_S = 3.0
@@ -37,12 +37,8 @@ class PeerClients:
         self, address: str, header: peer_pb2.StreamHeader, tensors: Mapping[str, torch.Tensor]
     ) -> int:
         """Stream a slice; returns the payload bytes the receiver acknowledged."""
-
-        async def frames() -> AsyncIterator[peer_pb2.SliceFrame]:
-            for frame in encode_frames(header, tensors):
-                yield frame
-
-        ack = await self.stub(address).PushSlices(frames(), timeout=self.push_timeout_s)
+        frames = encode_frames_off_loop(header, tensors)
+        ack = await self.stub(address).PushSlices(frames, timeout=self.push_timeout_s)
         return ack.bytes_received
 
     async def pull(

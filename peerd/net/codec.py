@@ -10,10 +10,12 @@ caller can drive either off the event loop one frame at a time (Invariant 6).
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import math
 import sys
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -486,3 +488,21 @@ def _show(value: object) -> str:
     """A peer-supplied value for an error message, clipped so a hostile one cannot flood logs."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+async def encode_frames_off_loop(
+    header: peer_pb2.StreamHeader,
+    tensors: Mapping[str, torch.Tensor],
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> AsyncIterator[peer_pb2.SliceFrame]:
+    """`encode_frames` for an event loop: checksums and byte copies of large tensors run on a
+    worker thread, batched so that a thread hop carries about 4 MiB of frames."""
+    frames = encode_frames(header, tensors, chunk_bytes)
+    per_batch = max(1, (4 << 20) // chunk_bytes)
+    loop = asyncio.get_running_loop()
+    while True:
+        batch = await loop.run_in_executor(None, list, itertools.islice(frames, per_batch))
+        if not batch:
+            return
+        for frame in batch:
+            yield frame

@@ -16,7 +16,13 @@ from typing import Protocol
 import grpc
 import torch
 
-from peerd.net.codec import DecodedStream, Expectation, StreamDecoder, WireError, encode_frames
+from peerd.net.codec import (
+    DecodedStream,
+    Expectation,
+    StreamDecoder,
+    WireError,
+    encode_frames_off_loop,
+)
 from peerd.v1 import peer_pb2, peer_pb2_grpc
 
 log = logging.getLogger("peerd.service")
@@ -106,7 +112,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         except WireError as error:
             await self._refuse(context, "Pull", error)
             return
-        for frame in encode_frames(header, tensors):
+        async for frame in encode_frames_off_loop(header, tensors):
             yield frame
 
     async def Status(
