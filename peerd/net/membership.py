@@ -14,7 +14,7 @@ Rule 1 makes the first committed view win: a peer that appears later joins inste
 Joining a running view is a two-phase commit that the joiner coordinates for itself:
 1. the joiner asks every member to let it in at a boundary round B (a few rounds ahead of the
    furthest member); a member accepts only if it has not started round B yet and no other
-   joiner holds B, and lists its acceptance in its handshakes;
+   join is pending with it, and lists its acceptance in its handshakes;
 2. when every member has accepted, the joiner confirms; if any member refuses (it reached B
    first), the joiner withdraws and asks again for a later round.
 A member that accepted waits at the start of round B until the joiner's decision is known, so
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import zlib
 from dataclasses import dataclass, field
 
 from peerd.plan import Member
@@ -34,6 +35,13 @@ from peerd.v1 import peer_pb2
 # How far ahead of the furthest member a joiner asks to enter: rounds for its request to
 # reach every member before any of them starts that round.
 JOIN_MARGIN_ROUNDS = 3
+
+
+def proposed_join_round(peer_id: str, furthest_round: int) -> int:
+    """Where a joiner asks to enter: the margin past the furthest member, plus a per-peer
+    offset so that two joiners refused together do not collide again."""
+    spread = zlib.crc32(peer_id.encode()) % JOIN_MARGIN_ROUNDS
+    return furthest_round + JOIN_MARGIN_ROUNDS + spread
 
 
 @dataclass(frozen=True)
@@ -164,8 +172,9 @@ class Membership:
             return
         if self.tickets.get(peer.peer_id) == peer.join_round:
             return
-        taken = any(r == peer.join_round for p, r in self.tickets.items() if p != peer.peer_id)
-        if peer.join_round > my_round and not taken:
+        # One open join at a time: a second joiner's vote would not include the first one.
+        busy = any(p != peer.peer_id for p in self.tickets)
+        if peer.join_round > my_round and not busy:
             self.tickets[peer.peer_id] = peer.join_round
 
     def settle_joins(self, round_index: int) -> bool:
@@ -209,7 +218,7 @@ class Membership:
                        m.accepted_joins.get(self.me.peer_id) != self.join_round
                        for m in members):
                 return None
-        self.join_round = max(m.round for m in members) + JOIN_MARGIN_ROUNDS
+        self.join_round = proposed_join_round(self.me.peer_id, max(m.round for m in members))
         return None
 
     def hello(self, protocol_version: int, cluster: str, fingerprint: str, round_index: int
