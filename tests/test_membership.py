@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from peerd.net import PROTOCOL_VERSION
 from peerd.net.membership import (
     JOIN_MARGIN_ROUNDS,
+    STALE_AFTER_S,
     Membership,
     View,
     make_view,
@@ -556,3 +557,11 @@ def test_concurrent_joins_at_different_rounds_agree_on_the_view() -> None:
     assert len(assert_agree(nodes, second).ids) == 5  # k's own view lacks j here
     for n in nodes:
         assert n.membership.view_at(second) == n.membership.view
+
+
+def test_a_silent_peer_leaves_the_candidates_before_the_first_view() -> None:
+    a, b, c = node("peer-00"), node("peer-01"), node("peer-02")
+    meet([a, b, c])
+    assert a.membership.candidate_ids() == ("peer-00", "peer-01", "peer-02")
+    a.membership.known["peer-02"].last_seen -= STALE_AFTER_S + 1
+    assert a.membership.candidate_ids() == ("peer-00", "peer-01")

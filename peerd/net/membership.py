@@ -32,6 +32,9 @@ from dataclasses import dataclass, field
 from peerd.plan import Member
 from peerd.v1 import peer_pb2
 
+# Handshakes repeat every 0.5 s: a peer silent this long is gone (its mDNS record may linger).
+STALE_AFTER_S = 5.0
+
 # How far ahead of the furthest member a joiner asks to enter: rounds for its request to
 # reach every member before any of them starts that round.
 JOIN_MARGIN_ROUNDS = 3
@@ -124,7 +127,10 @@ class Membership:
         return peer_id == self.me.peer_id or (known is not None and known.address != address)
 
     def candidate_ids(self) -> tuple[str, ...]:
-        return tuple(sorted([self.me.peer_id, *self.known]))
+        """Itself and every peer heard from recently: who the first view would contain."""
+        now = time.time()
+        alive = [p for p, peer in self.known.items() if now - peer.last_seen < STALE_AFTER_S]
+        return tuple(sorted([self.me.peer_id, *alive]))
 
     # ---- the first view ----------------------------------------------------------------------
 
