@@ -114,6 +114,7 @@ class DaemonConfig:
     threads: int | None = None  # torch threads; None: torch's default (all cores)
     round_timeout_s: float = 300.0
     linger_s: float = 0.0  # keep serving pulls this long after the last round
+    metrics_port: int | None = None  # Prometheus endpoint; None: off
 
     def __post_init__(self) -> None:
         _require(0 < self.mu <= 1, "mu", self.mu, "in (0, 1]")
@@ -125,6 +126,8 @@ class DaemonConfig:
         _require(self.threads is None or self.threads >= 1, "threads", self.threads, ">= 1")
         _require(self.round_timeout_s > 0, "round_timeout_s", self.round_timeout_s, "> 0")
         _require(self.linger_s >= 0, "linger_s", self.linger_s, ">= 0")
+        _require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port",
+                 self.metrics_port, "in 0..65535, or unset for no endpoint")
         if self.shard is not None:
             index, count = self.shard
             _require(0 <= index < count, "shard", f"{index}/{count}", "I/N with 0 <= I < N")

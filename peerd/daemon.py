@@ -488,6 +488,7 @@ class Daemon:
             "forward_flops_per_sample": stats.forward_flops_per_sample,
             "train_flops": stats.train_flops, "bytes_sent_cum": self.bytes_sent,
             "bytes_received_cum": self.bytes_received, "neighbours": list(ctx.neighbours),
+            "members": len(ctx.members),
             "round_s": round_s, "wall_s": wall_s,
         }
         with open(self.state_dir / "rounds.jsonl", "a") as handle:
