@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -11,11 +13,25 @@ import grpc
 
 from peerd import __version__
 from peerd.cluster import ClusterConfig, ClusterError
-from peerd.config import ConfigError, DaemonConfig, SimConfig, parse_mu, parse_shard
+from peerd.config import (
+    DEFAULT_CONFIG_FILE,
+    ConfigError,
+    DaemonConfig,
+    SimConfig,
+    daemon_options,
+    load_daemon_config,
+    option_flag,
+    option_type,
+    parse_mu,
+    parse_option_text,
+    reference_table,
+    required_type,
+)
 from peerd.data import DatasetMissing
 from peerd.data.partition import parse_partition
 from peerd.plan import PLANNERS
 from peerd.progress import ProgressLine
+from peerd.report import add_report_parser
 from peerd.tasks import TASKS
 
 
@@ -58,13 +74,7 @@ def _add_sim(commands: argparse._SubParsersAction) -> None:
     sim.add_argument("--eval-samples", type=int, default=None,
                      help="global test samples per evaluation (default: the task's)")
     sim.add_argument("--quiet", action="store_true", help="no progress line")
-
-
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        return parse_shard(text)
-    except ConfigError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+    sim.set_defaults(func=_sim)
 
 
 def _single_mu(text: str) -> float:
@@ -88,34 +98,48 @@ def _add_learning_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_start(commands: argparse._SubParsersAction) -> None:
-    defaults = DaemonConfig()
     start = commands.add_parser(
         "start", help="run one daemon: discover peers, train slices, exchange them",
-        description="Run one peerd daemon. Daemons on one LAN find each other by mDNS.",
+        description="Run one peerd daemon. Daemons on one LAN find each other by mDNS. "
+        f"Options come from the config file (--config, else {DEFAULT_CONFIG_FILE} if present), "
+        "then PEERD_* environment variables, then these flags.",
     )
-    _add_learning_options(start)
-    start.add_argument("--host", default=defaults.host, help="address to listen on")
-    start.add_argument("--port", type=int, default=defaults.port, help="gRPC port (0: any)")
-    start.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
-                       help="a peer's address, for networks without multicast (repeatable)")
-    start.add_argument("--no-mdns", action="store_true", help="do not use mDNS discovery")
-    start.add_argument("--mdns-interface", default=None, metavar="ADDR",
-                       help="the IPv4 address of the interface mDNS uses")
-    start.add_argument("--cluster", default=defaults.cluster,
-                       help="cluster name: peers of other clusters are ignored")
-    start.add_argument("--state-dir", default=defaults.state_dir)
-    start.add_argument("--peer-id", default=None, help="default: the id kept in --state-dir")
-    start.add_argument("--shard", type=_shard, default=None, metavar="I/N",
-                       help="train on the I-th of N shards of the task's bundled data")
-    start.add_argument("--rounds", type=int, default=None, help="stop after R rounds")
-    start.add_argument("--min-peers", type=int, default=defaults.min_peers,
-                       help="members needed before the first round")
-    start.add_argument("--threads", type=int, default=None, help="torch threads")
-    start.add_argument("--round-timeout", type=float, default=defaults.round_timeout_s,
-                       help="seconds to wait for neighbours' slices")
-    start.add_argument("--linger", type=float, default=0.0, help=argparse.SUPPRESS)
-    start.add_argument("--log-level", default="INFO",
-                       choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    start.add_argument("--config", default=None, metavar="FILE", help="a TOML config file")
+    # One flag per DaemonConfig field: given flags override the file and the environment.
+    for option_field in daemon_options():
+        name, flag = option_field.name, option_flag(option_field)
+        kind = required_type(option_type(name))
+        help_text = option_field.metadata["help"]
+        if kind is bool:
+            action = "store_false" if option_field.default else "store_true"
+            start.add_argument(flag, dest=name, action=action, default=argparse.SUPPRESS,
+                               help=help_text)
+        elif kind == tuple[str, ...]:
+            start.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS,
+                               metavar="HOST:PORT", help=help_text)
+        else:
+            start.add_argument(flag, dest=name, type=_option_parser(name),
+                               default=argparse.SUPPRESS, help=help_text)
+    start.set_defaults(func=_start)
+
+
+def _option_parser(name: str) -> Callable[[str], object]:
+    def parse(text: str) -> object:
+        try:
+            return parse_option_text(name, text)
+        except ConfigError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
+
+
+def _add_config(commands: argparse._SubParsersAction) -> None:
+    config = commands.add_parser(
+        "config", help="show the effective daemon configuration, or the reference table")
+    config.add_argument("--config", default=None, metavar="FILE", help="a TOML config file")
+    config.add_argument("--reference", action="store_true",
+                        help="print the table of every option (docs/CONFIG.md)")
+    config.set_defaults(func=_config)
 
 
 def _add_cluster(commands: argparse._SubParsersAction) -> None:
@@ -134,6 +158,7 @@ def _add_cluster(commands: argparse._SubParsersAction) -> None:
     cluster.add_argument("--no-mdns", action="store_true",
                          help="daemons find each other only by their static addresses")
     cluster.add_argument("--quiet", action="store_true", help="no progress line")
+    cluster.set_defaults(func=_cluster)
 
 
 def _add_status(commands: argparse._SubParsersAction) -> None:
@@ -141,6 +166,7 @@ def _add_status(commands: argparse._SubParsersAction) -> None:
     status.add_argument("--addr", default=f"127.0.0.1:{DaemonConfig().port}",
                         metavar="HOST:PORT")
     status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_status)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_start(commands)
     _add_cluster(commands)
     _add_status(commands)
+    _add_config(commands)
+    add_report_parser(commands)
     return parser
 
 
@@ -194,19 +222,19 @@ def _print_summary(records: list[dict], rounds: int, out: str) -> None:
     print(f"{summary}, coverage {final['coverage']:.4f}; metrics in {out}/metrics.jsonl")
 
 
+def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
+    flags = {f.name: getattr(args, f.name) for f in daemon_options() if hasattr(args, f.name)}
+    if "peers" in flags:
+        flags["peers"] = tuple(flags["peers"])
+    return load_daemon_config(args.config, os.environ, flags)
+
+
 def _start(args: argparse.Namespace) -> int:
     from peerd.daemon import serve
 
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+    config = _daemon_config(args)
+    logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = DaemonConfig(
-        topology=args.topology, task=args.task, mu=args.mu, method=args.method,
-        host=args.host, port=args.port, peers=tuple(args.peer), mdns=not args.no_mdns,
-        mdns_interface=args.mdns_interface, cluster=args.cluster, state_dir=args.state_dir,
-        peer_id=args.peer_id, shard=args.shard, partition=args.partition,
-        data_dir=args.data_dir, rounds=args.rounds, min_peers=args.min_peers, seed=args.seed,
-        threads=args.threads, round_timeout_s=args.round_timeout, linger_s=args.linger,
-    )
     summary = serve(config)
     print(f"{summary.peer_id}: {summary.rounds_done} rounds with {summary.members} members, "
           f"train loss {summary.train_loss:.4f}, sent {summary.bytes_sent} B, "
@@ -230,6 +258,26 @@ def _cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace) -> int:
+    if args.reference:
+        print(reference_table(), end="")
+        return 0
+    config = _daemon_config(args)
+    for option_field in daemon_options():
+        print(_toml_line(option_field.name, getattr(config, option_field.name)))
+    return 0
+
+
+def _toml_line(name: str, value: object) -> str:
+    """One option as the config file would hold it (an unset one as a comment)."""
+    if value is None:
+        return f"# {name} is unset"
+    if name == "shard":
+        index, count = value  # type: ignore[misc]
+        return f'{name} = "{index}/{count}"'
+    return f"{name} = {json.dumps(list(value) if isinstance(value, tuple) else value)}"
+
+
 def _status(args: argparse.Namespace) -> int:
     from peerd.status import show_status
 
@@ -245,8 +293,7 @@ def _status(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"sim": _sim, "start": _start, "cluster": _cluster, "status": _status}[
-            args.command](args)
+        return args.func(args)
     except (ConfigError, DatasetMissing, ValueError, ClusterError) as error:
         print(f"peerd: error: {error}", file=sys.stderr)
         return 2

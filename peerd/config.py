@@ -6,7 +6,12 @@ Defaults come from the task (peerd/tasks.py) and are overridden by what the user
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import tomllib
+from collections.abc import Mapping
+from dataclasses import Field, dataclass, field, fields
+from pathlib import Path
+from types import UnionType
+from typing import Any, get_args, get_origin, get_type_hints
 
 
 class ConfigError(ValueError):
@@ -89,32 +94,44 @@ def parse_mu(text: str) -> tuple[float, ...]:
     return values
 
 
+def option(default: object, help: str, flag: str | None = None) -> Any:
+    """A daemon option: its default, the help text of the reference table, and its flag when
+    that is not `--` + the name with dashes."""
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
-    """One daemon (`peerd start`)."""
+    """One daemon (`peerd start`): every option, in the order of the reference table."""
 
-    topology: str = "ring"
-    task: str = "digits"
-    mu: float = 0.5
-    method: str = "msfusion"
-    host: str = "0.0.0.0"
-    port: int = 7470
-    peers: tuple[str, ...] = ()  # static HOST:PORT addresses, for networks without multicast
-    mdns: bool = True
-    mdns_interface: str | None = None
-    cluster: str = "default"
-    state_dir: str = "peerd-state"
-    peer_id: str | None = None  # default: the id persisted in state_dir
-    shard: tuple[int, int] | None = None  # (index, count) of the bundled data's shards
-    partition: str = "iid"
-    data_dir: str | None = None
-    rounds: int | None = None  # None: run until stopped
-    min_peers: int = 2
-    seed: int = 0
-    threads: int | None = None  # torch threads; None: torch's default (all cores)
-    round_timeout_s: float = 300.0
-    linger_s: float = 0.0  # keep serving pulls this long after the last round
-    metrics_port: int | None = None  # Prometheus endpoint; None: off
+    topology: str = option("ring", "who exchanges slices with whom: ring, full, or a TOML path")
+    task: str = option("digits", "the task: digits, fmnist or kjv; the same on every member")
+    mu: float = option(0.5, "width ratio of this peer's slice, in (0, 1]")
+    method: str = option("msfusion", "planner: msfusion, fedrolex, heterofl, fd or full")
+    host: str = option("0.0.0.0", "address gRPC listens on")
+    port: int = option(7470, "gRPC port (0: any free port)")
+    peers: tuple[str, ...] = option(
+        (), "a peer's HOST:PORT, for networks without multicast (repeatable)", "--peer")
+    mdns: bool = option(True, "announce and browse by mDNS (flag: --no-mdns turns it off)",
+                        "--no-mdns")
+    mdns_interface: str | None = option(None, "IPv4 address of the interface mDNS uses")
+    cluster: str = option("default", "cluster name: peers of other clusters are ignored")
+    state_dir: str = option("peerd-state", "peer id, parameters and per-round log")
+    peer_id: str | None = option(None, "this peer's id (default: kept in state_dir)")
+    shard: tuple[int, int] | None = option(
+        None, "I/N: train on the I-th of N shards of the task's bundled data")
+    partition: str = option("iid", "how --shard splits the data: iid, dirichlet:ALPHA, natural")
+    data_dir: str | None = option(None, "your own copy of the task's data")
+    rounds: int | None = option(None, "stop after this round (default: run until stopped)")
+    min_peers: int = option(2, "members needed before the first round")
+    seed: int = option(0, "seeds init, data split, plans and batches; the same on every member")
+    threads: int | None = option(None, "torch threads (default: all cores)")
+    round_timeout_s: float = option(300.0, "seconds to wait for the neighbours' slices",
+                                    "--round-timeout")
+    metrics_port: int | None = option(None, "port of the Prometheus endpoint (default: off)")
+    log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR")
+    linger_s: float = option(0.0, "seconds to keep serving pulls after the last round",
+                             "--linger")
 
     def __post_init__(self) -> None:
         _require(0 < self.mu <= 1, "mu", self.mu, "in (0, 1]")
@@ -128,9 +145,14 @@ class DaemonConfig:
         _require(self.linger_s >= 0, "linger_s", self.linger_s, ">= 0")
         _require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port",
                  self.metrics_port, "in 0..65535, or unset for no endpoint")
+        _require(self.log_level in LOG_LEVELS, "log_level", self.log_level,
+                 f"one of {', '.join(LOG_LEVELS)}")
         if self.shard is not None:
             index, count = self.shard
             _require(0 <= index < count, "shard", f"{index}/{count}", "I/N with 0 <= I < N")
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -142,3 +164,136 @@ def parse_shard(text: str) -> tuple[int, int]:
         raise ConfigError(f"shard={text!r} is invalid: write I/N, e.g. 0/4") from None
     _require(0 <= index < count, "shard", text, "I/N with 0 <= I < N")
     return index, count
+
+
+# ---- layered daemon configuration: defaults < file < environment < flags --------------------
+
+DEFAULT_CONFIG_FILE = Path("/etc/peerd/peerd.toml")
+ENV_PREFIX = "PEERD_"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def daemon_options() -> list[Field]:
+    return list(fields(DaemonConfig))
+
+
+def option_flag(option_field: Field) -> str:
+    return option_field.metadata["flag"] or "--" + option_field.name.replace("_", "-")
+
+
+def option_type(name: str) -> object:
+    return get_type_hints(DaemonConfig)[name]
+
+
+def _describe(kind: object) -> str:
+    return {
+        str: "text", int: "an integer", float: "a number", bool: "true or false",
+        tuple[str, ...]: "a list of HOST:PORT", tuple[int, int]: "I/N",
+    }[required_type(kind)]
+
+
+def required_type(kind: object) -> object:
+    """The type without `| None`."""
+    arguments = [a for a in get_args(kind) if a is not type(None)]
+    return arguments[0] if get_origin(kind) is UnionType else kind
+
+
+def parse_option_text(name: str, text: str) -> object:
+    """An option's value from text (an environment variable or a flag)."""
+    kind = option_type(name)
+    required = required_type(kind)
+    if text == "" and required is not kind:
+        return None
+    try:
+        if required is bool:
+            if text.lower() not in _TRUE + _FALSE:
+                raise ValueError
+            return text.lower() in _TRUE
+        if required == tuple[str, ...]:
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+        if required == tuple[int, int]:
+            return parse_shard(text)
+        return required(text)
+    except (ValueError, ConfigError):
+        raise ConfigError(f"{name}={text!r} is invalid: must be {_describe(kind)}") from None
+
+
+def _file_value(name: str, value: object, source: str) -> object:
+    """An option's value from TOML, which already carries a type."""
+    kind = option_type(name)
+    required = required_type(kind)
+    valid = (
+        (required is bool and isinstance(value, bool))
+        or (required is int and isinstance(value, int) and not isinstance(value, bool))
+        or (required is float and isinstance(value, int | float) and not isinstance(value, bool))
+        or (required is str and isinstance(value, str))
+        or (required == tuple[str, ...] and isinstance(value, list)
+            and all(isinstance(v, str) for v in value))
+        or (required == tuple[int, int] and isinstance(value, str))
+    )
+    if not valid:
+        raise ConfigError(f"{source}: {name} = {value!r} is invalid: must be {_describe(kind)}")
+    if required == tuple[str, ...]:
+        return tuple(value)
+    if required == tuple[int, int]:
+        return parse_shard(value)
+    return float(value) if required is float else value
+
+
+def read_config_file(path: Path) -> dict[str, object]:
+    try:
+        table = tomllib.loads(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    names = [f.name for f in daemon_options()]
+    unknown = sorted(set(table) - set(names))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; allowed: {', '.join(names)}")
+    return {name: _file_value(name, value, str(path)) for name, value in table.items()}
+
+
+def read_environment(environ: Mapping[str, str]) -> dict[str, object]:
+    names = {ENV_PREFIX + f.name.upper(): f.name for f in daemon_options()}
+    values = {}
+    for variable, text in sorted(environ.items()):
+        if not variable.startswith(ENV_PREFIX):
+            continue
+        if variable not in names:
+            raise ConfigError(f"unknown environment variable {variable}; "
+                              f"allowed: {', '.join(names)}")
+        values[names[variable]] = parse_option_text(names[variable], text)
+    return values
+
+
+def load_daemon_config(
+    config_file: str | None, environ: Mapping[str, str], flags: Mapping[str, object]
+) -> DaemonConfig:
+    """Defaults < the config file (`--config`, else /etc/peerd/peerd.toml if present) <
+    PEERD_* environment variables < flags given on the command line."""
+    values: dict[str, object] = {}
+    if config_file is not None:
+        values.update(read_config_file(Path(config_file)))
+    elif DEFAULT_CONFIG_FILE.exists():
+        values.update(read_config_file(DEFAULT_CONFIG_FILE))
+    values.update(read_environment(environ))
+    values.update(flags)
+    return DaemonConfig(**values)
+
+
+def reference_table() -> str:
+    """docs/CONFIG.md's table, generated from DaemonConfig so that it cannot drift."""
+    lines = [
+        "| option (file key) | flag | environment | default | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for option_field in daemon_options():
+        default = option_field.default
+        shown = "unset" if default is None else ("[]" if default == () else repr(default))
+        lines.append(
+            f"| `{option_field.name}` | `{option_flag(option_field)}` | "
+            f"`{ENV_PREFIX}{option_field.name.upper()}` | {shown} | "
+            f"{option_field.metadata['help']} ({_describe(option_type(option_field.name))}) |"
+        )
+    return "\n".join(lines) + "\n"

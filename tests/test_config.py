@@ -1,0 +1,97 @@
+"""Daemon configuration: defaults < file < environment < flags, and errors that name the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from peerd.config import ConfigError, DaemonConfig, load_daemon_config, reference_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_each_layer_overrides_the_one_below(tmp_path: Path) -> None:
+    config_file = write(tmp_path / "peerd.toml", 'port = 9100\nmu = 0.25\ncluster = "lab"\n'
+                        'peers = ["10.0.0.2:7470"]\nshard = "1/3"\nmdns = false\n')
+    environ = {"PEERD_PORT": "9200", "PEERD_MU": "0.125", "HOME": "/root"}
+    config = load_daemon_config(config_file, environ, {"port": 9300})
+    assert config.port == 9300  # flag beats environment and file
+    assert config.mu == 0.125  # environment beats file
+    assert config.cluster == "lab" and config.peers == ("10.0.0.2:7470",)
+    assert config.shard == (1, 3) and config.mdns is False
+    assert config.topology == DaemonConfig().topology  # untouched default
+
+
+def test_environment_parsing() -> None:
+    config = load_daemon_config(None, {
+        "PEERD_PEERS": "a:1, b:2", "PEERD_MDNS": "off", "PEERD_ROUNDS": "7",
+        "PEERD_METRICS_PORT": "", "PEERD_ROUND_TIMEOUT_S": "12.5",
+    }, {})
+    assert config.peers == ("a:1", "b:2") and config.mdns is False and config.rounds == 7
+    assert config.metrics_port is None and config.round_timeout_s == 12.5
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("prot = 1\n", "unknown key 'prot'; allowed: topology"),
+        ('port = "x"\n', "port = 'x' is invalid: must be an integer"),
+        ("mdns = 1\n", "mdns = 1 is invalid: must be true or false"),
+        ("peers = [1]\n", "must be a list of HOST:PORT"),
+        ('shard = "4/4"\n', "shard='4/4' is invalid"),
+        ("mu = 2\n", "mu=2.0 is invalid: must be in (0, 1]"),
+        ("port = \n", "not valid TOML"),
+    ],
+)
+def test_bad_file_values_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_daemon_config(write(tmp_path / "bad.toml", text), {}, {})
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"PEERD_TOPOLGY": "ring"}, "unknown environment variable PEERD_TOPOLGY"),
+        ({"PEERD_PORT": "seven"}, "port='seven' is invalid: must be an integer"),
+        ({"PEERD_MDNS": "maybe"}, "mdns='maybe' is invalid: must be true or false"),
+        ({"PEERD_LOG_LEVEL": "LOUD"}, "log_level='LOUD' is invalid: must be one of DEBUG"),
+    ],
+)
+def test_bad_environment_values_name_the_variable(environ: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_daemon_config(None, environ, {})
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_daemon_config(str(tmp_path / "absent.toml"), {}, {})
+
+
+def test_cli_flags_and_config_command(tmp_path: Path) -> None:
+    config_file = write(tmp_path / "peerd.toml", "port = 9100\nrounds = 4\n")
+    shown = subprocess.run(
+        [sys.executable, "-m", "peerd.cli", "config", "--config", config_file],
+        capture_output=True, text=True, timeout=60, check=True,
+        env={"PATH": "/usr/bin:/bin", "PEERD_ROUNDS": "6"},
+    ).stdout
+    assert "port = 9100" in shown and "rounds = 6" in shown and "# peer_id is unset" in shown
+    refused = subprocess.run(
+        [sys.executable, "-m", "peerd.cli", "start", "--config", config_file, "--port", "x"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert refused.returncode == 2 and "port='x' is invalid" in refused.stderr
+
+
+def test_reference_doc_is_current() -> None:
+    doc = (ROOT / "docs" / "CONFIG.md").read_text()
+    assert doc.endswith(reference_table()), "regenerate with: peerd config --reference"
+    for name in DaemonConfig.__dataclass_fields__:
+        assert f"`{name}`" in doc
