@@ -233,10 +233,13 @@ def _start(args: argparse.Namespace) -> int:
     from peerd.daemon import serve
 
     config = _daemon_config(args)
-    logging.basicConfig(level=config.log_level, stream=sys.stderr,
+    # In a terminal a live progress line replaces the per-round log lines; under systemd
+    # (no terminal) every event is one log line for the journal.
+    interactive = sys.stderr.isatty() and config.log_level == "INFO"
+    logging.basicConfig(level="WARNING" if interactive else config.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = serve(config)
-    print(f"{summary.peer_id}: {summary.rounds_done} rounds with {summary.members} members, "
+    summary = serve(config, show_progress=interactive)
+    print(f"{summary.peer_id}: {summary.rounds_done} rounds, {summary.members} members, "
           f"train loss {summary.train_loss:.4f}, sent {summary.bytes_sent} B, "
           f"received {summary.bytes_received} B")
     return 0

@@ -14,7 +14,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ from peerd.config import DaemonConfig
 from peerd.data import Split, TaskData, load_task_data, local_train_test, partition
 from peerd.engine import Engine, RoundContext, TrainStats
 from peerd.evaluate import Evaluation
+from peerd.exporter import Exporter
 from peerd.models.base import Plan, fingerprint
 from peerd.net import GRPC_OPTIONS, PROTOCOL_VERSION
 from peerd.net.client import PeerClients
@@ -43,8 +44,10 @@ from peerd.net.discovery import (
 from peerd.net.membership import Membership, View
 from peerd.net.service import PeerService
 from peerd.plan import Member, make_planner
+from peerd.progress import ProgressLine
 from peerd.state import load_or_create_peer_id, save_parameters
 from peerd.submodel import init_params
+from peerd.systemd import Notifier, watchdog_loop
 from peerd.tasks import BLOCK_SIZE, get_task
 from peerd.topology import load_topology
 from peerd.transport import SliceMessage
@@ -117,6 +120,11 @@ class Daemon:
         self._arrived = asyncio.Event()
         self._snapshots: dict[int, tuple[dict[str, torch.Tensor], Plan]] = {}
         self._stopping = asyncio.Event()
+        self.notifier = Notifier.from_environment()
+        self.exporter: Exporter | None = None
+        if config.metrics_port is not None:
+            self.exporter = Exporter(self.peer_id, config.cluster, self.fingerprint, config.mu)
+        self.on_round: Callable[[dict], None] | None = None  # e.g. a terminal progress line
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
 
     def _local_data(self, data: TaskData) -> tuple[Split, Split]:
@@ -253,9 +261,10 @@ class Daemon:
     async def run(self) -> RunSummary:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, self._stopping.set)
+            loop.add_signal_handler(signum, self._begin_stopping)
         server = grpc.aio.server(options=GRPC_OPTIONS)
-        peer_pb2_grpc.add_PeerServicer_to_server(PeerService(self), server)
+        service = PeerService(self, self.exporter.observe_rejected if self.exporter else None)
+        peer_pb2_grpc.add_PeerServicer_to_server(service, server)
         bind = f"{self.config.host}:{self.config.port}"
         port = server.add_insecure_port(bind)
         if port == 0:
@@ -264,28 +273,47 @@ class Daemon:
         self.membership = Membership(Member(self.peer_id, self.config.mu), address,
                                      self.config.min_peers)
         await server.start()
+        if self.exporter is not None:
+            metrics_port = self.exporter.start(self.config.host, self.config.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", advertised_host(self.config),
+                     metrics_port)
         discovery = DiscoveryManager(self._discovery_sources(address, port))
         await discovery.start()
         log.info("peer %s serving on %s (cluster %s, model %s)", self.peer_id, address,
                  self.config.cluster, self.fingerprint)
+        # Ready only now: peers and `peerd status` can reach this daemon from here on.
+        self.notifier.ready(f"serving on {address}, waiting for {self.config.min_peers} "
+                            f"members of cluster {self.config.cluster}")
         handshakes = asyncio.create_task(self._handshake_forever(discovery))
+        interval = self.notifier.watchdog_interval_s()
+        watchdog = asyncio.create_task(watchdog_loop(self.notifier, interval)) if interval else None
         try:
             await self._train()
             if self.config.linger_s and not self._stopping.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self.config.linger_s)
         finally:
-            handshakes.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await handshakes
+            self.notifier.stopping()
+            for task in (handshakes, watchdog):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await discovery.stop()
             await self.clients.close()
             await server.stop(SERVER_GRACE_S)
             self._worker.shutdown(wait=True)
             self._save()
+            if self.exporter is not None:
+                self.exporter.stop()
+            self.notifier.close()
         return RunSummary(self.peer_id, self.rounds_done, self.last_loss,
                           len(self.membership.view.members) if self.membership.view else 1,
                           self.bytes_sent, self.bytes_received)
+
+    def _begin_stopping(self) -> None:
+        self.notifier.stopping()
+        self._stopping.set()
 
     def _discovery_sources(self, address: str, port: int) -> list[Discovery]:
         sources: list[Discovery] = [StaticDiscovery(list(self.config.peers))]
@@ -493,8 +521,15 @@ class Daemon:
         }
         with open(self.state_dir / "rounds.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.exporter is not None and self.membership is not None:
+            self.exporter.observe_round(record)
+            self.exporter.set_membership(len(ctx.members), len(self.membership.known))
+        if self.on_round is not None:
+            self.on_round(record)
         log.info("round %d done: loss %.4f, %d neighbours, %.2f s, sent %d B", ctx.round_index + 1,
                  stats.loss, len(ctx.neighbours), round_s, self.bytes_sent)
+        self.notifier.status(f"round {ctx.round_index + 1} done: loss {stats.loss:.4f}, "
+                             f"{len(ctx.members)} members")
 
     def _save(self) -> None:
         view = self.membership.view if self.membership else None
@@ -506,11 +541,28 @@ class Daemon:
         })
 
 
-def serve(config: DaemonConfig) -> RunSummary:
-    """Run one daemon to completion on uvloop (`peerd start`)."""
+def serve(config: DaemonConfig, show_progress: bool = False) -> RunSummary:
+    """Run one daemon to completion on uvloop (`peerd start`); `show_progress` keeps a live
+    line with the last round's figures on stderr."""
     import uvloop
 
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     daemon = Daemon(config)
-    return uvloop.run(daemon.run())
+    progress = ProgressLine(enabled=show_progress)
+    started = time.monotonic()
+
+    def show(record: dict) -> None:
+        progress.update(
+            f"round {record['round']}  loss {record['train_loss']:.4f}  "
+            f"local acc {record['local_acc']:.3f}  members {record['members']}  "
+            f"{record['samples'] / record['round_s']:.0f} samples/s  "
+            f"sent {record['bytes_sent_cum'] / 2**20:.1f} MiB  "
+            f"{time.monotonic() - started:.0f} s"
+        )
+
+    daemon.on_round = show
+    try:
+        return uvloop.run(daemon.run())
+    finally:
+        progress.close()

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,7 +60,7 @@ def test_daemons_over_grpc_equal_the_simulator(ring_of_four: list[RunningDaemon]
         meta = json.loads((daemon.state_dir / "state.json").read_text())
         assert meta["rounds_done"] == ROUNDS
         assert [peer for peer, _ in meta["view"]] == [d.peer_id for d in ring_of_four]
-        assert f"{daemon.peer_id}: {ROUNDS} rounds with 4 members" in daemon.output()
+        assert f"{daemon.peer_id}: {ROUNDS} rounds, 4 members" in daemon.output()
 
 
 def test_ring_neighbours_and_bytes_follow_the_outbox_rule(
@@ -76,11 +78,19 @@ def test_ring_neighbours_and_bytes_follow_the_outbox_rule(
             daemon.peer_id]
 
 
-def test_status_and_sigterm(tmp_path: Path) -> None:
-    daemons = start_loopback_daemons(tmp_path, 2, ["--rounds", "1", "--linger", "120"])
+def test_status_metrics_and_sigterm(tmp_path: Path) -> None:
+    daemons = start_loopback_daemons(tmp_path, 2, ["--rounds", "1", "--linger", "120",
+                                                   "--metrics-port", "0"])
     try:
         for daemon in daemons:
             daemon.wait_rounds(1)
+        metrics_url = re.search(r"metrics on (http://\S+)", daemons[0].output()).group(1)
+        scraped = urllib.request.urlopen(metrics_url.replace("0.0.0.0", "127.0.0.1"),
+                                         timeout=10).read().decode()
+        assert "peerd_rounds_total 1.0" in scraped
+        assert "peerd_members 2.0" in scraped
+        sent = daemons[0].rounds()[-1]["bytes_sent_cum"]
+        assert f"peerd_bytes_sent_total {float(sent)}" in scraped
         shown = subprocess.run(
             [sys.executable, "-m", "peerd.cli", "status", "--addr", daemons[0].address, "--json"],
             capture_output=True, text=True, timeout=60, check=True,

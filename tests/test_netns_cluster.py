@@ -34,4 +34,4 @@ def test_three_namespaced_daemons_find_each_other_by_mdns(tmp_path: Path) -> Non
             assert process.returncode == 0, output
         for host, output in zip(hosts, outputs, strict=True):
             assert f"serving on {host.address}:7470" in output, output
-            assert f"{ROUNDS} rounds with 3 members" in output, output
+            assert f"{ROUNDS} rounds, 3 members" in output, output

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol
 
 import grpc
@@ -49,9 +49,12 @@ class PeerHost(Protocol):
 
 
 class PeerService(peer_pb2_grpc.PeerServicer):
-    def __init__(self, host: PeerHost) -> None:
+    def __init__(
+        self, host: PeerHost, on_reject: Callable[[str, str], None] | None = None
+    ) -> None:
         self.host = host
         self.rejected: Counter[str] = Counter()
+        self.on_reject = on_reject  # (rpc, status code name), e.g. for the metrics endpoint
 
     async def _refuse(self, context: grpc.aio.ServicerContext, rpc: str, error: WireError) -> None:
         if error.code == grpc.StatusCode.UNAVAILABLE:
@@ -59,6 +62,8 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             log.debug("%s from %s deferred: %s", rpc, context.peer(), error.detail)
         else:
             self.rejected[rpc] += 1
+            if self.on_reject is not None:
+                self.on_reject(rpc, error.code.name)
             log.warning("refused %s from %s: %s", rpc, context.peer(), error.detail)
         await context.abort(error.code, error.detail)
 
