@@ -6,12 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
-if [[ "${1:-}" == "--test" ]]; then
-    extras="[test]"
-fi
-
 # Debian packages: the Fashion-MNIST IDX files and `ip` for network-namespace tests.
 system_packages=(dataset-fashion-mnist iproute2)
+if [[ "${1:-}" == "--test" ]]; then
+    extras="[test]"
+    system_packages+=(systemd)  # systemd-analyze checks deploy/peerd.service
+fi
+
 missing=()
 for package in "${system_packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
