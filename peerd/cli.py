@@ -255,9 +255,17 @@ def _cluster(args: argparse.Namespace) -> int:
         eval_samples=args.eval_samples, mdns=not args.no_mdns,
     )
     progress = ProgressLine(enabled=not args.quiet)
-    records = run_cluster(config, _progress_printer(progress, config.rounds))
+
+    def announce(daemons: list) -> None:
+        for daemon in daemons:
+            print(f"{daemon.peer_id}: peerd status --addr {daemon.address}   "
+                  f"metrics {daemon.metrics_url}   logs {daemon.state_dir}/daemon.log",
+                  file=sys.stderr)
+
+    records = run_cluster(config, _progress_printer(progress, config.rounds), announce)
     progress.close()
     _print_summary(records, config.rounds, config.out)
+    print(f"plots: peerd report --state-dir {config.out}")
     return 0
 
 

@@ -81,6 +81,7 @@ def free_ports(count: int) -> list[int]:
 class DaemonProcess:
     peer_id: str
     address: str
+    metrics_url: str
     state_dir: Path
     process: subprocess.Popen
 
@@ -97,10 +98,11 @@ class DaemonProcess:
 
 
 def launch(config: ClusterConfig, out: Path) -> list[DaemonProcess]:
-    ports = free_ports(config.peers)
+    all_ports = free_ports(2 * config.peers)
+    ports, metrics_ports = all_ports[:config.peers], all_ports[config.peers:]
     addresses = [f"127.0.0.1:{port}" for port in ports]
     daemons = []
-    for position, port in enumerate(ports):
+    for position, (port, metrics_port) in enumerate(zip(ports, metrics_ports, strict=True)):
         peer_id = peer_name(position)
         state_dir = out / peer_id
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -115,6 +117,7 @@ def launch(config: ClusterConfig, out: Path) -> list[DaemonProcess]:
             "--min-peers", str(config.peers), "--state-dir", str(state_dir),
             "--cluster", f"local-{os.getpid()}", "--threads", "1",
             "--round-timeout", str(config.round_timeout_s), "--linger", "600",
+            "--metrics-port", str(metrics_port),
         ]
         if config.data_dir:
             args += ["--data-dir", config.data_dir]
@@ -130,7 +133,9 @@ def launch(config: ClusterConfig, out: Path) -> list[DaemonProcess]:
         process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL)
         log_file.close()
-        daemons.append(DaemonProcess(peer_id, addresses[position], state_dir, process))
+        daemons.append(DaemonProcess(peer_id, addresses[position],
+                                     f"http://127.0.0.1:{metrics_port}/metrics", state_dir,
+                                     process))
     return daemons
 
 
@@ -249,11 +254,15 @@ class ClusterWatcher:
         await self.clients.close()
 
 
-def run_cluster(config: ClusterConfig, on_round: Callable[[dict], None] | None = None
-                ) -> list[dict]:
+def run_cluster(
+    config: ClusterConfig, on_round: Callable[[dict], None] | None = None,
+    on_start: Callable[[list[DaemonProcess]], None] | None = None,
+) -> list[dict]:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     daemons = launch(config, out)
+    if on_start is not None:
+        on_start(daemons)
     try:
         watcher = ClusterWatcher(config, daemons)
         identity = {
