@@ -414,6 +414,9 @@ class Daemon:
             if arrived is None:
                 return
             await loop.run_in_executor(self._worker, self.engine.merge, ctx, arrived)
+            if self.exporter is not None:
+                for _ in arrived:  # synchronous rounds merge only slices of the round itself
+                    self.exporter.observe_staleness(0)
             await loop.run_in_executor(self._worker, self._keep_snapshot, ctx)
             local = await loop.run_in_executor(self._worker, self.engine.evaluate_local, ctx)
             self.last_loss = stats.loss
