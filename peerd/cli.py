@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from peerd import __version__
+from peerd.bench.wire import add_wire_parser
 from peerd.cluster import ClusterConfig, ClusterError
 from peerd.config import (
     DEFAULT_CONFIG_FILE,
@@ -181,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(commands)
     _add_config(commands)
     add_report_parser(commands)
+    bench = commands.add_parser("bench", help="measure peerd: see BENCHMARKS.md")
+    add_wire_parser(bench.add_subparsers(dest="benchmark", required=True))
     return parser
 
 

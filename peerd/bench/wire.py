@@ -22,6 +22,7 @@ import cProfile
 import json
 import math
 import multiprocessing
+import os
 import pstats
 import socket
 import statistics
@@ -186,6 +187,7 @@ async def _receiver(
                     await loop.run_in_executor(
                         None, _tcp_receive, listener, tcp_buffers, timeout_s
                     )
+                elif command[0] == "check_tcp":
                     check_bit_equal(expected, tcp_buffers, "raw TCP")
                     # Zeroed so that the next transfer cannot pass on this one's bytes.
                     for buffer in tcp_buffers.values():
@@ -355,6 +357,10 @@ class _Child:
             raise BenchError(f"{self.name} failed:\n{values[0]}")
         return tuple(values)
 
+    def cpu_seconds(self) -> float:
+        assert self.process.pid is not None  # started in __init__
+        return _cpu_seconds(self.process.pid)
+
     def call(self, *command: Any, timeout_s: float) -> Command:
         self.send(*command)
         return self.reply(timeout_s)
@@ -483,24 +489,43 @@ class CountingRelay:
 # ---- the conductor ----------------------------------------------------------------------------
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far, all threads (Linux; NaN elsewhere)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return math.nan
+    fields = stat.rsplit(")", 1)[1].split()  # the command name in parentheses may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One timed transfer: its wall time and the CPU time each process spent on it."""
+
+    seconds: float
+    sender_cpu_s: float
+    receiver_cpu_s: float
+
+
 @dataclass(frozen=True)
 class WireResult:
-    grpc_seconds: tuple[float, ...]
-    tcp_seconds: tuple[float, ...]
+    grpc_runs: tuple[Transfer, ...]
+    tcp_runs: tuple[Transfer, ...]
     payload_bytes: int
     bytes_on_wire: int
     chunk_bytes: int
 
-    def _rates(self, seconds: Sequence[float]) -> list[float]:
-        return [self.payload_bytes / MIB / s for s in seconds]
+    def _rates(self, transfers: Sequence[Transfer]) -> list[float]:
+        return [self.payload_bytes / MIB / transfer.seconds for transfer in transfers]
 
     @property
     def throughput_mib_s(self) -> float:
-        return statistics.median(self._rates(self.grpc_seconds))
+        return statistics.median(self._rates(self.grpc_runs))
 
     @property
     def tcp_mib_s(self) -> float:
-        return statistics.median(self._rates(self.tcp_seconds))
+        return statistics.median(self._rates(self.tcp_runs))
 
     def to_json(self) -> dict[str, float | int]:
         return {
@@ -511,19 +536,24 @@ class WireResult:
             "ratio_to_tcp": round(self.throughput_mib_s / self.tcp_mib_s, 4),
             "wire_overhead": round(self.bytes_on_wire / self.payload_bytes, 6),
             "chunk_bytes": self.chunk_bytes,
-            "repeats": len(self.grpc_seconds),
+            "repeats": len(self.grpc_runs),
         }
 
     def describe(self) -> str:
-        def runs(seconds: Sequence[float]) -> str:
-            return " ".join(f"{rate:.0f}" for rate in self._rates(seconds))
+        def line(label: str, transfers: Sequence[Transfer]) -> str:
+            # CPU per MiB shows where a run's time goes even when other load skews wall times.
+            mib = self.payload_bytes / MIB
+            sender = statistics.median(t.sender_cpu_s for t in transfers) / mib * 1000
+            receiver = statistics.median(t.receiver_cpu_s for t in transfers) / mib * 1000
+            runs = " ".join(f"{rate:.0f}" for rate in self._rates(transfers))
+            return (f"{label:9} {statistics.median(self._rates(transfers)):8.1f} MiB/s  "
+                    f"runs: {runs}; CPU ms/MiB: sender {sender:.2f}, receiver {receiver:.2f}")
 
         return "\n".join([
             f"payload   {self.payload_bytes / MIB:.0f} MiB float32, chunks of "
             f"{self.chunk_bytes // 1024} KiB",
-            f"gRPC      {self.throughput_mib_s:8.1f} MiB/s  (median; runs: "
-            f"{runs(self.grpc_seconds)})",
-            f"raw TCP   {self.tcp_mib_s:8.1f} MiB/s  (median; runs: {runs(self.tcp_seconds)})",
+            line("gRPC", self.grpc_runs),
+            line("raw TCP", self.tcp_runs),
             f"ratio     {self.throughput_mib_s / self.tcp_mib_s:8.3f}",
             f"on wire   {self.bytes_on_wire} bytes, "
             f"{self.bytes_on_wire / self.payload_bytes:.5f} x payload",
@@ -553,6 +583,13 @@ def run_wire(
         sender.call("handshake", address, timeout_s=timeout_s)
         pushes = 0
 
+        def transfer(start: Callable[[], float]) -> Transfer:
+            # Both children are idle but for the transfer between these reads.
+            sender_cpu, receiver_cpu = sender.cpu_seconds(), receiver.cpu_seconds()
+            seconds = start()
+            return Transfer(seconds, sender.cpu_seconds() - sender_cpu,
+                            receiver.cpu_seconds() - receiver_cpu)
+
         def push(to: str, fresh_channel: bool) -> float:
             nonlocal pushes
             elapsed, acked = sender.call("push", to, chunk_bytes, fresh_channel,
@@ -560,23 +597,30 @@ def run_wire(
             pushes += 1
             if acked != payload:
                 raise BenchError(f"gRPC: the receiver acknowledged {acked} of {payload} bytes")
-            receiver.call("check_grpc", pushes, timeout_s=timeout_s)
+            return elapsed
+
+        def send_tcp() -> float:
+            receiver.send("tcp")
+            (elapsed,) = sender.call("tcp", tcp_port, timeout_s=timeout_s)
+            receiver.reply(timeout_s)
             return elapsed
 
         # Warm-up: the channel's flow-control window grows during its first large stream, as
         # it has by a daemon's second round.
         push(address, False)
-        grpc_seconds: list[float] = []
-        tcp_seconds: list[float] = []
+        receiver.call("check_grpc", pushes, timeout_s=timeout_s)
+        grpc_runs: list[Transfer] = []
+        tcp_runs: list[Transfer] = []
         for _ in range(repeats):
             # Interleaved, so that other load on a shared machine hits both paths alike.
-            grpc_seconds.append(push(address, False))
-            receiver.send("tcp")
-            tcp_seconds.append(sender.call("tcp", tcp_port, timeout_s=timeout_s)[0])
-            receiver.reply(timeout_s)
+            grpc_runs.append(transfer(lambda: push(address, False)))
+            receiver.call("check_grpc", pushes, timeout_s=timeout_s)
+            tcp_runs.append(transfer(send_tcp))
+            receiver.call("check_tcp", timeout_s=timeout_s)
         with CountingRelay(grpc_port) as relay:
             push(relay.address, True)
-    return WireResult(tuple(grpc_seconds), tuple(tcp_seconds), payload,
+        receiver.call("check_grpc", pushes, timeout_s=timeout_s)
+    return WireResult(tuple(grpc_runs), tuple(tcp_runs), payload,
                       relay.bytes_up + relay.bytes_down, chunk_bytes)
 
 
@@ -609,11 +653,12 @@ def add_wire_parser(subparsers: argparse._SubParsersAction) -> None:
                     "real gRPC path and over a plain TCP socket; report throughput (medians) "
                     "and the bytes on the wire.",
     )
-    wire.add_argument("--mib", type=_positive_int, default=256, help="payload size in MiB")
-    wire.add_argument("--chunk-kib", type=_chunk_kib,
-                      default=codec.DEFAULT_CHUNK_BYTES // 1024, help="gRPC chunk size in KiB")
+    wire.add_argument("--mib", type=_positive_int, default=256,
+                      help="payload size in MiB (default: %(default)s)")
+    wire.add_argument("--chunk-kib", type=_chunk_kib, default=codec.DEFAULT_CHUNK_BYTES // 1024,
+                      help="gRPC chunk size in KiB (default: %(default)s, the codec's)")
     wire.add_argument("--repeat", type=_positive_int, default=3,
-                      help="timed transfers per path; medians are reported")
+                      help="timed transfers per path; medians are reported (default: %(default)s)")
     wire.add_argument("--json", action="store_true", help="print one JSON object")
     wire.add_argument("--profile", type=Path, default=None, metavar="DIR",
                       help="write cProfile stats of the sender and receiver to DIR")
@@ -631,8 +676,10 @@ def run_wire_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m peerd.bench.wire")
-    add_wire_parser(parser.add_subparsers(dest="bench", required=True))
+    parser = argparse.ArgumentParser()
+    subparsers = parser.add_subparsers(dest="bench", required=True)
+    add_wire_parser(subparsers)
+    subparsers.choices["wire"].prog = "python -m peerd.bench.wire"
     args = parser.parse_args(["wire", *(sys.argv[1:] if argv is None else argv)])
     return args.func(args)
 

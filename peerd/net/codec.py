@@ -26,7 +26,7 @@ from peerd.v1 import peer_pb2
 
 # Small enough that a frame stays far below gRPC's 4 MiB default message limit and a stream
 # interleaves with other traffic; to be tuned by measurement.
-DEFAULT_CHUNK_BYTES = 256 * 1024
+DEFAULT_CHUNK_BYTES = 1 << 20  # measured: BENCHMARKS.md, "Wire throughput"
 
 WIRE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
