@@ -58,17 +58,8 @@ def _add_sim(commands: argparse._SubParsersAction) -> None:
         description="Run N peers in one process: the algorithm without a network.",
     )
     sim.add_argument("--peers", type=int, default=defaults.peers, help="number of peers")
-    sim.add_argument("--topology", default=defaults.topology,
-                     help="ring, full, or the path of a topology TOML file")
-    sim.add_argument("--method", choices=sorted(PLANNERS), default=defaults.method)
-    sim.add_argument("--mu", type=_mu, default=defaults.mu, metavar="F[,F...]",
-                     help="width ratio: one value, or one per peer (cycled)")
-    sim.add_argument("--task", choices=sorted(TASKS), default=defaults.task)
+    _add_learning_options(sim, mu_per_peer=True)
     sim.add_argument("--rounds", type=int, default=defaults.rounds)
-    sim.add_argument("--seed", type=int, default=defaults.seed)
-    sim.add_argument("--partition", type=_partition, default=defaults.partition,
-                     metavar="iid|dirichlet:ALPHA|natural")
-    sim.add_argument("--data-dir", default=None, help="your own copy of the task's data")
     sim.add_argument("--out", default=defaults.out, help="directory for metrics and plots")
     sim.add_argument("--eval-every", type=int, default=defaults.eval_every,
                      help="evaluate the assembled model every K rounds")
@@ -85,12 +76,18 @@ def _single_mu(text: str) -> float:
     return values[0]
 
 
-def _add_learning_options(parser: argparse.ArgumentParser) -> None:
-    """The options a daemon and a cluster share with the simulator."""
+def _add_learning_options(parser: argparse.ArgumentParser, mu_per_peer: bool) -> None:
+    """The options the simulator and a local cluster share; only the simulator can give
+    every peer its own width ratio."""
     parser.add_argument("--topology", default="ring",
                         help="ring, full, or the path of a topology TOML file")
     parser.add_argument("--method", choices=sorted(PLANNERS), default="msfusion")
-    parser.add_argument("--mu", type=_single_mu, default=0.5, help="width ratio in (0, 1]")
+    if mu_per_peer:
+        parser.add_argument("--mu", type=_mu, default=SimConfig().mu, metavar="F[,F...]",
+                            help="width ratio: one value, or one per peer (cycled)")
+    else:
+        parser.add_argument("--mu", type=_single_mu, default=0.5,
+                            help="width ratio in (0, 1]")
     parser.add_argument("--task", choices=sorted(TASKS), default="digits")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--partition", type=_partition, default="iid",
@@ -151,7 +148,7 @@ def _add_cluster(commands: argparse._SubParsersAction) -> None:
         "127.0.0.1), evaluate the global model assembled from their slices, write metrics.",
     )
     cluster.add_argument("--peers", type=int, default=defaults.peers)
-    _add_learning_options(cluster)
+    _add_learning_options(cluster, mu_per_peer=False)
     cluster.add_argument("--rounds", type=int, default=defaults.rounds)
     cluster.add_argument("--out", default=defaults.out)
     cluster.add_argument("--eval-every", type=int, default=defaults.eval_every)

@@ -32,7 +32,7 @@ from peerd.models.base import fingerprint, full_units
 from peerd.net import PROTOCOL_VERSION
 from peerd.net.client import PeerClients
 from peerd.net.codec import Expectation
-from peerd.plan import Member, make_planner
+from peerd.plan import Member, Plans, make_planner
 from peerd.sim import peer_name
 from peerd.submodel import forward_flops_per_sample, init_params
 from peerd.tasks import BLOCK_SIZE, get_task
@@ -163,15 +163,15 @@ class ClusterWatcher:
         self.data = load_task_data(config.task, config.data_dir, block_size=BLOCK_SIZE)
         self.spec = task.model(self.data)
         self.eval_samples = config.eval_samples if config.eval_samples else task.eval_samples
-        shapes = {name: (torch.float32, tuple(t.shape))
-                  for name, t in init_params(self.spec, config.seed).items()}
+        initial = init_params(self.spec, config.seed)
+        shapes = {name: (torch.float32, tuple(t.shape)) for name, t in initial.items()}
         self.expectation = Expectation(PROTOCOL_VERSION, f"local-{os.getpid()}",
                                        fingerprint(self.spec), lambda header: shapes)
         self.clients = PeerClients()
         members = [Member(d.peer_id, config.mu) for d in daemons]
         self.planner = make_planner(config.method, config.seed)
         self.members = members
-        self.coverage = CoverageTracker(self.spec, init_params(self.spec, config.seed))
+        self.coverage = CoverageTracker(self.spec, initial)
 
     def check_alive(self) -> None:
         for daemon in self.daemons:
@@ -205,7 +205,9 @@ class ClusterWatcher:
                 return
             await asyncio.sleep(POLL_INTERVAL_S)
 
-    async def evaluate(self, rounds: int) -> dict[str, float]:
+    async def evaluate(self, rounds: int, plans: Plans) -> dict[str, float]:
+        """The global model after `rounds` rounds, assembled with the plans of its last round
+        (computed here, like every peer does, never taken from the wire)."""
         request = peer_pb2.PullRequest(
             protocol_version=PROTOCOL_VERSION, cluster=self.expectation.cluster,
             model_fingerprint=self.expectation.model_fingerprint, requester="cluster",
@@ -215,11 +217,6 @@ class ClusterWatcher:
             self.clients.pull(d.address, request, self.expectation) for d in self.daemons))
         params = {d.peer_id: stream.tensors for d, stream in zip(self.daemons, pulled,
                                                                  strict=True)}
-        plans = {
-            d.peer_id: {g.group: torch.tensor(list(g.units), dtype=torch.long)
-                        for g in stream.header.plan}
-            for d, stream in zip(self.daemons, pulled, strict=True)
-        }
         figures = evaluate_global(self.spec, self.data, params, plans, self.eval_samples)
         local = [d.rounds()[rounds - 1] for d in self.daemons]
         figures["peer_acc_mean"] = statistics.fmean(r["local_acc"] for r in local)
@@ -246,7 +243,7 @@ class ClusterWatcher:
             self.coverage.record(plans.values())
             evaluation = None
             if rounds % self.config.eval_every == 0 or rounds == self.config.rounds:
-                evaluation = await self.evaluate(rounds)
+                evaluation = await self.evaluate(rounds, plans)
             record = log.record(rounds, self.peer_rounds(rounds), self.coverage.fraction,
                                 evaluation, time.monotonic() - started)
             if on_round is not None:

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-PEER_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Peer ids and cluster names: safe in file names, mDNS instance names and log lines.
+IDENTIFIER = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -37,7 +38,7 @@ def _fsync_directory(folder: Path) -> None:
 
 
 def check_peer_id(peer_id: str) -> str:
-    if not PEER_ID_PATTERN.match(peer_id):
+    if not IDENTIFIER.fullmatch(peer_id):
         raise ValueError(
             f"peer id {peer_id!r} is invalid: use 1 to 64 letters, digits, '.', '_' or '-'"
         )

@@ -21,19 +21,20 @@ from typing import Protocol
 from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from peerd.state import IDENTIFIER
+
 SERVICE_TYPE = "_peerd._tcp.local."
 RESOLVE_TIMEOUT_S = 3.0
 # Registering (probe + announce, about 1.5 s) and saying goodbye (about 0.5 s) must end by then.
 STEP_TIMEOUT_S = 5.0
 
-_IDENTIFIER = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _PROTOCOL = re.compile(r"[0-9]{1,9}")
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?")
 
 
 def _check_identifier(key: str, value: object) -> str:
-    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
+    if not isinstance(value, str) or not IDENTIFIER.fullmatch(value):
         raise ValueError(f"{key} must be 1-64 characters of [A-Za-z0-9._-], got {value!r}")
     return value
 

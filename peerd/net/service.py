@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol
 
@@ -53,7 +52,6 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         self, host: PeerHost, on_reject: Callable[[str, str], None] | None = None
     ) -> None:
         self.host = host
-        self.rejected: Counter[str] = Counter()
         self.on_reject = on_reject  # (rpc, status code name), e.g. for the metrics endpoint
 
     async def _refuse(self, context: grpc.aio.ServicerContext, rpc: str, error: WireError) -> None:
@@ -61,7 +59,6 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             # "Not yet" (a round not reached, a view not settled): the caller retries.
             log.debug("%s from %s deferred: %s", rpc, context.peer(), error.detail)
         else:
-            self.rejected[rpc] += 1
             if self.on_reject is not None:
                 self.on_reject(rpc, error.code.name)
             log.warning("refused %s from %s: %s", rpc, context.peer(), error.detail)
