@@ -60,3 +60,18 @@ def test_bad_values_exit_2_with_a_named_error(
     flags = [flag.replace("{empty}", str(tmp_path)) for flag in flags]
     assert main(["sim", "--rounds", "1", "--out", str(tmp_path / "out"), *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cluster_command_runs_daemons_and_writes_sim_metrics(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "peerd.cli", "cluster", "--peers", "2", "--rounds", "2",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "peer-01: peerd status --addr 127.0.0.1:" in result.stderr
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2]
+    assert all(0.0 <= r["global_acc"] <= 1.0 and r["peers"] == 2 for r in records)
+    assert records[-1]["bytes_sent_cum_peer_mean"] > 0
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
