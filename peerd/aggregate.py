@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from peerd.models.base import ModelSpec, Plan
-from peerd.submodel import Params, entry_mask
+from peerd.submodel import Params, axis_masks, entry_mask
 
 Tensors = dict[str, torch.Tensor]
 
@@ -34,15 +34,56 @@ def exchange_mask(
     return entry_mask(spec, sender_now, name, shape) & held_by_receiver
 
 
+def exchange_count(
+    spec: ModelSpec, name: str, shape: torch.Size, sender_now: Plan, receiver_now: Plan,
+    receiver_next: Plan,
+) -> int:
+    """How many entries `exchange_mask` selects, from the per-axis masks alone.
+
+    A plan's entries are a product of per-axis index sets, so |S & (A | B)| is
+    |S & A| + |S & B| - |S & A & B|, each a product of per-axis counts.
+    """
+    sender = axis_masks(spec, sender_now, name)
+    now = axis_masks(spec, receiver_now, name)
+    nxt = axis_masks(spec, receiver_next, name)
+
+    def product(*plans: list[torch.Tensor | None]) -> int:
+        count = 1
+        for axis, size in enumerate(shape):
+            kept = [masks[axis] for masks in plans if masks[axis] is not None]
+            if kept:
+                both = kept[0]
+                for mask in kept[1:]:
+                    both = both & mask
+                count *= int(both.sum())
+            else:
+                count *= size
+        return count
+
+    return product(sender, now) + product(sender, nxt) - product(sender, now, nxt)
+
+
+def _partial_exchange_mask(
+    spec: ModelSpec, name: str, shape: torch.Size, sender_now: Plan, receiver_now: Plan,
+    receiver_next: Plan,
+) -> torch.Tensor | None:
+    """`exchange_mask`, or None when it selects every entry: building a mask and indexing by
+    it costs far more than the dense operation it stands for (at mu = 1, always)."""
+    if exchange_count(spec, name, shape, sender_now, receiver_now, receiver_next) == shape.numel():
+        return None
+    return exchange_mask(spec, name, shape, sender_now, receiver_now, receiver_next)
+
+
 def outbox(
     spec: ModelSpec, params: Params, sender_now: Plan, receiver_now: Plan, receiver_next: Plan
 ) -> Tensors:
     """Flat value vectors, one per parameter, in the order the receiver expects them."""
-    return {
-        name: tensor[exchange_mask(spec, name, tensor.shape, sender_now, receiver_now,
-                                   receiver_next)]
-        for name, tensor in params.items()
-    }
+    out: Tensors = {}
+    for name, tensor in params.items():
+        mask = _partial_exchange_mask(spec, name, tensor.shape, sender_now, receiver_now,
+                                      receiver_next)
+        out[name] = tensor.reshape(-1).clone() if mask is None else tensor[mask]
+    return out
 
 
 @dataclass(frozen=True)
@@ -58,18 +99,41 @@ def merge(
     spec: ModelSpec, params: Params, own_now: Plan, own_next: Plan, own_weight: float,
     arrivals: Sequence[Arrival],
 ) -> None:
-    """Replace every entry sent by neighbours with the weighted mean over its holders."""
+    """Replace every entry sent by neighbours with the weighted mean over its holders.
+
+    Dense arithmetic over whole tensors (zero outside a mask, which changes no sum) beats
+    indexing by masks, and where a plan holds or sends every entry of a parameter (at mu = 1,
+    always) no mask is built at all: weights stay one float32 scalar.
+    """
     for name, tensor in params.items():
-        own_mask = entry_mask(spec, own_now, name, tensor.shape)
-        total = torch.where(own_mask, tensor * own_weight, torch.zeros_like(tensor))
-        weight_sum = own_mask.to(tensor.dtype) * own_weight
-        received = torch.zeros_like(own_mask)
+        shape = tensor.shape
+        if _holds_all(spec, own_now, name, shape):
+            total = tensor * own_weight
+            weight_sum = torch.tensor(own_weight, dtype=tensor.dtype)
+        else:
+            held = entry_mask(spec, own_now, name, shape)
+            total = torch.where(held, tensor * own_weight, torch.zeros_like(tensor))
+            weight_sum = held.to(tensor.dtype) * own_weight
+        received: torch.Tensor | None = None  # None: nothing yet; all True: everything
         for arrival in arrivals:
-            mask = exchange_mask(spec, name, tensor.shape, arrival.sender_plan, own_now, own_next)
-            total[mask] += arrival.weight * arrival.values[name].to(tensor.dtype)
-            weight_sum[mask] += arrival.weight
-            received |= mask
-        tensor[received] = total[received] / weight_sum[received]
+            mask = _partial_exchange_mask(spec, name, shape, arrival.sender_plan, own_now,
+                                          own_next)
+            values = arrival.values[name].to(tensor.dtype)
+            if mask is None:
+                total += values.view(shape) * arrival.weight
+                weight_sum = weight_sum + arrival.weight
+                received = torch.ones((), dtype=torch.bool)
+            else:
+                total += torch.zeros_like(tensor).masked_scatter_(mask, values) * arrival.weight
+                weight_sum = weight_sum + mask * arrival.weight
+                received = mask if received is None else received | mask
+        if received is not None:
+            merged = total.div_(weight_sum)
+            tensor.copy_(merged if received.dim() == 0 else torch.where(received, merged, tensor))
+
+
+def _holds_all(spec: ModelSpec, plan: Plan, name: str, shape: torch.Size) -> bool:
+    return all(mask is None or bool(mask.all()) for mask in axis_masks(spec, plan, name))
 
 
 def assemble(

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from peerd import __version__
+from peerd.bench.exchange import add_exchange_parser
 from peerd.bench.wire import add_wire_parser
 from peerd.cluster import ClusterConfig, ClusterError
 from peerd.config import (
@@ -180,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(commands)
     add_report_parser(commands)
     bench = commands.add_parser("bench", help="measure peerd: see BENCHMARKS.md")
-    add_wire_parser(bench.add_subparsers(dest="benchmark", required=True))
+    benchmarks = bench.add_subparsers(dest="benchmark", required=True)
+    add_wire_parser(benchmarks)
+    add_exchange_parser(benchmarks)
     return parser
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from peerd.aggregate import assemble
+from peerd.allocator import keep_freed_memory
 from peerd.config import DaemonConfig
 from peerd.data import Split, TaskData, load_task_data, local_train_test, partition
 from peerd.engine import Engine, RoundContext, TrainStats
@@ -42,6 +43,7 @@ from peerd.net.discovery import (
     StaticDiscovery,
 )
 from peerd.net.membership import Membership, View
+from peerd.net.rpc import add_peer_service
 from peerd.net.service import PeerService
 from peerd.plan import Member, make_planner
 from peerd.progress import ProgressLine
@@ -51,7 +53,7 @@ from peerd.systemd import Notifier, watchdog_loop
 from peerd.tasks import BLOCK_SIZE, get_task
 from peerd.topology import load_topology
 from peerd.transport import SliceMessage
-from peerd.v1 import peer_pb2, peer_pb2_grpc
+from peerd.v1 import peer_pb2
 
 log = logging.getLogger("peerd.daemon")
 
@@ -264,7 +266,7 @@ class Daemon:
             loop.add_signal_handler(signum, self._begin_stopping)
         server = grpc.aio.server(options=GRPC_OPTIONS)
         service = PeerService(self, self.exporter.observe_rejected if self.exporter else None)
-        peer_pb2_grpc.add_PeerServicer_to_server(service, server)
+        add_peer_service(server, service)
         bind = f"{self.config.host}:{self.config.port}"
         port = server.add_insecure_port(bind)
         if port == 0:
@@ -551,6 +553,7 @@ def serve(config: DaemonConfig, show_progress: bool = False) -> RunSummary:
 
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    keep_freed_memory()
     daemon = Daemon(config)
     progress = ProgressLine(enabled=show_progress)
     started = time.monotonic()

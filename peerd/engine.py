@@ -14,12 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from peerd.aggregate import Arrival, exchange_mask, merge, outbox
+from peerd.aggregate import Arrival, exchange_count, merge, outbox
 from peerd.config import TrainConfig
 from peerd.data import Split
 from peerd.evaluate import Evaluation, evaluate
 from peerd.losses import task_loss
 from peerd.models.base import ModelSpec, Plan, plan_units
+from peerd.numerics import all_finite
 from peerd.plan import Member, Planner, Plans
 from peerd.submodel import Params, extract, forward_flops_per_sample, write_back
 from peerd.topology import Topology
@@ -138,8 +139,8 @@ class Engine:
     def expected_counts(self, ctx: RoundContext, sender: str) -> dict[str, int]:
         """How many values of each parameter `sender` sends this peer in this round."""
         return {
-            name: int(exchange_mask(self.spec, name, tensor.shape, ctx.plans_now[sender],
-                                    self.own_plan(ctx), ctx.plans_next[self.peer_id]).sum())
+            name: exchange_count(self.spec, name, tensor.shape, ctx.plans_now[sender],
+                                 self.own_plan(ctx), ctx.plans_next[self.peer_id])
             for name, tensor in self.params.items()
         }
 
@@ -164,7 +165,7 @@ class Engine:
                     f"message from {message.sender}: {name} has {values.numel()} values, "
                     f"the plans say {expected}"
                 )
-            if not torch.isfinite(values).all():
+            if not all_finite(values):
                 raise ValueError(f"message from {message.sender}: {name} has non-finite values")
 
     def merge(self, ctx: RoundContext, messages: Sequence[SliceMessage]) -> None:

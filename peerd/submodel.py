@@ -98,14 +98,19 @@ def axis_masks(spec: ModelSpec, plan: Plan, name: str) -> list[torch.Tensor | No
 
 
 def entry_mask(spec: ModelSpec, plan: Plan, name: str, shape: torch.Size) -> torch.Tensor:
-    """Boolean tensor of the full parameter's shape: True where the plan holds the entry."""
-    mask = torch.ones(shape, dtype=torch.bool)
+    """Boolean tensor of the full parameter's shape: True where the plan holds the entry.
+
+    An outer product of the per-axis masks, broadcast to `shape` (a view where it can be:
+    materialise it before writing to it)."""
+    mask: torch.Tensor | None = None
     for axis, axis_mask in enumerate(axis_masks(spec, plan, name)):
         if axis_mask is not None:
             view = [1] * len(shape)
             view[axis] = -1
-            mask = mask & axis_mask.view(view)
-    return mask
+            mask = axis_mask.view(view) if mask is None else mask & axis_mask.view(view)
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool)
+    return mask.expand(shape)
 
 
 def parameter_count(module: nn.Module) -> int:

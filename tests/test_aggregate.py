@@ -15,7 +15,7 @@ import pytest
 import torch
 from support import random_plan
 
-from peerd.aggregate import Arrival, assemble, merge, outbox
+from peerd.aggregate import Arrival, assemble, exchange_count, merge, outbox
 from peerd.models import (
     CNNConfig,
     CNNSpec,
@@ -171,6 +171,8 @@ def test_outbox_sends_what_the_receiver_holds_now_or_next(
             assert values[name].dtype == torch.float32
             assert values[name].numel() == len(expected), name
             assert torch.equal(values[name], torch.tensor(expected, dtype=torch.float32)), name
+            assert exchange_count(s.spec, name, torch.Size(shape), s.now[sender],
+                                  s.now[receiver], s.next[receiver]) == len(expected), name
             expected_count += len(expected)
         message = SliceMessage(sender, receiver, seed, s.weights[sender], values)
         assert message.payload_bytes() == 4 * expected_count

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import socket
 import subprocess
 import sys
@@ -12,12 +11,11 @@ import threading
 import pytest
 import torch
 
+from peerd.bench.processes import BenchError, Child
 from peerd.bench.wire import (
     LOOPBACK,
     MIB,
-    BenchError,
     CountingRelay,
-    _Child,
     _receiver,
     check_bit_equal,
     model_parameters,
@@ -94,8 +92,7 @@ def test_relay_counts_both_directions() -> None:
 
 def test_a_failure_in_a_child_fails_the_run_with_its_traceback() -> None:
     # The same path a bit mismatch found by the receiver takes back to the conductor.
-    receiver = _Child(multiprocessing.get_context("spawn"), "receiver", _receiver,
-                      model_spec(1), 0, None, 30.0)
+    receiver = Child("receiver", _receiver, (model_spec(1), 0, None, 30.0))
     try:
         receiver.reply(60.0)
         with pytest.raises(BenchError, match=r"(?s)receiver failed:.*unknown command"):

@@ -87,6 +87,15 @@ def assert_bit_identical(
         assert raw_bytes(decoded[name]) == raw_bytes(tensor), name
 
 
+def encoded(
+    header: peer_pb2.StreamHeader, tensors: Mapping[str, torch.Tensor],
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> list[peer_pb2.SliceFrame]:
+    """A stream as protobuf messages: what a peer using the generated bindings would see."""
+    return [peer_pb2.SliceFrame.FromString(codec.serialize_frame(frame))
+            for frame in encode_frames(header, tensors, chunk_bytes)]
+
+
 def clone(frame: peer_pb2.SliceFrame) -> peer_pb2.SliceFrame:
     return peer_pb2.SliceFrame.FromString(frame.SerializeToString())
 
@@ -140,7 +149,7 @@ def test_round_trip_every_dtype_and_shape(dtype_name: str) -> None:
     tensors["strided"] = sample(dtype, (4, 9), generator)[:, ::2]
     tensors["offset"] = sample(dtype, (10,), generator)[3:]  # contiguous, mid-storage
     assert not tensors["transposed"].is_contiguous()
-    frames = list(encode_frames(make_header(), tensors, chunk_bytes=16))
+    frames = encoded(make_header(), tensors, chunk_bytes=16)
 
     for expectation in (OPEN, expecting(tensors)):
         decoded = decode_frames(frames, expectation)
@@ -169,7 +178,7 @@ def test_round_trip_every_dtype_and_shape(dtype_name: str) -> None:
 def test_round_trip_large_tensor_chunking() -> None:
     tensor = torch.randn(48 << 18, generator=torch.Generator().manual_seed(0))  # 48 MiB
     nbytes = tensor.numel() * 4
-    frames = list(encode_frames(make_header(), {"big": tensor}))
+    frames = encoded(make_header(), {"big": tensor})
     chunks = [frame.chunk for frame in frames[2:]]
     assert len(chunks) == math.ceil(nbytes / DEFAULT_CHUNK_BYTES)
     assert all(len(chunk) <= DEFAULT_CHUNK_BYTES for chunk in chunks)
@@ -188,7 +197,7 @@ def test_chunk_size_does_not_change_the_result() -> None:
     }
     payloads = []
     for chunk_bytes in (1, 7, 64 << 10):
-        frames = list(encode_frames(make_header(), tensors, chunk_bytes=chunk_bytes))
+        frames = encoded(make_header(), tensors, chunk_bytes=chunk_bytes)
         assert all(len(f.chunk) <= chunk_bytes for f in frames if f.WhichOneof("body") == "chunk")
         assert_bit_identical(decode_frames(frames, expecting(tensors)).tensors, tensors)
         payloads.append(b"".join(f.chunk for f in frames if f.WhichOneof("body") == "chunk"))
@@ -198,7 +207,7 @@ def test_chunk_size_does_not_change_the_result() -> None:
 def test_encoder_copies_the_header_and_reads_through_autograd() -> None:
     header = make_header()
     weight = torch.randn(3, 2, requires_grad=True)
-    frames = list(encode_frames(header, {"w": weight}))
+    frames = encoded(header, {"w": weight})
     assert header.tensors == 0 and header.total_bytes == 0  # the caller's header is untouched
     assert (frames[0].start.tensors, frames[0].start.total_bytes) == (1, 24)
     assert torch.equal(decode_frames(frames, OPEN).tensors["w"], weight.detach())
@@ -218,7 +227,7 @@ def test_big_endian_host_swaps_bytes_on_the_wire(monkeypatch: pytest.MonkeyPatch
         "i": torch.tensor([1], dtype=torch.int64),
         "u": torch.tensor([1, 2], dtype=torch.uint8),
     }
-    frames = list(encode_frames(make_header(), tensors))
+    frames = encoded(make_header(), tensors)
     chunks = [f.chunk for f in frames if f.WhichOneof("body") == "chunk"]
     assert chunks[0] == b"\x3f\x80\x00\x00\xc0\x20\x00\x00"
     assert chunks[1] == b"\x00" * 7 + b"\x01"
@@ -258,7 +267,7 @@ SENT = {
     "steps": sample(torch.int64, (), GEN),
     "mask": sample(torch.bool, (5,), GEN),
 }
-FRAMES = list(encode_frames(make_header(), SENT, chunk_bytes=16))  # weight has 3 chunks
+FRAMES = encoded(make_header(), SENT, chunk_bytes=16)  # weight has 3 chunks
 PLANNED = expecting(SENT)
 
 
@@ -383,7 +392,7 @@ def test_limits() -> None:
         assert_refused(refusal(FRAMES, limits=limits), Code.RESOURCE_EXHAUSTED, *words)
     # A zero-element tensor cannot smuggle in absurd dimensions either.
     empty = {"e": torch.zeros(0, 2)}
-    huge_dims = edited(list(encode_frames(make_header(), empty)), 1, shape=[0, 2**62])
+    huge_dims = edited(encoded(make_header(), empty), 1, shape=[0, 2**62])
     assert_refused(refusal(huge_dims), Code.RESOURCE_EXHAUSTED, "'e'", "per tensor")
 
 
@@ -426,7 +435,7 @@ def test_non_finite_values(dtype: torch.dtype, bad: float, numel: int, position:
     # Large tensors too: the check is a vectorised reduction that must not lose a lane.
     values = torch.linspace(-3, 3, numel, dtype=dtype)
     values[position] = bad
-    frames = list(encode_frames(make_header(), {"ok": torch.ones(2), "w": values}, 1 << 16))
+    frames = encoded(make_header(), {"ok": torch.ones(2), "w": values}, 1 << 16)
     assert_refused(refusal(frames), Code.INVALID_ARGUMENT, "'w'", "1 non-finite")
 
 
@@ -470,7 +479,7 @@ FUZZ_SENT = {
 FUZZ_PAYLOADS = sorted(raw_bytes(tensor) for tensor in FUZZ_SENT.values() if tensor.numel())
 FUZZ_STREAMS = {
     chunk_bytes: [
-        frame.SerializeToString()
+        codec.serialize_frame(frame)
         for frame in encode_frames(make_header(), FUZZ_SENT, chunk_bytes=chunk_bytes)
     ]
     for chunk_bytes in (3, 8, 64)
@@ -563,8 +572,10 @@ def mutated_streams(draw: st.DrawFn, max_mutations: int) -> list[peer_pb2.SliceF
 def decode_or_refuse(
     frames: list[peer_pb2.SliceFrame], expectation: Expectation
 ) -> DecodedStream | None:
+    # As a daemon receives them: serialised, then parsed by peerd's own frame parser.
+    wire = [codec.parse_frame(frame.SerializeToString()) for frame in frames]
     try:
-        return decode_frames(frames, expectation, FUZZ_LIMITS)
+        return decode_frames(wire, expectation, FUZZ_LIMITS)
     except WireError as error:
         assert error.code in (
             Code.INVALID_ARGUMENT,
@@ -614,5 +625,57 @@ async def test_off_loop_encoding_yields_the_same_frames() -> None:
     expected = list(codec.encode_frames(make_header(), tensors, chunk_bytes=64 * 1024))
     produced = [frame async for frame in codec.encode_frames_off_loop(
         make_header(), tensors, chunk_bytes=64 * 1024)]
-    assert produced == expected
-    assert sum(frame.HasField("chunk") for frame in produced) == math.ceil(1_200_000 / 65536) + 1
+    assert [codec.serialize_frame(f) for f in produced] == [
+        codec.serialize_frame(f) for f in expected]
+    assert sum(isinstance(f, memoryview) for f in produced) == math.ceil(1_200_000 / 65536) + 1
+
+
+# ---- frames on the wire -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 16_383, 16_384, 1 << 20])
+def test_chunk_frames_serialise_as_protobuf_does(size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    assert codec.serialize_frame(memoryview(data)) == peer_pb2.SliceFrame(
+        chunk=data).SerializeToString()
+    parsed = codec.parse_frame(codec.serialize_frame(memoryview(data)))
+    assert isinstance(parsed, memoryview) and bytes(parsed) == data
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=40) | st.binary(max_size=8).map(lambda tail: b"\x1a\x05abcde" + tail))
+def test_parse_frame_agrees_with_protobuf(data: bytes) -> None:
+    # Whatever bytes arrive, the fast path yields a chunk only where protobuf reads exactly one
+    # chunk, and otherwise protobuf itself parses (or refuses) the message.
+    try:
+        reference = peer_pb2.SliceFrame.FromString(data)
+    except Exception as error:  # protobuf's DecodeError
+        with pytest.raises(type(error)):
+            codec.parse_frame(data)
+        return
+    parsed = codec.parse_frame(data)
+    if isinstance(parsed, memoryview):
+        assert reference.WhichOneof("body") == "chunk" and reference.chunk == bytes(parsed)
+    else:
+        assert parsed == reference
+
+
+def test_checks_on_a_pool_refuse_what_inline_checks_refuse() -> None:
+    mask = header_index(FRAMES, "mask")
+    forged = bytes([0, 1, 2, 1, 0])
+    bad_crc = edited(FRAMES, mask + 1, chunk=forged)
+    bad_bool = edited(bad_crc, mask, crc32=zlib.crc32(forged))
+    for frames, code, word in ((bad_crc, Code.DATA_LOSS, "CRC-32"),
+                               (bad_bool, Code.INVALID_ARGUMENT, "bool")):
+        decoder = StreamDecoder(PLANNED, check_pool=codec.CHECK_POOL)
+        with pytest.raises(WireError) as info:
+            for frame in frames:
+                decoder.feed(frame)
+            decoder.finish()
+        assert_refused(info.value, code, "'mask'", word)
+        with pytest.raises(WireError):  # and it stays refused
+            decoder.finish()
+    decoder = StreamDecoder(PLANNED, check_pool=codec.CHECK_POOL)
+    for frame in FRAMES:
+        decoder.feed(frame)
+    assert_bit_identical(decoder.finish().tensors, SENT)

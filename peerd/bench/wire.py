@@ -21,32 +21,35 @@ import contextlib
 import cProfile
 import json
 import math
-import multiprocessing
-import os
 import pstats
 import socket
 import statistics
 import sys
 import threading
 import time
-import traceback
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from multiprocessing.context import SpawnContext
 from pathlib import Path
-from typing import Any
 
 import grpc
 import torch
-import uvloop
 
+from peerd.bench.processes import (
+    START_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    BenchError,
+    Child,
+    next_command,
+    positive_int,
+)
 from peerd.net import GRPC_OPTIONS, PROTOCOL_VERSION, codec
 from peerd.net.client import PeerClients
 from peerd.net.codec import DecodedStream, DecodeLimits, Expectation, WireError
+from peerd.net.rpc import add_peer_service
 from peerd.net.service import PeerService
-from peerd.v1 import peer_pb2, peer_pb2_grpc
+from peerd.v1 import peer_pb2
 
 MIB = 1 << 20
 LOOPBACK = "127.0.0.1"
@@ -54,19 +57,11 @@ CLUSTER = "bench"
 FINGERPRINT = "bench-wire"
 # Transformer blocks of this width: 4 to 16 MiB matrices with small vectors in between.
 WIDTH = 1024
-# Child start-up (imports, generating the parameters) and the slowest transfer rate worth
-# waiting for bound every wait, so a hung child fails the run instead of hanging it.
-START_TIMEOUT_S = 120.0
+# The slowest transfer rate worth waiting for bounds every wait after start-up.
 MIN_RATE_MIB_S = 2.0
-STOP_TIMEOUT_S = 10.0
 TCP_ACK = b"\x06"
 
 Spec = dict[str, tuple[torch.dtype, tuple[int, ...]]]
-Command = tuple[Any, ...]
-
-
-class BenchError(Exception):
-    """The benchmark could not produce a trustworthy number (wrong bytes, a hung child)."""
 
 
 # ---- the parameters ---------------------------------------------------------------------------
@@ -174,7 +169,7 @@ async def _receiver(
     tcp_buffers = {name: torch.zeros(shape, dtype=dtype) for name, (dtype, shape) in spec.items()}
     host = _BenchHost(spec)
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    peer_pb2_grpc.add_PeerServicer_to_server(PeerService(host), server)
+    add_peer_service(server, PeerService(host))
     grpc_port = server.add_insecure_port(f"{LOOPBACK}:0")
     await server.start()
     listener = socket.create_server((LOOPBACK, 0))
@@ -182,7 +177,7 @@ async def _receiver(
     try:
         conn.send(("ready", grpc_port, listener.getsockname()[1]))
         with _profiled(profile):
-            while (command := await _next_command(conn))[0] != "stop":
+            while (command := await next_command(conn))[0] != "stop":
                 if command[0] == "tcp":
                     await loop.run_in_executor(
                         None, _tcp_receive, listener, tcp_buffers, timeout_s
@@ -234,18 +229,6 @@ def _stream_header() -> peer_pb2.StreamHeader:
     )
 
 
-async def _push(
-    clients: PeerClients, address: str, header: peer_pb2.StreamHeader,
-    tensors: Mapping[str, torch.Tensor], chunk_bytes: int,
-) -> int:
-    if chunk_bytes == codec.DEFAULT_CHUNK_BYTES:
-        return await clients.push(address, header, tensors)
-    # PeerClients.push always uses the default chunk size: this is its body with another one.
-    frames = codec.encode_frames_off_loop(header, tensors, chunk_bytes)
-    ack = await clients.stub(address).PushSlices(frames, timeout=clients.push_timeout_s)
-    return ack.bytes_received
-
-
 async def _sender(
     conn: Connection, spec: Spec, seed: int, profile: Path | None, timeout_s: float
 ) -> None:
@@ -256,7 +239,7 @@ async def _sender(
     try:
         conn.send(("ready",))
         with _profiled(profile):
-            while (command := await _next_command(conn))[0] != "stop":
+            while (command := await next_command(conn))[0] != "stop":
                 if command[0] == "handshake":
                     await direct.handshake(command[1], peer_pb2.Hello(
                         protocol_version=PROTOCOL_VERSION, cluster=CLUSTER,
@@ -268,7 +251,7 @@ async def _sender(
                     # into the relay's count, as a daemon's first push to a peer has them.
                     clients = PeerClients(push_timeout_s=timeout_s) if fresh_channel else direct
                     start = time.perf_counter()
-                    acked = await _push(clients, address, header, tensors, chunk_bytes)
+                    acked = await clients.push(address, header, tensors, chunk_bytes)
                     elapsed = time.perf_counter() - start
                     if fresh_channel:
                         await clients.close()
@@ -295,84 +278,7 @@ def _tcp_send(port: int, tensors: Mapping[str, torch.Tensor], timeout_s: float) 
         return time.perf_counter() - start
 
 
-# ---- child process plumbing -------------------------------------------------------------------
-
-
-Role = Callable[[Connection, Spec, int, Path | None, float], Coroutine[Any, Any, None]]
-
-
-def _child_main(
-    conn: Connection, role: Role, spec: Spec, seed: int, profile: Path | None, timeout_s: float
-) -> None:
-    """A child's entry point: its role on uvloop (as the daemon runs), failures reported back
-    to the conductor rather than lost with the process."""
-    try:
-        uvloop.run(role(conn, spec, seed, profile, timeout_s))
-    except Exception:
-        with contextlib.suppress(OSError):
-            conn.send(("error", traceback.format_exc()))
-        sys.exit(1)
-
-
-async def _next_command(conn: Connection) -> Command:
-    """The conductor's next command, awaited without blocking the loop (gRPC keeps serving)."""
-    loop = asyncio.get_running_loop()
-    readable = loop.create_future()
-    loop.add_reader(conn.fileno(), lambda: readable.done() or readable.set_result(None))
-    try:
-        await readable
-    finally:
-        loop.remove_reader(conn.fileno())
-    return conn.recv()
-
-
-class _Child:
-    """A child process and its command pipe; every reply is awaited with a deadline."""
-
-    def __init__(
-        self, context: SpawnContext, name: str, role: Role, spec: Spec, seed: int,
-        profile: Path | None, timeout_s: float,
-    ) -> None:
-        self.name = name
-        self.conn, child_conn = context.Pipe()
-        self.process = context.Process(
-            target=_child_main, args=(child_conn, role, spec, seed, profile, timeout_s),
-            name=f"peerd-bench-{name}", daemon=True,
-        )
-        self.process.start()
-        child_conn.close()  # so that the child's death reads as EOF here
-
-    def send(self, *command: Any) -> None:
-        self.conn.send(command)
-
-    def reply(self, timeout_s: float) -> Command:
-        if not self.conn.poll(timeout_s):
-            raise BenchError(f"{self.name}: no reply within {timeout_s:.0f} s")
-        try:
-            status, *values = self.conn.recv()
-        except EOFError:
-            self.process.join(STOP_TIMEOUT_S)
-            raise BenchError(f"{self.name} exited with code {self.process.exitcode}") from None
-        if status == "error":
-            raise BenchError(f"{self.name} failed:\n{values[0]}")
-        return tuple(values)
-
-    def cpu_seconds(self) -> float:
-        assert self.process.pid is not None  # started in __init__
-        return _cpu_seconds(self.process.pid)
-
-    def call(self, *command: Any, timeout_s: float) -> Command:
-        self.send(*command)
-        return self.reply(timeout_s)
-
-    def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            self.conn.send(("stop",))
-        self.process.join(STOP_TIMEOUT_S)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self.conn.close()
+# ---- profiling ------------------------------------------------------------------------------
 
 
 class _Profiler:
@@ -489,16 +395,6 @@ class CountingRelay:
 # ---- the conductor ----------------------------------------------------------------------------
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used so far, all threads (Linux; NaN elsewhere)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return math.nan
-    fields = stat.rsplit(")", 1)[1].split()  # the command name in parentheses may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass(frozen=True)
 class Transfer:
     """One timed transfer: its wall time and the CPU time each process spent on it."""
@@ -569,13 +465,12 @@ def run_wire(
     spec = model_spec(mib)
     payload = spec_bytes(spec)
     timeout_s = 30.0 + mib / MIN_RATE_MIB_S
-    context = multiprocessing.get_context("spawn")  # fork would copy torch's and gRPC's threads
     with contextlib.ExitStack() as cleanup:
-        receiver = _Child(context, "receiver", _receiver, spec, seed,
-                          profile_dir / "receiver" if profile_dir else None, timeout_s)
+        receiver = Child("receiver", _receiver, (
+            spec, seed, profile_dir / "receiver" if profile_dir else None, timeout_s))
         cleanup.callback(receiver.stop)
-        sender = _Child(context, "sender", _sender, spec, seed,
-                        profile_dir / "sender" if profile_dir else None, timeout_s)
+        sender = Child("sender", _sender, (
+            spec, seed, profile_dir / "sender" if profile_dir else None, timeout_s))
         cleanup.callback(sender.stop)
         grpc_port, tcp_port = receiver.reply(START_TIMEOUT_S)
         sender.reply(START_TIMEOUT_S)
@@ -627,18 +522,8 @@ def run_wire(
 # ---- command line -----------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
 def _chunk_kib(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     limit = DecodeLimits().max_chunk_bytes // 1024
     if value > limit:
         raise argparse.ArgumentTypeError(f"{value} KiB is above the receiver's {limit} KiB limit")
@@ -653,11 +538,11 @@ def add_wire_parser(subparsers: argparse._SubParsersAction) -> None:
                     "real gRPC path and over a plain TCP socket; report throughput (medians) "
                     "and the bytes on the wire.",
     )
-    wire.add_argument("--mib", type=_positive_int, default=256,
+    wire.add_argument("--mib", type=positive_int, default=256,
                       help="payload size in MiB (default: %(default)s)")
     wire.add_argument("--chunk-kib", type=_chunk_kib, default=codec.DEFAULT_CHUNK_BYTES // 1024,
                       help="gRPC chunk size in KiB (default: %(default)s, the codec's)")
-    wire.add_argument("--repeat", type=_positive_int, default=3,
+    wire.add_argument("--repeat", type=positive_int, default=3,
                       help="timed transfers per path; medians are reported (default: %(default)s)")
     wire.add_argument("--json", action="store_true", help="print one JSON object")
     wire.add_argument("--profile", type=Path, default=None, metavar="DIR",

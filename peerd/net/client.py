@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 
 import grpc
 import torch
 
 from peerd.net import GRPC_OPTIONS
-from peerd.net.codec import DecodedStream, Expectation, StreamDecoder, encode_frames_off_loop
+from peerd.net.codec import (
+    CHECK_POOL,
+    DEFAULT_CHUNK_BYTES,
+    DecodedStream,
+    Expectation,
+    StreamDecoder,
+    encode_frames_off_loop,
+)
+from peerd.net.rpc import peer_stub
 from peerd.v1 import peer_pb2, peer_pb2_grpc
 
 HANDSHAKE_TIMEOUT_S = 3.0
@@ -25,7 +34,7 @@ class PeerClients:
         if channel is None:
             channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
             self._channels[address] = channel
-        return peer_pb2_grpc.PeerStub(channel)
+        return peer_stub(channel)
 
     async def handshake(self, address: str, hello: peer_pb2.Hello) -> peer_pb2.Hello:
         return await self.stub(address).Handshake(hello, timeout=HANDSHAKE_TIMEOUT_S)
@@ -34,10 +43,11 @@ class PeerClients:
         return await self.stub(address).Status(peer_pb2.StatusRequest(), timeout=STATUS_TIMEOUT_S)
 
     async def push(
-        self, address: str, header: peer_pb2.StreamHeader, tensors: Mapping[str, torch.Tensor]
+        self, address: str, header: peer_pb2.StreamHeader, tensors: Mapping[str, torch.Tensor],
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> int:
         """Stream a slice; returns the payload bytes the receiver acknowledged."""
-        frames = encode_frames_off_loop(header, tensors)
+        frames = encode_frames_off_loop(header, tensors, chunk_bytes)
         ack = await self.stub(address).PushSlices(frames, timeout=self.push_timeout_s)
         return ack.bytes_received
 
@@ -45,10 +55,11 @@ class PeerClients:
         self, address: str, request: peer_pb2.PullRequest, expectation: Expectation,
         timeout_s: float = 120.0,
     ) -> DecodedStream:
-        decoder = StreamDecoder(expectation)
+        decoder = StreamDecoder(expectation, check_pool=CHECK_POOL)
         async for frame in self.stub(address).Pull(request, timeout=timeout_s):
             decoder.feed(frame)
-        return decoder.finish()
+        # Waits for the last checksums: off the event loop.
+        return await asyncio.get_running_loop().run_in_executor(None, decoder.finish)
 
     async def close(self) -> None:
         for channel in self._channels.values():

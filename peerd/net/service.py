@@ -16,8 +16,10 @@ import grpc
 import torch
 
 from peerd.net.codec import (
+    CHECK_POOL,
     DecodedStream,
     Expectation,
+    Frame,
     StreamDecoder,
     WireError,
     encode_frames_off_loop,
@@ -90,14 +92,14 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         return self.host.hello()
 
     async def PushSlices(
-        self, request_iterator: AsyncIterator[peer_pb2.SliceFrame],
+        self, request_iterator: AsyncIterator[Frame],
         context: grpc.aio.ServicerContext,
     ) -> peer_pb2.PushAck:
-        decoder = StreamDecoder(self.host.expectation)
+        decoder = StreamDecoder(self.host.expectation, check_pool=CHECK_POOL)
         try:
             async for frame in request_iterator:
                 decoder.feed(frame)
-            # Checksums and finiteness scan every byte: off the event loop.
+            # Waits for the last checksums and finiteness scans: off the event loop.
             decoded = await asyncio.get_running_loop().run_in_executor(None, decoder.finish)
             self.host.accept_slice(decoded)
         except WireError as error:
@@ -106,7 +108,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
 
     async def Pull(
         self, request: peer_pb2.PullRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[peer_pb2.SliceFrame]:
+    ) -> AsyncIterator[Frame]:
         try:
             self._check_identity(request.protocol_version, request.cluster,
                                  request.model_fingerprint)

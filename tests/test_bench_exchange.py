@@ -1,0 +1,54 @@
+"""`peerd bench exchange`: a small real run of peer processes, the model sizing, the mean check."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from peerd.bench.exchange import MIB, _check_mean, _engine, model_config, peer_ids
+from peerd.bench.processes import BenchError
+from peerd.models.transformer import TransformerSpec
+from peerd.plan import Member
+from peerd.submodel import init_params
+
+
+def test_small_run_reports_the_step_and_the_tcp_floor() -> None:
+    # Through the CLI, as BENCHMARKS.md documents it; the run itself checks the merged mean.
+    result = subprocess.run(
+        [sys.executable, "-c", "from peerd.cli import main; main()", "bench", "exchange",
+         "--peers", "3", "--mib", "2", "--repeat", "2", "--json"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    model_bytes = sum(t.numel() * 4 for t in init_params(TransformerSpec(model_config(2)),
+                                                          0).values())
+    assert report["peers"] == 3 and report["repeats"] == 2
+    assert report["model_bytes"] == model_bytes
+    assert report["bytes_per_step"] == 6 * model_bytes  # every peer to both others
+    assert report["median_round_s"] > 0 and report["tcp_floor_s"] > 0
+
+
+@pytest.mark.parametrize("mib", [2, 16, 64])
+def test_model_is_about_the_size_asked_for(mib: int) -> None:
+    params = init_params(TransformerSpec(model_config(mib)), 0)
+    size = sum(t.numel() * 4 for t in params.values()) / MIB
+    assert 0.6 * mib <= size <= 1.4 * mib
+
+
+def test_mean_check_catches_a_peer_that_did_not_merge() -> None:
+    spec = TransformerSpec(model_config(1))
+    ids = peer_ids(2)
+    engines = [_engine(peer_id, spec, seed) for seed, peer_id in enumerate(ids)]
+    members = [Member(peer_id, 1.0) for peer_id in ids]
+    contexts = [engine.begin_round(0, members) for engine in engines]
+    messages = [engine.outbox(ctx)[0] for engine, ctx in zip(engines, contexts, strict=True)]
+    with pytest.raises(BenchError, match="off the mean"):
+        _check_mean(engines[0], spec, 2)  # before merging: its own values only
+    engines[0].merge(contexts[0], [messages[1]])
+    _check_mean(engines[0], spec, 2)
+    assert all(torch.isfinite(t).all() for t in engines[0].params.values())
