@@ -12,7 +12,9 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from peerd import __version__
+from peerd.bench.compute import add_compute_parser
 from peerd.bench.exchange import add_exchange_parser
+from peerd.bench.scale import add_scale_parser
 from peerd.bench.wire import add_wire_parser
 from peerd.cluster import ClusterConfig, ClusterError
 from peerd.config import (
@@ -184,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     benchmarks = bench.add_subparsers(dest="benchmark", required=True)
     add_wire_parser(benchmarks)
     add_exchange_parser(benchmarks)
+    add_compute_parser(benchmarks)
+    add_scale_parser(benchmarks)
     return parser
 
 
