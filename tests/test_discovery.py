@@ -24,6 +24,7 @@ from peerd.net.discovery import (
     MdnsDiscovery,
     PeerRecord,
     StaticDiscovery,
+    instance_label,
     parse_address,
 )
 
@@ -227,10 +228,10 @@ async def loopback_peers() -> AsyncIterator[dict[str, MdnsDiscovery]]:
     raw = AsyncZeroconf(interfaces=[loopback], ip_version=IPVersion.V4Only)
     raw_info = AsyncServiceInfo(
         SERVICE_TYPE,
-        f"{malformed.peer_id}.{SERVICE_TYPE}",
+        f"{instance_label(malformed.peer_id, malformed.cluster)}.{SERVICE_TYPE}",
         port=malformed.port,
         properties={**malformed.to_txt(), "mu": "2"},
-        server=f"{malformed.peer_id}.local.",
+        server=f"{instance_label(malformed.peer_id, malformed.cluster)}.local.",
         parsed_addresses=[loopback],
     )
     try:
@@ -363,3 +364,19 @@ def test_mdns_across_namespaces(lan: list[Host]) -> None:
             f"h{other}": f"{host.address}:7000" for other, host in enumerate(lan) if other != index
         }
         assert json.loads(line) == expected, f"h{index} found {line!r}"
+
+
+async def test_clusters_sharing_a_network_may_reuse_peer_ids() -> None:
+    # Two local clusters both have a peer-00: each announces under a name tagged with its
+    # cluster, so neither one's probe collides with the other's (it crashed both before).
+    loopback = "127.0.0.1"
+    first = MdnsDiscovery(make_record("twin", port=7011), loopback)
+    elsewhere = MdnsDiscovery(make_record("twin", port=7012, cluster=f"other-{RUN}"), loopback)
+    assert instance_label("twin", "a") != instance_label("twin", "b")
+    assert len(instance_label("x" * 54, "a")) == 63
+    try:
+        async with asyncio.timeout(FIND_TIMEOUT_S):
+            await first.start()
+            await elsewhere.start()
+    finally:
+        await asyncio.gather(first.stop(), elsewhere.stop(), return_exceptions=True)

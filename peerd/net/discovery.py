@@ -13,17 +13,36 @@ import contextlib
 import ipaddress
 import math
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange, Zeroconf
+from zeroconf import (
+    InterfaceChoice,
+    IPVersion,
+    NonUniqueNameException,
+    ServiceStateChange,
+    Zeroconf,
+)
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from peerd.state import IDENTIFIER
 
 SERVICE_TYPE = "_peerd._tcp.local."
+# DNS allows 63 bytes per label; the instance label adds "-" and 8 hex digits to the peer id.
+MAX_MDNS_PEER_ID = 54
+
+
+def instance_label(peer_id: str, cluster: str) -> str:
+    """A peer's mDNS instance and host label: its id tagged with its cluster, so that clusters
+    sharing a network may reuse ids (two local clusters both have a peer-00)."""
+    return f"{peer_id}-{zlib.crc32(cluster.encode()):08x}"
+
+
+class DuplicatePeerId(ValueError):
+    """Another responder on the network already announces this peer id in this cluster."""
 RESOLVE_TIMEOUT_S = 3.0
 # Registering (probe + announce, about 1.5 s) and saying goodbye (about 0.5 s) must end by then.
 STEP_TIMEOUT_S = 5.0
@@ -199,11 +218,11 @@ class MdnsDiscovery:
                 ipaddress.IPv4Address(interface)
             except ValueError:
                 raise ValueError(f"interface must be an IPv4 address, got {interface!r}") from None
-        # The id names the service instance and the host: DNS allows 63 bytes per label.
-        if len(own.peer_id) > 63 or not all(own.peer_id.split(".")):
+        # The id names the service instance and the host.
+        if len(own.peer_id) > MAX_MDNS_PEER_ID or not all(own.peer_id.split(".")):
             raise ValueError(
-                f"peer_id must be at most 63 characters without empty dot-separated parts "
-                f"to serve as an mDNS name, got {own.peer_id!r}"
+                f"peer_id must be at most {MAX_MDNS_PEER_ID} characters without empty "
+                f"dot-separated parts to serve as an mDNS name, got {own.peer_id!r}"
             )
         advertised = interface if interface is not None else own.host
         try:
@@ -215,13 +234,14 @@ class MdnsDiscovery:
         self.own = own
         self.interface = interface
         self.ignored: Counter[str] = Counter()
-        self._service_name = f"{own.peer_id}.{SERVICE_TYPE}"
+        label = instance_label(own.peer_id, own.cluster)
+        self._service_name = f"{label}.{SERVICE_TYPE}"
         self._info = AsyncServiceInfo(
             SERVICE_TYPE,
             self._service_name,
             port=own.port,
             properties=own.to_txt(),
-            server=f"{own.peer_id}.local.",
+            server=f"{label}.local.",
             parsed_addresses=[advertised],
         )
         self._peers: dict[str, PeerRecord] = {}
@@ -241,7 +261,13 @@ class MdnsDiscovery:
         try:
             async with asyncio.timeout(STEP_TIMEOUT_S):
                 # Registering probes the name first: a second peer with our id fails here.
-                announced = await zeroconf.async_register_service(self._info)
+                try:
+                    announced = await zeroconf.async_register_service(self._info)
+                except NonUniqueNameException:
+                    raise DuplicatePeerId(
+                        f"peer id {self.own.peer_id!r} is already announced by another daemon "
+                        f"of cluster {self.own.cluster!r} on this network: give this one "
+                        f"another --peer-id") from None
                 self._registered = True
                 self._browser = AsyncServiceBrowser(
                     zeroconf.zeroconf, SERVICE_TYPE, handlers=[self._on_service_state_change]
@@ -315,8 +341,10 @@ class MdnsDiscovery:
         except ValueError:
             self._reject(name, "malformed")
             return
-        # The instance name is the peer id: a record claiming another id is not to be trusted.
-        if name.lower() != f"{record.peer_id}.{SERVICE_TYPE}".lower():
+        # The instance name derives from the peer id: a record claiming another id is not to
+        # be trusted.
+        claimed = f"{instance_label(record.peer_id, record.cluster)}.{SERVICE_TYPE}"
+        if name.lower() != claimed.lower():
             self._reject(name, "malformed")
         elif record.cluster != self.own.cluster:
             self._reject(name, "cluster")
