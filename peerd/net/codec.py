@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 import torch
+from google.protobuf.message import DecodeError
 from isal.isal_zlib import crc32  # zlib's CRC-32, about 3x faster (BENCHMARKS.md)
 
 from peerd.numerics import all_finite
@@ -192,12 +193,17 @@ def serialize_frame(frame: Frame) -> bytes:
 
 def parse_frame(data: bytes) -> Frame:
     """Inverse of `serialize_frame`. A message that is exactly one chunk field comes back as a
-    view into `data` (no copy); anything else, valid or not, is parsed by protobuf."""
+    view into `data` (no copy); anything else is parsed by protobuf, and bytes it cannot parse
+    are a WireError (gRPC would otherwise answer UNKNOWN with a Python traceback's words)."""
     if data[:1] == bytes((_CHUNK_TAG,)):
         length, start = _read_varint(data, 1)
         if length is not None and start + length == len(data):
             return memoryview(data)[start:]
-    return peer_pb2.SliceFrame.FromString(data)
+    try:
+        return peer_pb2.SliceFrame.FromString(data)
+    except DecodeError:
+        raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"a message of {len(data)} bytes is not a SliceFrame") from None
 
 
 def _varint(value: int) -> bytes:
