@@ -20,6 +20,7 @@ import grpc
 import pytest
 from daemons import ClusterCa
 
+from peerd.ca import DEVICE_FILES
 from peerd.config import DaemonConfig, read_environment
 from peerd.net.tls import TARGET_NAME_OPTION
 from peerd.systemd import Notifier, watchdog_loop
@@ -60,6 +61,16 @@ def test_unit_exposure_is_low() -> None:
     match = re.search(r"Overall exposure level for peerd\.service: (\d+\.\d+)", result.stdout)
     assert match is not None, result.stdout
     assert float(match.group(1)) <= MAX_EXPOSURE, result.stdout
+
+
+def test_unit_hands_the_tls_files_to_the_daemon_as_credentials() -> None:
+    # DynamicUser cannot read root's /etc/peerd/tls: systemd copies each file into the
+    # service's credentials directory under the name the daemon looks for.
+    lines = UNIT.read_text().splitlines()
+    assert [line for line in lines if line.startswith("LoadCredential=")] == [
+        f"LoadCredential={name}:/etc/peerd/tls/{name}" for name in DEVICE_FILES]
+    (start,) = [line for line in lines if line.startswith("ExecStart=")]
+    assert start.endswith(" --tls-dir ${CREDENTIALS_DIRECTORY}")
 
 
 def test_example_environment_file_sets_only_known_options() -> None:
