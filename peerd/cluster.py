@@ -109,7 +109,7 @@ def tls_dirs(out: Path, peer_ids: list[str]) -> dict[str, Path]:
     first run, kept after)."""
     ca_dir = out / "ca"
     if not (ca_dir / CA_CERT).exists():
-        init_ca(ca_dir, f"peerd local cluster CA ({out})", force=True)
+        init_ca(ca_dir, "peerd local cluster CA", force=True)
     return {peer_id: issue(ca_dir, peer_id, force=True).directory
             for peer_id in [*peer_ids, WATCHER_ID]}
 
