@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from peerd.aggregate import assemble
+from peerd.ca import DEVICE_CERT
 from peerd.config import DaemonConfig
 from peerd.data import Split, TaskData, load_task_data, local_train_test, partition
 from peerd.engine import Engine, RoundContext, TrainStats
@@ -99,7 +100,7 @@ def own_peer_id(config: DaemonConfig, tls: TlsIdentity | None) -> str:
         return load_or_create_peer_id(state_dir, config.peer_id)
     if config.peer_id is not None and config.peer_id != tls.name:
         raise TlsError(f"peer_id={config.peer_id!r} differs from the name in the certificate "
-                       f"{tls.directory / 'device.crt'} ({tls.name!r}): with TLS the peer id is "
+                       f"{tls.directory / DEVICE_CERT} ({tls.name!r}): with TLS the peer id is "
                        f"the certificate's name; drop --peer-id, or issue a certificate for "
                        f"{config.peer_id} (peerd ca issue {config.peer_id})")
     return load_or_create_peer_id(state_dir, tls.name)

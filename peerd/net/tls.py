@@ -79,7 +79,7 @@ class TlsIdentity:
             if not key_matches(certificate, key_pem):
                 raise CaError(f"{directory / DEVICE_KEY} is not the key of "
                               f"{directory / DEVICE_CERT}")
-        except (CaError, ValueError) as error:
+        except (ValueError, TypeError) as error:  # CaError too; TypeError: an encrypted key
             raise TlsError(f"{directory}: {error}") from None
         now = datetime.datetime.now(datetime.UTC)
         if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
