@@ -11,6 +11,7 @@ prefix=/opt/peerd
 venv="$prefix/venv"
 unit=/etc/systemd/system/peerd.service
 env_file=/etc/peerd/peerd.env
+tls_dir=/etc/peerd/tls
 # The service runs as an unprivileged dynamic user: everything installed must be world-readable.
 umask 022
 
@@ -54,6 +55,8 @@ say "installing peerd from $repo into $venv (this takes a while the first time)"
 "$venv/bin/peerd" --help >/dev/null
 
 install -D -m 0644 "$repo/deploy/peerd.service" "$unit"
+# The device's key goes here: root only. The unit hands the files to the service (credentials).
+install -d -m 0700 "$tls_dir"
 if [[ -e "$env_file" ]]; then
     say "kept your $env_file (the example is $repo/deploy/peerd.env)"
 else
@@ -70,8 +73,19 @@ else
     say "systemd is not running here (a chroot or container?): run systemctl daemon-reload later"
 fi
 
+missing_tls=()
+for file in ca.crt device.crt device.key; do
+    [[ -f "$tls_dir/$file" ]] || missing_tls+=("$file")
+done
+if ((${#missing_tls[@]})); then
+    say "missing in $tls_dir: ${missing_tls[*]}; on the machine that holds the cluster CA run"
+    say "  peerd ca issue NAME   (NAME: this board's peer id; docs/SECURITY.md)"
+    say "and copy the three files it writes into $tls_dir (the key with mode 0600)"
+fi
+
 cat <<EOF
 install.sh: done. Next:
+  ls $tls_dir                 # ca.crt, device.crt, device.key of this board
   editor $env_file            # cluster, shard, peers, ... (docs/SYSTEMD.md)
   systemctl enable --now peerd       # start now and at every boot
   systemctl status peerd             # state, and the daemon's STATUS line

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import grpc
 
@@ -16,6 +17,7 @@ from peerd.bench.compute import add_compute_parser
 from peerd.bench.exchange import add_exchange_parser
 from peerd.bench.scale import add_scale_parser
 from peerd.bench.wire import add_wire_parser
+from peerd.ca import DEFAULT_CA_DIR, DEVICE_KEY, init_ca, issue
 from peerd.cluster import ClusterConfig, ClusterError
 from peerd.config import (
     DEFAULT_CONFIG_FILE,
@@ -33,6 +35,7 @@ from peerd.config import (
 )
 from peerd.data import DatasetMissing
 from peerd.data.partition import parse_partition
+from peerd.net.codec import WireError
 from peerd.plan import PLANNERS
 from peerd.progress import ProgressLine
 from peerd.report import add_report_parser
@@ -167,7 +170,39 @@ def _add_status(commands: argparse._SubParsersAction) -> None:
     status.add_argument("--addr", default=f"127.0.0.1:{DaemonConfig().port}",
                         metavar="HOST:PORT")
     status.add_argument("--json", action="store_true")
+    # Like `peerd start`: the file, then PEERD_TLS_DIR / PEERD_INSECURE, then these flags.
+    status.add_argument("--config", default=None, metavar="FILE",
+                        help="a TOML config file, for tls_dir and insecure")
+    status.add_argument("--tls-dir", dest="tls_dir", default=argparse.SUPPRESS, metavar="DIR",
+                        help="call with this device certificate: any of the cluster's will do "
+                        f"(default: as `peerd start`, {DaemonConfig().tls_dir})")
+    status.add_argument("--insecure", action="store_true", default=argparse.SUPPRESS,
+                        help="call a daemon that runs with --insecure")
     status.set_defaults(func=_status)
+
+
+def _add_ca(commands: argparse._SubParsersAction) -> None:
+    ca = commands.add_parser(
+        "ca", help="the cluster's certificate authority: create it, issue device certificates",
+        description="Daemons accept only peers with a certificate from the cluster's CA, "
+        "whose name is the peer id. Create the CA once, on one trusted machine; issue one "
+        "certificate per device and copy its directory to the device. See docs/SECURITY.md.",
+    )
+    actions = ca.add_subparsers(dest="action", required=True)
+    init = actions.add_parser("init", help="create the cluster CA (once per cluster)")
+    init.add_argument("--dir", default=DEFAULT_CA_DIR,
+                      help="where the CA's key and certificate go")
+    init.add_argument("--force", action="store_true",
+                      help="replace an existing CA: every certificate it issued stops working")
+    init.set_defaults(func=_ca_init)
+    device = actions.add_parser("issue", help="issue the certificate and key of one device")
+    device.add_argument("name", metavar="NAME", help="the device's peer id")
+    device.add_argument("--dir", default=DEFAULT_CA_DIR, help="the CA's directory")
+    device.add_argument("--out", default=None, metavar="OUTDIR",
+                        help="where the device's files go (default: DIR/NAME)")
+    device.add_argument("--force", action="store_true",
+                        help="replace the key and certificate already in OUTDIR")
+    device.set_defaults(func=_ca_issue)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_start(commands)
     _add_cluster(commands)
     _add_status(commands)
+    _add_ca(commands)
     _add_config(commands)
     add_report_parser(commands)
     bench = commands.add_parser("bench", help="measure peerd: see BENCHMARKS.md")
@@ -265,7 +301,8 @@ def _cluster(args: argparse.Namespace) -> int:
 
     def announce(daemons: list) -> None:
         for daemon in daemons:
-            print(f"{daemon.peer_id}: peerd status --addr {daemon.address}   "
+            print(f"{daemon.peer_id}: peerd status --addr {daemon.address} "
+                  f"--tls-dir {daemon.tls_dir}   "
                   f"metrics {daemon.metrics_url}   logs {daemon.state_dir}/daemon.log",
                   file=sys.stderr)
 
@@ -297,14 +334,36 @@ def _toml_line(name: str, value: object) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from peerd.net.tls import TlsIdentity
     from peerd.status import show_status
 
+    config = _daemon_config(args)
+    tls = None if config.insecure else TlsIdentity.load(config.tls_dir)
     try:
-        print(show_status(args.addr, args.json))
-    except grpc.aio.AioRpcError as error:
-        print(f"peerd: error: no daemon answers at {args.addr}: {error.details()}",
-              file=sys.stderr)
+        print(show_status(args.addr, args.json, tls))
+    except (grpc.aio.AioRpcError, WireError) as error:
+        detail = error.details() if isinstance(error, grpc.aio.AioRpcError) else error.detail
+        print(f"peerd: error: no daemon answers at {args.addr}: {detail}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _ca_init(args: argparse.Namespace) -> int:
+    ca_dir = init_ca(Path(args.dir), force=args.force)
+    print(f"created the cluster CA in {ca_dir}/: ca.crt (the certificate: public) and ca.key "
+          f"(the private key, mode 0600: keep it on this machine only, and back it up)\n"
+          f"next, for each device: peerd ca issue NAME --dir {ca_dir}")
+    return 0
+
+
+def _ca_issue(args: argparse.Namespace) -> int:
+    device = issue(Path(args.dir), args.name, Path(args.out) if args.out else None, args.force)
+    print(f"issued peer id {device.peer_id}: {', '.join(str(p) for p in device.files)} "
+          f"({DEVICE_KEY} has mode 0600)\n"
+          f"copy these three files, keeping their names, to the device {device.peer_id}: "
+          f"into /etc/peerd/tls/ for the systemd service (docs/SYSTEMD.md), or into the "
+          f"directory `peerd start --tls-dir DIR` names (default: ./{DaemonConfig().tls_dir}); "
+          f"the daemon takes its peer id from the certificate")
     return 0
 
 

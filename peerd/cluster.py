@@ -2,9 +2,11 @@
 
 Each daemon is a separate `peerd start` process with its own state dir, port and data shard;
 they find each other by mDNS on 127.0.0.1 (and, unless disabled, by their static addresses)
-and exchange slices over gRPC. This process never touches their training: it polls their
-status, pulls each peer's post-merge parameters at evaluation rounds, assembles the global
-model from them (mean over each entry's holders) and writes the same metrics as `peerd sim`.
+and exchange slices over gRPC with mutual TLS: a cluster CA in OUT/ca issues every daemon its
+certificate, and this process one of its own (`cluster`). This process never touches their
+training: it polls their status, pulls each peer's post-merge parameters at evaluation rounds,
+assembles the global model from them (mean over each entry's holders) and writes the same
+metrics as `peerd sim`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from peerd.ca import CA_CERT, init_ca, issue
 from peerd.coverage import CoverageTracker
 from peerd.data import load_task_data
 from peerd.metrics import MetricsLog, PeerRound, evaluate_global, run_title
@@ -32,6 +35,7 @@ from peerd.models.base import fingerprint, full_units
 from peerd.net import PROTOCOL_VERSION
 from peerd.net.client import PeerClients
 from peerd.net.codec import Expectation
+from peerd.net.tls import TlsIdentity
 from peerd.plan import Member, Plans, make_planner
 from peerd.sim import peer_name
 from peerd.submodel import forward_flops_per_sample, init_params
@@ -39,6 +43,8 @@ from peerd.tasks import BLOCK_SIZE, get_task
 from peerd.v1 import peer_pb2
 
 POLL_INTERVAL_S = 0.2
+# The watcher's own certificate: its pulls claim this name.
+WATCHER_ID = "cluster"
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 
@@ -83,6 +89,7 @@ class DaemonProcess:
     address: str
     metrics_url: str
     state_dir: Path
+    tls_dir: Path
     process: subprocess.Popen
 
     def log_tail(self, lines: int = 20) -> str:
@@ -97,7 +104,17 @@ class DaemonProcess:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def launch(config: ClusterConfig, out: Path) -> list[DaemonProcess]:
+def tls_dirs(out: Path, peer_ids: list[str]) -> dict[str, Path]:
+    """A certificate for every daemon and the watcher, from the CA in OUT/ca (created on the
+    first run, kept after)."""
+    ca_dir = out / "ca"
+    if not (ca_dir / CA_CERT).exists():
+        init_ca(ca_dir, "peerd local cluster CA", force=True)
+    return {peer_id: issue(ca_dir, peer_id, force=True).directory
+            for peer_id in [*peer_ids, WATCHER_ID]}
+
+
+def launch(config: ClusterConfig, out: Path, tls: dict[str, Path]) -> list[DaemonProcess]:
     all_ports = free_ports(2 * config.peers)
     ports, metrics_ports = all_ports[:config.peers], all_ports[config.peers:]
     addresses = [f"127.0.0.1:{port}" for port in ports]
@@ -117,7 +134,7 @@ def launch(config: ClusterConfig, out: Path) -> list[DaemonProcess]:
             "--min-peers", str(config.peers), "--state-dir", str(state_dir),
             "--cluster", f"local-{os.getpid()}", "--threads", "1",
             "--round-timeout", str(config.round_timeout_s), "--linger", "600",
-            "--metrics-port", str(metrics_port),
+            "--metrics-port", str(metrics_port), "--tls-dir", str(tls[peer_id]),
         ]
         if config.data_dir:
             args += ["--data-dir", config.data_dir]
@@ -135,7 +152,7 @@ def launch(config: ClusterConfig, out: Path) -> list[DaemonProcess]:
         log_file.close()
         daemons.append(DaemonProcess(peer_id, addresses[position],
                                      f"http://127.0.0.1:{metrics_port}/metrics", state_dir,
-                                     process))
+                                     tls[peer_id], process))
     return daemons
 
 
@@ -156,7 +173,8 @@ def stop(daemons: list[DaemonProcess]) -> list[int]:
 class ClusterWatcher:
     """Polls the daemons, pulls their parameters at evaluation rounds, writes the metrics."""
 
-    def __init__(self, config: ClusterConfig, daemons: list[DaemonProcess]) -> None:
+    def __init__(self, config: ClusterConfig, daemons: list[DaemonProcess],
+                 tls: TlsIdentity) -> None:
         self.config = config
         self.daemons = daemons
         task = get_task(config.task)
@@ -167,7 +185,7 @@ class ClusterWatcher:
         shapes = {name: (torch.float32, tuple(t.shape)) for name, t in initial.items()}
         self.expectation = Expectation(PROTOCOL_VERSION, f"local-{os.getpid()}",
                                        fingerprint(self.spec), lambda header: shapes)
-        self.clients = PeerClients()
+        self.clients = PeerClients(tls)
         members = [Member(d.peer_id, config.mu) for d in daemons]
         self.planner = make_planner(config.method, config.seed)
         self.members = members
@@ -191,7 +209,7 @@ class ClusterWatcher:
             still = []
             for daemon in pending:
                 try:
-                    await self.clients.status(daemon.address)
+                    await self.clients.status(daemon.address, daemon.peer_id)
                 except grpc.aio.AioRpcError:
                     still.append(daemon)
             pending = still
@@ -210,11 +228,12 @@ class ClusterWatcher:
         (computed here, like every peer does, never taken from the wire)."""
         request = peer_pb2.PullRequest(
             protocol_version=PROTOCOL_VERSION, cluster=self.expectation.cluster,
-            model_fingerprint=self.expectation.model_fingerprint, requester="cluster",
+            model_fingerprint=self.expectation.model_fingerprint, requester=WATCHER_ID,
             round=rounds,
         )
         pulled = await asyncio.gather(*(
-            self.clients.pull(d.address, request, self.expectation) for d in self.daemons))
+            self.clients.pull(d.address, d.peer_id, request, self.expectation)
+            for d in self.daemons))
         params = {d.peer_id: stream.tensors for d, stream in zip(self.daemons, pulled,
                                                                  strict=True)}
         figures = evaluate_global(self.spec, self.data, params, plans, self.eval_samples)
@@ -257,11 +276,12 @@ def run_cluster(
 ) -> list[dict]:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    daemons = launch(config, out)
+    tls = tls_dirs(out, [peer_name(position) for position in range(config.peers)])
+    daemons = launch(config, out, tls)
     if on_start is not None:
         on_start(daemons)
     try:
-        watcher = ClusterWatcher(config, daemons)
+        watcher = ClusterWatcher(config, daemons, TlsIdentity.load(tls[WATCHER_ID]))
         identity = {
             "task": config.task, "method": config.method, "topology": config.topology,
             "peers": config.peers, "mu": config.mu, "seed": config.seed,

@@ -117,7 +117,13 @@ class DaemonConfig:
     mdns_interface: str | None = option(None, "IPv4 address of the interface mDNS uses")
     cluster: str = option("default", "cluster name: peers of other clusters are ignored")
     state_dir: str = option("peerd-state", "peer id, parameters and per-round log")
-    peer_id: str | None = option(None, "this peer's id (default: kept in state_dir)")
+    peer_id: str | None = option(
+        None, "this peer's id; with TLS it must be the certificate's name (default: the "
+        "certificate's name; with --insecure, the one kept in state_dir)")
+    tls_dir: str = option("peerd-tls", "holds ca.crt, device.crt and device.key "
+                          "(`peerd ca issue NAME --out DIR`); see docs/SECURITY.md")
+    insecure: bool = option(False, "no TLS: plain-text gRPC, anyone who reaches the port can "
+                            "join, push and pull (logs a warning)")
     shard: tuple[int, int] | None = option(
         None, "I/N: train on the I-th of N shards of the task's bundled data")
     partition: str = option("iid", "how --shard splits the data: iid, dirichlet:ALPHA, natural")

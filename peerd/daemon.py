@@ -26,6 +26,7 @@ import torch
 
 from peerd.aggregate import assemble
 from peerd.allocator import keep_freed_memory
+from peerd.ca import DEVICE_CERT
 from peerd.config import DaemonConfig
 from peerd.data import Split, TaskData, load_task_data, local_train_test, partition
 from peerd.engine import Engine, RoundContext, TrainStats
@@ -45,6 +46,7 @@ from peerd.net.discovery import (
 from peerd.net.membership import Membership, View
 from peerd.net.rpc import add_peer_service
 from peerd.net.service import PeerService
+from peerd.net.tls import TlsError, TlsIdentity
 from peerd.plan import Member, make_planner
 from peerd.progress import ProgressLine
 from peerd.state import load_or_create_peer_id, save_parameters
@@ -92,12 +94,27 @@ def plan_to_wire(plan: Plan) -> list[peer_pb2.GroupUnits]:
 
 
 
+def own_peer_id(config: DaemonConfig, tls: TlsIdentity | None) -> str:
+    """With TLS the peer id is the certificate's name (peers check every claim against it);
+    without, the one given or kept in the state dir."""
+    state_dir = Path(config.state_dir)
+    if tls is None:
+        return load_or_create_peer_id(state_dir, config.peer_id)
+    if config.peer_id is not None and config.peer_id != tls.name:
+        raise TlsError(f"peer_id={config.peer_id!r} differs from the name in the certificate "
+                       f"{tls.directory / DEVICE_CERT} ({tls.name!r}): with TLS the peer id is "
+                       f"the certificate's name; drop --peer-id, or issue a certificate for "
+                       f"{config.peer_id} (peerd ca issue {config.peer_id})")
+    return load_or_create_peer_id(state_dir, tls.name)
+
+
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        state_dir = Path(config.state_dir)
-        self.state_dir = state_dir
-        self.peer_id = load_or_create_peer_id(state_dir, config.peer_id)
+        # First: a missing certificate is reported before seconds of data loading.
+        self.tls = None if config.insecure else TlsIdentity.load(config.tls_dir)
+        self.state_dir = Path(config.state_dir)
+        self.peer_id = own_peer_id(config, self.tls)
         task = get_task(config.task)
         data = load_task_data(config.task, config.data_dir, block_size=BLOCK_SIZE)
         self.spec = task.model(data)
@@ -111,7 +128,7 @@ class Daemon:
         self.expectation = Expectation(PROTOCOL_VERSION, config.cluster, self.fingerprint,
                                        self._expected_tensors)
         self.membership: Membership | None = None
-        self.clients = PeerClients(push_timeout_s=config.round_timeout_s)
+        self.clients = PeerClients(self.tls, push_timeout_s=config.round_timeout_s)
         self.round_index = 0
         self.rounds_done = 0
         self.last_loss = float("nan")
@@ -268,7 +285,12 @@ class Daemon:
         service = PeerService(self, self.exporter.observe_rejected if self.exporter else None)
         add_peer_service(server, service)
         bind = f"{self.config.host}:{self.config.port}"
-        port = server.add_insecure_port(bind)
+        if self.tls is None:
+            log.warning("running without TLS (--insecure): anyone who reaches %s can join the "
+                        "cluster, push slices into this model and pull its parameters", bind)
+            port = server.add_insecure_port(bind)
+        else:
+            port = server.add_secure_port(bind, self.tls.server_credentials())
         if port == 0:
             raise OSError(f"cannot listen on {bind}")
         address = f"{advertised_host(self.config)}:{port}"
@@ -281,8 +303,9 @@ class Daemon:
                      metrics_port)
         discovery = DiscoveryManager(self._discovery_sources(address, port))
         await discovery.start()
-        log.info("peer %s serving on %s (cluster %s, model %s)", self.peer_id, address,
-                 self.config.cluster, self.fingerprint)
+        log.info("peer %s serving on %s (cluster %s, model %s, %s)", self.peer_id, address,
+                 self.config.cluster, self.fingerprint,
+                 f"mutual TLS with {self.tls.directory}" if self.tls else "no TLS")
         # Ready only now: peers and `peerd status` can reach this daemon from here on.
         self.notifier.ready(f"serving on {address}, waiting for {self.config.min_peers} "
                             f"members of cluster {self.config.cluster}")
@@ -334,8 +357,10 @@ class Daemon:
             for candidate in discovery.candidates():
                 if candidate.address == self.membership.address:
                     continue
+                # An mDNS record's peer id is only a hint: the TLS handshake proves it.
+                expected = candidate.record.peer_id if candidate.record else None
                 try:
-                    reply = await self.clients.handshake(candidate.address, self.hello())
+                    reply = await self.clients.handshake(candidate.address, self.hello(), expected)
                     self.admit(reply)
                 except (grpc.aio.AioRpcError, WireError) as error:
                     log.debug("handshake with %s failed: %s", candidate.address, error)
@@ -381,7 +406,7 @@ class Daemon:
                     continue
                 try:
                     pulled[member] = await self.clients.pull(
-                        self.membership.known[member].address, request, expectation)
+                        self.membership.known[member].address, member, request, expectation)
                 except grpc.aio.AioRpcError as error:
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"could not pull round {round_index} from {member}: "

@@ -19,9 +19,12 @@ from safetensors.torch import save as safetensors_bytes
 IDENTIFIER = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o666) -> None:
+    """`mode` (less the umask) applies from the file's creation: a private key written with
+    0o600 is never readable by others, not even half-written."""
     temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as handle:
+    temporary.unlink(missing_ok=True)  # O_CREAT keeps an existing file's mode
+    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())

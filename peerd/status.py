@@ -9,11 +9,13 @@ import time
 from google.protobuf.json_format import MessageToDict
 
 from peerd.net.client import PeerClients
+from peerd.net.tls import TlsIdentity
 from peerd.v1 import peer_pb2
 
 
-async def fetch_status(address: str) -> peer_pb2.StatusReply:
-    clients = PeerClients()
+async def fetch_status(address: str, tls: TlsIdentity | None) -> peer_pb2.StatusReply:
+    """Any certificate of the cluster may ask; the daemon's name is learnt from its own."""
+    clients = PeerClients(tls)
     try:
         return await clients.status(address)
     finally:
@@ -50,8 +52,8 @@ def format_status(reply: peer_pb2.StatusReply) -> str:
     return "\n".join(lines)
 
 
-def show_status(address: str, as_json: bool) -> str:
-    reply = asyncio.run(fetch_status(address))
+def show_status(address: str, as_json: bool, tls: TlsIdentity | None) -> str:
+    reply = asyncio.run(fetch_status(address, tls))
     if as_json:
         return json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2)
     return format_status(reply)

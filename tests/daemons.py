@@ -1,4 +1,4 @@
-"""Starting real `peerd start` processes for tests."""
+"""Starting real `peerd start` processes for tests, with certificates from a test CA."""
 
 from __future__ import annotations
 
@@ -9,7 +9,29 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from peerd.ca import DEVICE_KEY, issue
 from peerd.cluster import free_ports
+from peerd.net.tls import TlsIdentity
+
+
+@dataclass(frozen=True)
+class ClusterCa:
+    """A cluster CA for tests (the `cluster_ca` fixture); issues each name's files once."""
+
+    directory: Path
+
+    def device(self, peer_id: str) -> Path:
+        """The TLS directory of `peer_id` (`--tls-dir`)."""
+        folder = self.directory / peer_id
+        if not (folder / DEVICE_KEY).exists():
+            issue(self.directory, peer_id)
+        return folder
+
+    def identity(self, peer_id: str) -> TlsIdentity:
+        return TlsIdentity.load(self.device(peer_id))
+
+    def flags(self, peer_id: str) -> list[str]:
+        return ["--tls-dir", str(self.device(peer_id))]
 
 
 @dataclass
@@ -39,9 +61,10 @@ class RunningDaemon:
 
 
 def start_loopback_daemons(
-    root: Path, count: int, extra: list[str], static: bool = True
+    root: Path, count: int, extra: list[str], ca: ClusterCa | None, static: bool = True
 ) -> list[RunningDaemon]:
-    """`count` daemons on 127.0.0.1, each given the others' addresses, mDNS off."""
+    """`count` daemons on 127.0.0.1, each given the others' addresses, mDNS off; with
+    certificates from `ca`, or with --insecure when it is None."""
     ports = free_ports(count)
     addresses = [f"127.0.0.1:{port}" for port in ports]
     daemons = []
@@ -52,7 +75,7 @@ def start_loopback_daemons(
         args = [sys.executable, "-m", "peerd.cli", "start", "--no-mdns", "--host", "127.0.0.1",
                 "--port", str(port), "--peer-id", peer_id, "--state-dir", str(state_dir),
                 "--shard", f"{position}/{count}", "--min-peers", str(count), "--threads", "1",
-                *extra]
+                *(ca.flags(peer_id) if ca else ["--insecure"]), *extra]
         if static:
             for other in addresses:
                 if other != addresses[position]:

@@ -16,12 +16,13 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from daemons import RunningDaemon, kill_all, start_loopback_daemons, wait_all
+from daemons import ClusterCa, RunningDaemon, kill_all, start_loopback_daemons, wait_all
 from safetensors.torch import load_file
 
 from peerd.config import SimConfig
 from peerd.net import PROTOCOL_VERSION
 from peerd.net.client import PeerClients
+from peerd.net.codec import WireError
 from peerd.sim import build, run_round
 from peerd.v1 import peer_pb2
 
@@ -29,9 +30,10 @@ ROUNDS = 3
 
 
 @pytest.fixture(scope="module")
-def ring_of_four(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RunningDaemon]]:
+def ring_of_four(tmp_path_factory: pytest.TempPathFactory,
+                 cluster_ca: ClusterCa) -> Iterator[list[RunningDaemon]]:
     daemons = start_loopback_daemons(tmp_path_factory.mktemp("ring"), 4,
-                                     ["--rounds", str(ROUNDS), "--topology", "ring"])
+                                     ["--rounds", str(ROUNDS), "--topology", "ring"], cluster_ca)
     try:
         codes = wait_all(daemons)
         assert codes == [0, 0, 0, 0], [d.output() for d in daemons]
@@ -78,9 +80,9 @@ def test_ring_neighbours_and_bytes_follow_the_outbox_rule(
             daemon.peer_id]
 
 
-def test_status_metrics_and_sigterm(tmp_path: Path) -> None:
+def test_status_metrics_and_sigterm(tmp_path: Path, cluster_ca: ClusterCa) -> None:
     daemons = start_loopback_daemons(tmp_path, 2, ["--rounds", "1", "--linger", "120",
-                                                   "--metrics-port", "0"])
+                                                   "--metrics-port", "0"], cluster_ca)
     try:
         for daemon in daemons:
             daemon.wait_rounds(1)
@@ -92,7 +94,8 @@ def test_status_metrics_and_sigterm(tmp_path: Path) -> None:
         sent = daemons[0].rounds()[-1]["bytes_sent_cum"]
         assert f"peerd_bytes_sent_total {float(sent)}" in scraped
         shown = subprocess.run(
-            [sys.executable, "-m", "peerd.cli", "status", "--addr", daemons[0].address, "--json"],
+            [sys.executable, "-m", "peerd.cli", "status", "--addr", daemons[0].address, "--json",
+             *cluster_ca.flags("admin")],
             capture_output=True, text=True, timeout=60, check=True,
         )
         status = json.loads(shown.stdout)
@@ -103,7 +106,8 @@ def test_status_metrics_and_sigterm(tmp_path: Path) -> None:
         assert peer["peer_id"] == "peer-01" and peer["neighbour"] is True
         assert int(peer["bytes_sent"]) == int(status["bytes_sent"]) > 0
         table = subprocess.run(
-            [sys.executable, "-m", "peerd.cli", "status", "--addr", daemons[1].address],
+            [sys.executable, "-m", "peerd.cli", "status", "--addr", daemons[1].address,
+             *cluster_ca.flags("admin")],
             capture_output=True, text=True, timeout=60, check=True,
         ).stdout
         assert "peer-00" in table and "self" in table
@@ -116,11 +120,13 @@ def test_status_metrics_and_sigterm(tmp_path: Path) -> None:
         kill_all(daemons)
 
 
-def test_strangers_are_refused(tmp_path: Path) -> None:
-    daemons = start_loopback_daemons(tmp_path, 1, ["--min-peers", "2", "--cluster", "lab"])
+def test_strangers_are_refused(tmp_path: Path, cluster_ca: ClusterCa) -> None:
+    # A stranger with a certificate of this cluster but another cluster name, model or protocol.
+    daemons = start_loopback_daemons(tmp_path, 1, ["--min-peers", "2", "--cluster", "lab"],
+                                     cluster_ca)
     try:
         async def introduce(**changes: object) -> grpc.StatusCode:
-            clients = PeerClients()
+            clients = PeerClients(cluster_ca.identity("stranger"))
             hello = peer_pb2.Hello(protocol_version=PROTOCOL_VERSION, cluster="lab",
                                    peer_id="stranger", model_fingerprint="0" * 16,
                                    capacity=peer_pb2.Capacity(mu=0.5), address="127.0.0.1:9")
@@ -137,10 +143,10 @@ def test_strangers_are_refused(tmp_path: Path) -> None:
         async def wait_ready() -> None:
             for _ in range(300):
                 try:
-                    clients = PeerClients()
+                    clients = PeerClients(cluster_ca.identity("stranger"))
                     await clients.status(daemons[0].address)
                     return
-                except grpc.aio.AioRpcError:
+                except (grpc.aio.AioRpcError, WireError):  # WireError: not serving TLS yet
                     await asyncio.sleep(0.1)
                 finally:
                     await clients.close()
@@ -156,9 +162,11 @@ def test_strangers_are_refused(tmp_path: Path) -> None:
         kill_all(daemons)
 
 
-def test_fully_connected_daemons_talk_to_everyone_with_outbox_bytes(tmp_path: Path) -> None:
+def test_fully_connected_daemons_talk_to_everyone_with_outbox_bytes(
+    tmp_path: Path, cluster_ca: ClusterCa
+) -> None:
     daemons = start_loopback_daemons(tmp_path, 4, ["--rounds", "2", "--topology", "full",
-                                                   "--mu", "0.25"])
+                                                   "--mu", "0.25"], cluster_ca)
     try:
         assert wait_all(daemons) == [0, 0, 0, 0], [d.output() for d in daemons]
     finally:

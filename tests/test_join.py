@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from daemons import RunningDaemon, kill_all, start_loopback_daemons, wait_all
+from daemons import ClusterCa, RunningDaemon, kill_all, start_loopback_daemons, wait_all
 from safetensors.torch import load_file
 
 from peerd.cluster import free_ports
@@ -17,11 +17,12 @@ from peerd.cluster import free_ports
 ROUNDS = 20
 
 
-def test_late_peer_joins_a_running_ring(tmp_path: Path) -> None:
+def test_late_peer_joins_a_running_ring(tmp_path: Path, cluster_ca: ClusterCa) -> None:
     (late_port,) = free_ports(1)
     late_address = f"127.0.0.1:{late_port}"
     members = start_loopback_daemons(
-        tmp_path, 3, ["--rounds", str(ROUNDS), "--topology", "ring", "--peer", late_address])
+        tmp_path, 3, ["--rounds", str(ROUNDS), "--topology", "ring", "--peer", late_address],
+        cluster_ca)
     late: RunningDaemon | None = None
     try:
         for member in members:
@@ -31,6 +32,7 @@ def test_late_peer_joins_a_running_ring(tmp_path: Path) -> None:
         args = [sys.executable, "-m", "peerd.cli", "start", "--no-mdns", "--host", "127.0.0.1",
                 "--port", str(late_port), "--peer-id", "peer-03", "--state-dir", str(state_dir),
                 "--shard", "3/4", "--rounds", str(ROUNDS), "--min-peers", "3", "--threads", "1",
+                *cluster_ca.flags("peer-03"),
                 *[arg for m in members for arg in ("--peer", m.address)]]
         with open(state_dir / "out.log", "w") as log:
             process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from daemons import ClusterCa
 from netns import bridged_hosts, netns_available
 
 available, reason = netns_available()
@@ -16,7 +17,9 @@ pytestmark = pytest.mark.skipif(not available, reason=reason)
 ROUNDS = 2
 
 
-def test_three_namespaced_daemons_find_each_other_by_mdns(tmp_path: Path) -> None:
+def test_three_namespaced_daemons_find_each_other_by_mdns(
+    tmp_path: Path, cluster_ca: ClusterCa
+) -> None:
     with bridged_hosts(3, "peerd-mdns") as hosts:
         processes = []
         for position, host in enumerate(hosts):
@@ -24,7 +27,8 @@ def test_three_namespaced_daemons_find_each_other_by_mdns(tmp_path: Path) -> Non
             processes.append(host.popen(
                 [sys.executable, "-m", "peerd.cli", "start", "--topology", "ring",
                  "--state-dir", str(state_dir), "--shard", f"{position}/3", "--rounds",
-                 str(ROUNDS), "--min-peers", "3", "--threads", "1"],
+                 str(ROUNDS), "--min-peers", "3", "--threads", "1",
+                 *cluster_ca.flags(f"host{position}")],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             ))
         outputs = []

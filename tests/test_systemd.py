@@ -18,8 +18,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from daemons import ClusterCa
 
+from peerd.ca import DEVICE_FILES
 from peerd.config import DaemonConfig, read_environment
+from peerd.net.tls import TARGET_NAME_OPTION
 from peerd.systemd import Notifier, watchdog_loop
 from peerd.v1 import peer_pb2, peer_pb2_grpc
 
@@ -58,6 +61,16 @@ def test_unit_exposure_is_low() -> None:
     match = re.search(r"Overall exposure level for peerd\.service: (\d+\.\d+)", result.stdout)
     assert match is not None, result.stdout
     assert float(match.group(1)) <= MAX_EXPOSURE, result.stdout
+
+
+def test_unit_hands_the_tls_files_to_the_daemon_as_credentials() -> None:
+    # DynamicUser cannot read root's /etc/peerd/tls: systemd copies each file into the
+    # service's credentials directory under the name the daemon looks for.
+    lines = UNIT.read_text().splitlines()
+    assert [line for line in lines if line.startswith("LoadCredential=")] == [
+        f"LoadCredential={name}:/etc/peerd/tls/{name}" for name in DEVICE_FILES]
+    (start,) = [line for line in lines if line.startswith("ExecStart=")]
+    assert start.endswith(" --tls-dir ${CREDENTIALS_DIRECTORY}")
 
 
 def test_example_environment_file_sets_only_known_options() -> None:
@@ -168,7 +181,8 @@ async def test_watchdog_loop_pings_until_cancelled(
 
 # ---- a real daemon under a stand-in service manager ---------------------------------------------
 
-def test_daemon_notifies_ready_watchdog_and_stopping(tmp_path: Path) -> None:
+def test_daemon_notifies_ready_watchdog_and_stopping(tmp_path: Path,
+                                                     cluster_ca: ClusterCa) -> None:
     receiver = bound_receiver(str(tmp_path / "notify"))
     environment = {k: v for k, v in os.environ.items() if not k.startswith("PEERD_")}
     environment.update(NOTIFY_SOCKET=str(tmp_path / "notify"), WATCHDOG_USEC="1000000")
@@ -176,7 +190,8 @@ def test_daemon_notifies_ready_watchdog_and_stopping(tmp_path: Path) -> None:
     # --linger keeps the daemon up for two watchdog periods after its rounds, however fast.
     command = [sys.executable, "-m", "peerd.cli", "start", "--no-mdns", "--min-peers", "1",
                "--rounds", "2", "--host", "127.0.0.1", "--port", "0", "--threads", "1",
-               "--state-dir", str(tmp_path / "state"), "--linger", "1"]
+               "--state-dir", str(tmp_path / "state"), "--linger", "1",
+               *cluster_ca.flags("peer-00")]
     with open(tmp_path / "out.log", "w") as log:
         process = subprocess.Popen(command, env=environment, stdout=log,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -196,7 +211,10 @@ def test_daemon_notifies_ready_watchdog_and_stopping(tmp_path: Path) -> None:
                 # READY promises that peers can reach the daemon: ask it at once.
                 address = re.search(rb"serving on (\S+),", datagram)
                 assert address is not None, datagram
-                with grpc.insecure_channel(address.group(1).decode()) as channel:
+                client = cluster_ca.identity("admin")
+                with grpc.secure_channel(address.group(1).decode(),
+                                         client.channel_credentials(),
+                                         options=[(TARGET_NAME_OPTION, "peer-00")]) as channel:
                     reply = peer_pb2_grpc.PeerStub(channel).Status(peer_pb2.StatusRequest(),
                                                                    timeout=5)
                 assert reply.self.peer_id

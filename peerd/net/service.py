@@ -3,6 +3,10 @@
 The servicer knows the wire, not the algorithm: everything about plans, views and rounds is
 asked of the `PeerHost` (the daemon). A bad message is answered with a specific status code and
 a message naming the problem, counted, and nothing from it reaches the model.
+
+On a TLS connection every message that claims a peer id (a Hello's `peer_id`, a pushed stream's
+`sender`, a pull's `requester`) must claim the name of the client's certificate: a member of
+the cluster cannot speak for another.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from peerd.net.codec import (
     WireError,
     encode_frames_off_loop,
 )
+from peerd.net.tls import client_certificate_name, is_tls
 from peerd.v1 import peer_pb2, peer_pb2_grpc
 
 log = logging.getLogger("peerd.service")
@@ -80,10 +85,23 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                             f"model fingerprint {fingerprint}, expected "
                             f"{expected.model_fingerprint}")
 
+    @staticmethod
+    def _check_claim(context: grpc.aio.ServicerContext, claimed: str) -> None:
+        """Refuses a claimed peer id other than the client certificate's name (TLS only:
+        without it there is nothing to check against)."""
+        if not is_tls(context):
+            return
+        name = client_certificate_name(context)
+        if name != claimed:
+            raise WireError(grpc.StatusCode.PERMISSION_DENIED,
+                            f"the client's certificate names {name!r} but the message claims "
+                            f"to come from {claimed!r}")
+
     async def Handshake(
         self, request: peer_pb2.Hello, context: grpc.aio.ServicerContext
     ) -> peer_pb2.Hello:
         try:
+            self._check_claim(context, request.peer_id)
             self._check_identity(request.protocol_version, request.cluster,
                                  request.model_fingerprint)
             self.host.admit(request)
@@ -98,6 +116,9 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         decoder = StreamDecoder(self.host.expectation, check_pool=CHECK_POOL)
         try:
             async for frame in request_iterator:
+                # Chunks arrive as bare memoryviews; the decoder refuses a second start.
+                if isinstance(frame, peer_pb2.SliceFrame) and frame.WhichOneof("body") == "start":
+                    self._check_claim(context, frame.start.sender)
                 decoder.feed(frame)
             # Waits for the last checksums and finiteness scans: off the event loop.
             decoded = await asyncio.get_running_loop().run_in_executor(None, decoder.finish)
@@ -110,6 +131,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         self, request: peer_pb2.PullRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Frame]:
         try:
+            self._check_claim(context, request.requester)
             self._check_identity(request.protocol_version, request.cluster,
                                  request.model_fingerprint)
             header, tensors = self.host.snapshot(request)
