@@ -1,8 +1,8 @@
 """`peerd bench scale`: round time and bytes per peer as the cluster grows, ring against full.
 
 For each cluster size and topology this runs a real local cluster (`peerd cluster`'s
-launcher: N `peerd start` processes on loopback, discovery, gRPC exchange), lets it train a
-few rounds on a small task and reads every daemon's rounds.jsonl. Per configuration it reports
+launcher: N `peerd start` processes on loopback, discovery, gRPC exchange over mutual TLS),
+lets it train a few rounds on a small task and reads every daemon's rounds.jsonl. Per configuration it reports
 the median round time over peers and rounds (the first round, which includes start-up skew,
 left out) and the median bytes a peer sends per round. On a ring each peer talks to two
 neighbours whatever N is, so its bytes stay flat; fully connected, they grow with N - 1.
@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peerd.bench.processes import BenchError, positive_int
-from peerd.cluster import ClusterConfig, DaemonProcess, launch, stop
+from peerd.cluster import ClusterConfig, DaemonProcess, launch, stop, tls_dirs
+from peerd.sim import peer_name
 
 POLL_INTERVAL_S = 0.5
 # Generous: 16 daemons on 2 cores start slowly (each imports torch) and train in turn.
@@ -62,7 +63,7 @@ def _wait_for_rounds(daemons: list[DaemonProcess], rounds: int) -> list[list[dic
 def measure(peers: int, topology: str, rounds: int, task: str, mu: float, out: Path) -> ScalePoint:
     config = ClusterConfig(peers=peers, topology=topology, method="msfusion", mu=mu, task=task,
                            rounds=rounds, out=str(out))
-    daemons = launch(config, out)
+    daemons = launch(config, out, tls_dirs(out, [peer_name(i) for i in range(peers)]))
     try:
         records = _wait_for_rounds(daemons, rounds)
     finally:
