@@ -4,9 +4,10 @@ For each cluster size and topology this runs a real local cluster (`peerd cluste
 launcher: N `peerd start` processes on loopback, discovery, gRPC exchange over mutual TLS),
 lets it train a few rounds on a small task and reads every daemon's rounds.jsonl. Per
 configuration it reports the median round time over peers and rounds (the first round, which
-includes start-up skew, left out) and the median bytes a peer sends per round. On a ring each peer talks to two
-neighbours whatever N is, so its bytes stay flat; fully connected, they grow with N - 1.
-All daemons share this machine's cores, so round time also grows with N through compute.
+includes start-up skew, left out) and the median bytes a peer sends per round. On a ring each
+peer talks to two neighbours whatever N is, so its bytes level off; fully connected, they grow
+with N - 1. All daemons share this machine's cores, so round time also grows with N through
+compute.
 """
 
 from __future__ import annotations
