@@ -21,6 +21,7 @@ from peerd.ca import DEFAULT_CA_DIR, DEVICE_KEY, init_ca, issue
 from peerd.cluster import ClusterConfig, ClusterError
 from peerd.config import (
     DEFAULT_CONFIG_FILE,
+    WIRE_DTYPES,
     ConfigError,
     DaemonConfig,
     SimConfig,
@@ -99,6 +100,8 @@ def _add_learning_options(parser: argparse.ArgumentParser, mu_per_peer: bool) ->
     parser.add_argument("--partition", type=_partition, default="iid",
                         metavar="iid|dirichlet:ALPHA|natural")
     parser.add_argument("--data-dir", default=None, help="your own copy of the task's data")
+    parser.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="float32",
+                        help="precision of exchanged values (default: %(default)s)")
 
 
 def _add_start(commands: argparse._SubParsersAction) -> None:
@@ -234,7 +237,7 @@ def _sim(args: argparse.Namespace) -> int:
         peers=args.peers, topology=args.topology, method=args.method, mu=args.mu,
         task=args.task, rounds=args.rounds, seed=args.seed, partition=args.partition,
         data_dir=args.data_dir, out=args.out, eval_every=args.eval_every,
-        eval_samples=args.eval_samples,
+        eval_samples=args.eval_samples, wire_dtype=args.wire_dtype,
     )
     progress = ProgressLine(enabled=not args.quiet)
     records = run(config, _progress_printer(progress, config.rounds))
@@ -295,7 +298,7 @@ def _cluster(args: argparse.Namespace) -> int:
         peers=args.peers, topology=args.topology, method=args.method, mu=args.mu,
         task=args.task, rounds=args.rounds, seed=args.seed, partition=args.partition,
         data_dir=args.data_dir, out=args.out, eval_every=args.eval_every,
-        eval_samples=args.eval_samples, mdns=not args.no_mdns,
+        eval_samples=args.eval_samples, mdns=not args.no_mdns, wire_dtype=args.wire_dtype,
     )
     progress = ProgressLine(enabled=not args.quiet)
 

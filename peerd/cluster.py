@@ -66,6 +66,7 @@ class ClusterConfig:
     mdns: bool = True
     static_peers: bool = True
     round_timeout_s: float = 120.0
+    wire_dtype: str = "float32"
 
 
 class ClusterError(RuntimeError):
@@ -134,6 +135,7 @@ def launch(config: ClusterConfig, out: Path, tls: dict[str, Path]) -> list[Daemo
             "--min-peers", str(config.peers), "--state-dir", str(state_dir),
             "--cluster", f"local-{os.getpid()}", "--threads", "1",
             "--round-timeout", str(config.round_timeout_s), "--linger", "600",
+            "--wire-dtype", config.wire_dtype,
             "--metrics-port", str(metrics_port), "--tls-dir", str(tls[peer_id]),
         ]
         if config.data_dir:

@@ -18,6 +18,10 @@ class ConfigError(ValueError):
     """A bad option value; the message names the option and what is allowed."""
 
 
+# Precisions for the exchanged values (`wire_dtype`): halving the bytes costs rounding.
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Local training of one sub-model in one round (SGD, fresh optimizer state each round)."""
@@ -61,9 +65,12 @@ class SimConfig:
     eval_every: int = 1
     eval_samples: int | None = None  # global test samples per evaluation; None: the task default
     train: TrainConfig | None = None  # None: the task's defaults (peerd/tasks.py)
+    wire_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _require(self.peers >= 1, "peers", self.peers, ">= 1")
+        _require(self.wire_dtype in WIRE_DTYPES, "wire_dtype", self.wire_dtype,
+                 f"one of {', '.join(WIRE_DTYPES)}")
         _require(self.rounds >= 1, "rounds", self.rounds, ">= 1")
         _require(self.eval_every >= 1, "eval_every", self.eval_every, ">= 1")
         _require(len(self.mu) >= 1, "mu", self.mu, "at least one value")
@@ -131,6 +138,9 @@ class DaemonConfig:
     rounds: int | None = option(None, "stop after this round (default: run until stopped)")
     min_peers: int = option(2, "members needed before the first round")
     seed: int = option(0, "seeds init, data split, plans and batches; the same on every member")
+    wire_dtype: str = option(
+        "float32", "precision of exchanged values: float32, float16 or bfloat16; the same on "
+        "every member")
     threads: int | None = option(None, "torch threads (default: all cores)")
     round_timeout_s: float = option(300.0, "seconds to wait for the neighbours' slices",
                                     "--round-timeout")
@@ -141,6 +151,8 @@ class DaemonConfig:
 
     def __post_init__(self) -> None:
         _require(0 < self.mu <= 1, "mu", self.mu, "in (0, 1]")
+        _require(self.wire_dtype in WIRE_DTYPES, "wire_dtype", self.wire_dtype,
+                 f"one of {', '.join(WIRE_DTYPES)}")
         _require(0 <= self.port <= 65535, "port", self.port, "in 0..65535 (0: any free port)")
         _require(self.min_peers >= 1, "min_peers", self.min_peers, ">= 1")
         _require(self.rounds is None or self.rounds >= 1, "rounds", self.rounds, ">= 1")

@@ -122,7 +122,7 @@ class Daemon:
         self.engine = Engine(
             self.peer_id, self.spec, init_params(self.spec, config.seed), train_split,
             test_split, make_planner(config.method, config.seed), load_topology(config.topology),
-            task.train, config.seed,
+            task.train, config.seed, config.wire_dtype,
         )
         self.fingerprint = fingerprint(self.spec)
         self.expectation = Expectation(PROTOCOL_VERSION, config.cluster, self.fingerprint,
@@ -215,7 +215,7 @@ class Daemon:
                             f"{header.sender}'s units differ from its plan for round "
                             f"{header.round}")
         counts = self.engine.expected_counts(ctx, header.sender)
-        return {name: (torch.float32, (count,)) for name, count in counts.items()}
+        return {name: (self.engine.wire_dtype, (count,)) for name, count in counts.items()}
 
     def accept_slice(self, decoded: DecodedStream) -> None:
         header = decoded.header

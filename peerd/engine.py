@@ -55,6 +55,7 @@ class Engine:
     def __init__(
         self, peer_id: str, spec: ModelSpec, params: Params, train_split: Split,
         test_split: Split, planner: Planner, topology: Topology, train: TrainConfig, seed: int,
+        wire_dtype: str = "float32",
     ) -> None:
         self.peer_id = peer_id
         self.spec = spec
@@ -65,6 +66,8 @@ class Engine:
         self.topology = topology
         self.train_config = train
         self.seed = seed
+        # Values travel in this precision and are merged back in the parameters' own.
+        self.wire_dtype: torch.dtype = getattr(torch, wire_dtype)
 
     @property
     def weight(self) -> float:
@@ -130,8 +133,9 @@ class Engine:
             SliceMessage(
                 sender=self.peer_id, receiver=neighbour, round_index=ctx.round_index,
                 weight=self.weight,
-                values=outbox(self.spec, self.params, self.own_plan(ctx),
-                              ctx.plans_now[neighbour], ctx.plans_next[neighbour]),
+                values={name: values.to(self.wire_dtype) for name, values in outbox(
+                    self.spec, self.params, self.own_plan(ctx), ctx.plans_now[neighbour],
+                    ctx.plans_next[neighbour]).items()},
             )
             for neighbour in ctx.neighbours
         ]
@@ -160,6 +164,11 @@ class Engine:
         expected_counts = self.expected_counts(ctx, message.sender)
         for name, values in message.values.items():
             expected = expected_counts[name]
+            if values.dtype != self.wire_dtype:
+                raise ValueError(
+                    f"message from {message.sender}: {name} is {values.dtype}, the cluster "
+                    f"exchanges {self.wire_dtype}"
+                )
             if values.dim() != 1 or values.numel() != expected:
                 raise ValueError(
                     f"message from {message.sender}: {name} has {values.numel()} values, "

@@ -60,7 +60,7 @@ def build(config: SimConfig) -> Simulation:
         engines.append(Engine(
             peer_id, spec, {name: t.clone() for name, t in initial.items()},
             data.train.subset(local_train), data.train.subset(local_test), planner, topology,
-            train, config.seed,
+            train, config.seed, config.wire_dtype,
         ))
     eval_samples = config.eval_samples if config.eval_samples is not None else task.eval_samples
     return Simulation(config, data, spec, engines, members, InMemoryTransport(),

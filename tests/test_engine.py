@@ -18,7 +18,10 @@ from peerd.transport import SliceMessage
 SPEC = CNNSpec(CNNConfig(image_size=8, stage_widths=(16, 32)))
 
 
-def make_engines(count: int, method: str = "msfusion", topology: str = "ring", mu: float = 0.5):
+def make_engines(
+    count: int, method: str = "msfusion", topology: str = "ring", mu: float = 0.5,
+    wire_dtype: str = "float32",
+):
     data = load_task_data("digits")
     planner = make_planner(method, seed=3)
     initial = init_params(SPEC, 3)
@@ -29,6 +32,7 @@ def make_engines(count: int, method: str = "msfusion", topology: str = "ring", m
             f"p{position}", SPEC, {n: t.clone() for n, t in initial.items()},
             data.train.subset(indices), data.test.subset(indices[:20]), planner,
             load_topology(topology), TrainConfig(lr=0.05, local_epochs=1), seed=3,
+            wire_dtype=wire_dtype,
         ))
     members = [Member(e.peer_id, mu) for e in engines]
     return engines, members
@@ -122,3 +126,38 @@ def test_training_is_deterministic_and_changes_only_the_slice() -> None:
                                  ctx.plans_now["p0"], ctx.plans_now["p0"])
         assert torch.equal(tensor[outside], before[name][outside]), name
     assert stats_a.samples == 100 and stats_a.steps == 4
+
+
+@pytest.mark.parametrize("wire_dtype", ["float16", "bfloat16"])
+def test_reduced_wire_precision_halves_the_bytes_and_rounds_only_the_exchange(
+    wire_dtype: str,
+) -> None:
+    results = {}
+    for dtype in ("float32", wire_dtype):
+        engines, members = make_engines(3, mu=0.5, wire_dtype=dtype)
+        contexts = [e.begin_round(0, members) for e in engines]
+        messages = [m for e, ctx in zip(engines, contexts, strict=True) for m in e.outbox(ctx)]
+        assert {v.dtype for m in messages for v in m.values.values()} == {getattr(torch, dtype)}
+        engines[0].merge(contexts[0], [m for m in messages if m.receiver == "p0"])
+        results[dtype] = (sum(m.payload_bytes() for m in messages), engines[0].params)
+    (full_bytes, exact), (half_bytes, rounded) = results["float32"], results[wire_dtype]
+    assert half_bytes * 2 == full_bytes
+    for name, tensor in exact.items():
+        assert rounded[name].dtype == torch.float32  # merged back in the parameters' precision
+        # Off by at most the rounding of the neighbours' share of each mean.
+        tolerance = 2.0 ** (-10 if wire_dtype == "float16" else -7)
+        assert torch.allclose(rounded[name], tensor, rtol=tolerance, atol=1e-6), name
+    assert any(not torch.equal(rounded[n], t) for n, t in exact.items())
+
+
+def test_a_message_in_another_precision_is_refused() -> None:
+    engines, members = make_engines(2, wire_dtype="float16")
+    ctx = engines[1].begin_round(0, members)
+    message = engines[1].outbox(ctx)[0]
+    as_float32 = SliceMessage(message.sender, message.receiver, message.round_index,
+                              message.weight, {n: v.float() for n, v in message.values.items()})
+    receiver_ctx = engines[0].begin_round(0, members)
+    before = {n: t.clone() for n, t in engines[0].params.items()}
+    with pytest.raises(ValueError, match=r"exchanges torch\.float16"):
+        engines[0].merge(receiver_ctx, [as_float32])
+    assert all(torch.equal(before[n], t) for n, t in engines[0].params.items())
