@@ -213,9 +213,9 @@ def test_adopts_a_reported_view_only_once_it_knows_every_member() -> None:
     ids = ("peer-00", "peer-01", "peer-02")
     reported = make_view([Member(p, mu) for p, mu in zip(ids, MUS, strict=True)])
     c = node("peer-02", mu=MUS[2])
-    # peer-00 committed {00, 01, 02}; c has not met peer-01 yet.
+    # peer-00 committed {00, 01, 02} and waits in its first round; c has not met peer-01 yet.
     c.membership.observe(hand_hello("peer-00", address="10.0.0.1:50051", mu=MUS[0],
-                                    members=ids, view_id=reported.view_id, round_index=2), 0)
+                                    members=ids, view_id=reported.view_id), 0)
     assert c.membership.try_commit() is None  # peer-01's capacity is unknown to c
     assert c.membership.view is None and c.hello().view_id == ""
     # peer-01 is still a candidate that has not met c: rule 2 cannot apply, rule 1 can.
