@@ -348,15 +348,19 @@ class Daemon:
 
     async def _handshake_forever(self, discovery: DiscoveryManager) -> None:
         assert self.membership is not None
+
+        async def handshake(address: str) -> None:
+            try:
+                self.admit(await self.clients.handshake(address, self.hello()))
+            except (grpc.aio.AioRpcError, WireError) as error:
+                log.debug("handshake with %s failed: %s", address, error)
+
         while True:
-            for candidate in discovery.candidates():
-                if candidate.address == self.membership.address:
-                    continue
-                try:
-                    reply = await self.clients.handshake(candidate.address, self.hello())
-                    self.admit(reply)
-                except (grpc.aio.AioRpcError, WireError) as error:
-                    log.debug("handshake with %s failed: %s", candidate.address, error)
+            # All at once: a slow or dead peer must not delay hearing from the others (silence
+            # drops members from the view).
+            await asyncio.gather(*(handshake(candidate.address)
+                                   for candidate in discovery.candidates()
+                                   if candidate.address != self.membership.address))
             # Silence is noticed here: a dead peer sends no handshakes that would tick.
             self.membership.tick(self.round_index)
             await asyncio.sleep(HANDSHAKE_INTERVAL_S)

@@ -23,18 +23,21 @@ round's view; peers never merge slices across views.
 
 Leaving: a member that has not been heard from *as a member* (a handshake reporting a view that
 contains it) for `dead_after_s` is dropped by the survivors, without a coordinator:
-1. a member that finds another silent, or sees a fellow member propose to drop it, proposes to
-   drop it from its own next round (a leave ticket in its handshakes); a proposal is never
-   withdrawn;
-2. every member raises its ticket to the highest round proposed by a survivor (a member of the
-   view nobody proposes to drop); the leave is decided at round L once every survivor proposes
-   the same round L for the same set of members to drop, or once one survivor reports it
-   decided. L is the highest proposal of all survivors, so every survivor decides the same L;
+1. a member that finds another silent proposes to drop it from its own next round (a leave
+   ticket in its handshakes); a proposal is never withdrawn;
+2. its *survivors* are the members of the view it does not propose to drop. It raises its
+   ticket to the highest round any survivor proposes for the same member, and decides the
+   leave at round L once the survivors are a quorum (more than half of the view, or half with
+   its lowest id) and every one of them proposes round L and the same set of members to drop,
+   or once one of them reports the leave decided. Values only ever grow towards the highest
+   proposal among the survivors, so every survivor decides the same L;
 3. a member does not start a round at or after its own ticket's round while the leave is
    undecided, so nobody has started round L when it is decided, and every survivor drops the
-   member from round L on. Meanwhile nobody waits for the silent member's slices.
-A member that sees a ticket dropping itself is out: it rejoins like any new peer, with its id.
-See docs/NETWORK.md for why this rule is sound and what it does not cover.
+   member from round L on. Nobody waits for the slices of a member it proposes to drop.
+A member is out when a fellow member reports the leave of it decided, or a view since it
+entered that lacks it; also when its own proposal stays undecided for GIVE_UP_AFTER times
+`dead_after_s` (the others still hear that member: this one is the odd one out, e.g. after a
+stall). Out, it rejoins like any new peer, with its id. See docs/NETWORK.md.
 """
 
 from __future__ import annotations
@@ -56,6 +59,10 @@ STALE_AFTER_S = 5.0
 
 # A member silent this long (as a member) is dropped from the view; `--dead-after` sets it.
 DEAD_AFTER_S = 10.0
+
+# A member whose proposal to drop another stays undecided this many times `dead_after_s`
+# leaves itself: for a dead member every survivor proposes within a handshake or two.
+GIVE_UP_AFTER = 3
 
 # Members of a live run are at most a round or two apart (ring neighbours at most one), and a
 # peer keeps its last few checkpoints (3 by default): a whole cluster restarted after a power
@@ -138,6 +145,7 @@ class KnownPeer:
 class LeaveTicket:
     round: int  # pending: the proposed round (only ever raised); decided: the first round without
     decided: bool = False
+    proposed_at: float = 0.0  # local clock; not on the wire
 
 
 @dataclass
@@ -350,15 +358,15 @@ class Membership:
                    if peer.peer_id in peer.members and now - peer.last_seen < STALE_AFTER_S)
 
     def dropped(self) -> bool:
-        """True when a fellow member drops this peer (a leave ticket for it, or a view since this
-        peer entered that lacks it): it is out and must join again."""
+        """True when this peer is out of the view (see the rules above) and must join again."""
         if self.view is None:
             return False
         me = self.me.peer_id
         fellows = [self.known[p] for p in self.view.ids if p in self.known]
         return self.out_of_step or any(
-            me in peer.leaves or (peer.peer_id in peer.members and me not in peer.members
-                                  and peer.view_round >= self.first_round)
+            (me in peer.leaves and peer.leaves[me].decided)
+            or (peer.peer_id in peer.members and me not in peer.members
+                and peer.view_round >= self.first_round)
             for peer in fellows)
 
     def leaving(self) -> frozenset[str]:
@@ -380,14 +388,18 @@ class Membership:
                 continue
             peer = self.known.get(member)
             seen = max(peer.last_member_seen if peer else 0.0, self.view_since)
-            proposers = [p for p in view.ids if p in self.known and member in self.known[p].leaves]
-            if now - seen >= self.dead_after_s or proposers:
-                self.leaves[member] = LeaveTicket(floor)
-                log.warning("proposing to drop %s from round %d: %s", member, floor,
-                            f"proposed by {', '.join(proposers)}" if proposers else
-                            f"not heard from as a member for {now - seen:.1f} s")
+            if now - seen >= self.dead_after_s:
+                self.leaves[member] = LeaveTicket(floor, proposed_at=now)
+                log.warning("proposing to drop %s from round %d: not heard from as a member "
+                            "for %.1f s", member, floor, now - seen)
         self._decide_leaves(my_round)
         self._forget_leaves(my_round)
+        stuck = [p for p, t in self.leaves.items()
+                 if not t.decided and now - t.proposed_at >= GIVE_UP_AFTER * self.dead_after_s]
+        if stuck and not self.out_of_step:
+            log.warning("the others do not agree to drop %s: this peer leaves the view and joins "
+                        "again", ", ".join(stuck))
+            self.out_of_step = True
 
     def _decide_leaves(self, my_round: int) -> None:
         pending = {p for p, ticket in self.leaves.items() if not ticket.decided}
