@@ -5,11 +5,14 @@ carries its id, capacity, round and its own idea of the members. The *view* (the
 the run, sorted by id, with their capacities) is agreed without a coordinator.
 
 The first view:
-1. a peer that learns of a committed view that contains it adopts that view, once it has
-   handshaken every member of it (it needs their capacities to compute their plans);
+1. a peer that learns of a committed view that contains it, from a member still in that view's
+   first round, adopts that view, once it has handshaken every member of it (it needs their
+   capacities to compute their plans);
 2. otherwise it commits its own candidate set (itself + every known peer) once that set has at
-   least `min_peers` members and every other member reports exactly the same candidate set.
-Rule 1 makes the first committed view win: a peer that appears later joins instead of forking.
+   least `min_peers` members and every other member reports exactly the same candidate set;
+   the view starts at the round its members resume at (their checkpoints; `resume_round`).
+Rule 1 makes the first committed view win: a peer that appears later joins instead of forking,
+and a restarted member whose view has moved on waits to be dropped, then joins.
 
 Joining a running view is a two-phase commit that the joiner coordinates for itself:
 1. the joiner asks every member to let it in at a boundary round B (a few rounds ahead of the
