@@ -690,32 +690,36 @@ def test_a_silent_member_is_dropped_by_every_survivor_from_the_same_round() -> N
 
 
 def test_a_suspicion_the_others_do_not_share_makes_the_suspicious_member_leave() -> None:
-    """a stalls (or loses its link to c); b and c hear each other and a. a's proposal is not
-    adopted, accuses nobody out, and after GIVE_UP_AFTER times the silence a leaves itself;
-    b and c then drop a, and the view is theirs."""
+    """a no longer hears c, though c hears a and b hears both (a one-way link failure, or a
+    stall of a's own). a's proposal is not agreed, puts nobody out, and after GIVE_UP_AFTER
+    times the silence a leaves itself; b and c then drop a, and the view is theirs."""
     clock, (a, b, c) = clocked(3, rounds=(5, 5, 5))
-    clock.now += DEAD_AFTER + 1
-    exchange([b, c])
-    exchange([a, b])
-    tick([a, b, c])
+
+    def step() -> None:
+        clock.now += 1.0
+        exchange([b, c])
+        a.sees(b)
+        b.sees(a)
+        c.sees(a)
+        tick([a, b, c])
+
+    for _ in range(int(DEAD_AFTER)):
+        step()
     assert leave_tickets(a) == {"peer-02": (6, False)}
     assert leave_tickets(b) == leave_tickets(c) == {}
-    c.sees(a)
     assert not c.membership.dropped()  # a pending accusation does not put c out
     assert not a.membership.settle_leaves(6)  # a waits for a decision that does not come
-    for _ in range(int(GIVE_UP_AFTER * DEAD_AFTER)):
-        clock.now += 1.0
-        exchange([a, b, c])
-        tick([a, b, c])
-    assert a.membership.dropped() and not b.membership.dropped() and not c.membership.dropped()
+    while not a.membership.dropped():
+        step()
+    assert clock.now - 1000.0 >= GIVE_UP_AFTER * DEAD_AFTER
+    assert not b.membership.dropped() and not c.membership.dropped()
     assert b.membership.view_at(6).ids == ("peer-00", "peer-01", "peer-02")
-    a.membership.rejoin()
+    a.membership.rejoin()  # its handshakes now report no view: b and c stop hearing a member
     for _ in range(int(DEAD_AFTER) + 3):
-        clock.now += 1.0
-        exchange([a, b, c])
-        tick([b, c])
+        step()
     assert leave_tickets(b) == leave_tickets(c) == {"peer-00": (6, True)}
     assert b.membership.view_at(6).ids == c.membership.view_at(6).ids == ("peer-01", "peer-02")
+    a.sees(b, c)
     running = a.membership.running_view()
     assert running is not None and running.ids == ("peer-01", "peer-02")
 
@@ -824,3 +828,26 @@ def test_simulated_deaths_every_survivor_agrees_and_goes_on() -> None:
             for other in alive:
                 for round_index, view_id in started[n.peer_id].items():
                     assert started[other.peer_id].get(round_index, view_id) == view_id
+
+
+def test_a_leave_during_an_accepted_join_falls_after_the_join_round() -> None:
+    clock, (a, b, _) = clocked(3, rounds=(5, 5, 5))
+    joiner = hand_hello("peer-09", join_round=9)
+    for n in (a, b):
+        n.membership.observe(joiner, n.round)
+    assert a.membership.tickets == b.membership.tickets == {"peer-09": 9}
+    clock.now += DEAD_AFTER + 1  # peer-02 dies while the join is open
+    for _ in range(2):
+        exchange([a, b])
+        for n in (a, b):
+            n.membership.observe(joiner, n.round)
+        tick([a, b])
+    # Proposed after the join round: the view the joiner confirms is the members' at round 9.
+    assert leave_tickets(a) == leave_tickets(b) == {"peer-02": (10, True)}
+    confirmed = hand_hello("peer-09", join_round=9, join_confirmed=True)
+    for n in (a, b):
+        n.membership.observe(confirmed, n.round)
+        assert n.membership.settle_leaves(9) and n.membership.settle_joins(9)
+        assert n.membership.view_at(9).ids == ("peer-00", "peer-01", "peer-02", "peer-09")
+        assert n.membership.view_at(10).ids == ("peer-00", "peer-01", "peer-09")
+        assert [r for r, _ in n.membership.views] == [0, 9, 10]

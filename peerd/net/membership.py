@@ -309,8 +309,7 @@ class Membership:
                                 for p in self._view_ids() if p in self.known)
             del self.tickets[joiner]
             if confirmed and self.view is not None:
-                joined = make_view([*self.view.members, Member(joiner, peer.mu)])
-                self._set_views([*self.views, (round_index, joined)])
+                self._change_from(round_index, add=Member(joiner, peer.mu))
         return True
 
     def undecided_before(self, round_index: int) -> bool:
@@ -404,21 +403,28 @@ class Membership:
                         "again", ", ".join(stuck))
             self.out_of_step = True
 
+    def _survivors(self) -> list[KnownPeer]:
+        """The fellow members this peer does not propose to drop."""
+        return [self.known[p] for p in self._view_ids() if p != self.me.peer_id
+                and p in self.known and p not in self.leaves]
+
     def _decide_leaves(self, my_round: int) -> None:
+        # A leave a survivor reports decided is decided, whether or not this peer found the
+        # member silent too (e.g. a joiner whose view began after the others decided).
+        for member in self._view_ids():
+            decided = [peer.leaves[member].round for peer in self._survivors()
+                       if member in peer.leaves and peer.leaves[member].decided]
+            if member != self.me.peer_id and decided:
+                self._apply_leave(member, decided[0], my_round)
         pending = {p for p, ticket in self.leaves.items() if not ticket.decided}
-        survivors = [self.known[p] for p in self._view_ids()
-                     if p != self.me.peer_id and p not in pending and p in self.known]
+        survivors = self._survivors()
+        view_ids = set(self._view_ids())
         quorum = has_quorum({self.me.peer_id, *(peer.peer_id for peer in survivors)},
                             self._view_ids())
         for member in sorted(pending):
             ticket = self.leaves[member]
             reports = [peer.leaves.get(member) for peer in survivors]
-            decided = [r.round for r in reports if r is not None and r.decided]
-            if decided:
-                self._apply_leave(member, decided[0], my_round)
-                continue
             ticket.round = max([ticket.round, *(r.round for r in reports if r is not None)])
-            view_ids = set(self._view_ids())
             if quorum and all(r is not None and r.round == ticket.round for r in reports) and all(
                     peer.pending_leaves() & view_ids == pending for peer in survivors):
                 self._apply_leave(member, ticket.round, my_round)
@@ -431,14 +437,21 @@ class Membership:
             # disagree with the others': it leaves (the daemon sees dropped()) and joins again.
             self.out_of_step = True
             return
+        self._change_from(first_round, remove=member)
+
+    def _change_from(self, first_round: int, remove: str | None = None,
+                     add: Member | None = None) -> None:
+        """Remove or add a member in the view of `first_round` and of every later round (a
+        later view may already be known: a join or leave decided for a later round)."""
+        def changed(view: View) -> View:
+            kept = [m for m in view.members if m.peer_id != remove]
+            return make_view(kept + ([add] if add is not None else []))
+
         base = self.view_at(first_round)
-        changed = [(r, View(tuple(m for m in v.members if m.peer_id != member)))
-                   for r, v in self.views if r >= first_round]
-        kept = [(r, v) for r, v in self.views if r < first_round]
-        if base is not None and all(r != first_round for r, _ in changed):
-            changed.append((first_round, View(tuple(m for m in base.members
-                                                    if m.peer_id != member))))
-        self._set_views(kept + changed)
+        later = [(r, changed(v)) for r, v in self.views if r >= first_round]
+        if base is not None and all(r != first_round for r, _ in later):
+            later.append((first_round, changed(base)))
+        self._set_views([(r, v) for r, v in self.views if r < first_round] + later)
 
     def _forget_leaves(self, my_round: int) -> None:
         """Drop decided tickets once every survivor is past their round (all have decided)."""
