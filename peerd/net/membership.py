@@ -32,8 +32,9 @@ contains it) for `dead_after_s` is dropped by the survivors, without a coordinat
    ticket to the highest round any survivor proposes for the same member, and decides the
    leave at round L once the survivors are a quorum (more than half of the view, or half with
    its lowest id) and every one of them proposes round L and the same set of members to drop,
-   or once one of them reports the leave decided. Values only ever grow towards the highest
-   proposal among the survivors, so every survivor decides the same L;
+   or once one of them reports the leave decided (learnt then even without a proposal of its
+   own). Values only ever grow towards the highest proposal among the survivors, so every
+   survivor decides the same L;
 3. a member does not start a round at or after its own ticket's round while the leave is
    undecided, so nobody has started round L when it is decided, and every survivor drops the
    member from round L on. Nobody waits for the slices of a member it proposes to drop.
