@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from peerd.config import SimConfig, TrainConfig
+from peerd.data import load_task_data
+from peerd.models.base import fingerprint
 from peerd.sim import build, run_round
 from peerd.state import (
     CHECKPOINT_DIR,
@@ -22,6 +26,8 @@ from peerd.state import (
     rewind,
     save_checkpoint,
 )
+from peerd.submodel import init_params
+from peerd.tasks import BLOCK_SIZE, get_task
 
 IDENTITY = {"peer_id": "peer-00", "task": "digits", "method": "msfusion", "seed": 0,
             "model_fingerprint": "fp"}
@@ -189,3 +195,19 @@ def test_resuming_from_checkpoints_continues_the_run_exactly(tmp_path: Path) -> 
     for engine, reference in zip(resumed.engines, straight.engines, strict=True):
         for name, tensor in engine.params.items():
             assert torch.equal(tensor, reference.params[name]), (engine.peer_id, name)
+
+
+def test_a_daemon_refuses_to_resume_another_runs_checkpoint(tmp_path: Path) -> None:
+    data = load_task_data("digits", None, block_size=BLOCK_SIZE)
+    spec = get_task("digits").model(data)
+    save_checkpoint(tmp_path, 4, init_params(spec, 0),
+                    {**IDENTITY, "model_fingerprint": fingerprint(spec), "rounds_done": 4,
+                     "train_loss": 1.0, "bytes_sent": 0, "bytes_received": 0,
+                     "view": [["peer-00", 0.5]]}, keep=3)
+    started = subprocess.run(
+        [sys.executable, "-m", "peerd.cli", "start", "--no-mdns", "--host", "127.0.0.1",
+         "--port", "0", "--peer-id", "peer-00", "--state-dir", str(tmp_path), "--seed", "1",
+         "--threads", "1"],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert started.returncode == 2, started.stderr  # a configuration error: systemd won't loop
+    assert "round-000004.json belongs to another run: seed 0 (this daemon: 1)" in started.stderr
