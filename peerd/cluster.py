@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -38,6 +39,7 @@ from peerd.net.codec import Expectation
 from peerd.net.tls import TlsIdentity
 from peerd.plan import Member, Plans, make_planner
 from peerd.sim import peer_name
+from peerd.state import CHECKPOINT_DIR
 from peerd.submodel import forward_flops_per_sample, init_params
 from peerd.tasks import BLOCK_SIZE, get_task
 from peerd.v1 import peer_pb2
@@ -126,6 +128,8 @@ def launch(config: ClusterConfig, out: Path, tls: dict[str, Path]) -> list[Daemo
         state_dir.mkdir(parents=True, exist_ok=True)
         for stale in ("rounds.jsonl", "daemon.log"):
             (state_dir / stale).unlink(missing_ok=True)
+        # A demo cluster starts afresh: a daemon would resume from an earlier run's checkpoints.
+        shutil.rmtree(state_dir / CHECKPOINT_DIR, ignore_errors=True)
         args = [
             sys.executable, "-m", "peerd.cli", "start", "--peer-id", peer_id,
             "--host", "127.0.0.1", "--port", str(port), "--topology", config.topology,

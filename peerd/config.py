@@ -123,7 +123,8 @@ class DaemonConfig:
                         "--no-mdns")
     mdns_interface: str | None = option(None, "IPv4 address of the interface mDNS uses")
     cluster: str = option("default", "cluster name: peers of other clusters are ignored")
-    state_dir: str = option("peerd-state", "peer id, parameters and per-round log")
+    state_dir: str = option("peerd-state",
+                            "peer id, per-round checkpoints, parameters and per-round log")
     peer_id: str | None = option(
         None, "this peer's id; with TLS it must be the certificate's name (default: the "
         "certificate's name; with --insecure, the one kept in state_dir)")
@@ -144,6 +145,11 @@ class DaemonConfig:
     threads: int | None = option(None, "torch threads (default: all cores)")
     round_timeout_s: float = option(300.0, "seconds to wait for the neighbours' slices",
                                     "--round-timeout")
+    dead_after_s: float = option(
+        10.0, "seconds a member may go unheard before the others drop it from the view",
+        "--dead-after")
+    checkpoints_kept: int = option(
+        3, "checkpoints kept in state_dir/checkpoints, one per round (0: none written)")
     metrics_port: int | None = option(None, "port of the Prometheus endpoint (default: off)")
     log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR")
     linger_s: float = option(0.0, "seconds to keep serving pulls after the last round",
@@ -160,6 +166,9 @@ class DaemonConfig:
                  "1 to 64 characters")
         _require(self.threads is None or self.threads >= 1, "threads", self.threads, ">= 1")
         _require(self.round_timeout_s > 0, "round_timeout_s", self.round_timeout_s, "> 0")
+        # Handshakes repeat every 0.5 s: a shorter silence is no evidence of anything.
+        _require(self.dead_after_s >= 1, "dead_after_s", self.dead_after_s, ">= 1")
+        _require(self.checkpoints_kept >= 0, "checkpoints_kept", self.checkpoints_kept, ">= 0")
         _require(self.linger_s >= 0, "linger_s", self.linger_s, ">= 0")
         _require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port",
                  self.metrics_port, "in 0..65535, or unset for no endpoint")

@@ -3,7 +3,8 @@
 Training, slicing and merging run on a single worker thread (the engine is not thread-safe and
 the event loop must never block); the loop keeps answering handshakes, pushes, pulls and
 status calls meanwhile. Rounds are synchronous: a round closes when every topology neighbour's
-slice for it has arrived (or the round timeout passes).
+slice for it has arrived (or the round timeout passes, or the neighbour is being dropped from
+the view). After every merge the worker writes a checkpoint; a restarted daemon resumes from it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from peerd.net import GRPC_OPTIONS, PROTOCOL_VERSION
 from peerd.net.client import PeerClients
 from peerd.net.codec import DecodedStream, Expectation, WireError
 from peerd.net.discovery import (
+    Candidate,
     Discovery,
     DiscoveryManager,
     MdnsDiscovery,
@@ -49,7 +51,15 @@ from peerd.net.service import PeerService
 from peerd.net.tls import TlsError, TlsIdentity
 from peerd.plan import Member, make_planner
 from peerd.progress import ProgressLine
-from peerd.state import load_or_create_peer_id, save_parameters
+from peerd.state import (
+    ROUNDS_LOG,
+    Checkpoint,
+    load_checkpoint,
+    load_or_create_peer_id,
+    rewind,
+    save_checkpoint,
+    save_parameters,
+)
 from peerd.submodel import init_params
 from peerd.systemd import Notifier, watchdog_loop
 from peerd.tasks import BLOCK_SIZE, get_task
@@ -62,6 +72,7 @@ log = logging.getLogger("peerd.daemon")
 SNAPSHOTS_KEPT = 8
 HANDSHAKE_INTERVAL_S = 0.5
 SERVER_GRACE_S = 5.0
+COLLECT_POLL_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,9 @@ class Daemon:
         self.fingerprint = fingerprint(self.spec)
         self.expectation = Expectation(PROTOCOL_VERSION, config.cluster, self.fingerprint,
                                        self._expected_tensors)
+        # What a checkpoint must match to be resumed from (anything else is another run).
+        self.identity = {"peer_id": self.peer_id, "task": config.task, "method": config.method,
+                         "seed": config.seed, "model_fingerprint": self.fingerprint}
         self.membership: Membership | None = None
         self.clients = PeerClients(self.tls, push_timeout_s=config.round_timeout_s)
         self.round_index = 0
@@ -145,6 +159,11 @@ class Daemon:
             self.exporter = Exporter(self.peer_id, config.cluster, self.fingerprint, config.mu)
         self.on_round: Callable[[dict], None] | None = None  # e.g. a terminal progress line
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._checkpointed = False
+        resumed = self._load_checkpoint(None)
+        if resumed is not None:
+            log.info("resuming after round %d from %s", resumed.round, resumed.path)
+            self._resume(resumed)
 
     def _local_data(self, data: TaskData) -> tuple[Split, Split]:
         config = self.config
@@ -173,6 +192,7 @@ class Daemon:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"capacity mu={hello.capacity.mu} is outside (0, 1]")
         self.membership.observe(hello, self.round_index)
+        self.membership.tick(self.round_index)
 
     def _context(self, round_index: int) -> RoundContext:
         assert self.membership is not None
@@ -295,7 +315,8 @@ class Daemon:
             raise OSError(f"cannot listen on {bind}")
         address = f"{advertised_host(self.config)}:{port}"
         self.membership = Membership(Member(self.peer_id, self.config.mu), address,
-                                     self.config.min_peers)
+                                     self.config.min_peers,
+                                     dead_after_s=self.config.dead_after_s)
         await server.start()
         if self.exporter is not None:
             metrics_port = self.exporter.start(self.config.host, self.config.metrics_port)
@@ -353,26 +374,39 @@ class Daemon:
 
     async def _handshake_forever(self, discovery: DiscoveryManager) -> None:
         assert self.membership is not None
+
+        async def handshake(candidate: Candidate) -> None:
+            # An mDNS record's peer id is only a hint: the TLS handshake proves it.
+            expected = candidate.record.peer_id if candidate.record else None
+            try:
+                self.admit(await self.clients.handshake(candidate.address, self.hello(),
+                                                        expected))
+            except (grpc.aio.AioRpcError, WireError) as error:
+                log.debug("handshake with %s failed: %s", candidate.address, error)
+
         while True:
-            for candidate in discovery.candidates():
-                if candidate.address == self.membership.address:
-                    continue
-                # An mDNS record's peer id is only a hint: the TLS handshake proves it.
-                expected = candidate.record.peer_id if candidate.record else None
-                try:
-                    reply = await self.clients.handshake(candidate.address, self.hello(), expected)
-                    self.admit(reply)
-                except (grpc.aio.AioRpcError, WireError) as error:
-                    log.debug("handshake with %s failed: %s", candidate.address, error)
+            # All at once: a slow or dead peer must not delay hearing from the others (silence
+            # drops members from the view).
+            await asyncio.gather(*(handshake(candidate)
+                                   for candidate in discovery.candidates()
+                                   if candidate.address != self.membership.address))
+            # Silence is noticed here: a dead peer sends no handshakes that would tick.
+            self.membership.tick(self.round_index)
             await asyncio.sleep(HANDSHAKE_INTERVAL_S)
 
     async def _wait_for_view(self) -> View | None:
         """The first view: agreed with the others, or entered by joining a running one."""
         assert self.membership is not None
         while not self._stopping.is_set():
-            view = self.membership.try_commit()
+            view = self.membership.try_commit(self.round_index)
             if view is not None:
-                log.info("view %s committed: %s", view.view_id, ", ".join(view.ids))
+                first_round = self.membership.first_round
+                log.info("view %s committed from round %d: %s", view.view_id, first_round,
+                         ", ".join(view.ids))
+                resumed_at = self.round_index
+                self.round_index = first_round
+                await asyncio.get_running_loop().run_in_executor(
+                    self._worker, self._enter_resumed, first_round, resumed_at)
                 return view
             running = self.membership.running_view()
             joined = self.membership.advance_join() if running is not None else None
@@ -400,10 +434,13 @@ class Daemon:
             model_fingerprint=self.fingerprint, requester=self.peer_id, round=round_index)
         deadline = time.monotonic() + self.config.round_timeout_s
         pulled: dict[str, DecodedStream] = {}
-        while len(pulled) < len(running.ids) and not self._stopping.is_set():
-            for member in running.ids:
-                if member in pulled:
-                    continue
+        while not self._stopping.is_set():
+            # A member being dropped meanwhile has nothing more to give.
+            wanted = [m for m in running.ids if m not in pulled
+                      and m not in self.membership.leaving()]
+            if not wanted:
+                break
+            for member in wanted:
                 try:
                     pulled[member] = await self.clients.pull(
                         self.membership.known[member].address, member, request, expectation)
@@ -412,25 +449,93 @@ class Daemon:
                         raise RuntimeError(f"could not pull round {round_index} from {member}: "
                                            f"{error.details()}") from None
             await asyncio.sleep(0.2)
-        params = {member: stream.tensors for member, stream in pulled.items()}
-        # Plans are a pure function: computed here, never taken from the wire.
-        plans = self.engine.planner.plan(round_index - 1, running.members, self.spec.groups)
-        assembled = assemble(self.spec, params, plans)
-        for name, tensor in self.engine.params.items():
-            tensor.copy_(assembled[name])
+        if pulled:
+            params = {member: stream.tensors for member, stream in pulled.items()}
+            # Plans are a pure function: computed here, never taken from the wire.
+            plans = self.engine.planner.plan(round_index - 1, running.members,
+                                             self.spec.groups)
+            assembled = assemble(self.spec, params, plans)
+            for name, tensor in self.engine.params.items():
+                tensor.copy_(assembled[name])
         self.round_index = round_index
+        await asyncio.get_running_loop().run_in_executor(self._worker, rewind, self.state_dir,
+                                                         round_index)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def _load_checkpoint(self, near_round: int | None) -> Checkpoint | None:
+        shapes = {name: tuple(tensor.shape) for name, tensor in self.engine.params.items()}
+        return load_checkpoint(self.state_dir, shapes, self.identity, near_round)
+
+    def _resume(self, checkpoint: Checkpoint) -> None:
+        """Take a checkpoint's parameters and counters; its round is where this peer asks to
+        start (the first view starts at the lowest such round among its members)."""
+        for name, tensor in self.engine.params.items():
+            tensor.copy_(checkpoint.params[name])
+        record = checkpoint.record
+        self.round_index = checkpoint.round
+        self.rounds_done = record["rounds_done"]
+        self.bytes_sent, self.bytes_received = record["bytes_sent"], record["bytes_received"]
+        self.last_loss = record["train_loss"]
+        # Peers may pull these parameters (a joiner's start) before this peer finishes a round.
+        members = tuple(Member(peer, mu) for peer, mu in record["view"])
+        if any(m.peer_id == self.peer_id for m in members):
+            plan = self.engine.planner.plan(checkpoint.round - 1, members,
+                                            self.spec.groups)[self.peer_id]
+            self._snapshots[checkpoint.round] = (dict(checkpoint.params), plan)
+
+    def _enter_resumed(self, first_round: int, resumed_at: int) -> None:
+        """Worker: the first view starts at `first_round`; if that is not the round this
+        peer's checkpoint is for, take the checkpoint after `first_round` rounds (or the
+        closest one). Later checkpoints and records are dropped: those rounds run again."""
+        if first_round != resumed_at:
+            checkpoint = self._load_checkpoint(first_round)
+            if checkpoint is None:
+                log.warning("no checkpoint here: round %d starts from the initial parameters",
+                            first_round)
+            else:
+                if checkpoint.round != first_round:
+                    log.warning("no sound checkpoint after round %d here: starting it from "
+                                "%s", first_round, checkpoint.path)
+                self._resume(checkpoint)
+            self.round_index = first_round
+        rewind(self.state_dir, first_round)
+
+    def _checkpoint(self, round_index: int, meta: dict) -> float:
+        """Worker: write the checkpoint after `round_index` rounds; returns its seconds."""
+        started = time.perf_counter()
+        size = save_checkpoint(self.state_dir, round_index, self.engine.params, meta,
+                               self.config.checkpoints_kept)
+        elapsed = time.perf_counter() - started
+        # The first one at INFO: what a checkpoint costs on this board, once per start.
+        log.log(logging.DEBUG if self._checkpointed else logging.INFO,
+                "checkpoint after round %d: %d bytes in %.1f ms", round_index, size,
+                elapsed * 1000)
+        self._checkpointed = True
+        return elapsed
 
     async def _train(self) -> None:
-        view = await self._wait_for_view()
-        if view is None:
-            return
+        assert self.membership is not None
+        while await self._wait_for_view() is not None:
+            if not await self._run_rounds():
+                return
+            log.warning("peer %s was dropped from the view in round %d; joining again",
+                        self.peer_id, self.round_index)
+            self.membership.rejoin()
+            self._contexts.clear()
+            self._inbox.clear()
+
+    async def _run_rounds(self) -> bool:
+        """Rounds until the last one or a stop; True when this peer was dropped from the view
+        instead (it then joins again)."""
+        assert self.membership is not None
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         while not self._stopping.is_set() and (
             self.config.rounds is None or self.round_index < self.config.rounds
         ):
-            if not await self._settle_joins():
-                return
+            if not await self._settle():
+                return self.membership.dropped()
             view = self.membership.view_at(self.round_index)
             round_started = time.monotonic()
             ctx = self._context(self.round_index)
@@ -439,33 +544,55 @@ class Daemon:
             await self._push_all(view, ctx, outgoing)
             arrived = await self._collect(ctx)
             if arrived is None:
-                return
+                return self.membership.dropped()
             await loop.run_in_executor(self._worker, self.engine.merge, ctx, arrived)
             if self.exporter is not None:
                 for _ in arrived:  # synchronous rounds merge only slices of the round itself
                     self.exporter.observe_staleness(0)
-            await loop.run_in_executor(self._worker, self._keep_snapshot, ctx)
-            local = await loop.run_in_executor(self._worker, self.engine.evaluate_local, ctx)
             self.last_loss = stats.loss
             self.rounds_done += 1
+            await loop.run_in_executor(self._worker, self._keep_snapshot, ctx)
+            checkpoint_s = None
+            if self.config.checkpoints_kept:
+                checkpoint_s = await loop.run_in_executor(
+                    self._worker, self._checkpoint, ctx.round_index + 1, self._checkpoint_meta(ctx))
+            local = await loop.run_in_executor(self._worker, self.engine.evaluate_local, ctx)
             self._record_round(ctx, stats, local, time.monotonic() - round_started,
-                               time.monotonic() - started)
+                               time.monotonic() - started, checkpoint_s)
             self._forget_before(self.round_index)
             self.round_index += 1
+        return False
 
-    async def _settle_joins(self) -> bool:
-        """Wait until every join accepted for this round is decided; False when stopping."""
+    def _checkpoint_meta(self, ctx: RoundContext) -> dict:
+        return {**self.identity, "cluster": self.config.cluster,
+                "view": [[m.peer_id, m.mu] for m in ctx.members],
+                "rounds_done": self.rounds_done, "train_loss": self.last_loss,
+                "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received}
+
+    async def _settle(self) -> bool:
+        """Wait until the view of this round is known: every leave that may take effect now
+        and every join accepted for it decided. False when stopping or dropped."""
         assert self.membership is not None
-        before = self.membership.view_at(self.round_index)
-        while not self.membership.settle_joins(self.round_index):
-            if self._stopping.is_set():
+        membership = self.membership
+        before = membership.view_at(self.round_index)
+        previous = membership.view_at(self.round_index - 1)
+        while True:
+            membership.tick(self.round_index)
+            if self._stopping.is_set() or membership.dropped():
                 return False
+            if membership.settle_leaves(self.round_index) and membership.settle_joins(
+                    self.round_index):
+                break
             await asyncio.sleep(0.05)
-        after = self.membership.view_at(self.round_index)
-        if after is not before and after is not None:
-            log.info("view %s from round %d: %s", after.view_id, self.round_index,
-                     ", ".join(after.ids))
+        after = membership.view_at(self.round_index)
+        if after is not before:
             self._contexts = {r: c for r, c in self._contexts.items() if r < self.round_index}
+        if after is not None and previous is not None and after is not previous:
+            gone = sorted(set(previous.ids) - set(after.ids))
+            came = sorted(set(after.ids) - set(previous.ids))
+            log.info("view %s from round %d: %s%s%s", after.view_id, self.round_index,
+                     ", ".join(after.ids), f" (dropped: {', '.join(gone)})" if gone else "",
+                     f" (joined: {', '.join(came)})" if came else "")
         return True
 
     async def _push_all(self, view: View, ctx: RoundContext,
@@ -487,8 +614,10 @@ class Daemon:
                     break
                 except grpc.aio.AioRpcError as error:
                     # UNAVAILABLE: the receiver cannot place the round yet (not started, or its
-                    # view of the round not settled); anything else is final.
-                    retry = error.code() == grpc.StatusCode.UNAVAILABLE
+                    # view of the round not settled), or it is down; anything else is final.
+                    # A receiver being dropped from the view is not waited for.
+                    retry = (error.code() == grpc.StatusCode.UNAVAILABLE
+                             and message.receiver not in self.membership.leaving())
                     if not retry or time.monotonic() > deadline or self._stopping.is_set():
                         log.warning("round %d: push to %s failed: %s %s", ctx.round_index,
                                     message.receiver, error.code().name, error.details())
@@ -500,12 +629,22 @@ class Daemon:
         await asyncio.gather(*(push(message) for message in outgoing))
 
     async def _collect(self, ctx: RoundContext) -> list[SliceMessage] | None:
-        """Wait for every neighbour's slice of this round; None if the daemon is stopping."""
+        """Wait for every neighbour's slice of this round, but not for neighbours being dropped
+        from the view; None if the daemon is stopping or was dropped itself."""
+        assert self.membership is not None
         deadline = time.monotonic() + self.config.round_timeout_s
         while True:
+            if self.membership.dropped():
+                log.warning("round %d abandoned: this peer is being dropped from the view",
+                            ctx.round_index)
+                return None
             arrived = self._inbox.get(ctx.round_index, {})
+            leaving = self.membership.leaving()
             missing = [p for p in ctx.neighbours if p not in arrived]
-            if not missing:
+            if all(p in leaving for p in missing):
+                if missing:
+                    log.warning("round %d: merging without %s (being dropped from the view)",
+                                ctx.round_index, ", ".join(missing))
                 return list(arrived.values())
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -515,7 +654,8 @@ class Daemon:
             self._arrived.clear()
             waiter = asyncio.ensure_future(self._arrived.wait())
             stopper = asyncio.ensure_future(self._stopping.wait())
-            await asyncio.wait({waiter, stopper}, timeout=remaining,
+            # Woken at least every poll interval: a neighbour may start being dropped.
+            await asyncio.wait({waiter, stopper}, timeout=min(remaining, COLLECT_POLL_S),
                                return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             stopper.cancel()
@@ -537,7 +677,7 @@ class Daemon:
 
     def _record_round(
         self, ctx: RoundContext, stats: TrainStats, local: Evaluation, round_s: float,
-        wall_s: float,
+        wall_s: float, checkpoint_s: float | None,
     ) -> None:
         record = {
             "round": ctx.round_index + 1, "peer_id": self.peer_id, "train_loss": stats.loss,
@@ -547,9 +687,9 @@ class Daemon:
             "train_flops": stats.train_flops, "bytes_sent_cum": self.bytes_sent,
             "bytes_received_cum": self.bytes_received, "neighbours": list(ctx.neighbours),
             "members": len(ctx.members),
-            "round_s": round_s, "wall_s": wall_s,
+            "round_s": round_s, "wall_s": wall_s, "checkpoint_s": checkpoint_s,
         }
-        with open(self.state_dir / "rounds.jsonl", "a") as handle:
+        with open(self.state_dir / ROUNDS_LOG, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.exporter is not None and self.membership is not None:
             self.exporter.observe_round(record)

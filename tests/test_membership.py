@@ -6,17 +6,22 @@ observe the other's `hello(...)` (or a `peer_pb2.Hello` built by hand), with its
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from peerd.net import PROTOCOL_VERSION
 from peerd.net.membership import (
+    GIVE_UP_AFTER,
     JOIN_MARGIN_ROUNDS,
+    RESUME_WINDOW_ROUNDS,
     STALE_AFTER_S,
     Membership,
     View,
+    has_quorum,
     make_view,
     proposed_join_round,
+    resume_round,
 )
 from peerd.plan import Member
 from peerd.v1 import peer_pb2
@@ -213,9 +218,9 @@ def test_adopts_a_reported_view_only_once_it_knows_every_member() -> None:
     ids = ("peer-00", "peer-01", "peer-02")
     reported = make_view([Member(p, mu) for p, mu in zip(ids, MUS, strict=True)])
     c = node("peer-02", mu=MUS[2])
-    # peer-00 committed {00, 01, 02}; c has not met peer-01 yet.
+    # peer-00 committed {00, 01, 02} and waits in its first round; c has not met peer-01 yet.
     c.membership.observe(hand_hello("peer-00", address="10.0.0.1:50051", mu=MUS[0],
-                                    members=ids, view_id=reported.view_id, round_index=2), 0)
+                                    members=ids, view_id=reported.view_id), 0)
     assert c.membership.try_commit() is None  # peer-01's capacity is unknown to c
     assert c.membership.view is None and c.hello().view_id == ""
     # peer-01 is still a candidate that has not met c: rule 2 cannot apply, rule 1 can.
@@ -565,3 +570,284 @@ def test_a_silent_peer_leaves_the_candidates_before_the_first_view() -> None:
     assert a.membership.candidate_ids() == ("peer-00", "peer-01", "peer-02")
     a.membership.known["peer-02"].last_seen -= STALE_AFTER_S + 1
     assert a.membership.candidate_ids() == ("peer-00", "peer-01")
+
+
+# ---- the first view after a restart ---------------------------------------------------------
+
+
+def test_resume_round_is_the_lowest_near_the_highest() -> None:
+    assert resume_round([]) == 0
+    assert resume_round([7, 7, 6]) == 6  # killed a round apart: all have a checkpoint at 6
+    assert resume_round([12, 3, 11]) == 11  # peer at 3 was down for long: it does not drag
+    assert resume_round([5, 5 - RESUME_WINDOW_ROUNDS]) == 5 - RESUME_WINDOW_ROUNDS
+
+
+def test_a_restarted_cluster_commits_its_first_view_at_the_agreed_round() -> None:
+    nodes = [node(f"peer-0{i}", mu) for i, mu in enumerate(MUS)]
+    for n, checkpoint_round in zip(nodes, (9, 8, 0), strict=True):  # peer-02 lost its disk
+        n.round = checkpoint_round
+    meet(nodes)
+    for n in nodes:
+        assert n.membership.try_commit(n.round) is not None
+        assert n.membership.first_round == 8 and n.membership.views[0][0] == 8
+        assert n.hello().view_round == 8
+
+
+def test_a_restarted_member_waits_to_be_dropped_instead_of_adopting_a_moved_on_view() -> None:
+    members = committed(rounds=(0, 0, 0))
+    # peer-02 restarts (a new process, no view) while the others are still in round 0: it
+    # adopts their view again at round 0, the round they wait in for its slice.
+    restarted = node("peer-02", mu=MUS[2])
+    for member in members[:2]:
+        handshake(restarted, member)
+    assert restarted.membership.try_commit() is not None
+    assert restarted.membership.first_round == 0
+    # Later, with the others past the view's first round, it does not adopt: it would start
+    # a round long gone. It is no joiner either while the view lists it.
+    for member in members[:2]:
+        member.round = 6
+    late = node("peer-02", mu=MUS[2])
+    for member in members[:2]:
+        handshake(late, member)
+    assert late.membership.try_commit(4) is None
+    assert late.membership.running_view() is None
+
+
+# ---- leaving: dropping members that stopped answering -----------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+DEAD_AFTER = 4.0
+
+
+def clocked(count: int, rounds: tuple[int, ...]) -> tuple[FakeClock, list[Node]]:
+    """`count` members with a shared fake clock that agreed on their first view."""
+    clock = FakeClock()
+    nodes = [Node(Membership(Member(f"peer-0{i}", 0.5), f"10.0.0.{i + 1}:50051", count,
+                             dead_after_s=DEAD_AFTER, clock=clock)) for i in range(count)]
+    meet(nodes)
+    assert all(n.membership.try_commit() is not None for n in nodes)
+    for n, round_index in zip(nodes, rounds, strict=True):
+        n.round = round_index
+    exchange(nodes)
+    return clock, nodes
+
+
+def tick(nodes: list[Node]) -> None:
+    for n in nodes:
+        n.membership.tick(n.round)
+
+
+def leave_tickets(n: Node) -> dict[str, tuple[int, bool]]:
+    return {t.peer_id: (t.round, t.decided) for t in n.hello().leaves}
+
+
+def test_a_silent_member_is_dropped_by_every_survivor_from_the_same_round() -> None:
+    clock, (a, b, c) = clocked(3, rounds=(4, 5, 5))
+    old = a.membership.view
+    clock.now += DEAD_AFTER - 0.5
+    exchange([a, b])
+    tick([a, b])
+    assert a.membership.leaving() == frozenset() and leave_tickets(a) == {}
+    clock.now += 1.0  # c (peer-02) has now been silent for longer than DEAD_AFTER
+    exchange([a, b])
+    tick([a, b])
+    # Each proposes its own next round; neither has decided; nobody waits for c any more.
+    assert leave_tickets(a) == {"peer-02": (5, False)}
+    assert leave_tickets(b) == {"peer-02": (6, False)}
+    for n in (a, b):
+        assert n.membership.leaving() == {"peer-02"}
+        assert n.membership.undecided_before(n.round + 1)
+        assert not n.membership.settle_leaves(n.round + 1)
+        assert n.membership.settle_leaves(n.round)  # the current round is under way
+    exchange([a, b])
+    tick([a, b])  # a raises to b's 6; b decides once a reports the same round
+    exchange([a, b])
+    tick([a, b])
+    for n in (a, b):
+        assert leave_tickets(n) == {"peer-02": (6, True)}
+        assert n.membership.view_at(5) is not None and n.membership.view_at(5).ids == old.ids
+        view = n.membership.view_at(6)
+        assert view is not None and view.ids == ("peer-00", "peer-01")
+        assert n.hello().members == ["peer-00", "peer-01"] and n.hello().view_round == 6
+        assert n.membership.settle_leaves(6) and not n.membership.undecided_before(9)
+    assert a.membership.view_at(6) == b.membership.view_at(6)
+    # c hears of it once it answers again: it is out, and joins again with its id.
+    c.sees(a, b)
+    assert c.membership.dropped()
+    c.membership.rejoin()
+    assert c.membership.view is None and not c.membership.dropped()
+    assert c.membership.try_commit() is None  # tickets for it: no adopting
+    running = c.membership.running_view()
+    assert running is not None and running.ids == ("peer-00", "peer-01")
+
+
+def test_a_suspicion_the_others_do_not_share_makes_the_suspicious_member_leave() -> None:
+    """a no longer hears c, though c hears a and b hears both (a one-way link failure, or a
+    stall of a's own). a's proposal is not agreed, puts nobody out, and after GIVE_UP_AFTER
+    times the silence a leaves itself; b and c then drop a, and the view is theirs."""
+    clock, (a, b, c) = clocked(3, rounds=(5, 5, 5))
+
+    def step() -> None:
+        clock.now += 1.0
+        exchange([b, c])
+        a.sees(b)
+        b.sees(a)
+        c.sees(a)
+        tick([a, b, c])
+
+    for _ in range(int(DEAD_AFTER)):
+        step()
+    assert leave_tickets(a) == {"peer-02": (6, False)}
+    assert leave_tickets(b) == leave_tickets(c) == {}
+    assert not c.membership.dropped()  # a pending accusation does not put c out
+    assert not a.membership.settle_leaves(6)  # a waits for a decision that does not come
+    while not a.membership.dropped():
+        step()
+    assert clock.now - 1000.0 >= GIVE_UP_AFTER * DEAD_AFTER
+    assert not b.membership.dropped() and not c.membership.dropped()
+    assert b.membership.view_at(6).ids == ("peer-00", "peer-01", "peer-02")
+    a.membership.rejoin()  # its handshakes now report no view: b and c stop hearing a member
+    for _ in range(int(DEAD_AFTER) + 3):
+        step()
+    assert leave_tickets(b) == leave_tickets(c) == {"peer-00": (6, True)}
+    assert b.membership.view_at(6).ids == c.membership.view_at(6).ids == ("peer-01", "peer-02")
+    a.sees(b, c)
+    running = a.membership.running_view()
+    assert running is not None and running.ids == ("peer-01", "peer-02")
+
+
+def test_no_leave_without_a_quorum() -> None:
+    assert has_quorum({"b", "c", "d"}, ("a", "b", "c", "d", "e"))
+    assert not has_quorum({"d", "e"}, ("a", "b", "c", "d", "e"))
+    assert has_quorum({"a"}, ("a", "b")) and not has_quorum({"b"}, ("a", "b"))
+    assert has_quorum({"a", "c"}, ("a", "b", "c", "d"))
+    assert not has_quorum({"b", "c"}, ("a", "b", "c", "d"))
+    # Half of four without the lowest id: c and d propose, but never decide (the other half
+    # may be alive behind a partition and decide the opposite).
+    clock, (_, _, c, d) = clocked(4, rounds=(3, 3, 3, 3))
+    clock.now += DEAD_AFTER + 1
+    for _ in range(3):
+        exchange([c, d])
+        tick([c, d])
+    assert leave_tickets(c) == leave_tickets(d) == {"peer-00": (4, False), "peer-01": (4, False)}
+    assert not c.membership.settle_leaves(4) and c.membership.view_at(4).ids == (
+        "peer-00", "peer-01", "peer-02", "peer-03")
+
+
+def test_a_decided_leave_is_forgotten_before_a_join_of_the_dropped_peer() -> None:
+    clock, (a, b, _) = clocked(3, rounds=(5, 5, 5))
+    clock.now += DEAD_AFTER + 1
+    for _ in range(2):
+        exchange([a, b])
+        tick([a, b])
+    assert leave_tickets(a) == {"peer-02": (6, True)}
+    back = node("peer-02")  # restarted with its id, the same address
+    back.membership.clock = clock
+    for member in (a, b):
+        handshake(back, member)
+    back.membership.advance_join()
+    join_round = back.membership.join_round
+    assert join_round > 6
+    a.sees(back)
+    assert a.membership.tickets == {}  # the leave is not forgotten yet: one change at a time
+    a.round = b.round = 7  # both past the leave's round: they forget it and accept
+    exchange([a, b])
+    tick([a, b])
+    assert leave_tickets(a) == leave_tickets(b) == {}
+    a.sees(back)
+    b.sees(back)
+    assert a.membership.tickets == b.membership.tickets == {"peer-02": join_round}
+
+
+def test_a_silent_joiner_lapses_unless_a_member_saw_it_confirm() -> None:
+    clock, (a, b, c) = clocked(3, rounds=(5, 5, 5))
+    for joiner_confirmed_to_b in (False, True):
+        joiner = hand_hello("peer-09", join_round=9)
+        for n in (a, b, c):
+            n.membership.observe(joiner, n.round)
+        if joiner_confirmed_to_b:
+            b.membership.observe(hand_hello("peer-09", join_round=9, join_confirmed=True), 5)
+        exchange([a, b, c])
+        assert [t.confirmed for t in b.hello().accepted_joins] == [joiner_confirmed_to_b]
+        assert not a.membership.settle_joins(9)  # waits for the joiner's decision...
+        clock.now += DEAD_AFTER + 1
+        assert a.membership.settle_joins(9)  # ...until the joiner is silent
+        joined = "peer-09" in a.membership.view_at(9).ids
+        assert joined == joiner_confirmed_to_b
+        for n in (b, c):
+            n.membership.settle_joins(9)
+            assert ("peer-09" in n.membership.view_at(9).ids) == joined
+        exchange([a, b, c])
+
+
+def test_simulated_deaths_every_survivor_agrees_and_goes_on() -> None:
+    """Five members in lockstep ticks of 0.5 s; each pair handshakes in a tick with
+    probability 0.9; two members die at random ticks. A member completes its round once every
+    other member of the round's view has started it or is being dropped. The survivors agree
+    on the view of every round they started, drop nobody alive, and keep going."""
+    for seed in range(8):
+        rng = random.Random(seed)
+        clock, nodes = clocked(5, rounds=(0,) * 5)
+        deaths = dict(zip(rng.sample(range(5, 40), 2), rng.sample(nodes, 2), strict=True))
+        started: dict[str, dict[int, str]] = {n.peer_id: {} for n in nodes}
+        settled = {n.peer_id: False for n in nodes}
+        alive = list(nodes)
+        for step in range(150):
+            clock.now += 0.5
+            if step in deaths:
+                alive.remove(deaths[step])
+            hellos = {n.peer_id: n.hello() for n in alive}
+            for n in alive:
+                for other, hello in hellos.items():
+                    if other != n.peer_id and rng.random() < 0.9:
+                        n.membership.observe(hello, n.round)
+            for n in rng.sample(alive, len(alive)):
+                n.membership.tick(n.round)
+                assert not n.membership.dropped(), (seed, step, n.peer_id)
+                view = n.membership.view_at(n.round)
+                if not settled[n.peer_id]:
+                    if n.membership.settle_leaves(n.round) and n.membership.settle_joins(n.round):
+                        settled[n.peer_id] = True
+                        started[n.peer_id][n.round] = n.membership.view_at(n.round).view_id
+                elif all(o.peer_id in n.membership.leaving() or o.round > n.round
+                         or (o.round == n.round and settled[o.peer_id])
+                         for o in nodes if o.peer_id in view.ids and o is not n):
+                    n.round += 1
+                    settled[n.peer_id] = False
+        for n in alive:
+            assert n.round >= 40, (seed, n.peer_id, n.round)
+            assert n.membership.view.ids == tuple(sorted(s.peer_id for s in alive))
+            for other in alive:
+                for round_index, view_id in started[n.peer_id].items():
+                    assert started[other.peer_id].get(round_index, view_id) == view_id
+
+
+def test_a_leave_during_an_accepted_join_falls_after_the_join_round() -> None:
+    clock, (a, b, _) = clocked(3, rounds=(5, 5, 5))
+    joiner = hand_hello("peer-09", join_round=9)
+    for n in (a, b):
+        n.membership.observe(joiner, n.round)
+    assert a.membership.tickets == b.membership.tickets == {"peer-09": 9}
+    clock.now += DEAD_AFTER + 1  # peer-02 dies while the join is open
+    for _ in range(2):
+        exchange([a, b])
+        for n in (a, b):
+            n.membership.observe(joiner, n.round)
+        tick([a, b])
+    # Proposed after the join round: the view the joiner confirms is the members' at round 9.
+    assert leave_tickets(a) == leave_tickets(b) == {"peer-02": (10, True)}
+    confirmed = hand_hello("peer-09", join_round=9, join_confirmed=True)
+    for n in (a, b):
+        n.membership.observe(confirmed, n.round)
+        assert n.membership.settle_leaves(9) and n.membership.settle_joins(9)
+        assert n.membership.view_at(9).ids == ("peer-00", "peer-01", "peer-02", "peer-09")
+        assert n.membership.view_at(10).ids == ("peer-00", "peer-01", "peer-09")
+        assert [r for r, _ in n.membership.views] == [0, 9, 10]

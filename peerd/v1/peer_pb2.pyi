@@ -13,7 +13,7 @@ class Capacity(_message.Message):
     def __init__(self, mu: _Optional[float] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "cluster", "peer_id", "model_fingerprint", "capacity", "address", "round", "members", "view_id", "join_round", "join_confirmed", "accepted_joins")
+    __slots__ = ("protocol_version", "cluster", "peer_id", "model_fingerprint", "capacity", "address", "round", "members", "view_id", "join_round", "join_confirmed", "accepted_joins", "view_round", "leaves")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,8 @@ class Hello(_message.Message):
     JOIN_ROUND_FIELD_NUMBER: _ClassVar[int]
     JOIN_CONFIRMED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_JOINS_FIELD_NUMBER: _ClassVar[int]
+    VIEW_ROUND_FIELD_NUMBER: _ClassVar[int]
+    LEAVES_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     cluster: str
     peer_id: str
@@ -38,15 +40,29 @@ class Hello(_message.Message):
     join_round: int
     join_confirmed: bool
     accepted_joins: _containers.RepeatedCompositeFieldContainer[JoinTicket]
-    def __init__(self, protocol_version: _Optional[int] = ..., cluster: _Optional[str] = ..., peer_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., address: _Optional[str] = ..., round: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., view_id: _Optional[str] = ..., join_round: _Optional[int] = ..., join_confirmed: _Optional[bool] = ..., accepted_joins: _Optional[_Iterable[_Union[JoinTicket, _Mapping]]] = ...) -> None: ...
+    view_round: int
+    leaves: _containers.RepeatedCompositeFieldContainer[LeaveTicket]
+    def __init__(self, protocol_version: _Optional[int] = ..., cluster: _Optional[str] = ..., peer_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., address: _Optional[str] = ..., round: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., view_id: _Optional[str] = ..., join_round: _Optional[int] = ..., join_confirmed: _Optional[bool] = ..., accepted_joins: _Optional[_Iterable[_Union[JoinTicket, _Mapping]]] = ..., view_round: _Optional[int] = ..., leaves: _Optional[_Iterable[_Union[LeaveTicket, _Mapping]]] = ...) -> None: ...
 
 class JoinTicket(_message.Message):
-    __slots__ = ("peer_id", "round")
+    __slots__ = ("peer_id", "round", "confirmed")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMED_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     round: int
-    def __init__(self, peer_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+    confirmed: bool
+    def __init__(self, peer_id: _Optional[str] = ..., round: _Optional[int] = ..., confirmed: _Optional[bool] = ...) -> None: ...
+
+class LeaveTicket(_message.Message):
+    __slots__ = ("peer_id", "round", "decided")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    round: int
+    decided: bool
+    def __init__(self, peer_id: _Optional[str] = ..., round: _Optional[int] = ..., decided: _Optional[bool] = ...) -> None: ...
 
 class GroupUnits(_message.Message):
     __slots__ = ("group", "units")
