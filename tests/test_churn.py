@@ -17,15 +17,15 @@ from pathlib import Path
 
 import grpc
 import torch
-from daemons import RunningDaemon, kill_all, start_loopback_daemons, wait_all
+from daemons import ClusterCa, RunningDaemon, kill_all, start_loopback_daemons, wait_all
 from safetensors.torch import load_file
 
 from peerd.net import PROTOCOL_VERSION
 from peerd.net.codec import DecodedStream, Expectation
 from peerd.net.membership import resume_round
+from peerd.net.rpc import add_peer_service
 from peerd.net.service import PeerService
 from peerd.state import CHECKPOINT_DIR, checkpoint_rounds
-from peerd.v1 import peer_pb2_grpc
 
 # ---- a stream cut short by a killed sender ----------------------------------------------------
 
@@ -35,10 +35,11 @@ SENDER = r'''
 import asyncio, sys
 import grpc, torch
 from peerd.net.codec import encode_frames
-from peerd.v1 import peer_pb2, peer_pb2_grpc
+from peerd.net.rpc import peer_stub
+from peerd.v1 import peer_pb2
 
 async def main():
-    stub = peer_pb2_grpc.PeerStub(grpc.aio.insecure_channel(sys.argv[1]))
+    stub = peer_stub(grpc.aio.insecure_channel(sys.argv[1]))
     tensors = {"a": torch.ones(50_000), "b": torch.full((50_000,), 2.0)}
     def frames(round_index):
         header = peer_pb2.StreamHeader(protocol_version=1, cluster="churn",
@@ -101,7 +102,7 @@ def test_a_stream_cut_by_a_killed_sender_is_never_merged() -> None:
         host = RecordingHost()
         service = WatchedService(host)
         server = grpc.aio.server()
-        peer_pb2_grpc.add_PeerServicer_to_server(service, server)
+        add_peer_service(server, service)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         sender = subprocess.Popen([sys.executable, "-c", SENDER, f"127.0.0.1:{port}"],
@@ -171,10 +172,10 @@ def assert_finite_checkpoint(daemon: RunningDaemon) -> None:
     assert all(bool(t.isfinite().all()) for t in params.values()), daemon.peer_id
 
 
-def test_kill_rejoin_and_whole_cluster_restart(tmp_path: Path) -> None:
+def test_kill_rejoin_and_whole_cluster_restart(tmp_path: Path, cluster_ca: ClusterCa) -> None:
     daemons = start_loopback_daemons(
         tmp_path, 3, ["--topology", "ring", "--dead-after", str(DEAD_AFTER_S),
-                      "--round-timeout", str(ROUND_TIMEOUT_S)])
+                      "--round-timeout", str(ROUND_TIMEOUT_S)], cluster_ca)
     survivors, victim = daemons[:2], daemons[2]
     try:
         # 1. Three rounds with three members, then peer-02 dies in the middle of its fourth.

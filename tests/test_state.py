@@ -207,7 +207,7 @@ def test_a_daemon_refuses_to_resume_another_runs_checkpoint(tmp_path: Path) -> N
     started = subprocess.run(
         [sys.executable, "-m", "peerd.cli", "start", "--no-mdns", "--host", "127.0.0.1",
          "--port", "0", "--peer-id", "peer-00", "--state-dir", str(tmp_path), "--seed", "1",
-         "--threads", "1"],
+         "--threads", "1", "--insecure"],
         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert started.returncode == 2, started.stderr  # a configuration error: systemd won't loop
     assert "round-000004.json belongs to another run: seed 0 (this daemon: 1)" in started.stderr
