@@ -17,7 +17,6 @@ parameters' own excluded: they are already counted).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from peerd.bench.processes import positive_int
+from peerd.bench.processes import positive_int, print_result
 from peerd.config import ConfigError, TrainConfig, parse_mu
 from peerd.data import load_task_data
 from peerd.losses import task_loss
@@ -327,7 +326,7 @@ def add_compute_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_compute_command(args: argparse.Namespace) -> int:
     tasks = TASK_NAMES if args.task == "all" else (args.task,)
-    result = run_compute(tasks, args.mu, args.steps, args.threads, args.profile)
-    print(json.dumps(result.to_json()) if args.json else result.describe())
-    return 0
+    return print_result(
+        "compute", lambda: run_compute(tasks, args.mu, args.steps, args.threads, args.profile),
+        args.json)
 

@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import socket
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -39,6 +37,7 @@ from peerd.bench.processes import (
     Child,
     next_command,
     positive_int,
+    print_result,
 )
 from peerd.config import TrainConfig
 from peerd.data import Split
@@ -372,10 +371,5 @@ def add_exchange_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_exchange_command(args: argparse.Namespace) -> int:
-    try:
-        result = run_exchange(args.peers, args.mib, args.repeat)
-    except BenchError as error:
-        print(f"peerd bench exchange: error: {error}", file=sys.stderr)
-        return 1
-    print(json.dumps(result.to_json()) if args.json else result.describe())
-    return 0
+    return print_result("exchange", lambda: run_exchange(args.peers, args.mib, args.repeat),
+                        args.json)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import math
 import multiprocessing
 import os
@@ -14,7 +15,7 @@ import traceback
 from collections.abc import Callable, Coroutine
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import uvloop
 
@@ -31,6 +32,23 @@ Role = Callable[..., Coroutine[Any, Any, None]]  # (conn, *args)
 
 class BenchError(Exception):
     """The benchmark could not produce a trustworthy number (wrong bytes, a hung child)."""
+
+
+class Result(Protocol):
+    def to_json(self) -> object: ...
+
+    def describe(self) -> str: ...
+
+
+def print_result(benchmark: str, run: Callable[[], Result], as_json: bool) -> int:
+    """A benchmark command's output: its result as JSON or text, or its error; the exit code."""
+    try:
+        result = run()
+    except BenchError as error:
+        print(f"peerd bench {benchmark}: error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.to_json()) if as_json else result.describe())
+    return 0
 
 
 def spawn_context() -> multiprocessing.context.SpawnContext:

@@ -13,15 +13,13 @@ compute.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from peerd.bench.processes import BenchError, positive_int
+from peerd.bench.processes import BenchError, positive_int, print_result
 from peerd.cluster import ClusterConfig, DaemonProcess, launch, stop, tls_dirs
 from peerd.sim import peer_name
 
@@ -78,9 +76,25 @@ def measure(peers: int, topology: str, rounds: int, task: str, mu: float, out: P
                       statistics.median(per_round_bytes), len(records[0][-1]["neighbours"]))
 
 
+@dataclass(frozen=True)
+class ScaleResult:
+    points: tuple[ScalePoint, ...]
+
+    def to_json(self) -> list[dict[str, float | int | str]]:
+        return [point.to_json() for point in self.points]
+
+    def describe(self) -> str:
+        lines = [f"{'peers':>5} {'topology':>8} {'neighbours':>10} {'round s':>8} "
+                 f"{'KiB sent per peer per round':>28}"]
+        for point in self.points:
+            lines.append(f"{point.peers:>5} {point.topology:>8} {point.neighbours:>10} "
+                         f"{point.round_s:>8.2f} {point.bytes_per_peer_round / 1024:>28.1f}")
+        return "\n".join(lines)
+
+
 def run_scale(
     sizes: list[int], topologies: list[str], rounds: int, task: str, mu: float
-) -> list[ScalePoint]:
+) -> ScaleResult:
     if rounds < 2:
         raise BenchError("at least 2 rounds: the first one is left out of the medians")
     points = []
@@ -89,16 +103,7 @@ def run_scale(
             for topology in topologies:
                 out = Path(scratch) / f"{topology}-{peers}"
                 points.append(measure(peers, topology, rounds, task, mu, out))
-    return points
-
-
-def describe(points: list[ScalePoint]) -> str:
-    lines = [f"{'peers':>5} {'topology':>8} {'neighbours':>10} {'round s':>8} "
-             f"{'KiB sent per peer per round':>28}"]
-    for point in points:
-        lines.append(f"{point.peers:>5} {point.topology:>8} {point.neighbours:>10} "
-                     f"{point.round_s:>8.2f} {point.bytes_per_peer_round / 1024:>28.1f}")
-    return "\n".join(lines)
+    return ScaleResult(tuple(points))
 
 
 # ---- command line -----------------------------------------------------------------------------
@@ -140,10 +145,6 @@ def add_scale_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_scale_command(args: argparse.Namespace) -> int:
-    try:
-        points = run_scale(args.peers, args.topology, args.rounds, args.task, args.mu)
-    except BenchError as error:
-        print(f"peerd bench scale: error: {error}", file=sys.stderr)
-        return 1
-    print(json.dumps([point.to_json() for point in points]) if args.json else describe(points))
-    return 0
+    return print_result(
+        "scale", lambda: run_scale(args.peers, args.topology, args.rounds, args.task, args.mu),
+        args.json)

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
-import json
 import math
 import pstats
 import socket
@@ -43,6 +42,7 @@ from peerd.bench.processes import (
     Child,
     next_command,
     positive_int,
+    print_result,
 )
 from peerd.net import GRPC_OPTIONS, PROTOCOL_VERSION, codec
 from peerd.net.client import PeerClients
@@ -551,13 +551,9 @@ def add_wire_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_wire_command(args: argparse.Namespace) -> int:
-    try:
-        result = run_wire(args.mib, args.chunk_kib * 1024, args.repeat, args.profile)
-    except BenchError as error:
-        print(f"peerd bench wire: error: {error}", file=sys.stderr)
-        return 1
-    print(json.dumps(result.to_json()) if args.json else result.describe())
-    return 0
+    return print_result(
+        "wire", lambda: run_wire(args.mib, args.chunk_kib * 1024, args.repeat, args.profile),
+        args.json)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
