@@ -222,7 +222,13 @@ class Daemon:
         if header.receiver != self.peer_id:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"slice addressed to {header.receiver}, this is {self.peer_id}")
-        if not self.round_index <= header.round <= self.round_index + 1:
+        if header.round > self.round_index + 1:
+            # This peer is behind (a joiner still pulling its start, a slow peer): it will get
+            # there, so the sender retries.
+            raise WireError(grpc.StatusCode.UNAVAILABLE,
+                            f"slice for round {header.round}; this peer is only in round "
+                            f"{self.round_index}")
+        if header.round < self.round_index:
             raise WireError(grpc.StatusCode.FAILED_PRECONDITION,
                             f"slice for round {header.round}; this peer is in round "
                             f"{self.round_index} and takes rounds {self.round_index} and "
