@@ -20,6 +20,7 @@ from peerd.bench.wire import add_wire_parser
 from peerd.ca import DEFAULT_CA_DIR, DEVICE_KEY, init_ca, issue
 from peerd.cluster import ClusterConfig, ClusterError
 from peerd.config import (
+    AUTO,
     DEFAULT_CONFIG_FILE,
     WIRE_DTYPES,
     ConfigError,
@@ -31,6 +32,7 @@ from peerd.config import (
     option_type,
     parse_mu,
     parse_option_text,
+    parse_size,
     reference_table,
     required_type,
 )
@@ -65,7 +67,7 @@ def _add_sim(commands: argparse._SubParsersAction) -> None:
         description="Run N peers in one process: the algorithm without a network.",
     )
     sim.add_argument("--peers", type=int, default=defaults.peers, help="number of peers")
-    _add_learning_options(sim, mu_per_peer=True)
+    _add_learning_options(sim, measured_mu=False)
     sim.add_argument("--rounds", type=int, default=defaults.rounds)
     sim.add_argument("--out", default=defaults.out, help="directory for metrics and plots")
     sim.add_argument("--eval-every", type=int, default=defaults.eval_every,
@@ -76,25 +78,26 @@ def _add_sim(commands: argparse._SubParsersAction) -> None:
     sim.set_defaults(func=_sim)
 
 
-def _single_mu(text: str) -> float:
-    values = _mu(text)
-    if len(values) != 1:
-        raise argparse.ArgumentTypeError(f"mu={text!r}: a daemon has one width ratio")
-    return values[0]
+def _mu_or_auto(text: str) -> tuple[float, ...] | str:
+    return AUTO if text.strip().lower() == AUTO else _mu(text)
 
 
-def _add_learning_options(parser: argparse.ArgumentParser, mu_per_peer: bool) -> None:
-    """The options the simulator and a local cluster share; only the simulator can give
-    every peer its own width ratio."""
+def _add_learning_options(parser: argparse.ArgumentParser, measured_mu: bool) -> None:
+    """The options the simulator and a local cluster share; only real daemons can measure
+    their width (auto)."""
     parser.add_argument("--topology", default="ring",
                         help="ring, full, or the path of a topology TOML file")
     parser.add_argument("--method", choices=sorted(PLANNERS), default="msfusion")
-    if mu_per_peer:
+    if measured_mu:
+        parser.add_argument("--mu", type=_mu_or_auto, default=SimConfig().mu,
+                            metavar="F[,F...]|auto",
+                            help="width ratio: one value, one per daemon (cycled), or auto "
+                                 "(each daemon measures what it affords)")
+        parser.add_argument("--memory-budget", default=None, metavar="SIZE",
+                            help="with --mu auto: each daemon's memory budget, e.g. 800M")
+    else:
         parser.add_argument("--mu", type=_mu, default=SimConfig().mu, metavar="F[,F...]",
                             help="width ratio: one value, or one per peer (cycled)")
-    else:
-        parser.add_argument("--mu", type=_single_mu, default=0.5,
-                            help="width ratio in (0, 1]")
     parser.add_argument("--task", choices=sorted(TASKS), default="digits")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--partition", type=_partition, default="iid",
@@ -157,7 +160,7 @@ def _add_cluster(commands: argparse._SubParsersAction) -> None:
         "127.0.0.1), evaluate the global model assembled from their slices, write metrics.",
     )
     cluster.add_argument("--peers", type=int, default=defaults.peers)
-    _add_learning_options(cluster, mu_per_peer=False)
+    _add_learning_options(cluster, measured_mu=True)
     cluster.add_argument("--rounds", type=int, default=defaults.rounds)
     cluster.add_argument("--out", default=defaults.out)
     cluster.add_argument("--eval-every", type=int, default=defaults.eval_every)
@@ -294,9 +297,14 @@ def _start(args: argparse.Namespace) -> int:
 def _cluster(args: argparse.Namespace) -> int:
     from peerd.cluster import run_cluster
 
+    if args.memory_budget is not None:
+        parse_size(args.memory_budget, "memory_budget")
+        if args.mu != AUTO:
+            raise ConfigError("--memory-budget is only used with --mu auto")
     config = ClusterConfig(
         peers=args.peers, topology=args.topology, method=args.method, mu=args.mu,
-        task=args.task, rounds=args.rounds, seed=args.seed, partition=args.partition,
+        memory_budget=args.memory_budget, task=args.task, rounds=args.rounds, seed=args.seed,
+        partition=args.partition,
         data_dir=args.data_dir, out=args.out, eval_every=args.eval_every,
         eval_samples=args.eval_samples, mdns=not args.no_mdns, wire_dtype=args.wire_dtype,
     )

@@ -29,6 +29,7 @@ import grpc
 import torch
 
 from peerd.ca import CA_CERT, init_ca, issue
+from peerd.config import AUTO
 from peerd.coverage import CoverageTracker
 from peerd.data import load_task_data
 from peerd.metrics import MetricsLog, PeerRound, evaluate_global, run_title
@@ -56,7 +57,8 @@ class ClusterConfig:
     peers: int = 4
     topology: str = "ring"
     method: str = "msfusion"
-    mu: float = 0.5
+    mu: tuple[float, ...] | str = (0.5,)  # one per daemon (cycled), or AUTO
+    memory_budget: str | None = None  # each daemon's, with AUTO
     task: str = "digits"
     rounds: int = 30
     seed: int = 0
@@ -117,6 +119,11 @@ def tls_dirs(out: Path, peer_ids: list[str]) -> dict[str, Path]:
             for peer_id in [*peer_ids, WATCHER_ID]}
 
 
+def daemon_mu(config: ClusterConfig, position: int) -> str:
+    """The --mu of the daemon at `position`: AUTO, or the configured widths cycled."""
+    return AUTO if config.mu == AUTO else str(config.mu[position % len(config.mu)])
+
+
 def launch(config: ClusterConfig, out: Path, tls: dict[str, Path]) -> list[DaemonProcess]:
     all_ports = free_ports(2 * config.peers)
     ports, metrics_ports = all_ports[:config.peers], all_ports[config.peers:]
@@ -133,7 +140,7 @@ def launch(config: ClusterConfig, out: Path, tls: dict[str, Path]) -> list[Daemo
         args = [
             sys.executable, "-m", "peerd.cli", "start", "--peer-id", peer_id,
             "--host", "127.0.0.1", "--port", str(port), "--topology", config.topology,
-            "--method", config.method, "--mu", str(config.mu), "--task", config.task,
+            "--method", config.method, "--mu", daemon_mu(config, position), "--task", config.task,
             "--seed", str(config.seed), "--shard", f"{position}/{config.peers}",
             "--partition", config.partition, "--rounds", str(config.rounds),
             "--min-peers", str(config.peers), "--state-dir", str(state_dir),
@@ -144,6 +151,8 @@ def launch(config: ClusterConfig, out: Path, tls: dict[str, Path]) -> list[Daemo
         ]
         if config.data_dir:
             args += ["--data-dir", config.data_dir]
+        if config.memory_budget:
+            args += ["--memory-budget", config.memory_budget]
         if config.mdns:
             args += ["--mdns-interface", "127.0.0.1"]
         else:
@@ -192,9 +201,8 @@ class ClusterWatcher:
         self.expectation = Expectation(PROTOCOL_VERSION, f"local-{os.getpid()}",
                                        fingerprint(self.spec), lambda header: shapes)
         self.clients = PeerClients(tls)
-        members = [Member(d.peer_id, config.mu) for d in daemons]
         self.planner = make_planner(config.method, config.seed)
-        self.members = members
+        self.members: list[Member] = []  # with the widths the daemons report (mu auto)
         self.coverage = CoverageTracker(self.spec, initial)
 
     def check_alive(self) -> None:
@@ -207,6 +215,7 @@ class ClusterWatcher:
     async def wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         pending = list(self.daemons)
+        widths: dict[str, float] = {}
         while pending:
             self.check_alive()
             if time.monotonic() > deadline:
@@ -215,11 +224,14 @@ class ClusterWatcher:
             still = []
             for daemon in pending:
                 try:
-                    await self.clients.status(daemon.address, daemon.peer_id)
+                    reply = await self.clients.status(daemon.address, daemon.peer_id)
                 except grpc.aio.AioRpcError:
                     still.append(daemon)
+                else:
+                    widths[daemon.peer_id] = reply.self.capacity.mu
             pending = still
             await asyncio.sleep(POLL_INTERVAL_S)
+        self.members = [Member(d.peer_id, widths[d.peer_id]) for d in self.daemons]
 
     async def wait_rounds(self, rounds: int) -> None:
         while True:
@@ -261,6 +273,8 @@ class ClusterWatcher:
 
     async def run(self, log: MetricsLog, on_round: Callable[[dict], None] | None) -> None:
         await self.wait_ready()
+        # As the simulator records it: the mean width, known once the daemons report theirs.
+        log.identity["mu"] = statistics.fmean(m.mu for m in self.members)
         started = time.monotonic()
         for rounds in range(1, self.config.rounds + 1):
             await self.wait_rounds(rounds)
@@ -290,12 +304,13 @@ def run_cluster(
         watcher = ClusterWatcher(config, daemons, TlsIdentity.load(tls[WATCHER_ID]))
         identity = {
             "task": config.task, "method": config.method, "topology": config.topology,
-            "peers": config.peers, "mu": config.mu, "seed": config.seed,
+            "peers": config.peers, "seed": config.seed,
         }
         log = MetricsLog(out, identity, forward_flops_per_sample(watcher.spec,
                                                                  full_units(watcher.spec)))
         asyncio.run(watcher.run(log, on_round))
-        log.close(run_title(config.method, (config.mu,), config.task, config.peers))
+        log.close(run_title(config.method, [m.mu for m in watcher.members], config.task,
+                            config.peers))
     finally:
         codes = stop(daemons)
     for daemon, code in zip(daemons, codes, strict=True):

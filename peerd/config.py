@@ -6,6 +6,7 @@ Defaults come from the task (peerd/tasks.py) and are overridden by what the user
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import Field, dataclass, field, fields
@@ -16,6 +17,24 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 class ConfigError(ValueError):
     """A bad option value; the message names the option and what is allowed."""
+
+
+# Width ratio `auto`: chosen at start from a measured probe (peerd/capacity.py).
+AUTO = "auto"
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
+_UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str, name: str = "size") -> int:
+    """Bytes from '800M', '1.5G', '512MiB' or '1048576' (binary units, as systemd's)."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ConfigError(f"{name}={text!r} is invalid: write a number with K, M, G or T, "
+                          "e.g. 800M or 1.5G")
+    size = int(float(match.group(1)) * _UNIT[match.group(2).upper()])
+    if size <= 0:
+        raise ConfigError(f"{name}={text!r} is invalid: must be more than 0 bytes")
+    return size
 
 
 # Precisions for the exchanged values (`wire_dtype`): halving the bytes costs rounding.
@@ -101,6 +120,19 @@ def parse_mu(text: str) -> tuple[float, ...]:
     return values
 
 
+WIDTH = float | str  # a width ratio or AUTO
+
+
+def parse_width(text: str) -> float | str:
+    """A daemon's mu: a number in (0, 1], or auto."""
+    if text.strip().lower() == AUTO:
+        return AUTO
+    values = parse_mu(text)
+    if len(values) != 1:
+        raise ConfigError(f"mu={text!r} is invalid: a daemon has one width ratio, or auto")
+    return values[0]
+
+
 def option(default: object, help: str, flag: str | None = None) -> Any:
     """A daemon option: its default, the help text of the reference table, and its flag when
     that is not `--` + the name with dashes."""
@@ -113,7 +145,15 @@ class DaemonConfig:
 
     topology: str = option("ring", "who exchanges slices with whom: ring, full, or a TOML path")
     task: str = option("digits", "the task: digits, fmnist or kjv; the same on every member")
-    mu: float = option(0.5, "width ratio of this peer's slice, in (0, 1]")
+    mu: float | str = option(
+        0.5, "width ratio of this peer's slice, in (0, 1]; auto: the widest of 0.5, 0.25, "
+        "0.125, 0.0625 that fits memory_budget (and round_target) by a probe at start")
+    memory_budget: str | None = option(
+        None, "with mu auto: memory the whole daemon may use, e.g. 800M or 1.5G (default: "
+        "what it uses at start plus what the kernel reports available)")
+    round_target_s: float | None = option(
+        None, "with mu auto: seconds of local training a round should take at most (soft)",
+        "--round-target")
     method: str = option("msfusion", "planner: msfusion, fedrolex, heterofl, fd or full")
     host: str = option("0.0.0.0", "address gRPC listens on")
     port: int = option(7470, "gRPC port (0: any free port)")
@@ -156,7 +196,17 @@ class DaemonConfig:
                              "--linger")
 
     def __post_init__(self) -> None:
-        _require(0 < self.mu <= 1, "mu", self.mu, "in (0, 1]")
+        if self.mu != AUTO:
+            _require(isinstance(self.mu, int | float) and 0 < self.mu <= 1, "mu", self.mu,
+                     "in (0, 1], or auto")
+        if self.memory_budget is not None:
+            parse_size(self.memory_budget, "memory_budget")
+        _require(self.round_target_s is None or self.round_target_s > 0, "round_target_s",
+                 self.round_target_s, "> 0 or unset")
+        for name in ("memory_budget", "round_target_s"):
+            if self.mu != AUTO and getattr(self, name) is not None:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is only used with mu auto "
+                                  f"(mu is {self.mu})")
         _require(self.wire_dtype in WIRE_DTYPES, "wire_dtype", self.wire_dtype,
                  f"one of {', '.join(WIRE_DTYPES)}")
         _require(0 <= self.port <= 65535, "port", self.port, "in 0..65535 (0: any free port)")
@@ -213,6 +263,8 @@ def option_type(name: str) -> object:
 
 
 def _describe(kind: object) -> str:
+    if kind == WIDTH:
+        return "a number or auto"
     return {
         str: "text", int: "an integer", float: "a number", bool: "true or false",
         tuple[str, ...]: "a list of HOST:PORT", tuple[int, int]: "I/N",
@@ -231,6 +283,8 @@ def parse_option_text(name: str, text: str) -> object:
     required = required_type(kind)
     if text == "" and required is not kind:
         return None
+    if kind == WIDTH:
+        return parse_width(text)
     try:
         if required is bool:
             if text.lower() not in _TRUE + _FALSE:
@@ -249,6 +303,8 @@ def _file_value(name: str, value: object, source: str) -> object:
     """An option's value from TOML, which already carries a type."""
     kind = option_type(name)
     required = required_type(kind)
+    if kind == WIDTH:
+        return parse_width(value if isinstance(value, str) else repr(value))
     valid = (
         (required is bool and isinstance(value, bool))
         or (required is int and isinstance(value, int) and not isinstance(value, bool))

@@ -28,7 +28,8 @@ import torch
 from peerd.aggregate import assemble
 from peerd.allocator import keep_freed_memory
 from peerd.ca import DEVICE_CERT
-from peerd.config import DaemonConfig
+from peerd.capacity import measure_capacity
+from peerd.config import AUTO, DaemonConfig, TrainConfig, parse_size
 from peerd.data import Split, TaskData, load_task_data, local_train_test, partition
 from peerd.engine import Engine, RoundContext, TrainStats
 from peerd.evaluate import Evaluation
@@ -140,6 +141,7 @@ class Daemon:
             test_split, make_planner(config.method, config.seed), load_topology(config.topology),
             task.train, config.seed, config.wire_dtype,
         )
+        self.mu = self._width(task.train, train_split)
         self.fingerprint = fingerprint(self.spec)
         self.expectation = Expectation(PROTOCOL_VERSION, config.cluster, self.fingerprint,
                                        self._expected_tensors)
@@ -161,7 +163,7 @@ class Daemon:
         self.notifier = Notifier.from_environment()
         self.exporter: Exporter | None = None
         if config.metrics_port is not None:
-            self.exporter = Exporter(self.peer_id, config.cluster, self.fingerprint, config.mu)
+            self.exporter = Exporter(self.peer_id, config.cluster, self.fingerprint, self.mu)
         self.on_round: Callable[[dict], None] | None = None  # e.g. a terminal progress line
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._checkpointed = False
@@ -169,6 +171,19 @@ class Daemon:
         if resumed is not None:
             log.info("resuming after round %d from %s", resumed.round, resumed.path)
             self._resume(resumed)
+
+    def _width(self, train: TrainConfig, train_split: Split) -> float:
+        """The configured mu, or with mu auto the widest this device affords (measured)."""
+        config = self.config
+        if config.mu != AUTO:
+            return float(config.mu)
+        budget = None if config.memory_budget is None else parse_size(config.memory_budget)
+        # Besides its parameters a daemon holds the round snapshots it serves to pulls and,
+        # at most, a full set each of outgoing and incoming slices.
+        choice = measure_capacity(self.spec, self.engine.params, train_split, train, budget,
+                                  config.round_target_s, held_copies=SNAPSHOTS_KEPT + 2)
+        log.info("mu auto: %s", choice.describe())
+        return choice.mu
 
     def _local_data(self, data: TaskData) -> tuple[Split, Split]:
         config = self.config
@@ -325,7 +340,7 @@ class Daemon:
         if port == 0:
             raise OSError(f"cannot listen on {bind}")
         address = f"{advertised_host(self.config)}:{port}"
-        self.membership = Membership(Member(self.peer_id, self.config.mu), address,
+        self.membership = Membership(Member(self.peer_id, self.mu), address,
                                      self.config.min_peers,
                                      dead_after_s=self.config.dead_after_s)
         await server.start()
@@ -378,7 +393,7 @@ class Daemon:
             record = PeerRecord(
                 peer_id=self.peer_id, cluster=self.config.cluster,
                 protocol_version=PROTOCOL_VERSION, model_fingerprint=self.fingerprint,
-                mu=self.config.mu, host=address.rsplit(":", 1)[0], port=port,
+                mu=self.mu, host=address.rsplit(":", 1)[0], port=port,
             )
             sources.append(MdnsDiscovery(record, self.config.mdns_interface))
         return sources

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from peerd.config import ConfigError, DaemonConfig, load_daemon_config, reference_table
+from peerd.config import (
+    ConfigError,
+    DaemonConfig,
+    load_daemon_config,
+    parse_size,
+    reference_table,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,3 +101,39 @@ def test_reference_doc_is_current() -> None:
     assert doc.endswith(reference_table()), "regenerate with: peerd config --reference"
     for name in DaemonConfig.__dataclass_fields__:
         assert f"`{name}`" in doc
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("1048576", 2**20), ("800M", 800 * 2**20), ("1.5G", 3 * 2**29), ("512MiB", 512 * 2**20),
+    ("64k", 64 * 2**10), (" 2 GB ", 2 * 2**30), ("1T", 2**40),
+])
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "M", "-1G", "0", "1.5X", "one gig", "1e9"])
+def test_parse_size_refuses_with_the_text(text: str) -> None:
+    with pytest.raises(ConfigError, match=r"size=.* is invalid"):
+        parse_size(text)
+
+
+def test_mu_auto_and_its_budget() -> None:
+    config = load_daemon_config(None, {"PEERD_MU": "auto"}, {"memory_budget": "1.5G"})
+    assert (config.mu, config.memory_budget) == ("auto", "1.5G")
+    assert load_daemon_config(None, {"PEERD_MU": "0.25"}, {}).mu == 0.25
+    with pytest.raises(ConfigError, match="memory_budget='1G' is only used with mu auto"):
+        DaemonConfig(memory_budget="1G")
+    with pytest.raises(ConfigError, match="memory_budget='lots' is invalid"):
+        DaemonConfig(mu="auto", memory_budget="lots")
+    with pytest.raises(ConfigError, match=r"mu='0\.5,0\.25' is invalid: a daemon has one"):
+        load_daemon_config(None, {"PEERD_MU": "0.5,0.25"}, {})
+    with pytest.raises(ConfigError, match=r"round_target_s=-1\.0 is invalid"):
+        DaemonConfig(mu="auto", round_target_s=-1.0)
+
+
+def test_mu_auto_from_a_file(tmp_path: Path) -> None:
+    path = write(tmp_path / "peerd.toml", 'mu = "auto"\nmemory_budget = "800M"\n')
+    assert load_daemon_config(path, {}, {}).mu == "auto"
+    assert load_daemon_config(write(tmp_path / "b.toml", "mu = 0.25\n"), {}, {}).mu == 0.25
+    with pytest.raises(ConfigError, match="mu='big' is invalid"):
+        load_daemon_config(write(tmp_path / "c.toml", 'mu = "big"\n'), {}, {})

@@ -20,19 +20,17 @@ import argparse
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from peerd.bench.processes import positive_int, print_result
+from peerd.capacity import StepMemory, measure_step, sgd, train_step
 from peerd.config import ConfigError, TrainConfig, parse_mu
 from peerd.data import load_task_data
-from peerd.losses import task_loss
 from peerd.models.base import ModelSpec, plan_units
 from peerd.plan import Member, make_planner
 from peerd.submodel import extract, forward_flops_per_sample, init_params, parameter_count
@@ -48,89 +46,7 @@ WARMUP_STEPS = 3
 PROFILED_STEPS = 5
 
 
-# ---- memory ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StepMemory:
-    """Bytes one training step holds, by what holds them."""
-
-    param_bytes: int
-    grad_bytes: int
-    optimizer_bytes: int
-    activation_bytes: int  # saved for backward during the forward pass
-
-    @property
-    def total_bytes(self) -> int:
-        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
-
-
-def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _storage(tensor: torch.Tensor) -> tuple[int, int]:
-    """(address, bytes) of the memory a tensor keeps alive: a view keeps its whole storage."""
-    storage = tensor.untyped_storage()
-    return storage.data_ptr(), storage.nbytes()
-
-
-@contextmanager
-def _saved_bytes(module: nn.Module) -> Iterator[dict[int, int]]:
-    """Yields storage address -> bytes of every tensor autograd saves inside the block."""
-    own = {_storage(p)[0] for p in module.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        address, size = _storage(tensor)
-        if address not in own:
-            saved[address] = size
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        yield saved
-
-
-def measure_step(
-    step: Callable[[], object], module: nn.Module, optimizer: torch.optim.Optimizer
-) -> StepMemory:
-    """Runs one training step and reports what it held: parameters, the gradients and optimizer
-    state it leaves behind, and what its forward pass saved for backward."""
-    with _saved_bytes(module) as saved:
-        step()
-    parameters = list(module.parameters())
-    return StepMemory(
-        param_bytes=_tensor_bytes(parameters),
-        grad_bytes=_tensor_bytes(p.grad for p in parameters if p.grad is not None),
-        optimizer_bytes=_tensor_bytes(
-            value for state in optimizer.state.values() for value in state.values()
-            if isinstance(value, torch.Tensor)
-        ),
-        activation_bytes=sum(saved.values()),
-    )
-
-
 # ---- one width of one task ---------------------------------------------------------------------
-
-
-def sgd(module: nn.Module, config: TrainConfig) -> torch.optim.SGD:
-    """The optimizer `Engine.train` builds."""
-    return torch.optim.SGD(module.parameters(), lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay)
-
-
-def train_step(
-    kind: str, config: TrainConfig, module: nn.Module, optimizer: torch.optim.Optimizer,
-    inputs: torch.Tensor, targets: torch.Tensor,
-) -> float:
-    """One step of `Engine.train`'s loop: the same calls in the same order."""
-    loss = task_loss(kind, module(inputs), targets)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if config.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip)
-    optimizer.step()
-    return loss.item()
 
 
 class Width:

@@ -60,7 +60,7 @@ def _wait_for_rounds(daemons: list[DaemonProcess], rounds: int) -> list[list[dic
 
 
 def measure(peers: int, topology: str, rounds: int, task: str, mu: float, out: Path) -> ScalePoint:
-    config = ClusterConfig(peers=peers, topology=topology, method="msfusion", mu=mu, task=task,
+    config = ClusterConfig(peers=peers, topology=topology, method="msfusion", mu=(mu,), task=task,
                            rounds=rounds, out=str(out))
     daemons = launch(config, out, tls_dirs(out, [peer_name(i) for i in range(peers)]))
     try:

@@ -1,0 +1,261 @@
+"""What this device can afford: the width ratio (`--mu auto`) chosen from measurements.
+
+At start a daemon with `--mu auto` trains a few steps of its own sub-model at each candidate
+width on its own data and measures, per width, the step time and the memory the step holds
+(parameters, gradients, momentum, and the activations autograd saves). It then takes the
+widest candidate whose training fits the memory budget and, if a round target is set, whose
+local training fits the target.
+
+The memory budget covers the whole daemon process:
+    peak = resident now (runtime, data, the full parameters)
+         + `held_copies` more full parameter sets (round snapshots served to pulls, the
+           outgoing and incoming slices)
+         + RUNTIME_MARGIN_BYTES (see there)
+         + the training step at the chosen width.
+The budget is a hard limit (no width fits: an error naming both figures); the round target is
+a soft one (no width fits: the narrowest, with a warning).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peerd.config import TrainConfig
+from peerd.data import Split
+from peerd.losses import task_loss
+from peerd.models.base import ModelSpec
+from peerd.plan import Member, MSFusionPlanner
+from peerd.submodel import Params, extract
+
+log = logging.getLogger(__name__)
+
+# Widest first; MSfusion never lets a peer train more than half of any layer.
+MU_CHOICES = (0.5, 0.25, 0.125, 0.0625)
+PROBE_STEPS = 3  # timed, after one step that is also the memory measurement
+# What a daemon allocates after the probe and the parts above do not count: gRPC, TLS and mDNS,
+# the threads and their malloc arenas, evaluation, checkpoint serialisation, the step's
+# transient buffers. Measured: the peak exceeded the other parts by 98 MiB (digits) and 78 MiB
+# (fmnist) on x86-64 (tests/test_mixed_capacity.py checks the whole estimate).
+RUNTIME_MARGIN_BYTES = 128 * 2**20
+
+
+class CapacityError(ValueError):
+    """The device cannot train any width within its budget, or cannot tell its memory."""
+
+
+def _meminfo_bytes(path: Path, key: str) -> int | None:
+    for line in path.read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name == key:
+            return int(value.split()[0]) * 1024  # reported in kB
+    return None
+
+
+def available_memory_bytes(meminfo: Path = Path("/proc/meminfo"),
+                           cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """What this process may still allocate: the kernel's MemAvailable, or less if the cgroup
+    it runs in (a systemd MemoryMax=, a container) allows less."""
+    available = _meminfo_bytes(meminfo, "MemAvailable")
+    if available is None:
+        raise CapacityError(f"{meminfo} has no MemAvailable: give --memory-budget")
+    limit_file, usage_file = cgroup / "memory.max", cgroup / "memory.current"
+    if limit_file.exists() and usage_file.exists():
+        limit = limit_file.read_text().strip()
+        if limit != "max":
+            available = min(available, int(limit) - int(usage_file.read_text()))
+    return available
+
+
+def resident_bytes(status: Path = Path("/proc/self/status")) -> int:
+    """This process's resident set now (VmRSS)."""
+    for line in status.read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise CapacityError(f"{status} has no VmRSS")
+
+
+# ---- one training step, measured -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """Bytes one training step holds, by what holds them."""
+
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int  # saved for backward during the forward pass
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+
+
+def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _storage(tensor: torch.Tensor) -> tuple[int, int]:
+    """(address, bytes) of the memory a tensor keeps alive: a view keeps its whole storage."""
+    storage = tensor.untyped_storage()
+    return storage.data_ptr(), storage.nbytes()
+
+
+@contextmanager
+def _saved_bytes(module: nn.Module) -> Iterator[dict[int, int]]:
+    """Yields storage address -> bytes of every tensor autograd saves inside the block."""
+    own = {_storage(p)[0] for p in module.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        address, size = _storage(tensor)
+        if address not in own:
+            saved[address] = size
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield saved
+
+
+def measure_step(
+    step: Callable[[], object], module: nn.Module, optimizer: torch.optim.Optimizer
+) -> StepMemory:
+    """Runs one training step and reports what it held: parameters, the gradients and optimizer
+    state it leaves behind, and what its forward pass saved for backward."""
+    with _saved_bytes(module) as saved:
+        step()
+    parameters = list(module.parameters())
+    return StepMemory(
+        param_bytes=_tensor_bytes(parameters),
+        grad_bytes=_tensor_bytes(p.grad for p in parameters if p.grad is not None),
+        optimizer_bytes=_tensor_bytes(
+            value for state in optimizer.state.values() for value in state.values()
+            if isinstance(value, torch.Tensor)
+        ),
+        activation_bytes=sum(saved.values()),
+    )
+
+
+def sgd(module: nn.Module, config: TrainConfig) -> torch.optim.SGD:
+    """The optimizer `Engine.train` builds."""
+    return torch.optim.SGD(module.parameters(), lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay)
+
+
+def train_step(
+    kind: str, config: TrainConfig, module: nn.Module, optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor, targets: torch.Tensor,
+) -> float:
+    """One step of `Engine.train`'s loop: the same calls in the same order."""
+    loss = task_loss(kind, module(inputs), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip)
+    optimizer.step()
+    return loss.item()
+
+
+# ---- probing and choosing ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WidthProbe:
+    mu: float
+    step_s: float  # median of the timed steps
+    memory: StepMemory
+
+
+def probe_width(spec: ModelSpec, params: Params, split: Split, config: TrainConfig,
+                mu: float, steps: int = PROBE_STEPS) -> WidthProbe:
+    """Train `steps` + 1 steps of the sub-model of width mu (extracted: a copy, the daemon's
+    parameters stay untouched): the first is measured for memory, the rest are timed."""
+    plan = MSFusionPlanner(seed=0).plan(0, [Member("probe", mu)], spec.groups)["probe"]
+    module = extract(spec, params, plan)
+    module.train()
+    optimizer = sgd(module, config)
+    size = min(config.batch_size, len(split))
+    batches = [(split.inputs[i * size:(i + 1) * size], split.targets[i * size:(i + 1) * size])
+               for i in range(max(1, len(split) // size))]
+
+    def step(index: int) -> None:
+        inputs, targets = batches[index % len(batches)]
+        train_step(spec.kind, config, module, optimizer, inputs, targets)
+
+    memory = measure_step(lambda: step(0), module, optimizer)
+    seconds = []
+    for index in range(1, steps + 1):
+        started = time.perf_counter()
+        step(index)
+        seconds.append(time.perf_counter() - started)
+    return WidthProbe(mu, statistics.median(seconds), memory)
+
+
+def steps_per_round(samples: int, config: TrainConfig) -> int:
+    """How many SGD steps `Engine.train` takes in a round on `samples` samples."""
+    steps = math.ceil(samples / config.batch_size) * config.local_epochs
+    return steps if config.max_local_steps is None else min(steps, config.max_local_steps)
+
+
+@dataclass(frozen=True)
+class CapacityChoice:
+    mu: float
+    budget_bytes: int
+    fixed_bytes: int  # everything but the training step
+    round_s: float  # estimated local training per round at mu
+    probes: tuple[WidthProbe, ...]
+
+    def describe(self) -> str:
+        chosen = next(p for p in self.probes if p.mu == self.mu)
+        return (f"mu {self.mu}: about {(self.fixed_bytes + chosen.memory.total_bytes) / 2**20:.0f}"
+                f" MiB of a {self.budget_bytes / 2**20:.0f} MiB budget (training step "
+                f"{chosen.memory.total_bytes / 2**20:.1f} MiB), about {self.round_s:.1f} s of "
+                f"training a round")
+
+
+def choose_mu(probes: Sequence[WidthProbe], fixed_bytes: int, budget_bytes: int,
+              round_steps: int, round_target_s: float | None) -> CapacityChoice:
+    """The widest probed width that fits the memory budget and, when given, the round target."""
+    ordered = sorted(probes, key=lambda p: p.mu, reverse=True)
+    fitting = [p for p in ordered if fixed_bytes + p.memory.total_bytes <= budget_bytes]
+    if not fitting:
+        narrowest = ordered[-1]
+        raise CapacityError(
+            f"memory budget {budget_bytes / 2**20:.0f} MiB is too small: even mu "
+            f"{narrowest.mu} needs about "
+            f"{(fixed_bytes + narrowest.memory.total_bytes) / 2**20:.0f} MiB "
+            f"({fixed_bytes / 2**20:.0f} MiB held besides training)")
+    chosen = fitting[0]
+    if round_target_s is not None:
+        in_time = [p for p in fitting if p.step_s * round_steps <= round_target_s]
+        if in_time:
+            chosen = in_time[0]
+        else:
+            chosen = fitting[-1]
+            log.warning("no width trains a round within %g s; mu %s takes about %.1f s",
+                        round_target_s, chosen.mu, chosen.step_s * round_steps)
+    return CapacityChoice(chosen.mu, budget_bytes, fixed_bytes, chosen.step_s * round_steps,
+                          tuple(ordered))
+
+
+def measure_capacity(
+    spec: ModelSpec, params: Params, split: Split, config: TrainConfig,
+    budget_bytes: int | None, round_target_s: float | None, held_copies: int,
+) -> CapacityChoice:
+    """Probe every candidate width on this device and choose one (see the module's text).
+    Without a budget, the memory the kernel reports available is the budget."""
+    resident = resident_bytes()
+    fixed = resident + held_copies * _tensor_bytes(params.values()) + RUNTIME_MARGIN_BYTES
+    budget = budget_bytes if budget_bytes is not None else resident + available_memory_bytes()
+    probes = [probe_width(spec, params, split, config, mu) for mu in MU_CHOICES]
+    return choose_mu(probes, fixed, budget, steps_per_round(len(split), config), round_target_s)
