@@ -164,6 +164,9 @@ def _add_cluster(commands: argparse._SubParsersAction) -> None:
     cluster.add_argument("--eval-samples", type=int, default=None)
     cluster.add_argument("--no-mdns", action="store_true",
                          help="daemons find each other only by their static addresses")
+    cluster.add_argument("--sync", action="store_true",
+                         help="strict synchronous rounds (default: semi-asynchronous, as "
+                         "`peerd start`)")
     cluster.add_argument("--quiet", action="store_true", help="no progress line")
     cluster.set_defaults(func=_cluster)
 
@@ -299,6 +302,7 @@ def _cluster(args: argparse.Namespace) -> int:
         task=args.task, rounds=args.rounds, seed=args.seed, partition=args.partition,
         data_dir=args.data_dir, out=args.out, eval_every=args.eval_every,
         eval_samples=args.eval_samples, mdns=not args.no_mdns, wire_dtype=args.wire_dtype,
+        sync=args.sync,
     )
     progress = ProgressLine(enabled=not args.quiet)
 

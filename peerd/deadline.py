@@ -1,0 +1,40 @@
+"""When a semi-asynchronous round stops waiting: an adaptive deadline from recent arrival delays.
+
+A neighbour's *arrival delay* is how long after this peer was ready to merge (its own slice
+trained and sent) the neighbour's slice of the same round arrived, 0 if it was already there.
+The deadline is median + k * MAD of the recent delays of slices that made it in time, clamped
+to [floor, ceiling]: robust to one slow outlier (the median ignores it), wide enough for the
+usual jitter (k MADs), never shorter than the floor (timing noise at small scales), never
+longer than the round timeout. Only on-time arrivals are recorded, so a chronic straggler does
+not pull the deadline out to its own pace.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+
+# Recent enough to follow a change in load, enough to make a median meaningful.
+DELAYS_KEPT = 32
+# Below this many delays there is no estimate yet: wait up to the ceiling.
+MIN_DELAYS = 3
+
+
+class ArrivalDelays:
+    def __init__(self, mads: float, floor_s: float, ceiling_s: float) -> None:
+        self.mads = mads
+        self.floor_s = floor_s
+        self.ceiling_s = ceiling_s
+        self._delays: deque[float] = deque(maxlen=DELAYS_KEPT)
+
+    def record(self, delay_s: float) -> None:
+        self._delays.append(max(0.0, delay_s))
+
+    def deadline_s(self) -> float:
+        """Seconds after being ready to merge at which the round may close without the
+        neighbours still missing."""
+        if len(self._delays) < MIN_DELAYS:
+            return self.ceiling_s
+        median = statistics.median(self._delays)
+        mad = statistics.median(abs(delay - median) for delay in self._delays)
+        return min(self.ceiling_s, max(self.floor_s, median + self.mads * mad))
