@@ -16,6 +16,7 @@ from peerd import __version__
 from peerd.bench.compute import add_compute_parser
 from peerd.bench.exchange import add_exchange_parser
 from peerd.bench.scale import add_scale_parser
+from peerd.bench.stragglers import add_stragglers_parser
 from peerd.bench.wire import add_wire_parser
 from peerd.ca import DEFAULT_CA_DIR, DEVICE_KEY, init_ca, issue
 from peerd.cluster import ClusterConfig, ClusterError
@@ -230,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_exchange_parser(benchmarks)
     add_compute_parser(benchmarks)
     add_scale_parser(benchmarks)
+    add_stragglers_parser(benchmarks)
     return parser
 
 

@@ -766,8 +766,9 @@ class Daemon:
             if self._stopping.is_set():
                 log.info("round %d abandoned: stopping", ctx.round_index)
                 return None
-        for peer in arrived:
-            self._delays.record(self._arrived_at[(ctx.round_index, peer)] - ready_at)
+        delays = sorted(self._arrived_at[(ctx.round_index, peer)] - ready_at for peer in arrived)
+        if delays and len(delays) >= quorum:
+            self._delays.record(delays[max(quorum, 1) - 1])
         return missing
 
     def _keep_snapshot(self, ctx: RoundContext) -> None:

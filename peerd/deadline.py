@@ -1,12 +1,15 @@
-"""When a semi-asynchronous round stops waiting: an adaptive deadline from recent arrival delays.
+"""When a semi-asynchronous round stops waiting: an adaptive deadline from recent quorum delays.
 
 A neighbour's *arrival delay* is how long after this peer was ready to merge (its own slice
 trained and sent) the neighbour's slice of the same round arrived, 0 if it was already there.
-The deadline is median + k * MAD of the recent delays of slices that made it in time, clamped
-to [floor, ceiling]: robust to one slow outlier (the median ignores it), wide enough for the
-usual jitter (k MADs), never shorter than the floor (timing noise at small scales), never
-longer than the round timeout. Only on-time arrivals are recorded, so a chronic straggler does
-not pull the deadline out to its own pace.
+Each round contributes one sample: the delay at which the quorum was in (the q-th smallest
+arrival delay, q the quorum's count, at least 1). The deadline is median + k * MAD of the recent
+samples, clamped to [floor, ceiling]. Why the quorum's delay rather than every arrival's: with
+one chronic straggler among the neighbours, every arrival's delays are bimodal and their median
+lands on the straggler's pace as soon as it makes a deadline, after which it always does (and
+the rounds are synchronous again); the quorum's delay follows the neighbours that keep up. The
+median ignores single outliers, k MADs leave room for the usual jitter, the floor for timing
+noise at small scales, and the ceiling is the round timeout.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class ArrivalDelays:
         self._delays: deque[float] = deque(maxlen=DELAYS_KEPT)
 
     def record(self, delay_s: float) -> None:
+        """One round's quorum delay."""
         self._delays.append(max(0.0, delay_s))
 
     def deadline_s(self) -> float:
