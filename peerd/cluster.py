@@ -239,11 +239,27 @@ class ClusterWatcher:
             await asyncio.sleep(POLL_INTERVAL_S)
 
     async def wait_rounds(self, rounds: int) -> None:
+        """Until every daemon has finished round `rounds` or moved past it (a semi-asynchronous
+        straggler that skipped it: its status reports a later round than its last record)."""
         while True:
             self.check_alive()
-            if min(d.last_round() for d in self.daemons) >= rounds:
+            behind = [d for d in self.daemons if d.last_round() < rounds]
+            if not behind:
+                return
+            if not self.config.sync and await self._all_past(behind, rounds):
                 return
             await asyncio.sleep(POLL_INTERVAL_S)
+
+    async def _all_past(self, daemons: list[DaemonProcess], rounds: int) -> bool:
+        """Has each of these daemons run a round and is it now in one after round `rounds`?"""
+        for daemon in daemons:
+            if daemon.last_round() == 0:
+                return False
+            # The round it is in, 0-based: at least `rounds` means past round `rounds`, 1-based.
+            reply = await self.clients.status(daemon.address, daemon.peer_id)
+            if reply.self.round < rounds:
+                return False
+        return True
 
     async def evaluate(self, rounds: int, plans: Plans) -> dict[str, float]:
         """The global model after `rounds` rounds, assembled with the plans of its last round

@@ -698,6 +698,11 @@ class Daemon:
                 weight=message.weight, plan=plan_to_wire(ctx.plans_now[self.peer_id]),
             )
             deadline = time.monotonic() + self.config.round_timeout_s
+            # Semi-async: a receiver rounds behind would refuse the slice ("not there yet");
+            # wait until its handshakes say it caught up instead of streaming it again and again.
+            while (not self.config.sync and self._behind(message.receiver, ctx.round_index)
+                   and time.monotonic() < deadline and not self._stopping.is_set()):
+                await asyncio.sleep(COLLECT_POLL_S)
             while True:
                 try:
                     acknowledged = await self.clients.push(peer.address, header, message.values)
@@ -717,6 +722,13 @@ class Daemon:
             peer.bytes_sent += acknowledged
 
         await asyncio.gather(*(push(message) for message in outgoing))
+
+    def _behind(self, peer_id: str, round_index: int) -> bool:
+        """Does `peer_id` (not being dropped) report a round before `round_index - 1`?"""
+        assert self.membership is not None
+        peer = self.membership.known.get(peer_id)
+        return (peer is not None and peer.round + 1 < round_index
+                and peer_id not in self.membership.leaving())
 
     async def _collect(self, ctx: RoundContext) -> list[str] | None:
         """Wait for every neighbour's slice of this round, but not for neighbours being dropped
