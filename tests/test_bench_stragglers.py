@@ -22,6 +22,8 @@ def test_tiny_run_of_both_modes() -> None:
         assert run.round_to_target == 1 and run.seconds_to_target == 0
         assert 0 < run.startup_s < run.wall_s
         assert 0 <= run.final_acc <= 1
+        assert [number for number, _, _ in run.curve] == list(range(1, ROUNDS + 1))
+        assert run.curve[0][1] == 0 and run.curve[-1][2] == run.final_acc
     assert result.time_ratio is None
     assert result.accuracy_drop == pytest.approx(
         result.strict.final_acc - result.semi_async.final_acc)

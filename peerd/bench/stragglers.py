@@ -37,6 +37,7 @@ class ModeRun:
     final_acc: float
     startup_s: float  # until round 1 was evaluated
     wall_s: float  # until the last round was evaluated
+    curve: tuple[tuple[int, float, float], ...]  # (round, seconds after round 1, global acc)
 
     def to_json(self) -> dict[str, object]:
         return {"mode": self.mode, "rounds": self.rounds,
@@ -44,7 +45,9 @@ class ModeRun:
                 else round(self.seconds_to_target, 2),
                 "round_to_target": self.round_to_target,
                 "final_acc": round(self.final_acc, 4), "startup_s": round(self.startup_s, 2),
-                "wall_s": round(self.wall_s, 2)}
+                "wall_s": round(self.wall_s, 2),
+                "curve": [[number, round(seconds, 2), round(accuracy, 4)]
+                          for number, seconds, accuracy in self.curve]}
 
 
 @dataclass(frozen=True)
@@ -102,9 +105,10 @@ def run_mode(mode: str, peers: int, rounds: int, slowdown: float, target: float,
         raise BenchError(f"{mode} cluster failed: {error}") from None
     reached = next((r for r in records if r["global_acc"] >= target), None)
     startup_s = records[0]["wall_s"]
+    curve = tuple((r["round"], r["wall_s"] - startup_s, r["global_acc"]) for r in records)
     return ModeRun(mode, rounds, None if reached is None else reached["wall_s"] - startup_s,
                    None if reached is None else reached["round"], records[-1]["global_acc"],
-                   startup_s, records[-1]["wall_s"])
+                   startup_s, records[-1]["wall_s"], curve)
 
 
 def run_stragglers(peers: int, rounds: int, slowdown: float, target: float,
