@@ -81,6 +81,11 @@ SNAPSHOTS_KEPT = 16
 HANDSHAKE_INTERVAL_S = 0.5
 SERVER_GRACE_S = 5.0
 COLLECT_POLL_S = 0.25
+# Codes a receiver never answers on purpose: the connection failed or broke mid-call (gRPC
+# core reports INTERNAL or UNKNOWN when a connection dies under a stream, as when a partition
+# heals), or the receiver cannot place the round yet (UNAVAILABLE). Retried until the deadline.
+RETRIED_PUSH_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
+                                grpc.StatusCode.UNKNOWN})
 
 
 @dataclass(frozen=True)
@@ -233,13 +238,14 @@ class Daemon:
         if header.receiver != self.peer_id:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"slice addressed to {header.receiver}, this is {self.peer_id}")
-        oldest = self.round_index - self._late_window
-        if header.round > self.round_index + 1 and not self.config.sync:
-            # Semi-async: this peer is behind and will skip ahead; the sender retries.
+        if header.round > self.round_index + 1:
+            # This peer is behind (a joiner still pulling its start, a slow peer that will skip
+            # ahead): it will get there, so the sender retries.
             raise WireError(grpc.StatusCode.UNAVAILABLE,
-                            f"slice for round {header.round}; this peer is in round "
-                            f"{self.round_index}, not there yet")
-        if not oldest <= header.round <= self.round_index + 1:
+                            f"slice for round {header.round}; this peer is only in round "
+                            f"{self.round_index}")
+        oldest = self.round_index - self._late_window
+        if header.round < oldest:
             raise WireError(grpc.StatusCode.FAILED_PRECONDITION,
                             f"slice for round {header.round}; this peer is in round "
                             f"{self.round_index} and takes rounds {oldest} to "
@@ -459,11 +465,10 @@ class Daemon:
         request = peer_pb2.PullRequest(
             protocol_version=PROTOCOL_VERSION, cluster=self.config.cluster,
             model_fingerprint=self.fingerprint, requester=self.peer_id, round=round_index)
-        deadline = time.monotonic() + self.config.round_timeout_s
         pulled: dict[str, DecodedStream] = {}
+        given_up: set[str] = set()
         while not self._stopping.is_set():
-            # A member being dropped meanwhile has nothing more to give.
-            wanted = [m for m in running.ids if m not in pulled
+            wanted = [m for m in running.ids if m not in pulled and m not in given_up
                       and m not in self.membership.leaving()]
             if not wanted:
                 break
@@ -472,10 +477,17 @@ class Daemon:
                     pulled[member] = await self.clients.pull(
                         self.membership.known[member].address, member, request, expectation)
                 except grpc.aio.AioRpcError as error:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"could not pull round {round_index} from {member}: "
-                                           f"{error.details()}") from None
+                    # Members slowed down (a round timeout, a healed partition) may take long
+                    # to finish round_index - 1: wait while they still answer handshakes; one
+                    # silent for the dead-member time has nothing more to give.
+                    if self.membership.silent_for(member) >= self.config.dead_after_s:
+                        log.warning("joining at round %d without %s's parameters: %s %s",
+                                    round_index, member, error.code().name, error.details())
+                        given_up.add(member)
             await asyncio.sleep(0.2)
+        if not pulled and not self._stopping.is_set():
+            log.warning("no member's parameters after round %d could be pulled: this peer "
+                        "starts round %d from its own", round_index - 1, round_index)
         if pulled:
             params = {member: stream.tensors for member, stream in pulled.items()}
             # Plans are a pure function: computed here, never taken from the wire.
@@ -708,10 +720,9 @@ class Daemon:
                     acknowledged = await self.clients.push(peer.address, header, message.values)
                     break
                 except grpc.aio.AioRpcError as error:
-                    # UNAVAILABLE: the receiver cannot place the round yet (not started, or its
-                    # view of the round not settled), or it is down; anything else is final.
-                    # A receiver being dropped from the view is not waited for.
-                    retry = (error.code() == grpc.StatusCode.UNAVAILABLE
+                    # A receiver being dropped from the view is not waited for; refusals
+                    # (bad slice, wrong round, ...) are final.
+                    retry = (error.code() in RETRIED_PUSH_CODES
                              and message.receiver not in self.membership.leaving())
                     if not retry or time.monotonic() > deadline or self._stopping.is_set():
                         log.warning("round %d: push to %s failed: %s %s", ctx.round_index,

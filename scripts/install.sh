@@ -10,7 +10,8 @@ extras=""
 system_packages=(dataset-fashion-mnist iproute2)
 if [[ "${1:-}" == "--test" ]]; then
     extras="[test]"
-    system_packages+=(systemd)  # systemd-analyze checks deploy/peerd.service
+    # systemd-analyze checks deploy/peerd.service; nft makes a test link lossy.
+    system_packages+=(systemd nftables)
 fi
 
 missing=()

@@ -34,13 +34,18 @@ STOP_TIMEOUT_S = 5.0
 _sequence = itertools.count()
 
 
-def _ip(*args: str) -> None:
-    """Run one `ip` command; a failure raises with ip's own message."""
+def _run(args: Sequence[str], stdin: str | None = None) -> None:
+    """Run one network command; a failure raises with the command's own message."""
     result = subprocess.run(
-        ["ip", *args], capture_output=True, text=True, timeout=IP_TIMEOUT_S, check=False
+        list(args), input=stdin, capture_output=True, text=True, timeout=IP_TIMEOUT_S,
+        check=False,
     )
     if result.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)} failed: {result.stderr.strip()}")
+        raise RuntimeError(f"{' '.join(args)} failed: {result.stderr.strip()}")
+
+
+def _ip(*args: str) -> None:
+    _run(["ip", *args])
 
 
 @functools.cache
@@ -65,6 +70,8 @@ class Host:
 
     name: str
     address: str
+    bridge: str  # the namespace holding the LAN's bridge
+    port: str  # this host's port on the bridge
     interface: str = HOST_INTERFACE
     _processes: list[subprocess.Popen[Any]] = field(default_factory=list, repr=False)
 
@@ -83,6 +90,38 @@ class Host:
         kwargs.setdefault("capture_output", True)
         kwargs.setdefault("text", True)
         return subprocess.run(self.command(args), timeout=timeout, check=check, **kwargs)
+
+    def set_link(self, up: bool) -> None:
+        """Plug this host's cable out of the bridge (a partition) or back in."""
+        _ip("-n", self.bridge, "link", "set", self.port, "up" if up else "down")
+
+    def impair_link(self, rate: str, loss_percent: float) -> None:
+        """Make this host's link slow and lossy in both directions: a token bucket of `rate`
+        (tc syntax, e.g. "2mbit") on each end of its cable, and `loss_percent` of packets
+        dropped at random on the way out and again on the way in (nftables numgen).
+        Kernels without sch_netem (this one) still have tbf and nf_tables."""
+        bucket = ("root", "tbf", "rate", rate, "burst", "16kb", "latency", "400ms")
+        _run(["ip", "netns", "exec", self.name, "tc", "qdisc", "add", "dev", self.interface,
+              *bucket])
+        _run(["ip", "netns", "exec", self.bridge, "tc", "qdisc", "add", "dev", self.port,
+              *bucket])
+        per_mille = round(loss_percent * 10)
+        drop = f"numgen random mod 1000 < {per_mille} drop;"
+        ruleset = (
+            "table inet impaired {\n"
+            f"  chain incoming {{ type filter hook input priority 0; {drop} }}\n"
+            f"  chain outgoing {{ type filter hook output priority 0; {drop} }}\n"
+            "}\n"
+        )
+        _run(["ip", "netns", "exec", self.name, "nft", "-f", "-"], stdin=ruleset)
+
+    def restore_link(self) -> None:
+        """Undo impair_link."""
+        _run(["ip", "netns", "exec", self.name, "tc", "qdisc", "del", "dev", self.interface,
+              "root"])
+        _run(["ip", "netns", "exec", self.bridge, "tc", "qdisc", "del", "dev", self.port,
+              "root"])
+        _run(["ip", "netns", "exec", self.name, "nft", "delete", "table", "inet", "impaired"])
 
     def stop_processes(self) -> None:
         # A namespace lives on while a process holds it, veth included: end them all first.
@@ -143,13 +182,13 @@ def bridged_hosts(count: int, prefix: str) -> Iterator[list[Host]]:
         _ip("-n", bridge, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
         _ip("-n", bridge, "link", "set", "br0", "up")
         for index in range(count):
-            host = Host(name=f"{tag}-h{index}", address=f"{SUBNET_PREFIX}{FIRST_HOST + index}")
+            host = Host(name=f"{tag}-h{index}", address=f"{SUBNET_PREFIX}{FIRST_HOST + index}",
+                        bridge=bridge, port=f"v{index}")
             _ip("netns", "add", host.name)
             created.append(host.name)
-            port = f"v{index}"
             peer_end = ("peer", "name", host.interface, "netns", host.name)
-            _ip("-n", bridge, "link", "add", port, "type", "veth", *peer_end)
-            _ip("-n", bridge, "link", "set", port, "master", "br0", "up")
+            _ip("-n", bridge, "link", "add", host.port, "type", "veth", *peer_end)
+            _ip("-n", bridge, "link", "set", host.port, "master", "br0", "up")
             _ip("-n", host.name, "link", "set", "lo", "up")
             _ip("-n", host.name, "addr", "add", f"{host.address}/24", "dev", host.interface)
             _ip("-n", host.name, "link", "set", host.interface, "multicast", "on", "up")

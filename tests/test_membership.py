@@ -294,6 +294,16 @@ def test_claims_elsewhere() -> None:
     assert a.membership.claims_elsewhere("peer-05", "10.0.0.8:50051")
 
 
+def test_silent_for_counts_from_the_last_handshake() -> None:
+    a = node("peer-00")
+    assert a.membership.silent_for("peer-05") == float("inf")
+    a.membership.observe(hand_hello("peer-05"), 0)
+    a.membership.known["peer-05"].last_seen -= 7.5
+    assert 7.5 <= a.membership.silent_for("peer-05") < 8.5
+    a.membership.observe(hand_hello("peer-05"), 0)
+    assert a.membership.silent_for("peer-05") < 1.0
+
+
 def test_observe_ignores_my_own_hello_and_keeps_traffic_counters() -> None:
     a = node("peer-00")
     a.membership.observe(a.hello(), 0)

@@ -1,6 +1,8 @@
 """Networking: the wire codec, gRPC service and client, discovery and membership."""
 
-PROTOCOL_VERSION = 1
+# 2: Hello carries the view's first round and leave tickets (daemons of version 1 cannot take
+# part in the leave agreement), and a slice for a round ahead of the receiver is retried.
+PROTOCOL_VERSION = 2
 
 # Explicit limits: frames are chunks of a few hundred KiB, so 8 MiB leaves room for headers
 # that list unit indices without letting a peer make us buffer arbitrarily large messages.

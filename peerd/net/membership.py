@@ -210,6 +210,11 @@ class Membership:
         self.known[hello.peer_id] = peer
         self._consider_join_request(peer, my_round)
 
+    def silent_for(self, peer_id: str) -> float:
+        """Seconds since any handshake with this peer (infinite if never heard from)."""
+        known = self.known.get(peer_id)
+        return self.clock() - known.last_seen if known is not None else float("inf")
+
     def claims_elsewhere(self, peer_id: str, address: str) -> bool:
         """True when another address already speaks for this peer id (a duplicate id); a peer
         silent for a while may come back at another address (a restarted daemon)."""
