@@ -8,6 +8,12 @@ the full tensor.
 Merge rule: every entry becomes the weighted mean over its holders among self + the neighbours
 that sent it; the receiver's own value counts only if it holds the entry this round. Entries
 nobody sent keep the local value.
+
+Late slices (semi-asynchronous rounds): a slice built in an earlier round t carries the entries
+of the round-t exchange mask. They are placed back onto full-parameter entries with the round-t
+plans, and only those the receiver holds now enter the mean, with the sender's weight scaled by
+`staleness_weight`: where the receiver holds an entry now, its own fresh value is always part of
+the mean, so a stale value can pull an entry but never replace it.
 """
 
 from __future__ import annotations
@@ -86,13 +92,25 @@ def outbox(
     return out
 
 
+def staleness_weight(staleness: int, exponent: float) -> float:
+    """The factor on a late slice's weight: (1 + staleness)^-exponent (1 for an on-time one).
+    Polynomial decay, as FedAsync's: a slice a round late still counts, an old one little."""
+    if staleness < 0:
+        raise ValueError(f"staleness {staleness} is negative: a slice from a future round")
+    return (1.0 + staleness) ** -exponent
+
+
 @dataclass(frozen=True)
 class Arrival:
-    """A neighbour's slice as received: its plan this round, its weight, its values."""
+    """A neighbour's slice as received: its plan in the slice's round, its weight (already
+    scaled by staleness), its values. `receiver_then` is None for a slice of the round being
+    merged; for a late slice it is the receiver's plans (now, next) of the slice's round, which
+    fixed the slice's entry set."""
 
     sender_plan: Plan
     weight: float
     values: Tensors
+    receiver_then: tuple[Plan, Plan] | None = None
 
 
 def merge(
@@ -107,6 +125,7 @@ def merge(
     """
     for name, tensor in params.items():
         shape = tensor.shape
+        held: torch.Tensor | None = None  # None: this peer holds every entry now
         if _holds_all(spec, own_now, name, shape):
             total = tensor * own_weight
             weight_sum = torch.tensor(own_weight, dtype=tensor.dtype)
@@ -116,9 +135,15 @@ def merge(
             weight_sum = held.to(tensor.dtype) * own_weight
         received: torch.Tensor | None = None  # None: nothing yet; all True: everything
         for arrival in arrivals:
+            values = arrival.values[name].to(tensor.dtype)
+            if arrival.receiver_then is not None:
+                usable, placed = _late_entries(spec, name, shape, arrival, values, held)
+                total += placed * arrival.weight
+                weight_sum = weight_sum + usable * arrival.weight
+                received = usable if received is None else received | usable
+                continue
             mask = _partial_exchange_mask(spec, name, shape, arrival.sender_plan, own_now,
                                           own_next)
-            values = arrival.values[name].to(tensor.dtype)
             if mask is None:
                 total += values.view(shape) * arrival.weight
                 weight_sum = weight_sum + arrival.weight
@@ -130,6 +155,21 @@ def merge(
         if received is not None:
             merged = total.div_(weight_sum)
             tensor.copy_(merged if received.dim() == 0 else torch.where(received, merged, tensor))
+
+
+def _late_entries(
+    spec: ModelSpec, name: str, shape: torch.Size, arrival: Arrival, values: torch.Tensor,
+    held_now: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A late slice's values on full-parameter entries: (the entries it may update, a dense
+    tensor with its values there and zero elsewhere). Its values fill the round-t exchange
+    mask in row-major order; of those, only entries this peer holds now are usable."""
+    assert arrival.receiver_then is not None
+    then_now, then_next = arrival.receiver_then
+    sent = exchange_mask(spec, name, shape, arrival.sender_plan, then_now, then_next)
+    usable = sent if held_now is None else sent & held_now
+    placed = torch.zeros(shape, dtype=values.dtype).masked_scatter_(sent, values)
+    return usable, torch.where(usable, placed, torch.zeros_like(placed))
 
 
 def _holds_all(spec: ModelSpec, plan: Plan, name: str, shape: torch.Size) -> bool:

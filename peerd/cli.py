@@ -16,6 +16,7 @@ from peerd import __version__
 from peerd.bench.compute import add_compute_parser
 from peerd.bench.exchange import add_exchange_parser
 from peerd.bench.scale import add_scale_parser
+from peerd.bench.stragglers import add_stragglers_parser
 from peerd.bench.wire import add_wire_parser
 from peerd.ca import DEFAULT_CA_DIR, DEVICE_KEY, init_ca, issue
 from peerd.cluster import ClusterConfig, ClusterError
@@ -167,6 +168,9 @@ def _add_cluster(commands: argparse._SubParsersAction) -> None:
     cluster.add_argument("--eval-samples", type=int, default=None)
     cluster.add_argument("--no-mdns", action="store_true",
                          help="daemons find each other only by their static addresses")
+    cluster.add_argument("--sync", action="store_true",
+                         help="strict synchronous rounds (default: semi-asynchronous, as "
+                         "`peerd start`)")
     cluster.add_argument("--quiet", action="store_true", help="no progress line")
     cluster.set_defaults(func=_cluster)
 
@@ -230,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_exchange_parser(benchmarks)
     add_compute_parser(benchmarks)
     add_scale_parser(benchmarks)
+    add_stragglers_parser(benchmarks)
     return parser
 
 
@@ -307,6 +312,7 @@ def _cluster(args: argparse.Namespace) -> int:
         partition=args.partition,
         data_dir=args.data_dir, out=args.out, eval_every=args.eval_every,
         eval_samples=args.eval_samples, mdns=not args.no_mdns, wire_dtype=args.wire_dtype,
+        sync=args.sync,
     )
     progress = ProgressLine(enabled=not args.quiet)
 

@@ -6,7 +6,9 @@ and exchange slices over gRPC with mutual TLS: a cluster CA in OUT/ca issues eve
 certificate, and this process one of its own (`cluster`). This process never touches their
 training: it polls their status, pulls each peer's post-merge parameters at evaluation rounds,
 assembles the global model from them (mean over each entry's holders) and writes the same
-metrics as `peerd sim`.
+metrics as `peerd sim`. In semi-asynchronous mode a slow daemon skips rounds: round N is
+evaluated once every daemon has reached it, with each daemon's parameters after the last round
+it ran up to N.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ class ClusterConfig:
     static_peers: bool = True
     round_timeout_s: float = 120.0
     wire_dtype: str = "float32"
+    sync: bool = False  # strict rounds (`peerd start --sync`); default semi-asynchronous
+    slowdown: tuple[float, ...] = ()  # benchmarks: training slowdown by position (missing: 1)
 
 
 class ClusterError(RuntimeError):
@@ -107,6 +111,15 @@ class DaemonProcess:
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def rounds_through(self, round_number: int) -> list[dict]:
+        """The records of the rounds this daemon ran up to round `round_number` (1-based); a
+        semi-asynchronous straggler skips some."""
+        return [r for r in self.rounds() if r["round"] <= round_number]
+
+    def last_round(self) -> int:
+        records = self.rounds()
+        return records[-1]["round"] if records else 0
 
 
 def tls_dirs(out: Path, peer_ids: list[str]) -> dict[str, Path]:
@@ -153,6 +166,10 @@ def launch(config: ClusterConfig, out: Path, tls: dict[str, Path]) -> list[Daemo
             args += ["--data-dir", config.data_dir]
         if config.memory_budget:
             args += ["--memory-budget", config.memory_budget]
+        if config.sync:
+            args += ["--sync"]
+        if position < len(config.slowdown):
+            args += ["--slowdown", str(config.slowdown[position])]
         if config.mdns:
             args += ["--mdns-interface", "127.0.0.1"]
         else:
@@ -234,28 +251,45 @@ class ClusterWatcher:
         self.members = [Member(d.peer_id, widths[d.peer_id]) for d in self.daemons]
 
     async def wait_rounds(self, rounds: int) -> None:
+        """Until every daemon has finished round `rounds` or moved past it (a semi-asynchronous
+        straggler that skipped it: its status reports a later round than its last record)."""
         while True:
             self.check_alive()
-            done = [len(d.rounds()) for d in self.daemons]
-            if min(done) >= rounds:
+            behind = [d for d in self.daemons if d.last_round() < rounds]
+            if not behind:
+                return
+            if not self.config.sync and await self._all_past(behind, rounds):
                 return
             await asyncio.sleep(POLL_INTERVAL_S)
+
+    async def _all_past(self, daemons: list[DaemonProcess], rounds: int) -> bool:
+        """Has each of these daemons run a round and is it now in one after round `rounds`?"""
+        for daemon in daemons:
+            if daemon.last_round() == 0:
+                return False
+            # The round it is in, 0-based: at least `rounds` means past round `rounds`, 1-based.
+            reply = await self.clients.status(daemon.address, daemon.peer_id)
+            if reply.self.round < rounds:
+                return False
+        return True
 
     async def evaluate(self, rounds: int, plans: Plans) -> dict[str, float]:
         """The global model after `rounds` rounds, assembled with the plans of its last round
         (computed here, like every peer does, never taken from the wire)."""
-        request = peer_pb2.PullRequest(
-            protocol_version=PROTOCOL_VERSION, cluster=self.expectation.cluster,
-            model_fingerprint=self.expectation.model_fingerprint, requester=WATCHER_ID,
-            round=rounds,
-        )
+        local = [d.rounds_through(rounds)[-1] for d in self.daemons]
+
+        def request(round_number: int) -> peer_pb2.PullRequest:
+            return peer_pb2.PullRequest(
+                protocol_version=PROTOCOL_VERSION, cluster=self.expectation.cluster,
+                model_fingerprint=self.expectation.model_fingerprint, requester=WATCHER_ID,
+                round=round_number)
+
         pulled = await asyncio.gather(*(
-            self.clients.pull(d.address, d.peer_id, request, self.expectation)
-            for d in self.daemons))
+            self.clients.pull(d.address, d.peer_id, request(record["round"]), self.expectation)
+            for d, record in zip(self.daemons, local, strict=True)))
         params = {d.peer_id: stream.tensors for d, stream in zip(self.daemons, pulled,
                                                                  strict=True)}
         figures = evaluate_global(self.spec, self.data, params, plans, self.eval_samples)
-        local = [d.rounds()[rounds - 1] for d in self.daemons]
         figures["peer_acc_mean"] = statistics.fmean(r["local_acc"] for r in local)
         if self.spec.kind == "text":
             figures["peer_ppl_mean"] = statistics.fmean(r["local_ppl"] for r in local)
@@ -264,7 +298,7 @@ class ClusterWatcher:
     def peer_rounds(self, rounds: int) -> list[PeerRound]:
         figures = []
         for daemon in self.daemons:
-            history = daemon.rounds()[:rounds]
+            history = daemon.rounds_through(rounds)
             last = history[-1]
             figures.append(PeerRound(last["train_loss"], last["forward_flops_per_sample"],
                                      sum(r["train_flops"] for r in history),

@@ -188,6 +188,26 @@ class DaemonConfig:
     dead_after_s: float = option(
         10.0, "seconds a member may go unheard before the others drop it from the view",
         "--dead-after")
+    sync: bool = option(
+        False, "strict synchronous rounds: every round waits for every neighbour's slice (as "
+        "`peerd sim` does); default: semi-asynchronous rounds that close at an adaptive "
+        "deadline and merge late slices with a staleness weight")
+    quorum: float = option(
+        0.5, "semi-async: fraction of the neighbours whose slices must be in before the "
+        "deadline may close a round, in [0, 1]")
+    deadline_mads: float = option(
+        4.0, "semi-async: a round waits the median recent arrival delay plus this many median "
+        "absolute deviations", "--deadline-mads")
+    deadline_floor_s: float = option(
+        0.25, "semi-async: the shortest deadline in seconds (the longest is --round-timeout)",
+        "--deadline-floor")
+    staleness_exponent: float = option(
+        0.5, "semi-async: a slice s rounds late is merged with weight (1 + s)^-a, a being this")
+    max_staleness: int = option(
+        4, "semi-async: a slice more than this many rounds late is dropped, never merged")
+    slowdown: float = option(
+        1.0, "for tests and benchmarks: local training takes this many times as long (the "
+        "daemon sleeps after training); leave at 1")
     checkpoints_kept: int = option(
         3, "checkpoints kept in state_dir/checkpoints, one per round (0: none written)")
     metrics_port: int | None = option(None, "port of the Prometheus endpoint (default: off)")
@@ -218,6 +238,17 @@ class DaemonConfig:
         _require(self.round_timeout_s > 0, "round_timeout_s", self.round_timeout_s, "> 0")
         # Handshakes repeat every 0.5 s: a shorter silence is no evidence of anything.
         _require(self.dead_after_s >= 1, "dead_after_s", self.dead_after_s, ">= 1")
+        _require(0 <= self.quorum <= 1, "quorum", self.quorum, "in [0, 1]")
+        _require(self.deadline_mads >= 0 and math.isfinite(self.deadline_mads), "deadline_mads",
+                 self.deadline_mads, "a number >= 0")
+        _require(0 < self.deadline_floor_s <= self.round_timeout_s, "deadline_floor_s",
+                 self.deadline_floor_s, f"> 0 and at most round_timeout_s ({self.round_timeout_s})")
+        _require(self.staleness_exponent >= 0 and math.isfinite(self.staleness_exponent),
+                 "staleness_exponent", self.staleness_exponent, "a number >= 0")
+        _require(self.max_staleness >= 0, "max_staleness", self.max_staleness,
+                 ">= 0 (0: late slices are never merged)")
+        _require(self.slowdown >= 1 and math.isfinite(self.slowdown), "slowdown", self.slowdown,
+                 "a number >= 1")
         _require(self.checkpoints_kept >= 0, "checkpoints_kept", self.checkpoints_kept, ">= 0")
         _require(self.linger_s >= 0, "linger_s", self.linger_s, ">= 0")
         _require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port",

@@ -2,9 +2,13 @@
 
 Training, slicing and merging run on a single worker thread (the engine is not thread-safe and
 the event loop must never block); the loop keeps answering handshakes, pushes, pulls and
-status calls meanwhile. Rounds are synchronous: a round closes when every topology neighbour's
-slice for it has arrived (or the round timeout passes, or the neighbour is being dropped from
-the view). After every merge the worker writes a checkpoint; a restarted daemon resumes from it.
+status calls meanwhile. With `--sync` a round closes when every topology neighbour's slice for
+it has arrived (or the round timeout passes, or the neighbour is being dropped from the view).
+By default rounds are semi-asynchronous: a round also closes at an adaptive deadline once a
+quorum of neighbours is in, slices that come later are merged in a later round with a staleness
+weight, pushes run in the background, and a peer whose neighbours are rounds ahead skips to
+their round. After every merge the worker writes a checkpoint; a restarted daemon resumes
+from it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -31,7 +36,8 @@ from peerd.ca import DEVICE_CERT
 from peerd.capacity import measure_capacity
 from peerd.config import AUTO, DaemonConfig, TrainConfig, parse_size
 from peerd.data import Split, TaskData, load_task_data, local_train_test, partition
-from peerd.engine import Engine, RoundContext, TrainStats
+from peerd.deadline import ArrivalDelays
+from peerd.engine import Engine, LateSlice, RoundContext, Staleness, TrainStats
 from peerd.evaluate import Evaluation
 from peerd.exporter import Exporter
 from peerd.models.base import Plan, fingerprint
@@ -70,7 +76,9 @@ from peerd.v1 import peer_pb2
 
 log = logging.getLogger("peerd.daemon")
 
-SNAPSHOTS_KEPT = 8
+# Semi-asynchronous peers run rounds apart: a watcher or joiner may ask for a round that a fast
+# peer finished several rounds ago.
+SNAPSHOTS_KEPT = 16
 HANDSHAKE_INTERVAL_S = 0.5
 SERVER_GRACE_S = 5.0
 COLLECT_POLL_S = 0.25
@@ -140,6 +148,7 @@ class Daemon:
             self.peer_id, self.spec, init_params(self.spec, config.seed), train_split,
             test_split, make_planner(config.method, config.seed), load_topology(config.topology),
             task.train, config.seed, config.wire_dtype,
+            Staleness(config.staleness_exponent, config.max_staleness),
         )
         self.mu = self._width(task.train, train_split)
         self.fingerprint = fingerprint(self.spec)
@@ -157,6 +166,13 @@ class Daemon:
         self.bytes_received = 0
         self._contexts: dict[int, RoundContext] = {}
         self._inbox: dict[int, dict[str, SliceMessage]] = {}
+        self._arrived_at: dict[tuple[int, str], float] = {}  # (round, sender) -> monotonic time
+        self._merged: set[tuple[int, str]] = set()  # (round, sender) slices already merged
+        # How many rounds back slices are still taken: strict rounds take only their own.
+        self._late_window = 0 if config.sync else config.max_staleness
+        self._delays = ArrivalDelays(config.deadline_mads, config.deadline_floor_s,
+                                     config.round_timeout_s)
+        self._pushes: set[asyncio.Task] = set()  # semi-async pushes still under way
         self._arrived = asyncio.Event()
         self._snapshots: dict[int, tuple[dict[str, torch.Tensor], Plan]] = {}
         self._stopping = asyncio.Event()
@@ -238,21 +254,23 @@ class Daemon:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"slice addressed to {header.receiver}, this is {self.peer_id}")
         if header.round > self.round_index + 1:
-            # This peer is behind (a joiner still pulling its start, a slow peer): it will get
-            # there, so the sender retries.
+            # This peer is behind (a joiner still pulling its start, a slow peer that will skip
+            # ahead): it will get there, so the sender retries.
             raise WireError(grpc.StatusCode.UNAVAILABLE,
                             f"slice for round {header.round}; this peer is only in round "
                             f"{self.round_index}")
-        if header.round < self.round_index:
+        oldest = self.round_index - self._late_window
+        if header.round < oldest:
             raise WireError(grpc.StatusCode.FAILED_PRECONDITION,
                             f"slice for round {header.round}; this peer is in round "
-                            f"{self.round_index} and takes rounds {self.round_index} and "
+                            f"{self.round_index} and takes rounds {oldest} to "
                             f"{self.round_index + 1}")
         ctx = self._context(header.round)
         if header.sender not in ctx.neighbours:
             raise WireError(grpc.StatusCode.PERMISSION_DENIED,
                             f"{header.sender} is not a neighbour of {self.peer_id}")
-        if header.sender in self._inbox.get(header.round, {}):
+        if (header.sender in self._inbox.get(header.round, {})
+                or (header.round, header.sender) in self._merged):
             raise WireError(grpc.StatusCode.ALREADY_EXISTS,
                             f"round {header.round} slice from {header.sender} already arrived")
         sender_plan = ctx.plans_now[header.sender]
@@ -272,6 +290,7 @@ class Daemon:
         except ValueError as error:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         self._inbox.setdefault(header.round, {})[header.sender] = message
+        self._arrived_at[(header.round, header.sender)] = time.monotonic()
         self.bytes_received += decoded.payload_bytes
         if self.membership and header.sender in self.membership.known:
             self.membership.known[header.sender].bytes_received += decoded.payload_bytes
@@ -372,6 +391,9 @@ class Daemon:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
             await discovery.stop()
+            for push in list(self._pushes):
+                push.cancel()
+            await asyncio.gather(*self._pushes, return_exceptions=True)
             await self.clients.close()
             await server.stop(SERVER_GRACE_S)
             self._worker.shutdown(wait=True)
@@ -556,6 +578,8 @@ class Daemon:
             self.membership.rejoin()
             self._contexts.clear()
             self._inbox.clear()
+            self._arrived_at.clear()
+            self._merged.clear()
 
     async def _run_rounds(self) -> bool:
         """Rounds until the last one or a stop; True when this peer was dropped from the view
@@ -566,21 +590,34 @@ class Daemon:
         while not self._stopping.is_set() and (
             self.config.rounds is None or self.round_index < self.config.rounds
         ):
+            if not self.config.sync:
+                self._catch_up()
             if not await self._settle():
                 return self.membership.dropped()
             view = self.membership.view_at(self.round_index)
             round_started = time.monotonic()
             ctx = self._context(self.round_index)
             stats = await loop.run_in_executor(self._worker, self.engine.train, ctx)
+            if self.config.slowdown > 1:
+                # A device this many times slower at training, without using the CPU.
+                await asyncio.sleep((self.config.slowdown - 1) * (time.monotonic() - round_started))
             outgoing = await loop.run_in_executor(self._worker, self.engine.outbox, ctx)
-            await self._push_all(view, ctx, outgoing)
-            arrived = await self._collect(ctx)
-            if arrived is None:
+            if self.config.sync:
+                await self._push_all(view, ctx, outgoing)
+            else:
+                # Semi-async: a slow receiver must not hold this peer's round.
+                push = asyncio.ensure_future(self._push_all(view, ctx, outgoing))
+                self._pushes.add(push)
+                push.add_done_callback(self._pushes.discard)
+            missing = await self._collect(ctx)
+            if missing is None:
                 return self.membership.dropped()
-            await loop.run_in_executor(self._worker, self.engine.merge, ctx, arrived)
+            on_time, late = self._take_slices(ctx)
+            staleness = await loop.run_in_executor(self._worker, self.engine.merge, ctx,
+                                                   on_time, late)
             if self.exporter is not None:
-                for _ in arrived:  # synchronous rounds merge only slices of the round itself
-                    self.exporter.observe_staleness(0)
+                for rounds_late in [0] * len(on_time) + staleness:
+                    self.exporter.observe_staleness(rounds_late)
             self.last_loss = stats.loss
             self.rounds_done += 1
             await loop.run_in_executor(self._worker, self._keep_snapshot, ctx)
@@ -590,10 +627,58 @@ class Daemon:
                     self._worker, self._checkpoint, ctx.round_index + 1, self._checkpoint_meta(ctx))
             local = await loop.run_in_executor(self._worker, self.engine.evaluate_local, ctx)
             self._record_round(ctx, stats, local, time.monotonic() - round_started,
-                               time.monotonic() - started, checkpoint_s)
+                               time.monotonic() - started, checkpoint_s, missing, staleness)
             self._forget_before(self.round_index)
             self.round_index += 1
+        if not self._stopping.is_set():
+            # The last slices still reach the neighbours (each push ends at its own deadline).
+            await asyncio.gather(*self._pushes, return_exceptions=True)
         return False
+
+    def _catch_up(self) -> None:
+        """Semi-async: a peer whose neighbours are rounds ahead skips to the furthest one's
+        round instead of training rounds whose slices would reach them too late (a straggler
+        keeps training, on the rounds its neighbours are in). Never past a round where the view
+        may change (a join is applied at exactly its round, and the joiner pulls parameters
+        after the round before it), nor past the last round."""
+        assert self.membership is not None
+        membership = self.membership
+        view = membership.view_at(self.round_index)
+        if view is None or self.peer_id not in view.ids:
+            return
+        neighbours = self.engine.topology.neighbours(list(view.ids), self.peer_id)
+        target = max((membership.known[p].round for p in neighbours if p in membership.known),
+                     default=self.round_index)
+        changes = [*membership.tickets.values(), *(t.round for t in membership.leaves.values())]
+        limits = [target, *(r - 1 for r in changes if r > self.round_index)]
+        if self.config.rounds is not None:
+            limits.append(self.config.rounds - 1)
+        target = min(limits)
+        if target > self.round_index and membership.view_at(target) is view:
+            log.info("round %d: neighbours are at round %d; skipping to it", self.round_index,
+                     target)
+            self.round_index = target
+
+    def _take_slices(self, ctx: RoundContext) -> tuple[list[SliceMessage], list[LateSlice]]:
+        """Take this round's slices and the late ones of earlier rounds out of the inbox (what
+        arrives from now on waits for the next merge); late ones beyond the window are
+        dropped here, and the arrival delays of this round's are recorded."""
+        round_index = ctx.round_index
+        on_time = list(self._inbox.pop(round_index, {}).values())
+        late: list[LateSlice] = []
+        for old in sorted(r for r in self._inbox if r < round_index):
+            for message in self._inbox.pop(old).values():
+                self._merged.add((old, message.sender))
+                if round_index - old <= self._late_window:
+                    late.append(LateSlice(self._context(old), message))
+                else:
+                    log.info("round %d: dropping %s's slice of round %d (more than %d rounds "
+                             "late)", round_index, message.sender, old, self._late_window)
+        self._merged.update((round_index, message.sender) for message in on_time)
+        self._merged = {(r, p) for r, p in self._merged if r >= round_index - self._late_window}
+        self._arrived_at = {key: at for key, at in self._arrived_at.items()
+                            if key[0] > round_index}
+        return on_time, late
 
     def _checkpoint_meta(self, ctx: RoundContext) -> dict:
         return {**self.identity, "cluster": self.config.cluster,
@@ -640,6 +725,11 @@ class Daemon:
                 weight=message.weight, plan=plan_to_wire(ctx.plans_now[self.peer_id]),
             )
             deadline = time.monotonic() + self.config.round_timeout_s
+            # Semi-async: a receiver rounds behind would refuse the slice ("not there yet");
+            # wait until its handshakes say it caught up instead of streaming it again and again.
+            while (not self.config.sync and self._behind(message.receiver, ctx.round_index)
+                   and time.monotonic() < deadline and not self._stopping.is_set()):
+                await asyncio.sleep(COLLECT_POLL_S)
             while True:
                 try:
                     acknowledged = await self.clients.push(peer.address, header, message.values)
@@ -659,11 +749,23 @@ class Daemon:
 
         await asyncio.gather(*(push(message) for message in outgoing))
 
-    async def _collect(self, ctx: RoundContext) -> list[SliceMessage] | None:
-        """Wait for every neighbour's slice of this round, but not for neighbours being dropped
-        from the view; None if the daemon is stopping or was dropped itself."""
+    def _behind(self, peer_id: str, round_index: int) -> bool:
+        """Does `peer_id` (not being dropped) report a round before `round_index - 1`?"""
         assert self.membership is not None
-        deadline = time.monotonic() + self.config.round_timeout_s
+        peer = self.membership.known.get(peer_id)
+        return (peer is not None and peer.round + 1 < round_index
+                and peer_id not in self.membership.leaving())
+
+    async def _collect(self, ctx: RoundContext) -> list[str] | None:
+        """Wait for every neighbour's slice of this round, but not for neighbours being dropped
+        from the view; semi-async, only until the adaptive deadline once a quorum is in.
+        Returns the neighbours merged without; None if the daemon is stopping or was dropped
+        itself."""
+        assert self.membership is not None
+        ready_at = time.monotonic()
+        timeout_at = ready_at + self.config.round_timeout_s
+        deadline_at = ready_at + self._delays.deadline_s()
+        quorum = math.ceil(self.config.quorum * len(ctx.neighbours))
         while True:
             if self.membership.dropped():
                 log.warning("round %d abandoned: this peer is being dropped from the view",
@@ -672,27 +774,40 @@ class Daemon:
             arrived = self._inbox.get(ctx.round_index, {})
             leaving = self.membership.leaving()
             missing = [p for p in ctx.neighbours if p not in arrived]
+            now = time.monotonic()
             if all(p in leaving for p in missing):
                 if missing:
                     log.warning("round %d: merging without %s (being dropped from the view)",
                                 ctx.round_index, ", ".join(missing))
-                return list(arrived.values())
-            remaining = deadline - time.monotonic()
+                break
+            if not self.config.sync and now >= deadline_at and len(arrived) >= quorum:
+                log.info("round %d: closing at the %.2f s deadline without %s",
+                         ctx.round_index, deadline_at - ready_at, ", ".join(missing))
+                break
+            remaining = timeout_at - now
             if remaining <= 0:
                 log.warning("round %d: no slice from %s after %.0f s; merging without",
                             ctx.round_index, ", ".join(missing), self.config.round_timeout_s)
-                return list(arrived.values())
+                break
             self._arrived.clear()
             waiter = asyncio.ensure_future(self._arrived.wait())
             stopper = asyncio.ensure_future(self._stopping.wait())
-            # Woken at least every poll interval: a neighbour may start being dropped.
-            await asyncio.wait({waiter, stopper}, timeout=min(remaining, COLLECT_POLL_S),
+            # Woken at least every poll interval (a neighbour may start being dropped) and at
+            # the deadline.
+            wake = min(remaining, COLLECT_POLL_S)
+            if not self.config.sync and deadline_at > now:
+                wake = min(wake, deadline_at - now)
+            await asyncio.wait({waiter, stopper}, timeout=wake,
                                return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             stopper.cancel()
             if self._stopping.is_set():
                 log.info("round %d abandoned: stopping", ctx.round_index)
                 return None
+        delays = sorted(self._arrived_at[(ctx.round_index, peer)] - ready_at for peer in arrived)
+        if delays and len(delays) >= quorum:
+            self._delays.record(delays[max(quorum, 1) - 1])
+        return missing
 
     def _keep_snapshot(self, ctx: RoundContext) -> None:
         params = {name: tensor.clone() for name, tensor in self.engine.params.items()}
@@ -701,14 +816,14 @@ class Daemon:
             del self._snapshots[old]
 
     def _forget_before(self, round_index: int) -> None:
-        for old in [r for r in self._inbox if r <= round_index]:
-            del self._inbox[old]
-        for old in [r for r in self._contexts if r < round_index]:
+        """Contexts of rounds whose slices may no longer arrive (the inbox empties as slices
+        are merged)."""
+        for old in [r for r in self._contexts if r < round_index - self._late_window]:
             del self._contexts[old]
 
     def _record_round(
         self, ctx: RoundContext, stats: TrainStats, local: Evaluation, round_s: float,
-        wall_s: float, checkpoint_s: float | None,
+        wall_s: float, checkpoint_s: float | None, missing: list[str], staleness: list[int],
     ) -> None:
         record = {
             "round": ctx.round_index + 1, "peer_id": self.peer_id, "train_loss": stats.loss,
@@ -719,6 +834,7 @@ class Daemon:
             "bytes_received_cum": self.bytes_received, "neighbours": list(ctx.neighbours),
             "members": len(ctx.members),
             "round_s": round_s, "wall_s": wall_s, "checkpoint_s": checkpoint_s,
+            "merged_without": missing, "late_merged_staleness": staleness,
         }
         with open(self.state_dir / ROUNDS_LOG, "a") as handle:
             handle.write(json.dumps(record) + "\n")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from peerd.aggregate import Arrival, exchange_count, merge, outbox
+from peerd.aggregate import Arrival, exchange_count, merge, outbox, staleness_weight
 from peerd.config import TrainConfig
 from peerd.data import Split
 from peerd.evaluate import Evaluation, evaluate
@@ -40,6 +40,23 @@ class RoundContext:
 
 
 @dataclass(frozen=True)
+class LateSlice:
+    """A neighbour's slice of an earlier round, with this peer's context of that round (its
+    plans fixed the slice's entries)."""
+
+    ctx: RoundContext
+    message: SliceMessage
+
+
+@dataclass(frozen=True)
+class Staleness:
+    """How late slices count: weight factor (1 + s)^-exponent, none older than max_rounds."""
+
+    exponent: float = 0.5
+    max_rounds: int = 4
+
+
+@dataclass(frozen=True)
 class TrainStats:
     loss: float
     samples: int
@@ -55,7 +72,7 @@ class Engine:
     def __init__(
         self, peer_id: str, spec: ModelSpec, params: Params, train_split: Split,
         test_split: Split, planner: Planner, topology: Topology, train: TrainConfig, seed: int,
-        wire_dtype: str = "float32",
+        wire_dtype: str = "float32", staleness: Staleness | None = None,
     ) -> None:
         self.peer_id = peer_id
         self.spec = spec
@@ -68,6 +85,7 @@ class Engine:
         self.seed = seed
         # Values travel in this precision and are merged back in the parameters' own.
         self.wire_dtype: torch.dtype = getattr(torch, wire_dtype)
+        self.staleness = staleness if staleness is not None else Staleness()
 
     @property
     def weight(self) -> float:
@@ -177,15 +195,33 @@ class Engine:
             if not all_finite(values):
                 raise ValueError(f"message from {message.sender}: {name} has non-finite values")
 
-    def merge(self, ctx: RoundContext, messages: Sequence[SliceMessage]) -> None:
+    def merge(self, ctx: RoundContext, messages: Sequence[SliceMessage],
+              late: Sequence[LateSlice] = ()) -> list[int]:
+        """Merge this round's slices and, with their staleness weight, late slices of earlier
+        rounds; a late slice older than `staleness.max_rounds` is left out (as if it had never
+        arrived). Every message is checked against the plans of its own round before anything
+        is merged. Returns the staleness of each late slice merged."""
         for message in messages:
             self.check_message(ctx, message)
+        usable = [s for s in late
+                  if 1 <= ctx.round_index - s.ctx.round_index <= self.staleness.max_rounds]
+        for stale in usable:
+            self.check_message(stale.ctx, stale.message)
         arrivals = [
             Arrival(ctx.plans_now[m.sender], m.weight, m.values)
             for m in sorted(messages, key=lambda m: m.sender)
         ]
+        for stale in sorted(usable, key=lambda s: (s.ctx.round_index, s.message.sender)):
+            staleness = ctx.round_index - stale.ctx.round_index
+            arrivals.append(Arrival(
+                stale.ctx.plans_now[stale.message.sender],
+                stale.message.weight * staleness_weight(staleness, self.staleness.exponent),
+                stale.message.values,
+                (stale.ctx.plans_now[self.peer_id], stale.ctx.plans_next[self.peer_id]),
+            ))
         merge(self.spec, self.params, self.own_plan(ctx), ctx.plans_next[self.peer_id],
               self.weight, arrivals)
+        return [ctx.round_index - s.ctx.round_index for s in usable]
 
     def evaluate_local(self, ctx: RoundContext) -> Evaluation:
         """This peer's sub-model for the round on its own test split."""

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,11 +63,11 @@ class RunningDaemon:
 
 def start_loopback_daemons(
     root: Path, count: int, extra: list[str], ca: ClusterCa | None, static: bool = True,
-    each: Sequence[list[str]] = (),
+    extra_by_position: Mapping[int, list[str]] | None = None,
 ) -> list[RunningDaemon]:
     """`count` daemons on 127.0.0.1, each given the others' addresses, mDNS off; with
-    certificates from `ca`, or with --insecure when it is None; `each[i]`: flags of daemon i
-    alone."""
+    certificates from `ca`, or with --insecure when it is None; `extra_by_position` adds
+    flags for some of them."""
     ports = free_ports(count)
     addresses = [f"127.0.0.1:{port}" for port in ports]
     daemons = []
@@ -79,7 +79,7 @@ def start_loopback_daemons(
                 "--port", str(port), "--peer-id", peer_id, "--state-dir", str(state_dir),
                 "--shard", f"{position}/{count}", "--min-peers", str(count), "--threads", "1",
                 *(ca.flags(peer_id) if ca else ["--insecure"]), *extra,
-                *(each[position] if position < len(each) else [])]
+                *(extra_by_position or {}).get(position, [])]
         if static:
             for other in addresses:
                 if other != addresses[position]:

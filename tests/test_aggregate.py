@@ -15,7 +15,14 @@ import pytest
 import torch
 from support import random_plan
 
-from peerd.aggregate import Arrival, assemble, exchange_count, merge, outbox
+from peerd.aggregate import (
+    Arrival,
+    assemble,
+    exchange_count,
+    merge,
+    outbox,
+    staleness_weight,
+)
 from peerd.models import (
     CNNConfig,
     CNNSpec,
@@ -302,6 +309,100 @@ def test_merge_own_value_counts_only_where_held_now(spec_name: str) -> None:
     # Weights over two sliced axes have entries in one half along one axis and the other half
     # along the other: held neither now nor next, so nobody sends them.
     assert neither_count > 0
+
+
+# ---- 2b. late slices (semi-asynchronous rounds) -------------------------------------------
+
+
+def test_staleness_weight_is_polynomial_decay() -> None:
+    assert staleness_weight(0, 0.5) == 1.0
+    assert staleness_weight(3, 0.5) == 0.5  # (1 + 3)^-0.5
+    assert staleness_weight(1, 2.0) == 0.25
+    assert staleness_weight(7, 0.0) == 1.0  # exponent 0: no decay
+    with pytest.raises(ValueError, match="negative"):
+        staleness_weight(-1, 0.5)
+
+
+@pytest.mark.parametrize(("spec_name", "kind", "seed"), CASES)
+def test_a_late_slice_enters_only_entries_held_now_with_its_staleness_weight(
+    spec_name: str, kind: str, seed: int
+) -> None:
+    """A slice built in an earlier round (its own sender plan, and the receiver's plans of
+    that round) is merged along with this round's slices: per entry, it counts where its
+    round's exchange carried the entry and the receiver holds the entry now, with weight
+    w * (1 + s)^-a. Reference: per entry, from the plans alone."""
+    s = make_scenario(spec_name, kind, seed)
+    receiver = s.receiver
+    generator = torch.Generator().manual_seed(100 + seed)
+    late_sender = s.neighbours[0]
+    late_params = random_params(spec_name, generator)
+    sender_then = random_plan(s.spec, generator)
+    then_now, then_next = random_plan(s.spec, generator), random_plan(s.spec, generator)
+    staleness, exponent = 2, 0.5
+    late_weight = s.weights[late_sender] * (1 + staleness) ** -exponent
+    late = Arrival(sender_then, late_weight,
+                   outbox(s.spec, late_params, sender_then, then_now, then_next),
+                   (then_now, then_next))
+    local = {name: t.clone() for name, t in s.params[receiver].items()}
+    merge(s.spec, local, s.now[receiver], s.next[receiver], s.weights[receiver],
+          [*arrivals_for(s), late])
+    touched = 0
+    for name, shape in shapes(spec_name).items():
+        own_now = held_flags(s.spec, s.now[receiver], name, shape)
+        own_next = held_flags(s.spec, s.next[receiver], name, shape)
+        senders = {n: held_flags(s.spec, s.now[n], name, shape) for n in s.neighbours}
+        late_sent = [a and (b or c) for a, b, c in zip(
+            held_flags(s.spec, sender_then, name, shape),
+            held_flags(s.spec, then_now, name, shape),
+            held_flags(s.spec, then_next, name, shape), strict=True)]
+        own_values = s.params[receiver][name].reshape(-1).tolist()
+        late_values = late_params[name].reshape(-1).tolist()
+        expected = []
+        for i, own_value in enumerate(own_values):
+            total, weight = 0.0, 0.0
+            for n in s.neighbours:
+                if senders[n][i] and (own_now[i] or own_next[i]):
+                    total += s.weights[n] * s.params[n][name].reshape(-1)[i].item()
+                    weight += s.weights[n]
+            if late_sent[i] and own_now[i]:
+                total += late_weight * late_values[i]
+                weight += late_weight
+                touched += 1
+            if weight == 0:
+                expected.append(own_value)
+                continue
+            if own_now[i]:
+                total += s.weights[receiver] * own_value
+                weight += s.weights[receiver]
+            expected.append(total / weight)
+        torch.testing.assert_close(local[name].reshape(-1),
+                                   torch.tensor(expected, dtype=torch.float32),
+                                   rtol=1e-5, atol=1e-6, msg=name)
+    assert touched > 0
+
+
+def test_late_merge_by_hand() -> None:
+    """Two units per group: the receiver holds unit 0 now and unit 1 next; a late slice of a
+    sender that held everything, sent when the receiver held everything. Only unit 0's entries
+    take the late value: (2 * own + 6 * (1 + 3)^-0.5 * late) / (2 + 3) = (2 * 1 + 3 * 11) / 5
+    = 7; every other entry, including unit 1's (held next, not now), keeps its value."""
+    spec = TransformerSpec(TransformerConfig(vocab_size=3, block_size=2, n_layer=1, n_head=2,
+                                             head_dim=1, d_model=2, d_ffn=2))
+    everything = full_plan(spec)
+    first = {name: torch.tensor([0]) for name in spec.groups}
+    second = {name: torch.tensor([1]) for name in spec.groups}
+    own = {name: torch.ones(shape) for name, shape in
+           ((n, t.shape) for n, t in init_params(spec, 0).items())}
+    late_values = {name: torch.full_like(t, 11.0) for name, t in own.items()}
+    late = Arrival(everything, 6.0 * staleness_weight(3, 0.5),
+                   outbox(spec, late_values, everything, everything, everything),
+                   (everything, everything))
+    merged = {name: t.clone() for name, t in own.items()}
+    merge(spec, merged, first, second, 2.0, [late])
+    for name, tensor in merged.items():
+        held = entry_mask(spec, first, name, tensor.shape)
+        assert torch.equal(tensor[held], torch.full_like(tensor[held], 7.0)), name
+        assert torch.equal(tensor[~held], own[name][~held]), name
 
 
 # ---- 3. full plans, equal weights, fully connected -------------------------------------------

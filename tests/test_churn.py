@@ -34,6 +34,7 @@ from peerd.state import CHECKPOINT_DIR, checkpoint_rounds
 SENDER = r'''
 import asyncio, sys
 import grpc, torch
+from peerd.net import PROTOCOL_VERSION
 from peerd.net.codec import encode_frames
 from peerd.net.rpc import peer_stub
 from peerd.v1 import peer_pb2
@@ -42,7 +43,7 @@ async def main():
     stub = peer_stub(grpc.aio.insecure_channel(sys.argv[1]))
     tensors = {"a": torch.ones(50_000), "b": torch.full((50_000,), 2.0)}
     def frames(round_index):
-        header = peer_pb2.StreamHeader(protocol_version=1, cluster="churn",
+        header = peer_pb2.StreamHeader(protocol_version=PROTOCOL_VERSION, cluster="churn",
                                        model_fingerprint="fp", sender="killed", round=round_index)
         return list(encode_frames(header, tensors, chunk_bytes=40_000))
     await stub.PushSlices(iter(frames(1)))  # complete: a control
@@ -173,9 +174,12 @@ def assert_finite_checkpoint(daemon: RunningDaemon) -> None:
 
 
 def test_kill_rejoin_and_whole_cluster_restart(tmp_path: Path, cluster_ca: ClusterCa) -> None:
+    # Strict rounds: the bounds below count rounds (dropped within 3 of the kill, rounds
+    # contiguous), which hold when a round waits for the dead member until it is found silent;
+    # semi-asynchronous survivors run on at the deadline and drop it rounds later.
     daemons = start_loopback_daemons(
         tmp_path, 3, ["--topology", "ring", "--dead-after", str(DEAD_AFTER_S),
-                      "--round-timeout", str(ROUND_TIMEOUT_S)], cluster_ca)
+                      "--round-timeout", str(ROUND_TIMEOUT_S), "--sync"], cluster_ca)
     survivors, victim = daemons[:2], daemons[2]
     try:
         # 1. Three rounds with three members, then peer-02 dies in the middle of its fourth.

@@ -54,6 +54,13 @@ def test_environment_parsing() -> None:
         ("peers = [1]\n", "must be a list of HOST:PORT"),
         ('shard = "4/4"\n', "shard='4/4' is invalid"),
         ("mu = 2\n", "mu=2.0 is invalid: must be in (0, 1]"),
+        ("quorum = 1.5\n", "quorum=1.5 is invalid: must be in"),
+        ("max_staleness = -1\n", "max_staleness=-1 is invalid: must be >= 0"),
+        ("staleness_exponent = -0.5\n", "staleness_exponent=-0.5 is invalid"),
+        ("deadline_floor_s = 0\n", "deadline_floor_s=0.0 is invalid: must be > 0"),
+        ("deadline_mads = -1\n", "deadline_mads=-1.0 is invalid"),
+        ("slowdown = 0.5\n", "slowdown=0.5 is invalid: must be a number >= 1"),
+        ("sync = 1\n", "sync = 1 is invalid: must be true or false"),
         ("port = \n", "not valid TOML"),
     ],
 )

@@ -32,8 +32,10 @@ ROUNDS = 3
 @pytest.fixture(scope="module")
 def ring_of_four(tmp_path_factory: pytest.TempPathFactory,
                  cluster_ca: ClusterCa) -> Iterator[list[RunningDaemon]]:
+    # Strict rounds: the semi-asynchronous default closes rounds by the clock.
     daemons = start_loopback_daemons(tmp_path_factory.mktemp("ring"), 4,
-                                     ["--rounds", str(ROUNDS), "--topology", "ring"], cluster_ca)
+                                     ["--rounds", str(ROUNDS), "--topology", "ring", "--sync"],
+                                     cluster_ca)
     try:
         codes = wait_all(daemons)
         assert codes == [0, 0, 0, 0], [d.output() for d in daemons]
@@ -166,7 +168,7 @@ def test_fully_connected_daemons_talk_to_everyone_with_outbox_bytes(
     tmp_path: Path, cluster_ca: ClusterCa
 ) -> None:
     daemons = start_loopback_daemons(tmp_path, 4, ["--rounds", "2", "--topology", "full",
-                                                   "--mu", "0.25"], cluster_ca)
+                                                   "--sync", "--mu", "0.25"], cluster_ca)
     try:
         assert wait_all(daemons) == [0, 0, 0, 0], [d.output() for d in daemons]
     finally:

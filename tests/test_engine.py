@@ -8,7 +8,7 @@ import torch
 from peerd.aggregate import exchange_mask
 from peerd.config import TrainConfig
 from peerd.data import load_task_data
-from peerd.engine import Engine
+from peerd.engine import Engine, LateSlice, Staleness
 from peerd.models import CNNConfig, CNNSpec
 from peerd.plan import Member, make_planner
 from peerd.submodel import init_params
@@ -110,6 +110,61 @@ def test_merge_refuses_bad_messages_and_leaves_parameters_untouched() -> None:
     receiver.merge(ctx, [good])
     changed = sum(int((t != before[n]).sum()) for n, t in receiver.params.items())
     assert changed > 0
+
+
+def _late_scenario(max_rounds: int):
+    """p1's slice of round 1 for p0, and p0's own and p1's on-time slice in round 1 + gap."""
+    engines, members = make_engines(4)
+    for engine in engines:
+        engine.staleness = Staleness(exponent=0.5, max_rounds=max_rounds)
+    receiver, sender = engines[0], engines[1]
+    then = [e.begin_round(1, members) for e in engines]
+    sender.train(then[1])
+    late = next(m for m in sender.outbox(then[1]) if m.receiver == "p0")
+    return members, receiver, sender, then[0], late
+
+
+@pytest.mark.parametrize("gap", [1, 4])
+def test_a_late_slice_within_the_bound_is_merged(gap: int) -> None:
+    members, receiver, sender, then, late = _late_scenario(max_rounds=4)
+    now = receiver.begin_round(1 + gap, members)
+    sender_now = sender.begin_round(1 + gap, members)
+    on_time = [m for m in sender.outbox(sender_now) if m.receiver == "p0"]
+    without = {n: t.clone() for n, t in receiver.params.items()}
+    receiver.merge(now, on_time)
+    expected_without = receiver.params
+    receiver.params = {n: t.clone() for n, t in without.items()}
+    assert receiver.merge(now, on_time, [LateSlice(then, late)]) == [gap]
+    changed = sum(int((t != expected_without[n]).sum()) for n, t in receiver.params.items())
+    assert changed > 0
+    assert all(bool(t.isfinite().all()) for t in receiver.params.values())
+
+
+def test_a_slice_beyond_the_staleness_bound_is_never_merged() -> None:
+    members, receiver, sender, then, late = _late_scenario(max_rounds=3)
+    now = receiver.begin_round(5, members)  # 4 rounds after the slice's: one too many
+    on_time = [m for m in sender.outbox(sender.begin_round(5, members)) if m.receiver == "p0"]
+    initial = {n: t.clone() for n, t in receiver.params.items()}
+    receiver.merge(now, on_time)
+    without = {n: t.clone() for n, t in receiver.params.items()}
+    receiver.params = {n: t.clone() for n, t in initial.items()}
+    assert receiver.merge(now, on_time, [LateSlice(then, late)]) == []
+    for name, tensor in receiver.params.items():
+        assert torch.equal(tensor, without[name]), name  # bit for bit: as if never received
+
+
+def test_a_late_slice_is_checked_against_the_plans_of_its_own_round() -> None:
+    members, receiver, _, then, late = _late_scenario(max_rounds=4)
+    now = receiver.begin_round(3, members)
+    before = {n: t.clone() for n, t in receiver.params.items()}
+    for bad, reason in _bad_messages(late):
+        with pytest.raises(ValueError, match=reason):
+            receiver.merge(now, [], [LateSlice(then, bad)])
+        for name, tensor in receiver.params.items():
+            assert torch.equal(tensor, before[name]), name
+    # The right values checked against the wrong round's plans are refused too.
+    with pytest.raises(ValueError, match="round"):
+        receiver.merge(now, [], [LateSlice(receiver.begin_round(2, members), late)])
 
 
 def test_training_is_deterministic_and_changes_only_the_slice() -> None:

@@ -52,7 +52,8 @@ def peak_rss_mib(daemons: list[RunningDaemon]) -> dict[str, float]:
 def test_auto_widths_keep_to_the_budget_and_travel_in_the_handshake(tmp_path: Path) -> None:
     # peer-01 is asked for rounds no width can train in time: it takes the narrowest.
     daemons = start_loopback_daemons(tmp_path, 2, ["--mu", "auto", "--rounds", "3"], None,
-                                     each=[["--memory-budget", "1G"], ["--round-target", "0.001"]])
+                                     extra_by_position={0: ["--memory-budget", "1G"],
+                                                        1: ["--round-target", "0.001"]})
     peaks = peak_rss_mib(daemons)
     assert wait_all(daemons) == [0, 0], [d.output() for d in daemons]
     estimate = re.search(r"mu auto: mu 0\.5: about (\d+) MiB of a 1024 MiB budget",
