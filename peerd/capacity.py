@@ -32,7 +32,7 @@ from torch import nn
 
 from peerd.config import TrainConfig
 from peerd.data import Split
-from peerd.losses import task_loss
+from peerd.engine import sgd, train_step
 from peerd.models.base import ModelSpec
 from peerd.plan import Member, MSFusionPlanner
 from peerd.submodel import Params, extract
@@ -144,26 +144,6 @@ def measure_step(
         ),
         activation_bytes=sum(saved.values()),
     )
-
-
-def sgd(module: nn.Module, config: TrainConfig) -> torch.optim.SGD:
-    """The optimizer `Engine.train` builds."""
-    return torch.optim.SGD(module.parameters(), lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay)
-
-
-def train_step(
-    kind: str, config: TrainConfig, module: nn.Module, optimizer: torch.optim.Optimizer,
-    inputs: torch.Tensor, targets: torch.Tensor,
-) -> float:
-    """One step of `Engine.train`'s loop: the same calls in the same order."""
-    loss = task_loss(kind, module(inputs), targets)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if config.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip)
-    optimizer.step()
-    return loss.item()
 
 
 # ---- probing and choosing ----------------------------------------------------------------------

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from peerd.aggregate import Arrival, exchange_count, merge, outbox, staleness_weight
 from peerd.config import TrainConfig
@@ -28,6 +29,26 @@ from peerd.transport import SliceMessage
 
 # Forward plus backward costs about three forward passes (backward ~ 2x forward).
 TRAIN_FLOPS_PER_FORWARD = 3
+
+
+def sgd(module: nn.Module, config: TrainConfig) -> torch.optim.SGD:
+    """The optimizer of a round's local training: fresh state every round."""
+    return torch.optim.SGD(module.parameters(), lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay)
+
+
+def train_step(
+    kind: str, config: TrainConfig, module: nn.Module, optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor, targets: torch.Tensor,
+) -> float:
+    """One SGD step of local training; the batch's loss."""
+    loss = task_loss(kind, module(inputs), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip)
+    optimizer.step()
+    return loss.item()
 
 
 @dataclass(frozen=True)
@@ -116,10 +137,7 @@ class Engine:
         config = self.train_config
         module = extract(self.spec, self.params, plan)
         module.train()
-        optimizer = torch.optim.SGD(
-            module.parameters(), lr=config.lr, momentum=config.momentum,
-            weight_decay=config.weight_decay,
-        )
+        optimizer = sgd(module, config)
         loss_sum, samples, steps = 0.0, 0, 0
         for epoch in range(config.local_epochs):
             order = self._batch_order(ctx.round_index * config.local_epochs + epoch)
@@ -127,16 +145,9 @@ class Engine:
                 if config.max_local_steps is not None and steps >= config.max_local_steps:
                     break
                 batch = order[start:start + config.batch_size]
-                loss = task_loss(
-                    self.spec.kind, module(self.train_split.inputs[batch]),
-                    self.train_split.targets[batch],
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip)
-                optimizer.step()
-                loss_sum += loss.item() * len(batch)
+                loss = train_step(self.spec.kind, config, module, optimizer,
+                                  self.train_split.inputs[batch], self.train_split.targets[batch])
+                loss_sum += loss * len(batch)
                 samples += len(batch)
                 steps += 1
         write_back(self.spec, self.params, plan, module)

@@ -20,13 +20,11 @@ from peerd.capacity import (
     measure_step,
     probe_width,
     resident_bytes,
-    sgd,
     steps_per_round,
-    train_step,
 )
 from peerd.config import TrainConfig
 from peerd.data import load_task_data
-from peerd.engine import Engine
+from peerd.engine import Engine, sgd, train_step
 from peerd.models import CNNConfig, CNNSpec
 from peerd.plan import Member, make_planner
 from peerd.submodel import extract, init_params, write_back
