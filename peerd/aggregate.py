@@ -7,7 +7,9 @@ the full tensor.
 
 Merge rule: every entry becomes the weighted mean over its holders among self + the neighbours
 that sent it; the receiver's own value counts only if it holds the entry this round. Entries
-nobody sent keep the local value.
+nobody sent keep the local value. A block (and its exit head) beyond a plan's depth holds no
+entries: it is sent only between peers that keep it, and a peer none of whose neighbours keeps
+one of its blocks leaves that block as it is.
 
 Late slices (semi-asynchronous rounds): a slice built in an earlier round t carries the entries
 of the round-t exchange mask. They are placed back onto full-parameter entries with the round-t
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from peerd.models.base import ModelSpec, Plan
+from peerd.models.base import ModelSpec, Plan, holds_param
 from peerd.submodel import Params, axis_masks, entry_mask
 
 Tensors = dict[str, torch.Tensor]
@@ -47,13 +49,17 @@ def exchange_count(
     """How many entries `exchange_mask` selects, from the per-axis masks alone.
 
     A plan's entries are a product of per-axis index sets, so |S & (A | B)| is
-    |S & A| + |S & B| - |S & A & B|, each a product of per-axis counts.
+    |S & A| + |S & B| - |S & A & B|, each a product of per-axis counts (none where a plan does
+    not keep the parameter's block).
     """
-    sender = axis_masks(spec, sender_now, name)
-    now = axis_masks(spec, receiver_now, name)
-    nxt = axis_masks(spec, receiver_next, name)
+    def held_masks(plan: Plan) -> list[torch.Tensor | None] | None:
+        return axis_masks(spec, plan, name) if holds_param(spec, plan, name) else None
 
-    def product(*plans: list[torch.Tensor | None]) -> int:
+    sender, now, nxt = held_masks(sender_now), held_masks(receiver_now), held_masks(receiver_next)
+
+    def product(*plans: list[torch.Tensor | None] | None) -> int:
+        if any(masks is None for masks in plans):
+            return 0
         count = 1
         for axis, size in enumerate(shape):
             kept = [masks[axis] for masks in plans if masks[axis] is not None]
@@ -173,7 +179,8 @@ def _late_entries(
 
 
 def _holds_all(spec: ModelSpec, plan: Plan, name: str, shape: torch.Size) -> bool:
-    return all(mask is None or bool(mask.all()) for mask in axis_masks(spec, plan, name))
+    return holds_param(spec, plan, name) and all(
+        mask is None or bool(mask.all()) for mask in axis_masks(spec, plan, name))
 
 
 def assemble(

@@ -14,6 +14,11 @@ member's index in that order is its *position*.
 - heterofl: a static prefix of each group.
 - fd: Federated Dropout, a fresh random subset per member per round.
 - full: every unit (decentralized FedAvg).
+
+Depth (models with early exits): a member of depth d keeps blocks 0..d-1, the same in every
+round and under every method. A group used only from block k on is planned among the members
+that keep block k (the DSS windows are spaced over those members' widths, so the peers that
+hold a deep block are the ones that cover it); every other member holds none of its units.
 """
 
 from __future__ import annotations
@@ -27,16 +32,36 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from peerd.models.base import Plan, UnitGroup
+from peerd.models.base import DEPTH, Plan, UnitGroup
 
 
 @dataclass(frozen=True)
 class Member:
     peer_id: str
     mu: float  # width ratio this member can afford, in (0, 1]
+    depth: int | None = None  # blocks it keeps (models with early exits); None: all of them
 
 
 Plans = dict[str, Plan]  # peer id -> plan
+
+
+def member_depth(member: Member, blocks: int | None) -> int | None:
+    """The blocks a member keeps, checked against the model's (None: a model without early
+    exits, whose members all keep every block)."""
+    if not 0.0 < member.mu <= 1.0:
+        raise ValueError(f"peer {member.peer_id}: mu={member.mu} is outside (0, 1]")
+    if member.depth is None:
+        return blocks
+    if blocks is None:
+        raise ValueError(f"peer {member.peer_id}: depth {member.depth} needs a model with "
+                         "early exits")
+    if not 1 <= member.depth <= blocks:
+        raise ValueError(f"peer {member.peer_id}: depth {member.depth} is outside 1..{blocks}")
+    return member.depth
+
+
+def _keeps(depth: int | None, group: UnitGroup) -> bool:
+    return depth is None or group.block is None or depth > group.block
 
 
 def window_width(mu: float, units: int) -> int:
@@ -70,16 +95,24 @@ class Planner(ABC):
         ordered = sorted(members, key=lambda member: member.peer_id)
         if len({m.peer_id for m in ordered}) != len(ordered):
             raise ValueError("duplicate peer ids among members")
-        for member in ordered:
-            if not 0.0 < member.mu <= 1.0:
-                raise ValueError(f"peer {member.peer_id}: mu={member.mu} is outside (0, 1]")
+        blocks = groups[DEPTH].units if DEPTH in groups else None
+        depths = {member.peer_id: member_depth(member, blocks) for member in ordered}
         plans: Plans = {member.peer_id: {} for member in ordered}
         if not ordered:
             return plans
         for group in groups.values():
-            for member, units in zip(ordered, self.group_plan(round_index, ordered, group),
-                                     strict=True):
-                plans[member.peer_id][group.name] = units
+            if group.name == DEPTH:
+                for member in ordered:
+                    plans[member.peer_id][DEPTH] = torch.arange(depths[member.peer_id]
+                                                                or group.units)
+                continue
+            holders = [m for m in ordered if _keeps(depths[m.peer_id], group)]
+            kept = dict(zip((m.peer_id for m in holders),
+                            self.group_plan(round_index, holders, group) if holders else [],
+                            strict=True))
+            for member in ordered:
+                plans[member.peer_id][group.name] = kept.get(
+                    member.peer_id, torch.zeros(0, dtype=torch.long))
         return plans
 
     @abstractmethod

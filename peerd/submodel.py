@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from peerd.models.base import ModelSpec, Plan, UnitGroup, plan_units
+from peerd.models.base import ModelSpec, Plan, UnitGroup, holds_param, plan_units
 
 Params = dict[str, torch.Tensor]
 
@@ -63,7 +63,9 @@ def _open_mesh(shape: torch.Size, indices: list[torch.Tensor | None]) -> tuple[t
 
 
 def slice_params(spec: ModelSpec, params: Params, plan: Plan) -> Params:
-    return {name: slice_tensor(params[name], axis_indices(spec, plan, name)) for name in spec.axes}
+    """The plan's slice of every parameter it holds (blocks beyond its depth are left out)."""
+    return {name: slice_tensor(params[name], axis_indices(spec, plan, name))
+            for name in spec.axes if holds_param(spec, plan, name)}
 
 
 def extract(spec: ModelSpec, params: Params, plan: Plan) -> nn.Module:
@@ -101,7 +103,9 @@ def entry_mask(spec: ModelSpec, plan: Plan, name: str, shape: torch.Size) -> tor
     """Boolean tensor of the full parameter's shape: True where the plan holds the entry.
 
     An outer product of the per-axis masks, broadcast to `shape` (a view where it can be:
-    materialise it before writing to it)."""
+    materialise it before writing to it); all False in a block beyond the plan's depth."""
+    if not holds_param(spec, plan, name):
+        return torch.zeros(shape, dtype=torch.bool)
     mask: torch.Tensor | None = None
     for axis, axis_mask in enumerate(axis_masks(spec, plan, name)):
         if axis_mask is not None:
@@ -118,7 +122,8 @@ def parameter_count(module: nn.Module) -> int:
 
 
 def forward_flops_per_sample(spec: ModelSpec, units: Mapping[str, int]) -> int:
-    """Forward FLOPs for one sample, counted from the ops a module of these widths executes."""
+    """Forward FLOPs for one sample, counted from the ops a module of these widths (and depth)
+    executes; with early exits, the training forward pass through every kept exit."""
     return _forward_flops(spec, tuple(sorted(units.items())))
 
 
@@ -127,6 +132,7 @@ def _forward_flops(spec: ModelSpec, units: tuple[tuple[str, int], ...]) -> int:
     module = spec.build(dict(units))
     counter = FlopCounterMode(display=False)
     # The fused CPU attention kernel has no FLOP formula; the math backend's matmuls do.
+    forward = module.forward_exits if getattr(module, "early_exits", False) else module
     with torch.no_grad(), counter, sdpa_kernel(SDPBackend.MATH):
-        module(spec.example_input(1))
+        forward(spec.example_input(1))
     return int(counter.get_total_flops())

@@ -5,6 +5,11 @@ several consecutive entries along an axis (an attention head spans `head_dim` ro
 parameter names, per axis, the group that slices it or None for an axis that is never sliced
 (input pixels, classes, vocabulary). Tensors that must share indices (a residual stream and the
 norms on it) name the same group, which is how tying is declared.
+
+Depth (models built with early exits): the group DEPTH counts the model's blocks, and a plan
+keeps a prefix of them (the shallowest). No tensor has a depth axis: instead the spec maps every
+parameter that lives in block k (its layers and its exit head) to k, and a group used only from
+block k on names k as its `block`. A plan holds a parameter only if it keeps that block.
 """
 
 from __future__ import annotations
@@ -21,12 +26,16 @@ from torch import nn
 # group name -> sorted int64 tensor of unit indices kept in that group
 Plan = dict[str, torch.Tensor]
 
+# The group of a model's blocks; a plan keeps blocks 0..d-1 (a peer of depth d).
+DEPTH = "depth"
+
 
 @dataclass(frozen=True)
 class UnitGroup:
     name: str
     units: int
     span: int = 1  # entries per unit along a sliced axis
+    block: int | None = None  # the shallowest block using this group; None: used at any depth
 
     @property
     def entries(self) -> int:
@@ -43,6 +52,12 @@ class ModelSpec(Protocol):
 
     @property
     def axes(self) -> Mapping[str, tuple[str | None, ...]]: ...
+
+    @property
+    def param_blocks(self) -> Mapping[str, int]:
+        """Parameter name -> the block it lives in (its exit head included); parameters not
+        listed (stem, embeddings) are held at every depth."""
+        ...
 
     def build(self, units: Mapping[str, int]) -> nn.Module:
         """A module with `units[g]` units in every group g (the full model for full counts)."""
@@ -61,6 +76,18 @@ def full_plan(spec: ModelSpec) -> Plan:
 
 def plan_units(plan: Plan) -> dict[str, int]:
     return {name: int(indices.numel()) for name, indices in plan.items()}
+
+
+def plan_depth(plan: Plan) -> int | None:
+    """How many blocks the plan keeps; None for a model without early exits."""
+    return int(plan[DEPTH].numel()) if DEPTH in plan else None
+
+
+def holds_param(spec: ModelSpec, plan: Plan, name: str) -> bool:
+    """Whether the plan keeps the block parameter `name` lives in (then it holds its slice)."""
+    block = spec.param_blocks.get(name)
+    depth = plan_depth(plan)
+    return block is None or depth is None or block < depth
 
 
 def fingerprint(spec: ModelSpec) -> str:

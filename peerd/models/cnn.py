@@ -4,6 +4,10 @@ Normalisation is GroupNorm with one norm group per slicing unit (`channels_per_u
 A unit's statistics then depend only on its own channels, so a sub-model normalises its kept
 channels exactly as the full model would: no running statistics to recalibrate, and any subset
 of units is a valid width.
+
+With `early_exits`, every residual block k ends in an exit head `exits.k` (pooled channels ->
+linear, the deepest being the classifier) and the depth group lets a sub-model keep only its
+first d blocks.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peerd.models.base import UnitGroup
+from peerd.models.base import DEPTH, UnitGroup
 from peerd.models.layers import ScaledConv2d, ScaledLinear, input_scale
 
 
@@ -28,6 +32,14 @@ class CNNConfig:
     stage_widths: tuple[int, ...] = (32, 64)
     blocks_per_stage: int = 1
     channels_per_unit: int = 4
+    early_exits: bool = False  # an exit head after every block, and depth pruning
+
+    @property
+    def blocks(self) -> int:
+        return len(self.stage_widths) * self.blocks_per_stage
+
+    def block_stage(self, index: int) -> int:
+        return index // self.blocks_per_stage
 
 
 def _residual_group(stage: int) -> str:
@@ -78,28 +90,49 @@ class ResNetCNN(nn.Module):
             nn.GroupNorm(stem_units, stem_units * cpu),
             nn.ReLU(),
         )
+        depth = units.get(DEPTH, cfg.blocks)
+        streams = []  # the residual group each kept block writes
         blocks: list[nn.Module] = []
         previous = _residual_group(0)
-        for stage in range(len(cfg.stage_widths)):
-            for block in range(cfg.blocks_per_stage):
-                stride = 2 if stage > 0 and block == 0 else 1
-                mid = _mid_group(stage, block)
-                blocks.append(
-                    ResidualBlock(
-                        units[previous], units[mid], units[_residual_group(stage)], stride, cfg,
-                        (scale(previous), scale(mid)),
-                    )
+        for index in range(depth):
+            stage, block = cfg.block_stage(index), index % cfg.blocks_per_stage
+            stride = 2 if stage > 0 and block == 0 else 1
+            mid, res = _mid_group(stage, block), _residual_group(stage)
+            blocks.append(
+                ResidualBlock(
+                    units[previous], units[mid], units[res], stride, cfg,
+                    (scale(previous), scale(mid)),
                 )
-                previous = _residual_group(stage)
+            )
+            streams.append(res)
+            previous = res
         self.blocks = nn.Sequential(*blocks)
-        self.head = ScaledLinear(units[previous] * cpu, cfg.num_classes, True, scale(previous))
+        self.early_exits = cfg.early_exits
+
+        def head(res: str) -> ScaledLinear:
+            return ScaledLinear(units[res] * cpu, cfg.num_classes, True, scale(res))
+
+        if cfg.early_exits:
+            self.exits = nn.ModuleList(head(res) for res in streams)
+        else:
+            self.head = head(previous)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate representation (pooled channels), used by representation losses."""
         return self.blocks(self.stem(x)).mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        classifier = self.exits[-1] if self.early_exits else self.head
+        return classifier(self.features(x))
+
+    def forward_exits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every kept exit, shallowest first (early exits only)."""
+        logits = []
+        x = self.stem(x)
+        for block, head in zip(self.blocks, self.exits, strict=True):
+            x = block(x)
+            logits.append(head(x.mean(dim=(2, 3))))
+        return logits
 
 
 class CNNSpec:
@@ -117,12 +150,17 @@ class CNNSpec:
     def groups(self) -> dict[str, UnitGroup]:
         cpu = self.cfg.channels_per_unit
         table: dict[str, UnitGroup] = {}
+        per_stage = self.cfg.blocks_per_stage
         for stage, width in enumerate(self.cfg.stage_widths):
             res = _residual_group(stage)
-            table[res] = UnitGroup(res, width // cpu, cpu)
-            for block in range(self.cfg.blocks_per_stage):
+            # res0 also feeds the stem; a later stage's stream starts at its first block.
+            first_block = None if stage == 0 else stage * per_stage
+            table[res] = UnitGroup(res, width // cpu, cpu, first_block)
+            for block in range(per_stage):
                 mid = _mid_group(stage, block)
-                table[mid] = UnitGroup(mid, width // cpu, cpu)
+                table[mid] = UnitGroup(mid, width // cpu, cpu, stage * per_stage + block)
+        if self.cfg.early_exits:
+            table[DEPTH] = UnitGroup(DEPTH, self.cfg.blocks)
         return table
 
     @cached_property
@@ -152,9 +190,18 @@ class CNNSpec:
                     table[f"{prefix}.shortcut.1.bias"] = (res,)
                 previous = res
                 index += 1
-        table["head.weight"] = (None, previous)
-        table["head.bias"] = (None,)
+        heads = ({f"exits.{index}": _residual_group(self.cfg.block_stage(index))
+                  for index in range(self.cfg.blocks)}
+                 if self.cfg.early_exits else {"head": previous})
+        for head, res in heads.items():
+            table[f"{head}.weight"] = (None, res)
+            table[f"{head}.bias"] = (None,)
         return table
+
+    @cached_property
+    def param_blocks(self) -> dict[str, int]:
+        return {name: int(name.split(".")[1]) for name in self.axes
+                if name.startswith(("blocks.", "exits."))}
 
     def build(self, units: Mapping[str, int]) -> ResNetCNN:
         full = {name: group.units for name, group in self.groups.items()}

@@ -5,6 +5,12 @@ and out of the stream, and the tied LM head), the attention heads of each layer 
 `head_dim` rows of q, k and v) and the FFN neurons of each layer. LayerNorm in a sub-model
 normalises over the kept residual width: its mean and variance over a slice estimate those of
 the full width, and there are no running statistics to go stale.
+
+With `early_exits`, layer k ends in an exit `exits.k`: its own LayerNorm followed by the tied LM
+head shared by every exit (the deepest exit's norm replaces `ln_f`). A separate vocabulary
+projection per exit would add vocab x d_model parameters per layer and exchange them; the shared
+head keeps exits at 2 x d_model parameters each, and the depth group lets a sub-model keep only
+its first d layers.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peerd.models.base import UnitGroup
+from peerd.models.base import DEPTH, UnitGroup
 from peerd.models.layers import ScaledLinear, input_scale
 
 EMBD = "embd"
@@ -32,6 +38,7 @@ class TransformerConfig:
     head_dim: int = 32
     d_model: int = 256
     d_ffn: int = 1024
+    early_exits: bool = False  # an exit after every layer, and depth pruning
 
 
 def _heads_group(layer: int) -> str:
@@ -108,23 +115,42 @@ class TransformerLM(nn.Module):
                 d_model, units[_heads_group(i)], cfg.head_dim, units[_ffn_group(i)],
                 (scale(EMBD), scale(_heads_group(i)), scale(_ffn_group(i))),
             )
-            for i in range(cfg.n_layer)
+            for i in range(units.get(DEPTH, cfg.n_layer))
         )
-        self.ln_f = nn.LayerNorm(d_model)
+        self.early_exits = cfg.early_exits
+        if cfg.early_exits:
+            self.exits = nn.ModuleList(nn.LayerNorm(d_model) for _ in self.blocks)
+        else:
+            self.ln_f = nn.LayerNorm(d_model)
         self.head_scale = scale(EMBD)
         self.apply(_init_weights)
 
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        return self.wte(tokens) + self.wpe(positions)
+
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final hidden states [batch, steps, d_model], used by representation losses."""
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        x = self.wte(tokens) + self.wpe(positions)
+        x = self._embed(tokens)
         for block in self.blocks:
             x = block(x)
-        return self.ln_f(x)
+        return self.exits[-1](x) if self.early_exits else self.ln_f(x)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        # The LM head is tied to the token embedding, as in GPT-2.
+        return F.linear(hidden * self.head_scale, self.wte.weight)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        # The LM head is tied to the token embedding, as in GPT-2.
-        return F.linear(self.features(tokens) * self.head_scale, self.wte.weight)
+        return self._head(self.features(tokens))
+
+    def forward_exits(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every kept exit, shallowest first (early exits only)."""
+        logits = []
+        x = self._embed(tokens)
+        for block, norm in zip(self.blocks, self.exits, strict=True):
+            x = block(x)
+            logits.append(self._head(norm(x)))
+        return logits
 
 
 class TransformerSpec:
@@ -139,8 +165,10 @@ class TransformerSpec:
         table = {EMBD: UnitGroup(EMBD, cfg.d_model)}
         for layer in range(cfg.n_layer):
             heads, ffn = _heads_group(layer), _ffn_group(layer)
-            table[heads] = UnitGroup(heads, cfg.n_head, cfg.head_dim)
-            table[ffn] = UnitGroup(ffn, cfg.d_ffn)
+            table[heads] = UnitGroup(heads, cfg.n_head, cfg.head_dim, layer)
+            table[ffn] = UnitGroup(ffn, cfg.d_ffn, 1, layer)
+        if cfg.early_exits:
+            table[DEPTH] = UnitGroup(DEPTH, cfg.n_layer)
         return table
 
     @cached_property
@@ -148,9 +176,12 @@ class TransformerSpec:
         table: dict[str, tuple[str | None, ...]] = {
             "wte.weight": (None, EMBD),
             "wpe.weight": (None, EMBD),
-            "ln_f.weight": (EMBD,),
-            "ln_f.bias": (EMBD,),
         }
+        norms = ([f"exits.{layer}" for layer in range(self.cfg.n_layer)]
+                 if self.cfg.early_exits else ["ln_f"])
+        for norm in norms:
+            table[f"{norm}.weight"] = (EMBD,)
+            table[f"{norm}.bias"] = (EMBD,)
         for layer in range(self.cfg.n_layer):
             heads, ffn, prefix = _heads_group(layer), _ffn_group(layer), f"blocks.{layer}"
             for norm in ("ln1", "ln2"):
@@ -166,6 +197,11 @@ class TransformerSpec:
             table[f"{prefix}.down.weight"] = (EMBD, ffn)
             table[f"{prefix}.down.bias"] = (EMBD,)
         return table
+
+    @cached_property
+    def param_blocks(self) -> dict[str, int]:
+        return {name: int(name.split(".")[1]) for name in self.axes
+                if name.startswith(("blocks.", "exits."))}
 
     def build(self, units: Mapping[str, int]) -> TransformerLM:
         full = {name: group.units for name, group in self.groups.items()}
