@@ -31,6 +31,7 @@ from peerd.config import (
     load_daemon_config,
     option_flag,
     option_type,
+    parse_depth,
     parse_mu,
     parse_option_text,
     parse_size,
@@ -49,6 +50,13 @@ from peerd.tasks import TASKS
 def _mu(text: str) -> tuple[float, ...]:
     try:
         return parse_mu(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _depth(text: str) -> tuple[int, ...]:
+    try:
+        return parse_depth(text)
     except ConfigError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -106,6 +114,18 @@ def _add_learning_options(parser: argparse.ArgumentParser, measured_mu: bool) ->
     parser.add_argument("--data-dir", default=None, help="your own copy of the task's data")
     parser.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="float32",
                         help="precision of exchanged values (default: %(default)s)")
+    parser.add_argument("--early-exits", action="store_true",
+                        help="an exit head after every block, CE on every exit (and "
+                             "self-distillation); needed by --depth")
+    parser.add_argument("--depth", type=_depth, default=None, metavar="N[,N...]",
+                        help="blocks each peer keeps (the shallowest): one value, or one per "
+                             "peer (cycled); default: all")
+    distill = parser.add_mutually_exclusive_group()
+    distill.add_argument("--distill-temperature", type=float, default=3.0, metavar="T",
+                         help="with --early-exits: the deepest exit teaches the others, "
+                              "loss CE + T^2 KL (default: %(default)s)")
+    distill.add_argument("--no-distill", action="store_true",
+                         help="with --early-exits: CE on every exit, no distillation")
 
 
 def _add_start(commands: argparse._SubParsersAction) -> None:
@@ -245,13 +265,18 @@ def _sim(args: argparse.Namespace) -> int:
         peers=args.peers, topology=args.topology, method=args.method, mu=args.mu,
         task=args.task, rounds=args.rounds, seed=args.seed, partition=args.partition,
         data_dir=args.data_dir, out=args.out, eval_every=args.eval_every,
-        eval_samples=args.eval_samples, wire_dtype=args.wire_dtype,
+        eval_samples=args.eval_samples, wire_dtype=args.wire_dtype, depth=args.depth,
+        early_exits=args.early_exits, distill_temperature=_temperature(args),
     )
     progress = ProgressLine(enabled=not args.quiet)
     records = run(config, _progress_printer(progress, config.rounds))
     progress.close()
     _print_summary(records, config.rounds, config.out)
     return 0
+
+
+def _temperature(args: argparse.Namespace) -> float | None:
+    return None if args.no_distill else args.distill_temperature
 
 
 def _progress_printer(progress: ProgressLine, rounds: int) -> Callable[[dict], None]:

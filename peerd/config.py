@@ -52,6 +52,8 @@ class TrainConfig:
     local_epochs: int = 1
     max_local_steps: int | None = None  # caps a round's steps on large shards
     grad_clip: float | None = None  # max gradient norm; transformers diverge without it
+    early_exits: bool = False  # an exit head per block (depth pruning); CE on every exit
+    distill_temperature: float | None = 3.0  # early exits: T of self-distillation; None: off
 
     def __post_init__(self) -> None:
         _require(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a positive number")
@@ -66,6 +68,11 @@ class TrainConfig:
         _require(
             self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip,
             "a positive number or unset",
+        )
+        _require(
+            self.distill_temperature is None or (
+                self.distill_temperature > 0 and math.isfinite(self.distill_temperature)),
+            "distill_temperature", self.distill_temperature, "a positive number or unset",
         )
 
 
@@ -85,6 +92,9 @@ class SimConfig:
     eval_samples: int | None = None  # global test samples per evaluation; None: the task default
     train: TrainConfig | None = None  # None: the task's defaults (peerd/tasks.py)
     wire_dtype: str = "float32"
+    depth: tuple[int, ...] | None = None  # blocks kept, one for all or per peer (cycled)
+    early_exits: bool = False  # overrides the train config's: an exit head per block
+    distill_temperature: float | None = 3.0  # with early exits; None: CE on every exit only
 
     def __post_init__(self) -> None:
         _require(self.peers >= 1, "peers", self.peers, ">= 1")
@@ -99,9 +109,38 @@ class SimConfig:
             self.eval_samples is None or self.eval_samples >= 1,
             "eval_samples", self.eval_samples, ">= 1",
         )
+        check_depth(self.depth, self.early_exits)
+        TrainConfig(distill_temperature=self.distill_temperature)  # checks the value
 
     def peer_mu(self, position: int) -> float:
         return self.mu[position % len(self.mu)]
+
+    def peer_depth(self, position: int) -> int | None:
+        return None if self.depth is None else self.depth[position % len(self.depth)]
+
+
+def check_depth(depths: tuple[int, ...] | None, early_exits: bool,
+                blocks: int | None = None) -> None:
+    """Depths are block counts >= 1 (at most the model's `blocks`), and need early exits: a
+    peer's deepest kept block must have an exit to train."""
+    if depths is None:
+        return
+    for depth in depths:
+        allowed = ">= 1" if blocks is None else f"in 1..{blocks} (the model's blocks)"
+        _require(depth >= 1 and (blocks is None or depth <= blocks), "depth", depth, allowed)
+    if not early_exits:
+        raise ConfigError(f"depth={','.join(map(str, depths))} needs early_exits (--early-exits)"
+                          ": a pruned peer trains the exit head of its deepest kept block")
+
+
+def parse_depth(text: str) -> tuple[int, ...]:
+    """'2' for every peer, or '2,1' assigned to peers by position, cycled."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"depth={text!r} is invalid: give an integer or a comma list") from None
+    check_depth(values, early_exits=True)
+    return values
 
 
 def _require(condition: bool, option: str, value: object, allowed: str) -> None:

@@ -19,11 +19,17 @@ from peerd.aggregate import Arrival, exchange_count, merge, outbox, staleness_we
 from peerd.config import TrainConfig
 from peerd.data import Split
 from peerd.evaluate import Evaluation, evaluate
-from peerd.losses import task_loss
-from peerd.models.base import ModelSpec, Plan, plan_units
+from peerd.losses import early_exit_loss, task_loss
+from peerd.models.base import ModelSpec, Plan, plan_depth, plan_units
 from peerd.numerics import all_finite
 from peerd.plan import Member, Planner, Plans
-from peerd.submodel import Params, extract, forward_flops_per_sample, write_back
+from peerd.submodel import (
+    Params,
+    extract,
+    forward_flops_per_sample,
+    freeze_shallowest,
+    write_back,
+)
 from peerd.topology import Topology
 from peerd.transport import SliceMessage
 
@@ -32,17 +38,29 @@ TRAIN_FLOPS_PER_FORWARD = 3
 
 
 def sgd(module: nn.Module, config: TrainConfig) -> torch.optim.SGD:
-    """The optimizer of a round's local training: fresh state every round."""
-    return torch.optim.SGD(module.parameters(), lr=config.lr, momentum=config.momentum,
+    """The optimizer of a round's local training: fresh state every round, none for frozen
+    parameters."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    return torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum,
                            weight_decay=config.weight_decay)
+
+
+def model_loss(kind: str, config: TrainConfig, module: nn.Module, inputs: torch.Tensor,
+               targets: torch.Tensor, frozen_blocks: int = 0) -> torch.Tensor:
+    """The task loss of the model's output, or with early exits the loss over every exit past
+    the frozen blocks (a frozen exit has nothing left to train)."""
+    if not config.early_exits:
+        return task_loss(kind, module(inputs), targets)
+    exits = module.forward_exits(inputs)[frozen_blocks:]
+    return early_exit_loss(kind, exits, targets, config.distill_temperature)
 
 
 def train_step(
     kind: str, config: TrainConfig, module: nn.Module, optimizer: torch.optim.Optimizer,
-    inputs: torch.Tensor, targets: torch.Tensor,
+    inputs: torch.Tensor, targets: torch.Tensor, frozen_blocks: int = 0,
 ) -> float:
     """One SGD step of local training; the batch's loss."""
-    loss = task_loss(kind, module(inputs), targets)
+    loss = model_loss(kind, config, module, inputs, targets, frozen_blocks)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if config.grad_clip is not None:
@@ -93,7 +111,7 @@ class Engine:
     def __init__(
         self, peer_id: str, spec: ModelSpec, params: Params, train_split: Split,
         test_split: Split, planner: Planner, topology: Topology, train: TrainConfig, seed: int,
-        wire_dtype: str = "float32", staleness: Staleness | None = None,
+        wire_dtype: str = "float32", staleness: Staleness | None = None, frozen_blocks: int = 0,
     ) -> None:
         self.peer_id = peer_id
         self.spec = spec
@@ -107,6 +125,9 @@ class Engine:
         # Values travel in this precision and are merged back in the parameters' own.
         self.wire_dtype: torch.dtype = getattr(torch, wire_dtype)
         self.staleness = staleness if staleness is not None else Staleness()
+        # The shallowest kept blocks this peer does not train (short of memory); see
+        # freeze_shallowest.
+        self.frozen_blocks = frozen_blocks
 
     @property
     def weight(self) -> float:
@@ -137,6 +158,12 @@ class Engine:
         config = self.train_config
         module = extract(self.spec, self.params, plan)
         module.train()
+        if self.frozen_blocks:
+            depth = plan_depth(plan)
+            if depth is None or not self.frozen_blocks < depth:
+                raise ValueError(f"{self.frozen_blocks} frozen blocks need a model with early "
+                                 f"exits and more kept blocks (depth {depth})")
+            freeze_shallowest(self.spec, module, self.frozen_blocks)
         optimizer = sgd(module, config)
         loss_sum, samples, steps = 0.0, 0, 0
         for epoch in range(config.local_epochs):
@@ -146,7 +173,8 @@ class Engine:
                     break
                 batch = order[start:start + config.batch_size]
                 loss = train_step(self.spec.kind, config, module, optimizer,
-                                  self.train_split.inputs[batch], self.train_split.targets[batch])
+                                  self.train_split.inputs[batch], self.train_split.targets[batch],
+                                  self.frozen_blocks)
                 loss_sum += loss * len(batch)
                 samples += len(batch)
                 steps += 1

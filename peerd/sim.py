@@ -11,15 +11,15 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from peerd.config import SimConfig
+from peerd.config import SimConfig, check_depth
 from peerd.coverage import CoverageTracker
 from peerd.data import TaskData, load_task_data, local_train_test, partition
 from peerd.engine import Engine, RoundContext, TrainStats
 from peerd.metrics import MetricsLog, PeerRound, evaluate_global, local_figures, run_title
-from peerd.models.base import ModelSpec, full_units
+from peerd.models.base import DEPTH, ModelSpec, full_units
 from peerd.plan import Member, make_planner
 from peerd.submodel import forward_flops_per_sample, init_params
 from peerd.tasks import BLOCK_SIZE, get_task
@@ -46,8 +46,12 @@ class Simulation:
 def build(config: SimConfig) -> Simulation:
     task = get_task(config.task)
     data = load_task_data(config.task, config.data_dir, block_size=BLOCK_SIZE)
-    spec = task.model(data)
-    train = config.train if config.train is not None else task.train
+    spec = task.model(data, config.early_exits)
+    if DEPTH in spec.groups:
+        check_depth(config.depth, config.early_exits, spec.groups[DEPTH].units)
+    train = replace(config.train if config.train is not None else task.train,
+                    early_exits=config.early_exits,
+                    distill_temperature=config.distill_temperature)
     planner = make_planner(config.method, config.seed)
     topology = load_topology(config.topology)
     initial = init_params(spec, config.seed)
@@ -56,7 +60,7 @@ def build(config: SimConfig) -> Simulation:
     for position, shard in enumerate(shards):
         peer_id = peer_name(position)
         local_train, local_test = local_train_test(shard, config.seed + position)
-        members.append(Member(peer_id, config.peer_mu(position)))
+        members.append(Member(peer_id, config.peer_mu(position), config.peer_depth(position)))
         engines.append(Engine(
             peer_id, spec, {name: t.clone() for name, t in initial.items()},
             data.train.subset(local_train), data.train.subset(local_test), planner, topology,

@@ -86,6 +86,16 @@ def write_back(spec: ModelSpec, params: Params, plan: Plan, module: nn.Module) -
             target[_open_mesh(target.shape, axis_indices(spec, plan, name))] = parameter.detach()
 
 
+def freeze_shallowest(spec: ModelSpec, module: nn.Module, blocks: int) -> None:
+    """Stop training the first `blocks` blocks, their exits and what lies below them (stem,
+    embeddings): no gradients and so no optimizer state, and since nothing below the first
+    trained block needs a gradient, autograd saves no activations there either. Their values
+    still change in merge, like any held entry."""
+    for name, parameter in module.named_parameters():
+        if spec.param_blocks.get(name, -1) < blocks:
+            parameter.requires_grad_(False)
+
+
 def axis_masks(spec: ModelSpec, plan: Plan, name: str) -> list[torch.Tensor | None]:
     """Per axis: a boolean vector of kept entries, or None for an unsliced axis."""
     masks: list[torch.Tensor | None] = []

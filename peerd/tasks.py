@@ -16,24 +16,26 @@ BLOCK_SIZE = 64
 class Task:
     name: str
     description: str
-    model: Callable[[TaskData], ModelSpec]
+    model: Callable[..., ModelSpec]  # (data, early_exits=False)
     train: TrainConfig
     eval_samples: int | None  # global test samples per evaluation (None: all)
 
 
-def _digits_model(data: TaskData) -> ModelSpec:
-    return CNNSpec(CNNConfig(image_size=8, num_classes=data.num_classes, stage_widths=(32, 64)))
+def _digits_model(data: TaskData, early_exits: bool = False) -> ModelSpec:
+    return CNNSpec(CNNConfig(image_size=8, num_classes=data.num_classes, stage_widths=(32, 64),
+                             early_exits=early_exits))
 
 
-def _fmnist_model(data: TaskData) -> ModelSpec:
+def _fmnist_model(data: TaskData, early_exits: bool = False) -> ModelSpec:
     return CNNSpec(
         CNNConfig(image_size=28, num_classes=data.num_classes, stage_widths=(16, 32, 64),
-                  channels_per_unit=2)
+                  channels_per_unit=2, early_exits=early_exits)
     )
 
 
-def _kjv_model(data: TaskData) -> ModelSpec:
-    return TransformerSpec(TransformerConfig(vocab_size=data.num_classes, block_size=BLOCK_SIZE))
+def _kjv_model(data: TaskData, early_exits: bool = False) -> ModelSpec:
+    return TransformerSpec(TransformerConfig(vocab_size=data.num_classes, block_size=BLOCK_SIZE,
+                                             early_exits=early_exits))
 
 
 TASKS: dict[str, Task] = {
