@@ -14,6 +14,16 @@ The memory budget covers the whole daemon process:
          + the training step at the chosen width.
 The budget is a hard limit (no width fits: an error naming both figures); the round target is
 a soft one (no width fits: the narrowest, with a warning).
+
+A model with early exits can also save memory in depth (Co-S2P): freeze the shallowest kept
+blocks (no gradients, optimizer state or saved activations below the first trained block) or
+keep fewer blocks. The probe then measures, at every width, each shape in this order of
+preference, and the first that fits wins:
+    all D blocks trained; all D kept with 1, 2, .., D-1 frozen; D-1, D-2, .., 1 kept, none frozen
+then the same at the next narrower width. Width is given up last because a narrower window
+covers fewer entries of every layer and MSfusion's coverage relies on the windows adding up;
+freezing comes before dropping blocks because a frozen block still takes its neighbours' values
+and serves them, and the peer keeps its deepest exit, which is the model's output.
 """
 
 from __future__ import annotations
@@ -33,9 +43,9 @@ from torch import nn
 from peerd.config import TrainConfig
 from peerd.data import Split
 from peerd.engine import sgd, train_step
-from peerd.models.base import ModelSpec
+from peerd.models.base import DEPTH, ModelSpec
 from peerd.plan import Member, MSFusionPlanner
-from peerd.submodel import Params, extract
+from peerd.submodel import Params, extract, freeze_shallowest
 
 log = logging.getLogger(__name__)
 
@@ -154,15 +164,26 @@ class WidthProbe:
     mu: float
     step_s: float  # median of the timed steps
     memory: StepMemory
+    depth: int | None = None  # blocks kept (models with early exits); None: all
+    frozen: int = 0  # shallowest kept blocks not trained
+
+
+def depth_shapes(blocks: int) -> list[tuple[int, int]]:
+    """(depth, frozen) shapes of a model with `blocks` blocks, in order of preference."""
+    frozen = [(blocks, count) for count in range(blocks)]
+    return frozen + [(depth, 0) for depth in range(blocks - 1, 0, -1)]
 
 
 def probe_width(spec: ModelSpec, params: Params, split: Split, config: TrainConfig,
-                mu: float, steps: int = PROBE_STEPS) -> WidthProbe:
-    """Train `steps` + 1 steps of the sub-model of width mu (extracted: a copy, the daemon's
-    parameters stay untouched): the first is measured for memory, the rest are timed."""
-    plan = MSFusionPlanner(seed=0).plan(0, [Member("probe", mu)], spec.groups)["probe"]
+                mu: float, steps: int = PROBE_STEPS, depth: int | None = None,
+                frozen: int = 0) -> WidthProbe:
+    """Train `steps` + 1 steps of the sub-model of width mu, keeping `depth` blocks with
+    `frozen` of them frozen (extracted: a copy, the daemon's parameters stay untouched): the
+    first step is measured for memory, the rest are timed."""
+    plan = MSFusionPlanner(seed=0).plan(0, [Member("probe", mu, depth)], spec.groups)["probe"]
     module = extract(spec, params, plan)
     module.train()
+    freeze_shallowest(spec, module, frozen)
     optimizer = sgd(module, config)
     size = min(config.batch_size, len(split))
     batches = [(split.inputs[i * size:(i + 1) * size], split.targets[i * size:(i + 1) * size])
@@ -170,7 +191,7 @@ def probe_width(spec: ModelSpec, params: Params, split: Split, config: TrainConf
 
     def step(index: int) -> None:
         inputs, targets = batches[index % len(batches)]
-        train_step(spec.kind, config, module, optimizer, inputs, targets)
+        train_step(spec.kind, config, module, optimizer, inputs, targets, frozen)
 
     memory = measure_step(lambda: step(0), module, optimizer)
     seconds = []
@@ -178,7 +199,7 @@ def probe_width(spec: ModelSpec, params: Params, split: Split, config: TrainConf
         started = time.perf_counter()
         step(index)
         seconds.append(time.perf_counter() - started)
-    return WidthProbe(mu, statistics.median(seconds), memory)
+    return WidthProbe(mu, statistics.median(seconds), memory, depth, frozen)
 
 
 def steps_per_round(samples: int, config: TrainConfig) -> int:
@@ -194,10 +215,15 @@ class CapacityChoice:
     fixed_bytes: int  # everything but the training step
     round_s: float  # estimated local training per round at mu
     probes: tuple[WidthProbe, ...]
+    depth: int | None = None  # blocks kept; None: all
+    frozen: int = 0
 
     def describe(self) -> str:
-        chosen = next(p for p in self.probes if p.mu == self.mu)
-        return (f"mu {self.mu}: about {(self.fixed_bytes + chosen.memory.total_bytes) / 2**20:.0f}"
+        chosen = next(p for p in self.probes
+                      if (p.mu, p.depth, p.frozen) == (self.mu, self.depth, self.frozen))
+        shape = "" if self.depth is None else f", depth {self.depth}, {self.frozen} frozen"
+        total_mib = (self.fixed_bytes + chosen.memory.total_bytes) / 2**20
+        return (f"mu {self.mu}{shape}: about {total_mib:.0f}"
                 f" MiB of a {self.budget_bytes / 2**20:.0f} MiB budget (training step "
                 f"{chosen.memory.total_bytes / 2**20:.1f} MiB), about {self.round_s:.1f} s of "
                 f"training a round")
@@ -205,8 +231,9 @@ class CapacityChoice:
 
 def choose_mu(probes: Sequence[WidthProbe], fixed_bytes: int, budget_bytes: int,
               round_steps: int, round_target_s: float | None) -> CapacityChoice:
-    """The widest probed width that fits the memory budget and, when given, the round target."""
-    ordered = sorted(probes, key=lambda p: p.mu, reverse=True)
+    """The widest probed width that fits the memory budget and, when given, the round target;
+    at one width, the first fitting probe in the order given (see depth_shapes)."""
+    ordered = sorted(probes, key=lambda p: p.mu, reverse=True)  # stable: keeps that order
     fitting = [p for p in ordered if fixed_bytes + p.memory.total_bytes <= budget_bytes]
     if not fitting:
         narrowest = ordered[-1]
@@ -225,17 +252,20 @@ def choose_mu(probes: Sequence[WidthProbe], fixed_bytes: int, budget_bytes: int,
             log.warning("no width trains a round within %g s; mu %s takes about %.1f s",
                         round_target_s, chosen.mu, chosen.step_s * round_steps)
     return CapacityChoice(chosen.mu, budget_bytes, fixed_bytes, chosen.step_s * round_steps,
-                          tuple(ordered))
+                          tuple(ordered), chosen.depth, chosen.frozen)
 
 
 def measure_capacity(
     spec: ModelSpec, params: Params, split: Split, config: TrainConfig,
     budget_bytes: int | None, round_target_s: float | None, held_copies: int,
 ) -> CapacityChoice:
-    """Probe every candidate width on this device and choose one (see the module's text).
-    Without a budget, the memory the kernel reports available is the budget."""
+    """Probe every candidate width (and, with early exits, depth and frozen blocks) on this
+    device and choose one (see the module's text). Without a budget, the memory the kernel
+    reports available is the budget."""
     resident = resident_bytes()
     fixed = resident + held_copies * _tensor_bytes(params.values()) + RUNTIME_MARGIN_BYTES
     budget = budget_bytes if budget_bytes is not None else resident + available_memory_bytes()
-    probes = [probe_width(spec, params, split, config, mu) for mu in MU_CHOICES]
+    shapes = depth_shapes(spec.groups[DEPTH].units) if DEPTH in spec.groups else [(None, 0)]
+    probes = [probe_width(spec, params, split, config, mu, depth=depth, frozen=frozen)
+              for mu in MU_CHOICES for depth, frozen in shapes]
     return choose_mu(probes, fixed, budget, steps_per_round(len(split), config), round_target_s)

@@ -3,11 +3,15 @@ the blocks, aggregation only over the peers that hold a block, coverage with mix
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from peerd.aggregate import Arrival, exchange_count, merge, outbox
+from peerd.capacity import StepMemory, WidthProbe, choose_mu, depth_shapes, probe_width
 from peerd.coverage import CoverageTracker
+from peerd.data import load_task_data
 from peerd.models import (
     CNNConfig,
     CNNSpec,
@@ -20,6 +24,7 @@ from peerd.models import (
 from peerd.models.base import DEPTH, plan_units
 from peerd.plan import Member, make_planner
 from peerd.submodel import extract, forward_flops_per_sample, init_params, write_back
+from peerd.tasks import BLOCK_SIZE, get_task
 
 CNN = CNNSpec(CNNConfig(image_size=8, stage_widths=(32, 64), blocks_per_stage=2,
                         early_exits=True))
@@ -147,3 +152,30 @@ def test_write_back_of_a_shallow_submodel_leaves_deep_blocks_alone() -> None:
     for name in CNN.axes:
         changed = not torch.equal(params[name], before[name])
         assert changed == (CNN.param_blocks.get(name, 0) < 2), name
+
+
+def test_capacity_prefers_freezing_then_fewer_blocks_before_a_narrower_width() -> None:
+    MiB = 2**20
+
+    def probe(mu: float, depth: int, frozen: int, mib: float) -> WidthProbe:
+        return WidthProbe(mu, 0.1, StepMemory(int(mib * MiB), 0, 0, 0), depth, frozen)
+
+    assert depth_shapes(3) == [(3, 0), (3, 1), (3, 2), (2, 0), (1, 0)]
+    probes = [probe(0.5, d, f, 40 - 5 * i) for i, (d, f) in enumerate(depth_shapes(3))]
+    probes += [probe(0.25, d, f, 10 - i) for i, (d, f) in enumerate(depth_shapes(3))]
+    choose = [(c.mu, c.depth, c.frozen) for c in (
+        choose_mu(probes, 100 * MiB, budget * MiB, 10, None) for budget in (140, 135, 121, 111))]
+    assert choose == [(0.5, 3, 0), (0.5, 3, 1), (0.5, 1, 0), (0.25, 3, 0)]
+
+
+def test_probed_memory_falls_with_freezing_and_with_depth() -> None:
+    data = load_task_data("digits", None, block_size=BLOCK_SIZE)
+    spec = get_task("digits").model(data, early_exits=True)
+    config = replace(get_task("digits").train, early_exits=True)
+    params = init_params(spec, 0)
+    memory = {(d, f): probe_width(spec, params, data.train, config, 0.25, 1, d, f).memory
+              for d, f in depth_shapes(2)}
+    assert memory[(2, 1)].total_bytes < memory[(2, 0)].total_bytes
+    assert memory[(1, 0)].total_bytes < memory[(2, 0)].total_bytes
+    assert memory[(2, 1)].optimizer_bytes < memory[(2, 0)].optimizer_bytes
+    assert memory[(1, 0)].param_bytes < memory[(2, 0)].param_bytes
