@@ -15,6 +15,7 @@ import grpc
 from peerd import __version__
 from peerd.bench.compute import add_compute_parser
 from peerd.bench.exchange import add_exchange_parser
+from peerd.bench.memory import add_memory_parser
 from peerd.bench.scale import add_scale_parser
 from peerd.bench.stragglers import add_stragglers_parser
 from peerd.bench.wire import add_wire_parser
@@ -255,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compute_parser(benchmarks)
     add_scale_parser(benchmarks)
     add_stragglers_parser(benchmarks)
+    add_memory_parser(benchmarks)
     return parser
 
 

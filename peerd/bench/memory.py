@@ -1,0 +1,187 @@
+"""`peerd bench memory`: peak resident memory of one peer training, with and without depth
+pruning and freezing, against the full model (issue 5, benchmark b).
+
+Every configuration runs in a fresh process (spawned, one torch thread), which imports peerd,
+loads the task's data and builds the full parameters a daemon holds, then trains `--steps` + 1
+steps of its sub-model the way a round does (extract, freeze, SGD with momentum; the task's
+batch size, early exits and self-distillation on). It reports its peak resident set
+(getrusage ru_maxrss). An idle process doing the same minus the training gives the baseline:
+the training's own peak is the difference. Both figures are reported, as medians over
+`--repeats` fresh processes with their spread (max - min).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
+
+import torch
+
+from peerd.bench.processes import BenchError, positive_int, print_result, spawn_context
+from peerd.capacity import depth_shapes, probe_width
+from peerd.data import load_task_data
+from peerd.models.base import DEPTH
+from peerd.submodel import init_params
+from peerd.tasks import BLOCK_SIZE, get_task
+
+MiB = 2**20
+CHILD_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One configuration: width, blocks kept (None: the idle baseline) and blocks frozen."""
+
+    mu: float
+    depth: int | None
+    frozen: int
+
+    def describe(self, blocks: int) -> str:
+        if self.depth is None:
+            return "idle (imports, data, full parameters)"
+        if self.mu == 1.0:
+            return "full model"
+        pruned = "all blocks" if self.depth == blocks else f"{self.depth} of {blocks} blocks"
+        return f"mu {self.mu:g}, {pruned}" + (f", {self.frozen} frozen" if self.frozen else "")
+
+
+def shapes(mu: float, blocks: int) -> list[Shape]:
+    """The baseline, the full model, then width mu at every depth shape the capacity probe
+    considers (capacity.depth_shapes)."""
+    return [Shape(1.0, None, 0), Shape(1.0, blocks, 0),
+            *(Shape(mu, depth, frozen) for depth, frozen in depth_shapes(blocks))]
+
+
+def _peak_rss(conn: Connection, task: str, shape: Shape, steps: int) -> None:
+    """A child: set up as a daemon would, train if a depth is given, send back ru_maxrss."""
+    torch.set_num_threads(1)
+    definition = get_task(task)
+    data = load_task_data(task, None, block_size=BLOCK_SIZE)
+    spec = definition.model(data, early_exits=True)
+    params = init_params(spec, 0)
+    accounted = 0
+    if shape.depth is not None:
+        config = replace(definition.train, early_exits=True)
+        probe = probe_width(spec, params, data.train, config, shape.mu, steps, shape.depth,
+                            shape.frozen)
+        accounted = probe.memory.total_bytes
+    conn.send((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, accounted))
+
+
+def measure(task: str, shape: Shape, steps: int) -> tuple[int, int]:
+    """(peak RSS in bytes, bytes the training step accounts for) of one fresh process."""
+    context = spawn_context()
+    parent, child = context.Pipe(duplex=False)
+    process = context.Process(target=_peak_rss, args=(child, task, shape, steps))
+    process.start()
+    child.close()
+    try:
+        if not parent.poll(CHILD_TIMEOUT_S):
+            raise BenchError(f"{task} {shape}: no result within {CHILD_TIMEOUT_S:.0f} s")
+        return parent.recv()
+    except EOFError:
+        raise BenchError(f"{task} {shape}: the child died (exit code {process.exitcode})"
+                         ) from None
+    finally:
+        process.join(CHILD_TIMEOUT_S)
+
+
+@dataclass(frozen=True)
+class Row:
+    shape: Shape
+    label: str
+    peaks: tuple[int, ...]  # bytes, one per repeat
+    accounted: int  # parameters + gradients + optimizer state + saved activations
+
+    @property
+    def peak(self) -> float:
+        return statistics.median(self.peaks)
+
+    @property
+    def spread(self) -> int:
+        return max(self.peaks) - min(self.peaks)
+
+
+@dataclass(frozen=True)
+class MemoryResult:
+    task: str
+    steps: int
+    rows: tuple[Row, ...]  # the idle baseline first, then the full model
+
+    def training(self, row: Row) -> float:
+        """Peak above the idle baseline (medians)."""
+        return row.peak - self.rows[0].peak
+
+    def to_json(self) -> dict[str, object]:
+        full = self.training(self.rows[1])
+        return {"task": self.task, "steps": self.steps, "rows": [
+            {"config": row.label, "mu": row.shape.mu, "depth": row.shape.depth,
+             "frozen": row.shape.frozen, "peak_mib": round(row.peak / MiB, 1),
+             "spread_mib": round(row.spread / MiB, 1),
+             "training_mib": round(self.training(row) / MiB, 1),
+             "training_vs_full": round(self.training(row) / full, 3),
+             "accounted_mib": round(row.accounted / MiB, 2)}
+            for row in self.rows]}
+
+    def describe(self) -> str:
+        full = self.training(self.rows[1])
+        lines = [f"{self.task}: peak RSS of one peer over {self.steps + 1} training steps "
+                 f"(medians of {len(self.rows[0].peaks)} fresh processes)",
+                 f"{'configuration':<38} {'peak MiB':>9} {'spread':>7} {'training':>9} "
+                 f"{'vs full':>8} {'accounted':>10}"]
+        for row in self.rows:
+            training = self.training(row)
+            ratio = "" if row.shape.depth is None else f"{training / full:.2f}"
+            lines.append(f"{row.label:<38} {row.peak / MiB:>9.1f} {row.spread / MiB:>7.1f} "
+                         f"{training / MiB:>9.1f} {ratio:>8} {row.accounted / MiB:>10.2f}")
+        return "\n".join(lines)
+
+
+def run_memory(task: str, mu: float, steps: int, repeats: int) -> MemoryResult:
+    blocks = get_task(task).model(load_task_data(task, None, block_size=BLOCK_SIZE),
+                                  early_exits=True).groups[DEPTH].units
+    configurations = shapes(mu, blocks)
+    peaks: dict[Shape, list[int]] = {shape: [] for shape in configurations}
+    accounted: dict[Shape, int] = {}
+    for _ in range(repeats):  # interleaved, so a slow drift of the machine hits every shape
+        for shape in configurations:
+            peak, accounted[shape] = measure(task, shape, steps)
+            peaks[shape].append(peak)
+    return MemoryResult(task, steps, tuple(
+        Row(shape, shape.describe(blocks), tuple(peaks[shape]), accounted[shape])
+        for shape in configurations))
+
+
+def _mu(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"mu={text!r} is invalid: must be in (0, 1)")
+    return value
+
+
+def add_memory_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Registers `memory` (under `peerd bench`); its `func` runs the benchmark."""
+    memory = subparsers.add_parser(
+        "memory", help="peak RSS of one peer: depth pruning and freezing against the full model",
+        description="Peak resident memory of one peer training its sub-model at width mu, with "
+                    "every depth and freezing shape, against the full model; each in a fresh "
+                    "process, less an idle process's baseline.",
+    )
+    memory.add_argument("--task", choices=["digits", "fmnist", "kjv"], default="fmnist",
+                        help="which task model (default: %(default)s)")
+    memory.add_argument("--mu", type=_mu, default=0.25, help="width ratio (default: 0.25)")
+    memory.add_argument("--steps", type=positive_int, default=5,
+                        help="timed training steps per process, after one more measured "
+                             "(default: %(default)s)")
+    memory.add_argument("--repeats", type=positive_int, default=3,
+                        help="fresh processes per configuration (default: %(default)s)")
+    memory.add_argument("--json", action="store_true", help="print one JSON object")
+    memory.set_defaults(func=run_memory_command)
+
+
+def run_memory_command(args: argparse.Namespace) -> int:
+    return print_result(
+        "memory", lambda: run_memory(args.task, args.mu, args.steps, args.repeats), args.json)
