@@ -28,6 +28,7 @@ from peerd.config import (
     ConfigError,
     DaemonConfig,
     SimConfig,
+    check_depth,
     daemon_options,
     load_daemon_config,
     option_flag,
@@ -333,13 +334,15 @@ def _cluster(args: argparse.Namespace) -> int:
         parse_size(args.memory_budget, "memory_budget")
         if args.mu != AUTO:
             raise ConfigError("--memory-budget is only used with --mu auto")
+    check_depth(args.depth, args.early_exits)
     config = ClusterConfig(
         peers=args.peers, topology=args.topology, method=args.method, mu=args.mu,
         memory_budget=args.memory_budget, task=args.task, rounds=args.rounds, seed=args.seed,
         partition=args.partition,
         data_dir=args.data_dir, out=args.out, eval_every=args.eval_every,
         eval_samples=args.eval_samples, mdns=not args.no_mdns, wire_dtype=args.wire_dtype,
-        sync=args.sync,
+        sync=args.sync, depth=args.depth, early_exits=args.early_exits,
+        distill_temperature=_temperature(args),
     )
     progress = ProgressLine(enabled=not args.quiet)
 

@@ -75,6 +75,9 @@ class ClusterConfig:
     wire_dtype: str = "float32"
     sync: bool = False  # strict rounds (`peerd start --sync`); default semi-asynchronous
     slowdown: tuple[float, ...] = ()  # benchmarks: training slowdown by position (missing: 1)
+    depth: tuple[int, ...] | None = None  # blocks kept per daemon (cycled); None: all
+    early_exits: bool = False
+    distill_temperature: float | None = 3.0  # with early exits; None: --no-distill
 
 
 class ClusterError(RuntimeError):
@@ -137,6 +140,18 @@ def daemon_mu(config: ClusterConfig, position: int) -> str:
     return AUTO if config.mu == AUTO else str(config.mu[position % len(config.mu)])
 
 
+def early_exit_args(config: ClusterConfig, position: int) -> list[str]:
+    """The early-exit flags of the daemon at `position`: its depth (cycled) and distillation."""
+    if not config.early_exits:
+        return []
+    args = ["--early-exits"]
+    if config.depth is not None:
+        args += ["--depth", str(config.depth[position % len(config.depth)])]
+    if config.distill_temperature is None:
+        return [*args, "--no-distill"]
+    return [*args, "--distill-temperature", str(config.distill_temperature)]
+
+
 def launch(config: ClusterConfig, out: Path, tls: dict[str, Path]) -> list[DaemonProcess]:
     all_ports = free_ports(2 * config.peers)
     ports, metrics_ports = all_ports[:config.peers], all_ports[config.peers:]
@@ -170,6 +185,7 @@ def launch(config: ClusterConfig, out: Path, tls: dict[str, Path]) -> list[Daemo
             args += ["--sync"]
         if position < len(config.slowdown):
             args += ["--slowdown", str(config.slowdown[position])]
+        args += early_exit_args(config, position)
         if config.mdns:
             args += ["--mdns-interface", "127.0.0.1"]
         else:
@@ -211,7 +227,7 @@ class ClusterWatcher:
         self.daemons = daemons
         task = get_task(config.task)
         self.data = load_task_data(config.task, config.data_dir, block_size=BLOCK_SIZE)
-        self.spec = task.model(self.data)
+        self.spec = task.model(self.data, config.early_exits)
         self.eval_samples = config.eval_samples if config.eval_samples else task.eval_samples
         initial = init_params(self.spec, config.seed)
         shapes = {name: (torch.float32, tuple(t.shape)) for name, t in initial.items()}
@@ -232,7 +248,7 @@ class ClusterWatcher:
     async def wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         pending = list(self.daemons)
-        widths: dict[str, float] = {}
+        widths: dict[str, peer_pb2.Capacity] = {}
         while pending:
             self.check_alive()
             if time.monotonic() > deadline:
@@ -245,10 +261,11 @@ class ClusterWatcher:
                 except grpc.aio.AioRpcError:
                     still.append(daemon)
                 else:
-                    widths[daemon.peer_id] = reply.self.capacity.mu
+                    widths[daemon.peer_id] = reply.self.capacity
             pending = still
             await asyncio.sleep(POLL_INTERVAL_S)
-        self.members = [Member(d.peer_id, widths[d.peer_id]) for d in self.daemons]
+        self.members = [Member(d.peer_id, widths[d.peer_id].mu, widths[d.peer_id].depth or None)
+                        for d in self.daemons]
 
     async def wait_rounds(self, rounds: int) -> None:
         """Until every daemon has finished round `rounds` or moved past it (a semi-asynchronous

@@ -9,7 +9,7 @@ import math
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import Field, dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
 from types import UnionType
 from typing import Any, get_args, get_origin, get_type_hints
@@ -193,6 +193,20 @@ class DaemonConfig:
     round_target_s: float | None = option(
         None, "with mu auto: seconds of local training a round should take at most (soft)",
         "--round-target")
+    early_exits: bool = option(
+        False, "an exit head after every block, CE on every exit and self-distillation; the same "
+        "on every member; needed by depth and freeze")
+    depth: int | None = option(
+        None, "blocks this peer keeps, the shallowest (default: all; with mu auto and "
+        "early_exits the probe chooses)")
+    frozen_blocks: int = option(
+        0, "shallowest kept blocks this peer does not train (saves gradients, optimizer state "
+        "and activations; with mu auto and early_exits the probe chooses)", "--freeze")
+    distill_temperature: float = option(
+        3.0, "with early_exits: temperature T of self-distillation, loss CE + T^2 KL")
+    distill: bool = option(
+        True, "with early_exits: the deepest exit teaches the others (flag: --no-distill turns "
+        "it off: CE on every exit only)", "--no-distill")
     method: str = option("msfusion", "planner: msfusion, fedrolex, heterofl, fd or full")
     host: str = option("0.0.0.0", "address gRPC listens on")
     port: int = option(7470, "gRPC port (0: any free port)")
@@ -268,6 +282,7 @@ class DaemonConfig:
                                   f"(mu is {self.mu})")
         _require(self.wire_dtype in WIRE_DTYPES, "wire_dtype", self.wire_dtype,
                  f"one of {', '.join(WIRE_DTYPES)}")
+        self._check_depth()
         _require(0 <= self.port <= 65535, "port", self.port, "in 0..65535 (0: any free port)")
         _require(self.min_peers >= 1, "min_peers", self.min_peers, ">= 1")
         _require(self.rounds is None or self.rounds >= 1, "rounds", self.rounds, ">= 1")
@@ -297,6 +312,28 @@ class DaemonConfig:
         if self.shard is not None:
             index, count = self.shard
             _require(0 <= index < count, "shard", f"{index}/{count}", "I/N with 0 <= I < N")
+
+
+    def _check_depth(self) -> None:
+        check_depth(None if self.depth is None else (self.depth,), self.early_exits)
+        _require(self.frozen_blocks >= 0, "frozen_blocks", self.frozen_blocks, ">= 0")
+        if self.frozen_blocks and not self.early_exits:
+            raise ConfigError(f"frozen_blocks={self.frozen_blocks} needs early_exits "
+                              "(--early-exits)")
+        if self.depth is not None:
+            _require(self.frozen_blocks < self.depth, "frozen_blocks", self.frozen_blocks,
+                     f"less than depth ({self.depth}): at least one block must train")
+        if self.mu == AUTO and self.early_exits:
+            for name in ("depth", "frozen_blocks"):
+                if getattr(self, name):
+                    raise ConfigError(f"{name}={getattr(self, name)!r}: with mu auto and "
+                                      "early_exits the probe chooses depth and frozen blocks")
+        TrainConfig(distill_temperature=self.distill_temperature)  # checks the value
+
+    def train_config(self, task_defaults: TrainConfig) -> TrainConfig:
+        """The task's training defaults with this daemon's early-exit options."""
+        return replace(task_defaults, early_exits=self.early_exits,
+                       distill_temperature=self.distill_temperature if self.distill else None)
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

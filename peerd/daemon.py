@@ -34,13 +34,13 @@ from peerd.aggregate import assemble
 from peerd.allocator import keep_freed_memory
 from peerd.ca import DEVICE_CERT
 from peerd.capacity import measure_capacity
-from peerd.config import AUTO, DaemonConfig, TrainConfig, parse_size
+from peerd.config import AUTO, DaemonConfig, TrainConfig, check_depth, parse_size
 from peerd.data import Split, TaskData, load_task_data, local_train_test, partition
 from peerd.deadline import ArrivalDelays
 from peerd.engine import Engine, LateSlice, RoundContext, Staleness, TrainStats
 from peerd.evaluate import Evaluation
 from peerd.exporter import Exporter
-from peerd.models.base import Plan, fingerprint
+from peerd.models.base import DEPTH, Plan, fingerprint
 from peerd.net import GRPC_OPTIONS, PROTOCOL_VERSION
 from peerd.net.client import PeerClients
 from peerd.net.codec import DecodedStream, Expectation, WireError
@@ -133,6 +133,11 @@ def own_peer_id(config: DaemonConfig, tls: TlsIdentity | None) -> str:
     return load_or_create_peer_id(state_dir, tls.name)
 
 
+def view_entry(member: Member) -> list:
+    """A member as checkpoints record it: [peer id, mu], with its depth where set."""
+    return [member.peer_id, member.mu] + ([] if member.depth is None else [member.depth])
+
+
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
@@ -142,15 +147,19 @@ class Daemon:
         self.peer_id = own_peer_id(config, self.tls)
         task = get_task(config.task)
         data = load_task_data(config.task, config.data_dir, block_size=BLOCK_SIZE)
-        self.spec = task.model(data)
+        self.spec = task.model(data, config.early_exits)
+        self.blocks = self.spec.groups[DEPTH].units if DEPTH in self.spec.groups else None
+        if config.depth is not None:
+            check_depth((config.depth,), config.early_exits, self.blocks)
+        train = config.train_config(task.train)
         train_split, test_split = self._local_data(data)
         self.engine = Engine(
             self.peer_id, self.spec, init_params(self.spec, config.seed), train_split,
             test_split, make_planner(config.method, config.seed), load_topology(config.topology),
-            task.train, config.seed, config.wire_dtype,
+            train, config.seed, config.wire_dtype,
             Staleness(config.staleness_exponent, config.max_staleness),
         )
-        self.mu = self._width(task.train, train_split)
+        self.mu, self.depth, self.engine.frozen_blocks = self._capacity(train, train_split)
         self.fingerprint = fingerprint(self.spec)
         self.expectation = Expectation(PROTOCOL_VERSION, config.cluster, self.fingerprint,
                                        self._expected_tensors)
@@ -179,7 +188,8 @@ class Daemon:
         self.notifier = Notifier.from_environment()
         self.exporter: Exporter | None = None
         if config.metrics_port is not None:
-            self.exporter = Exporter(self.peer_id, config.cluster, self.fingerprint, self.mu)
+            self.exporter = Exporter(self.peer_id, config.cluster, self.fingerprint, self.mu,
+                                     self.depth, self.engine.frozen_blocks)
         self.on_round: Callable[[dict], None] | None = None  # e.g. a terminal progress line
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._checkpointed = False
@@ -188,18 +198,20 @@ class Daemon:
             log.info("resuming after round %d from %s", resumed.round, resumed.path)
             self._resume(resumed)
 
-    def _width(self, train: TrainConfig, train_split: Split) -> float:
-        """The configured mu, or with mu auto the widest this device affords (measured)."""
+    def _capacity(self, train: TrainConfig, train_split: Split
+                  ) -> tuple[float, int | None, int]:
+        """(mu, depth, frozen blocks) as configured, or with mu auto what this device affords
+        (measured; depth and frozen blocks only for a model with early exits)."""
         config = self.config
         if config.mu != AUTO:
-            return float(config.mu)
+            return float(config.mu), config.depth, config.frozen_blocks
         budget = None if config.memory_budget is None else parse_size(config.memory_budget)
         # Besides its parameters a daemon holds the round snapshots it serves to pulls and,
         # at most, a full set each of outgoing and incoming slices.
         choice = measure_capacity(self.spec, self.engine.params, train_split, train, budget,
                                   config.round_target_s, held_copies=SNAPSHOTS_KEPT + 2)
         log.info("mu auto: %s", choice.describe())
-        return choice.mu
+        return choice.mu, choice.depth, choice.frozen
 
     def _local_data(self, data: TaskData) -> tuple[Split, Split]:
         config = self.config
@@ -227,6 +239,11 @@ class Daemon:
         if not 0 < hello.capacity.mu <= 1:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"capacity mu={hello.capacity.mu} is outside (0, 1]")
+        depth = hello.capacity.depth
+        if depth and (self.blocks is None or depth > self.blocks):
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"capacity depth={depth} does not fit this model "
+                            f"({self.blocks or 'no early exits'} blocks)")
         self.membership.observe(hello, self.round_index)
         self.membership.tick(self.round_index)
 
@@ -327,7 +344,8 @@ class Daemon:
         peers = [
             peer_pb2.PeerStatus(
                 peer_id=peer.peer_id, address=peer.address,
-                capacity=peer_pb2.Capacity(mu=peer.mu),
+                capacity=peer_pb2.Capacity(mu=peer.mu, depth=peer.depth or 0,
+                                           frozen_blocks=peer.frozen_blocks),
                 position=positions.get(peer.peer_id, -1), round=peer.round,
                 last_seen_unix=peer.last_seen, bytes_sent=peer.bytes_sent,
                 bytes_received=peer.bytes_received, neighbour=peer.peer_id in neighbours,
@@ -359,9 +377,10 @@ class Daemon:
         if port == 0:
             raise OSError(f"cannot listen on {bind}")
         address = f"{advertised_host(self.config)}:{port}"
-        self.membership = Membership(Member(self.peer_id, self.mu), address,
+        self.membership = Membership(Member(self.peer_id, self.mu, self.depth), address,
                                      self.config.min_peers,
-                                     dead_after_s=self.config.dead_after_s)
+                                     dead_after_s=self.config.dead_after_s,
+                                     frozen_blocks=self.engine.frozen_blocks)
         await server.start()
         if self.exporter is not None:
             metrics_port = self.exporter.start(self.config.host, self.config.metrics_port)
@@ -415,7 +434,7 @@ class Daemon:
             record = PeerRecord(
                 peer_id=self.peer_id, cluster=self.config.cluster,
                 protocol_version=PROTOCOL_VERSION, model_fingerprint=self.fingerprint,
-                mu=self.mu, host=address.rsplit(":", 1)[0], port=port,
+                mu=self.mu, host=address.rsplit(":", 1)[0], port=port, depth=self.depth,
             )
             sources.append(MdnsDiscovery(record, self.config.mdns_interface))
         return sources
@@ -532,7 +551,7 @@ class Daemon:
         self.bytes_sent, self.bytes_received = record["bytes_sent"], record["bytes_received"]
         self.last_loss = record["train_loss"]
         # Peers may pull these parameters (a joiner's start) before this peer finishes a round.
-        members = tuple(Member(peer, mu) for peer, mu in record["view"])
+        members = tuple(Member(*entry) for entry in record["view"])
         if any(m.peer_id == self.peer_id for m in members):
             plan = self.engine.planner.plan(checkpoint.round - 1, members,
                                             self.spec.groups)[self.peer_id]
@@ -682,7 +701,7 @@ class Daemon:
 
     def _checkpoint_meta(self, ctx: RoundContext) -> dict:
         return {**self.identity, "cluster": self.config.cluster,
-                "view": [[m.peer_id, m.mu] for m in ctx.members],
+                "view": [view_entry(m) for m in ctx.members],
                 "rounds_done": self.rounds_done, "train_loss": self.last_loss,
                 "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received}
 
@@ -853,7 +872,7 @@ class Daemon:
         save_parameters(self.state_dir, self.engine.params, {
             "peer_id": self.peer_id, "rounds_done": self.rounds_done, "seed": self.config.seed,
             "method": self.config.method, "task": self.config.task,
-            "view": [[m.peer_id, m.mu] for m in view.members] if view else [],
+            "view": [view_entry(m) for m in view.members] if view else [],
             "model_fingerprint": self.fingerprint,
         })
 

@@ -31,7 +31,8 @@ STALENESS_BUCKETS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, float("inf")
 class Exporter:
     """One daemon's metrics; every method may be called from any thread."""
 
-    def __init__(self, peer_id: str, cluster: str, fingerprint: str, mu: float) -> None:
+    def __init__(self, peer_id: str, cluster: str, fingerprint: str, mu: float,
+                 depth: int | None = None, frozen_blocks: int = 0) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
         self.rounds = Counter("peerd_rounds", "Training rounds completed by this peer",
@@ -71,6 +72,10 @@ class Exporter:
         info = Info("peerd_peer", "Identity of this peer", registry=registry)
         info.info({"peer_id": peer_id, "cluster": cluster, "model_fingerprint": fingerprint,
                    "mu": f"{mu:g}"})
+        Gauge("peerd_depth", "Blocks this peer keeps, the shallowest (0: every block)",
+              registry=registry).set(depth or 0)
+        Gauge("peerd_frozen_blocks", "Shallowest kept blocks this peer does not train",
+              registry=registry).set(frozen_blocks)
         # The record carries cumulative byte totals; the counters take the increase since the
         # previous record, and the lock keeps concurrent observers from counting one twice.
         self._lock = threading.Lock()

@@ -26,6 +26,11 @@ def _age(last_seen_unix: float) -> str:
     return f"{time.time() - last_seen_unix:.1f}s ago" if last_seen_unix else "-"
 
 
+def _depth(capacity: peer_pb2.Capacity) -> str:
+    """Blocks kept / frozen: 'all' for a peer that keeps every block."""
+    return f"{capacity.depth or 'all'}/{capacity.frozen_blocks}"
+
+
 def format_status(reply: peer_pb2.StatusReply) -> str:
     me = reply.self
     lines = [
@@ -34,21 +39,22 @@ def format_status(reply: peer_pb2.StatusReply) -> str:
         f"view {me.view_id or '(not committed)'}: {len(me.members)} members  "
         f"sent {reply.bytes_sent} B  received {reply.bytes_received} B",
         "",
-        f"{'position':>8}  {'peer':<20} {'address':<22} {'mu':>6} {'round':>6} "
+        f"{'position':>8}  {'peer':<20} {'address':<22} {'mu':>6} {'depth/frozen':>12} "
+        f"{'round':>6} "
         f"{'last seen':>10} {'sent B':>12} {'received B':>12}  neighbour",
     ]
     rows = [(list(me.members).index(me.peer_id) if me.peer_id in me.members else -1, me.peer_id,
-             me.address, me.capacity.mu, me.round, "self", reply.bytes_sent,
-             reply.bytes_received, "")]
-    rows += [(p.position, p.peer_id, p.address, p.capacity.mu, p.round, _age(p.last_seen_unix),
-              p.bytes_sent, p.bytes_received, "yes" if p.neighbour else "")
+             me.address, me.capacity.mu, _depth(me.capacity), me.round, "self",
+             reply.bytes_sent, reply.bytes_received, "")]
+    rows += [(p.position, p.peer_id, p.address, p.capacity.mu, _depth(p.capacity), p.round,
+              _age(p.last_seen_unix), p.bytes_sent, p.bytes_received,
+              "yes" if p.neighbour else "")
              for p in reply.peers]
-    for position, peer_id, address, mu, round_index, seen, sent, received, neighbour in sorted(
-        rows, key=lambda row: (row[0] < 0, row[0], row[1])
-    ):
+    for (position, peer_id, address, mu, depth, round_index, seen, sent, received,
+         neighbour) in sorted(rows, key=lambda row: (row[0] < 0, row[0], row[1])):
         shown = str(position) if position >= 0 else "-"
-        lines.append(f"{shown:>8}  {peer_id:<20} {address:<22} {mu:>6.3f} {round_index:>6} "
-                     f"{seen:>10} {sent:>12} {received:>12}  {neighbour}")
+        lines.append(f"{shown:>8}  {peer_id:<20} {address:<22} {mu:>6.3f} {depth:>12} "
+                     f"{round_index:>6} {seen:>10} {sent:>12} {received:>12}  {neighbour}")
     return "\n".join(lines)
 
 

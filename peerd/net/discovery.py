@@ -109,6 +109,7 @@ class PeerRecord:
     mu: float
     host: str
     port: int
+    depth: int | None = None  # blocks kept (models with early exits); None: all, no TXT key
 
     def __post_init__(self) -> None:
         _check_identifier("peer_id", self.peer_id)
@@ -120,6 +121,8 @@ class PeerRecord:
             )
         if type(self.mu) not in (int, float) or not math.isfinite(self.mu) or not 0 < self.mu <= 1:
             raise ValueError(f"mu must be a number in (0, 1], got {self.mu!r}")
+        if self.depth is not None and (type(self.depth) is not int or self.depth < 1):
+            raise ValueError(f"depth must be an integer >= 1, got {self.depth!r}")
         _check_port(self.port)
         object.__setattr__(self, "mu", float(self.mu))
         object.__setattr__(self, "host", _normalize_host(self.host))
@@ -135,6 +138,7 @@ class PeerRecord:
             "protocol_version": str(self.protocol_version),
             "model_fingerprint": self.model_fingerprint,
             "mu": repr(self.mu),
+            **({} if self.depth is None else {"depth": str(self.depth)}),
         }
 
     @classmethod
@@ -155,6 +159,9 @@ class PeerRecord:
             mu = float(mu_text)
         except ValueError:
             raise ValueError(f"TXT key 'mu' is not a number: {mu_text!r}") from None
+        depth_text = properties.get("depth")
+        if depth_text is not None and not _PROTOCOL.fullmatch(depth_text):
+            raise ValueError(f"TXT key 'depth' is not an integer: {depth_text!r}")
         try:
             return cls(
                 peer_id=value("peer_id"),
@@ -164,6 +171,7 @@ class PeerRecord:
                 mu=mu,
                 host=host,
                 port=port,
+                depth=None if depth_text is None else int(depth_text),
             )
         except ValueError as error:
             raise ValueError(f"bad TXT record: {error}") from None

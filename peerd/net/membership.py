@@ -114,7 +114,9 @@ class View:
 
     @property
     def view_id(self) -> str:
-        text = ";".join(f"{m.peer_id}={m.mu!r}" for m in self.members)
+        # A member's depth enters the digest only where set, so views without depth keep ids.
+        text = ";".join(f"{m.peer_id}={m.mu!r}" + ("" if m.depth is None else f"/{m.depth}")
+                        for m in self.members)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -140,6 +142,8 @@ class KnownPeer:
     last_member_seen: float = 0.0  # when it last reported a view that contains it
     bytes_sent: int = 0
     bytes_received: int = 0
+    depth: int | None = None  # blocks it keeps (early exits); None: all
+    frozen_blocks: int = 0
 
     def pending_leaves(self) -> frozenset[str]:
         return frozenset(p for p, ticket in self.leaves.items() if not ticket.decided)
@@ -167,6 +171,11 @@ class Membership:
     view_since: float = 0.0  # when the latest view was set: nobody is silent before that
     out_of_step: bool = False  # a decided leave fell before this peer's round: it rejoins
     clock: Callable[[], float] = time.time  # wall-clock seconds; tests pass their own
+    frozen_blocks: int = 0  # this peer's, announced with its capacity
+
+    def capacity(self) -> peer_pb2.Capacity:
+        return peer_pb2.Capacity(mu=self.me.mu, depth=self.me.depth or 0,
+                                 frozen_blocks=self.frozen_blocks)
 
     @property
     def first_round(self) -> int:
@@ -202,6 +211,7 @@ class Membership:
             view_round=hello.view_round,
             leaves={t.peer_id: LeaveTicket(t.round, t.decided) for t in hello.leaves},
             last_member_seen=now if is_member else 0.0,
+            depth=hello.capacity.depth or None, frozen_blocks=hello.capacity.frozen_blocks,
         )
         if previous is not None:
             peer.bytes_sent, peer.bytes_received = previous.bytes_sent, previous.bytes_received
@@ -276,7 +286,8 @@ class Membership:
 
     def _view_of(self, ids: tuple[str, ...]) -> View:
         return make_view([
-            self.me if p == self.me.peer_id else Member(p, self.known[p].mu) for p in ids
+            self.me if p == self.me.peer_id else Member(p, self.known[p].mu, self.known[p].depth)
+            for p in ids
         ])
 
     # ---- joining: the members' side ----------------------------------------------------------
@@ -315,7 +326,7 @@ class Membership:
                                 for p in self._view_ids() if p in self.known)
             del self.tickets[joiner]
             if confirmed and self.view is not None:
-                self._change_from(round_index, add=Member(joiner, peer.mu))
+                self._change_from(round_index, add=Member(joiner, peer.mu, peer.depth))
         return True
 
     def undecided_before(self, round_index: int) -> bool:
@@ -491,7 +502,7 @@ class Membership:
                      and self.known[p].join_round == self.tickets[p]}
         return peer_pb2.Hello(
             protocol_version=protocol_version, cluster=cluster, peer_id=self.me.peer_id,
-            model_fingerprint=fingerprint, capacity=peer_pb2.Capacity(mu=self.me.mu),
+            model_fingerprint=fingerprint, capacity=self.capacity(),
             address=self.address, round=round_index, members=members,
             view_id=view.view_id if view is not None else "",
             join_round=self.join_round, join_confirmed=self.join_confirmed,
