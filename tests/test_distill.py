@@ -122,14 +122,21 @@ def test_a_frozen_block_still_takes_its_neighbours_values_in_merge() -> None:
     assert not torch.equal(frozen.params[name], before[name])
 
 
-def test_mixed_depths_in_the_simulator_train_deep_and_shallow_peers() -> None:
-    sim = build(SimConfig(peers=2, rounds=1, mu=(0.5,), depth=(2, 1), early_exits=True,
-                          train=TrainConfig(max_local_steps=2)))
-    contexts, stats = run_round(sim, 0)
+def test_mixed_depths_in_the_simulator_train_every_weight() -> None:
+    """Four peers, depths 2,1,2,1 and widths 0.5,0.25: every weight is trained within a few
+    rounds (coverage 1.0), and the deep peers spend more FLOPs per sample than the shallow."""
+    sim = build(SimConfig(peers=4, rounds=1, mu=(0.5, 0.25), depth=(2, 1), early_exits=True,
+                          train=TrainConfig(max_local_steps=1, batch_size=8)))
+    for round_index in range(20):
+        contexts, stats = run_round(sim, round_index)
+        if sim.coverage.fraction == 1.0:
+            break
+    assert sim.coverage.fraction == 1.0, sim.coverage.untrained()
     own_depths = [len(ctx.plans_now[engine.peer_id]["depth"])
                   for engine, ctx in zip(sim.engines, contexts, strict=True)]
-    assert own_depths == [2, 1]
-    assert stats[0].forward_flops_per_sample > stats[1].forward_flops_per_sample
+    assert own_depths == [2, 1, 2, 1]
+    flops = [stat.forward_flops_per_sample for stat in stats]
+    assert min(flops[0], flops[2]) > max(flops[1], flops[3])
 
 
 @pytest.mark.parametrize(("make", "message"), [
