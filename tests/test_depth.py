@@ -12,6 +12,7 @@ from peerd.aggregate import Arrival, exchange_count, merge, outbox
 from peerd.capacity import StepMemory, WidthProbe, choose_mu, depth_shapes, probe_width
 from peerd.coverage import CoverageTracker
 from peerd.data import load_task_data
+from peerd.exporter import Exporter
 from peerd.models import (
     CNNConfig,
     CNNSpec,
@@ -22,9 +23,12 @@ from peerd.models import (
     full_units,
 )
 from peerd.models.base import DEPTH, plan_units
+from peerd.net.discovery import PeerRecord
 from peerd.plan import Member, make_planner
+from peerd.status import format_status
 from peerd.submodel import extract, forward_flops_per_sample, init_params, write_back
 from peerd.tasks import BLOCK_SIZE, get_task
+from peerd.v1 import peer_pb2
 
 CNN = CNNSpec(CNNConfig(image_size=8, stage_widths=(32, 64), blocks_per_stage=2,
                         early_exits=True))
@@ -179,3 +183,30 @@ def test_probed_memory_falls_with_freezing_and_with_depth() -> None:
     assert memory[(1, 0)].total_bytes < memory[(2, 0)].total_bytes
     assert memory[(2, 1)].optimizer_bytes < memory[(2, 0)].optimizer_bytes
     assert memory[(1, 0)].param_bytes < memory[(2, 0)].param_bytes
+
+
+def test_status_and_exporter_show_depth_and_frozen_blocks() -> None:
+    reply = peer_pb2.StatusReply(
+        self=peer_pb2.Hello(peer_id="a", address="h:1", members=["a", "b"],
+                            capacity=peer_pb2.Capacity(mu=0.5, depth=2, frozen_blocks=1)),
+        peers=[peer_pb2.PeerStatus(peer_id="b", address="h:2", position=1,
+                                   capacity=peer_pb2.Capacity(mu=0.25))])
+    rows = {line.split()[1]: line.split() for line in format_status(reply).splitlines()[4:]}
+    assert rows["a"][4] == "2/1" and rows["b"][4] == "all/0"
+    text = Exporter("a", "lab", "fp", 0.5, 2, 1).render().decode()
+    assert "peerd_depth 2.0" in text and "peerd_frozen_blocks 1.0" in text
+    assert "peerd_depth 0.0" in Exporter("b", "lab", "fp", 0.25).render().decode()
+
+
+def test_the_txt_record_carries_depth_only_where_set() -> None:
+    record = PeerRecord("a", "lab", 1, "fp", 0.5, "10.0.0.1", 7470, depth=2)
+    txt = record.to_txt()
+    assert txt["depth"] == "2"
+    assert PeerRecord.from_txt(txt, "10.0.0.1", 7470) == record
+    plain = PeerRecord("a", "lab", 1, "fp", 0.5, "10.0.0.1", 7470)
+    assert "depth" not in plain.to_txt()
+    assert PeerRecord.from_txt(plain.to_txt(), "10.0.0.1", 7470).depth is None
+    with pytest.raises(ValueError, match="TXT key 'depth' is not an integer: 'x'"):
+        PeerRecord.from_txt({**txt, "depth": "x"}, "10.0.0.1", 7470)
+    with pytest.raises(ValueError, match="depth must be an integer >= 1"):
+        PeerRecord.from_txt({**txt, "depth": "0"}, "10.0.0.1", 7470)
