@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from peerd.capacity import measure_step
-from peerd.config import ConfigError, SimConfig, TrainConfig, parse_depth
+from peerd.config import (
+    ConfigError,
+    DaemonConfig,
+    SimConfig,
+    TrainConfig,
+    load_daemon_config,
+    parse_depth,
+)
 from peerd.engine import sgd, train_step
 from peerd.losses import early_exit_loss
 from peerd.models import CNNConfig, CNNSpec, full_plan
@@ -148,6 +155,14 @@ def test_mixed_depths_in_the_simulator_train_every_weight() -> None:
     (lambda: TrainConfig(distill_temperature=0.0), "distill_temperature=0.0 is invalid"),
     (lambda: build(SimConfig(depth=(3,), early_exits=True)),
      r"depth=3 is invalid: must be in 1\.\.2 \(the model's blocks\)"),
+    (lambda: DaemonConfig(depth=0, early_exits=True), "depth=0 is invalid: must be >= 1"),
+    (lambda: DaemonConfig(depth=1), "depth=1 needs early_exits"),
+    (lambda: DaemonConfig(frozen_blocks=1), "frozen_blocks=1 needs early_exits"),
+    (lambda: DaemonConfig(depth=2, frozen_blocks=2, early_exits=True),
+     r"frozen_blocks=2 is invalid: must be less than depth \(2\)"),
+    (lambda: DaemonConfig(early_exits=True, distill_temperature=-3.0),
+     "distill_temperature=-3.0 is invalid"),
+    (lambda: load_daemon_config(None, {"PEERD_DEPTH": "two"}, {}), "depth='two' is invalid"),
 ])
 def test_bad_depth_and_temperature_are_config_errors(make, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
