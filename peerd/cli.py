@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -27,12 +29,14 @@ from peerd.config import (
     ConfigError,
     DaemonConfig,
     SimConfig,
+    TrainConfig,
     daemon_options,
     load_daemon_config,
     option_flag,
     option_type,
     parse_mu,
     parse_option_text,
+    parse_overlap,
     parse_size,
     reference_table,
     required_type,
@@ -43,7 +47,7 @@ from peerd.net.codec import WireError
 from peerd.plan import PLANNERS
 from peerd.progress import ProgressLine
 from peerd.report import add_report_parser
-from peerd.tasks import TASKS
+from peerd.tasks import TASKS, get_task
 
 
 def _mu(text: str) -> tuple[float, ...]:
@@ -76,7 +80,50 @@ def _add_sim(commands: argparse._SubParsersAction) -> None:
     sim.add_argument("--eval-samples", type=int, default=None,
                      help="global test samples per evaluation (default: the task's)")
     sim.add_argument("--quiet", action="store_true", help="no progress line")
+    add_msfusion_options(sim)
     sim.set_defaults(func=_sim)
+
+
+def _overlap(text: str) -> str:
+    try:
+        parse_overlap(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be a positive number")
+    return value
+
+
+def add_msfusion_options(parser: argparse.ArgumentParser) -> None:
+    """The contrastive term and the overlap schedule (docs/ALGORITHM.md)."""
+    train = TrainConfig()
+    parser.add_argument("--contrastive", action=argparse.BooleanOptionalAction,
+                        default=train.contrastive,
+                        help="MOON-style model-contrastive term (default: off)")
+    parser.add_argument("--contrastive-weight", type=_positive_float,
+                        default=train.contrastive_weight, metavar="LAMBDA",
+                        help="weight of the contrastive term (default: %(default)s)")
+    parser.add_argument("--contrastive-tau", type=_positive_float,
+                        default=train.contrastive_tau, metavar="TAU",
+                        help="temperature of the contrastive term (default: %(default)s)")
+    parser.add_argument("--overlap", type=_overlap, default=SimConfig().overlap,
+                        metavar="static|decay:H",
+                        help="msfusion's overlap schedule (default: %(default)s)")
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The task's training defaults with the contrastive options of the command line."""
+    return dataclasses.replace(
+        get_task(args.task).train, contrastive=args.contrastive,
+        contrastive_weight=args.contrastive_weight, contrastive_tau=args.contrastive_tau)
 
 
 def _mu_or_auto(text: str) -> tuple[float, ...] | str:
@@ -246,6 +293,7 @@ def _sim(args: argparse.Namespace) -> int:
         task=args.task, rounds=args.rounds, seed=args.seed, partition=args.partition,
         data_dir=args.data_dir, out=args.out, eval_every=args.eval_every,
         eval_samples=args.eval_samples, wire_dtype=args.wire_dtype,
+        train=train_config(args), overlap=args.overlap,
     )
     progress = ProgressLine(enabled=not args.quiet)
     records = run(config, _progress_printer(progress, config.rounds))

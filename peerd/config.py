@@ -39,6 +39,7 @@ def parse_size(text: str, name: str = "size") -> int:
 
 # Precisions for the exchanged values (`wire_dtype`): halving the bytes costs rounding.
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
+STATIC_OVERLAP = "static"
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class TrainConfig:
     local_epochs: int = 1
     max_local_steps: int | None = None  # caps a round's steps on large shards
     grad_clip: float | None = None  # max gradient norm; transformers diverge without it
+    # MOON-style model-contrastive term (docs/ALGORITHM.md): weight and temperature.
+    contrastive: bool = False
+    contrastive_weight: float = 1.0
+    contrastive_tau: float = 0.5
 
     def __post_init__(self) -> None:
         _require(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a positive number")
@@ -67,6 +72,10 @@ class TrainConfig:
             self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip,
             "a positive number or unset",
         )
+        _require(self.contrastive_weight >= 0 and math.isfinite(self.contrastive_weight),
+                 "contrastive_weight", self.contrastive_weight, "a number >= 0")
+        _require(self.contrastive_tau > 0 and math.isfinite(self.contrastive_tau),
+                 "contrastive_tau", self.contrastive_tau, "a positive number")
 
 
 @dataclass(frozen=True)
@@ -85,9 +94,11 @@ class SimConfig:
     eval_samples: int | None = None  # global test samples per evaluation; None: the task default
     train: TrainConfig | None = None  # None: the task's defaults (peerd/tasks.py)
     wire_dtype: str = "float32"
+    overlap: str = STATIC_OVERLAP  # msfusion's overlap schedule: static or decay:H (peerd/plan.py)
 
     def __post_init__(self) -> None:
         _require(self.peers >= 1, "peers", self.peers, ">= 1")
+        parse_overlap(self.overlap)
         _require(self.wire_dtype in WIRE_DTYPES, "wire_dtype", self.wire_dtype,
                  f"one of {', '.join(WIRE_DTYPES)}")
         _require(self.rounds >= 1, "rounds", self.rounds, ">= 1")
@@ -102,6 +113,21 @@ class SimConfig:
 
     def peer_mu(self, position: int) -> float:
         return self.mu[position % len(self.mu)]
+
+
+def parse_overlap(schedule: str) -> float | None:
+    """msfusion's overlap schedule: None for `static`, the half-life in rounds of `decay:H`."""
+    if schedule == STATIC_OVERLAP:
+        return None
+    kind, _, halflife = schedule.partition(":")
+    try:
+        value = float(halflife)
+    except ValueError:
+        value = math.nan
+    if kind != "decay" or not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"overlap={schedule!r} is invalid: must be {STATIC_OVERLAP} or "
+                          "decay:H with H > 0 rounds, e.g. decay:10")
+    return value
 
 
 def _require(condition: bool, option: str, value: object, allowed: str) -> None:

@@ -48,7 +48,7 @@ def build(config: SimConfig) -> Simulation:
     data = load_task_data(config.task, config.data_dir, block_size=BLOCK_SIZE)
     spec = task.model(data)
     train = config.train if config.train is not None else task.train
-    planner = make_planner(config.method, config.seed)
+    planner = make_planner(config.method, config.seed, config.overlap)
     topology = load_topology(config.topology)
     initial = init_params(spec, config.seed)
     shards = partition(data.train, config.peers, config.partition, config.seed)

@@ -98,8 +98,11 @@ class ResNetCNN(nn.Module):
         """Penultimate representation (pooled channels), used by representation losses."""
         return self.blocks(self.stem(x)).mean(dim=(2, 3))
 
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.logits(self.features(x))
 
 
 class CNNSpec:

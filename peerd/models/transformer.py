@@ -122,9 +122,12 @@ class TransformerLM(nn.Module):
             x = block(x)
         return self.ln_f(x)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
         # The LM head is tied to the token embedding, as in GPT-2.
-        return F.linear(self.features(tokens) * self.head_scale, self.wte.weight)
+        return F.linear(features * self.head_scale, self.wte.weight)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.features(tokens))
 
 
 class TransformerSpec:
