@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 
 from peerd import __version__
+from peerd.bench.accuracy import add_accuracy_parser
 from peerd.bench.compute import add_compute_parser
 from peerd.bench.exchange import add_exchange_parser
 from peerd.bench.scale import add_scale_parser
@@ -282,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compute_parser(benchmarks)
     add_scale_parser(benchmarks)
     add_stragglers_parser(benchmarks)
+    add_accuracy_parser(benchmarks)
     return parser
 
 

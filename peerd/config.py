@@ -95,10 +95,15 @@ class SimConfig:
     train: TrainConfig | None = None  # None: the task's defaults (peerd/tasks.py)
     wire_dtype: str = "float32"
     overlap: str = STATIC_OVERLAP  # msfusion's overlap schedule: static or decay:H (peerd/plan.py)
+    # Each peer's mean shard: the training set is first cut to a seeded peers x shard_size
+    # samples (benchmarks of scale: the same data per peer whatever the peer count).
+    shard_size: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.peers >= 1, "peers", self.peers, ">= 1")
         parse_overlap(self.overlap)
+        _require(self.shard_size is None or self.shard_size >= 2, "shard_size", self.shard_size,
+                 ">= 2 or unset")
         _require(self.wire_dtype in WIRE_DTYPES, "wire_dtype", self.wire_dtype,
                  f"one of {', '.join(WIRE_DTYPES)}")
         _require(self.rounds >= 1, "rounds", self.rounds, ">= 1")
