@@ -18,6 +18,7 @@ from peerd import __version__
 from peerd.bench.accuracy import add_accuracy_parser
 from peerd.bench.compute import add_compute_parser
 from peerd.bench.exchange import add_exchange_parser
+from peerd.bench.processes import partition_arg
 from peerd.bench.scale import add_scale_parser
 from peerd.bench.stragglers import add_stragglers_parser
 from peerd.bench.wire import add_wire_parser
@@ -43,7 +44,6 @@ from peerd.config import (
     required_type,
 )
 from peerd.data import DatasetMissing
-from peerd.data.partition import parse_partition
 from peerd.net.codec import WireError
 from peerd.plan import PLANNERS
 from peerd.progress import ProgressLine
@@ -56,14 +56,6 @@ def _mu(text: str) -> tuple[float, ...]:
         return parse_mu(text)
     except ConfigError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _partition(text: str) -> str:
-    try:
-        parse_partition(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
 
 
 def _add_sim(commands: argparse._SubParsersAction) -> None:
@@ -149,7 +141,7 @@ def _add_learning_options(parser: argparse.ArgumentParser, measured_mu: bool) ->
                             help="width ratio: one value, or one per peer (cycled)")
     parser.add_argument("--task", choices=sorted(TASKS), default="digits")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--partition", type=_partition, default="iid",
+    parser.add_argument("--partition", type=partition_arg, default="iid",
                         metavar="iid|dirichlet:ALPHA|natural")
     parser.add_argument("--data-dir", default=None, help="your own copy of the task's data")
     parser.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="float32",

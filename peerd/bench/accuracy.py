@@ -31,9 +31,8 @@ from pathlib import Path
 
 import torch
 
-from peerd.bench.processes import positive_int
+from peerd.bench.processes import partition_arg, positive_int
 from peerd.config import STATIC_OVERLAP, SimConfig, TrainConfig
-from peerd.data.partition import parse_partition
 from peerd.plots import plot_series
 from peerd.sim import run
 from peerd.tasks import get_task
@@ -313,14 +312,6 @@ def _seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def _partition(text: str) -> str:
-    try:
-        parse_partition(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
-
-
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -353,7 +344,7 @@ def add_accuracy_parser(subparsers: argparse._SubParsersAction) -> None:
                           help="mean training samples per peer (default: 1000; --quick: 24)")
     accuracy.add_argument("--peers", type=positive_int, default=8,
                           help="peers of every table but b (default: %(default)s)")
-    accuracy.add_argument("--partition", type=_partition, default="dirichlet:0.5",
+    accuracy.add_argument("--partition", type=partition_arg, default="dirichlet:0.5",
                           help="how shards are drawn (default: %(default)s)")
     accuracy.add_argument("--eval-every", type=positive_int, default=None,
                           help="evaluate the assembled model every K rounds (default: 1)")
