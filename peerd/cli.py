@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -13,9 +15,11 @@ from pathlib import Path
 import grpc
 
 from peerd import __version__
+from peerd.bench.accuracy import add_accuracy_parser
 from peerd.bench.compute import add_compute_parser
 from peerd.bench.exchange import add_exchange_parser
 from peerd.bench.memory import add_memory_parser
+from peerd.bench.processes import partition_arg
 from peerd.bench.scale import add_scale_parser
 from peerd.bench.stragglers import add_stragglers_parser
 from peerd.bench.wire import add_wire_parser
@@ -28,6 +32,7 @@ from peerd.config import (
     ConfigError,
     DaemonConfig,
     SimConfig,
+    TrainConfig,
     check_depth,
     daemon_options,
     load_daemon_config,
@@ -36,17 +41,17 @@ from peerd.config import (
     parse_depth,
     parse_mu,
     parse_option_text,
+    parse_overlap,
     parse_size,
     reference_table,
     required_type,
 )
 from peerd.data import DatasetMissing
-from peerd.data.partition import parse_partition
 from peerd.net.codec import WireError
 from peerd.plan import PLANNERS
 from peerd.progress import ProgressLine
 from peerd.report import add_report_parser
-from peerd.tasks import TASKS
+from peerd.tasks import TASKS, get_task
 
 
 def _mu(text: str) -> tuple[float, ...]:
@@ -61,14 +66,6 @@ def _depth(text: str) -> tuple[int, ...]:
         return parse_depth(text)
     except ConfigError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _partition(text: str) -> str:
-    try:
-        parse_partition(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
 
 
 def _add_sim(commands: argparse._SubParsersAction) -> None:
@@ -86,7 +83,50 @@ def _add_sim(commands: argparse._SubParsersAction) -> None:
     sim.add_argument("--eval-samples", type=int, default=None,
                      help="global test samples per evaluation (default: the task's)")
     sim.add_argument("--quiet", action="store_true", help="no progress line")
+    add_msfusion_options(sim)
     sim.set_defaults(func=_sim)
+
+
+def _overlap(text: str) -> str:
+    try:
+        parse_overlap(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be a positive number")
+    return value
+
+
+def add_msfusion_options(parser: argparse.ArgumentParser) -> None:
+    """The contrastive term and the overlap schedule (docs/ALGORITHM.md)."""
+    train = TrainConfig()
+    parser.add_argument("--contrastive", action=argparse.BooleanOptionalAction,
+                        default=train.contrastive,
+                        help="MOON-style model-contrastive term (default: off)")
+    parser.add_argument("--contrastive-weight", type=_positive_float,
+                        default=train.contrastive_weight, metavar="LAMBDA",
+                        help="weight of the contrastive term (default: %(default)s)")
+    parser.add_argument("--contrastive-tau", type=_positive_float,
+                        default=train.contrastive_tau, metavar="TAU",
+                        help="temperature of the contrastive term (default: %(default)s)")
+    parser.add_argument("--overlap", type=_overlap, default=SimConfig().overlap,
+                        metavar="static|decay:H",
+                        help="msfusion's overlap schedule (default: %(default)s)")
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The task's training defaults with the contrastive options of the command line."""
+    return dataclasses.replace(
+        get_task(args.task).train, contrastive=args.contrastive,
+        contrastive_weight=args.contrastive_weight, contrastive_tau=args.contrastive_tau)
 
 
 def _mu_or_auto(text: str) -> tuple[float, ...] | str:
@@ -111,7 +151,7 @@ def _add_learning_options(parser: argparse.ArgumentParser, measured_mu: bool) ->
                             help="width ratio: one value, or one per peer (cycled)")
     parser.add_argument("--task", choices=sorted(TASKS), default="digits")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--partition", type=_partition, default="iid",
+    parser.add_argument("--partition", type=partition_arg, default="iid",
                         metavar="iid|dirichlet:ALPHA|natural")
     parser.add_argument("--data-dir", default=None, help="your own copy of the task's data")
     parser.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="float32",
@@ -258,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_scale_parser(benchmarks)
     add_stragglers_parser(benchmarks)
     add_memory_parser(benchmarks)
+    add_accuracy_parser(benchmarks)
     return parser
 
 
@@ -270,6 +311,7 @@ def _sim(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, out=args.out, eval_every=args.eval_every,
         eval_samples=args.eval_samples, wire_dtype=args.wire_dtype, depth=args.depth,
         early_exits=args.early_exits, distill_temperature=_temperature(args),
+        train=train_config(args), overlap=args.overlap,
     )
     progress = ProgressLine(enabled=not args.quiet)
     records = run(config, _progress_printer(progress, config.rounds))

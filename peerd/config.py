@@ -39,6 +39,7 @@ def parse_size(text: str, name: str = "size") -> int:
 
 # Precisions for the exchanged values (`wire_dtype`): halving the bytes costs rounding.
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
+STATIC_OVERLAP = "static"
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,10 @@ class TrainConfig:
     grad_clip: float | None = None  # max gradient norm; transformers diverge without it
     early_exits: bool = False  # an exit head per block (depth pruning); CE on every exit
     distill_temperature: float | None = 3.0  # early exits: T of self-distillation; None: off
+    # MOON-style model-contrastive term (docs/ALGORITHM.md): weight and temperature.
+    contrastive: bool = False
+    contrastive_weight: float = 1.0
+    contrastive_tau: float = 0.5
 
     def __post_init__(self) -> None:
         _require(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a positive number")
@@ -74,6 +79,15 @@ class TrainConfig:
                 self.distill_temperature > 0 and math.isfinite(self.distill_temperature)),
             "distill_temperature", self.distill_temperature, "a positive number or unset",
         )
+        _require(self.contrastive_weight >= 0 and math.isfinite(self.contrastive_weight),
+                 "contrastive_weight", self.contrastive_weight, "a number >= 0")
+        _require(self.contrastive_tau > 0 and math.isfinite(self.contrastive_tau),
+                 "contrastive_tau", self.contrastive_tau, "a positive number")
+        if self.contrastive and self.early_exits:
+            # The contrastive term reads one representation per sample; with early exits it
+            # would have to choose an exit (docs/ALGORITHM.md: not combined yet).
+            raise ConfigError("contrastive=True is invalid with early_exits=True: the "
+                              "contrastive term is not combined with early exits")
 
 
 @dataclass(frozen=True)
@@ -95,9 +109,16 @@ class SimConfig:
     depth: tuple[int, ...] | None = None  # blocks kept, one for all or per peer (cycled)
     early_exits: bool = False  # overrides the train config's: an exit head per block
     distill_temperature: float | None = 3.0  # with early exits; None: CE on every exit only
+    overlap: str = STATIC_OVERLAP  # msfusion's overlap schedule: static or decay:H (peerd/plan.py)
+    # Each peer's mean shard: the training set is first cut to a seeded peers x shard_size
+    # samples (benchmarks of scale: the same data per peer whatever the peer count).
+    shard_size: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.peers >= 1, "peers", self.peers, ">= 1")
+        parse_overlap(self.overlap)
+        _require(self.shard_size is None or self.shard_size >= 2, "shard_size", self.shard_size,
+                 ">= 2 or unset")
         _require(self.wire_dtype in WIRE_DTYPES, "wire_dtype", self.wire_dtype,
                  f"one of {', '.join(WIRE_DTYPES)}")
         _require(self.rounds >= 1, "rounds", self.rounds, ">= 1")
@@ -141,6 +162,21 @@ def parse_depth(text: str) -> tuple[int, ...]:
         raise ConfigError(f"depth={text!r} is invalid: give an integer or a comma list") from None
     check_depth(values, early_exits=True)
     return values
+
+
+def parse_overlap(schedule: str) -> float | None:
+    """msfusion's overlap schedule: None for `static`, the half-life in rounds of `decay:H`."""
+    if schedule == STATIC_OVERLAP:
+        return None
+    kind, _, halflife = schedule.partition(":")
+    try:
+        value = float(halflife)
+    except ValueError:
+        value = math.nan
+    if kind != "decay" or not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"overlap={schedule!r} is invalid: must be {STATIC_OVERLAP} or "
+                          "decay:H with H > 0 rounds, e.g. decay:10")
+    return value
 
 
 def _require(condition: bool, option: str, value: object, allowed: str) -> None:

@@ -8,7 +8,7 @@ function of its parameters, its data, the seed and the round.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +19,7 @@ from peerd.aggregate import Arrival, exchange_count, merge, outbox, staleness_we
 from peerd.config import TrainConfig
 from peerd.data import Split
 from peerd.evaluate import Evaluation, evaluate
-from peerd.losses import early_exit_loss, task_loss
+from peerd.losses import ModelContrastive, early_exit_loss, task_loss
 from peerd.models.base import ModelSpec, Plan, plan_depth, plan_units
 from peerd.numerics import all_finite
 from peerd.plan import Member, Planner, Plans
@@ -55,12 +55,20 @@ def model_loss(kind: str, config: TrainConfig, module: nn.Module, inputs: torch.
     return early_exit_loss(kind, exits, targets, config.distill_temperature)
 
 
+# A training objective other than the model loss: (module, inputs, targets) -> loss.
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def train_step(
     kind: str, config: TrainConfig, module: nn.Module, optimizer: torch.optim.Optimizer,
     inputs: torch.Tensor, targets: torch.Tensor, frozen_blocks: int = 0,
+    objective: Objective | None = None,
 ) -> float:
     """One SGD step of local training; the batch's loss."""
-    loss = model_loss(kind, config, module, inputs, targets, frozen_blocks)
+    if objective is None:
+        loss = model_loss(kind, config, module, inputs, targets, frozen_blocks)
+    else:
+        loss = objective(module, inputs, targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if config.grad_clip is not None:
@@ -101,10 +109,12 @@ class TrainStats:
     samples: int
     steps: int
     forward_flops_per_sample: int
+    frozen_forwards: int = 0  # extra no-grad forwards per sample (the contrastive term's)
 
     @property
     def train_flops(self) -> int:
-        return TRAIN_FLOPS_PER_FORWARD * self.forward_flops_per_sample * self.samples
+        forwards = TRAIN_FLOPS_PER_FORWARD + self.frozen_forwards
+        return forwards * self.forward_flops_per_sample * self.samples
 
 
 class Engine:
@@ -128,6 +138,8 @@ class Engine:
         # The shallowest kept blocks this peer does not train (short of memory); see
         # freeze_shallowest.
         self.frozen_blocks = frozen_blocks
+        # The parameters right after the last round's local training (contrastive term only).
+        self.after_training: Params | None = None
 
     @property
     def weight(self) -> float:
@@ -165,6 +177,7 @@ class Engine:
                                  f"exits and more kept blocks (depth {depth})")
             freeze_shallowest(self.spec, module, self.frozen_blocks)
         optimizer = sgd(module, config)
+        objective = self._contrastive_objective(plan)
         loss_sum, samples, steps = 0.0, 0, 0
         for epoch in range(config.local_epochs):
             order = self._batch_order(ctx.round_index * config.local_epochs + epoch)
@@ -174,14 +187,30 @@ class Engine:
                 batch = order[start:start + config.batch_size]
                 loss = train_step(self.spec.kind, config, module, optimizer,
                                   self.train_split.inputs[batch], self.train_split.targets[batch],
-                                  self.frozen_blocks)
+                                  self.frozen_blocks, objective)
                 loss_sum += loss * len(batch)
                 samples += len(batch)
                 steps += 1
         write_back(self.spec, self.params, plan, module)
+        if config.contrastive:
+            self.after_training = {name: t.clone() for name, t in self.params.items()}
         return TrainStats(
             loss=loss_sum / max(samples, 1), samples=samples, steps=steps,
             forward_flops_per_sample=forward_flops_per_sample(self.spec, plan_units(plan)),
+            frozen_forwards=0 if objective is None else ModelContrastive.frozen_forwards,
+        )
+
+    def _contrastive_objective(self, plan: Plan) -> ModelContrastive | None:
+        """The contrastive term's objective: this round's plan cut from the post-aggregation
+        parameters and from those right after the last round's training. None when it is off,
+        and in a peer's first round (no previous local model yet)."""
+        config = self.train_config
+        if not config.contrastive or self.after_training is None:
+            return None
+        return ModelContrastive(
+            self.spec.kind, extract(self.spec, self.params, plan),
+            extract(self.spec, self.after_training, plan), config.contrastive_weight,
+            config.contrastive_tau,
         )
 
     def outbox(self, ctx: RoundContext) -> list[SliceMessage]:

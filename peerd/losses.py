@@ -43,3 +43,48 @@ def early_exit_loss(kind: str, exit_logits: Sequence[torch.Tensor], targets: tor
         loss = loss + temperature**2 * F.kl_div(student, teacher, reduction="batchmean",
                                                 log_target=True)
     return loss
+
+
+# ---- model-contrastive term (MOON-style) -------------------------------------------------------
+
+
+def representation(features: torch.Tensor) -> torch.Tensor:
+    """One vector per sample: the CNN's pooled features as they are, the transformer's final
+    hidden states [batch, steps, d] averaged over positions."""
+    return features.mean(dim=1) if features.dim() == 3 else features
+
+
+def contrastive_loss(
+    local: torch.Tensor, aggregated: torch.Tensor, previous: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """-log(e^{cos(z, z_agg)/tau} / (e^{cos(z, z_agg)/tau} + e^{cos(z, z_prev)/tau})), batch mean:
+    pulls z toward the post-aggregation representation, pushes it from the previous one."""
+    positive = F.cosine_similarity(local, aggregated, dim=-1) / tau
+    negative = F.cosine_similarity(local, previous, dim=-1) / tau
+    logits = torch.stack([positive, negative], dim=-1)
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long))
+
+
+class ModelContrastive:
+    """The training objective with the contrastive term: task loss + weight * contrastive loss.
+    `aggregated` and `previous` are frozen sub-models of the same plan as the trained one."""
+
+    # Forwards per sample besides the trained module's: the two frozen representations.
+    frozen_forwards = 2
+
+    def __init__(self, kind: str, aggregated: torch.nn.Module, previous: torch.nn.Module,
+                 weight: float, tau: float) -> None:
+        self.kind = kind
+        self.aggregated = aggregated.eval().requires_grad_(False)
+        self.previous = previous.eval().requires_grad_(False)
+        self.weight = weight
+        self.tau = tau
+
+    def __call__(self, module: torch.nn.Module, inputs: torch.Tensor,
+                 targets: torch.Tensor) -> torch.Tensor:
+        features = module.features(inputs)
+        with torch.no_grad():
+            aggregated = representation(self.aggregated.features(inputs))
+            previous = representation(self.previous.features(inputs))
+        contrast = contrastive_loss(representation(features), aggregated, previous, self.tau)
+        return task_loss(self.kind, module.logits(features), targets) + self.weight * contrast

@@ -94,9 +94,11 @@ class MetricsLog:
         self.records.append(record)
         return record
 
-    def close(self, title: str) -> None:
+    def close(self, title: str | None) -> None:
+        """Closes metrics.jsonl; plots curves.png unless `title` is None (no plot wanted)."""
         self._file.close()
-        plot_curves(self.records, self.out / "curves.png", title)
+        if title is not None:
+            plot_curves(self.records, self.out / "curves.png", title)
 
 
 def run_title(method: str, mu: Sequence[float], task: str, peers: int) -> str:

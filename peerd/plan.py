@@ -9,7 +9,8 @@ member's index in that order is its *position*.
   windows cover every unit whenever the widths add up to K) and rotate by zeta units a round
   (shift across rounds). Each group is also rotated by its own seeded offset every round; without
   it, windows aligned across layers of equal width would only ever train a diagonal band of each
-  weight matrix (DESIGN invariant 3).
+  weight matrix (DESIGN invariant 3). When the widths add up to more than K, the overlap
+  schedule sets how far apart the windows are spread (docs/ALGORITHM.md, adaptive overlap).
 - fedrolex: one rolling window, the same for every member and every layer.
 - heterofl: a static prefix of each group.
 - fd: Federated Dropout, a fresh random subset per member per round.
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from peerd.config import STATIC_OVERLAP, parse_overlap
 from peerd.models.base import DEPTH, Plan, UnitGroup
 
 
@@ -122,19 +124,42 @@ class Planner(ABC):
         """Sorted unit indices of one group for each member, in position order."""
 
 
+_LEVEL_DENOMINATOR = 1 << 20  # overlap levels are exact fractions of this
+
+
+def overlap_level(schedule: str, round_index: int) -> float:
+    """How much of the surplus width W - K overlaps neighbouring windows in a round, in [0, 1]:
+    1 spreads the windows evenly around the ring (each overlaps its neighbours by the most that
+    an even spread allows), 0 lays them edge to edge. `static` is 1 in every round;
+    `decay:H` halves every H rounds (more overlap early, for consensus; less later)."""
+    halflife = parse_overlap(schedule)
+    return 1.0 if halflife is None else 0.5 ** (round_index / halflife)
+
+
 class MSFusionPlanner(Planner):
     name = "msfusion"
 
-    def __init__(self, seed: int, zeta: int = 1, decorrelate_groups: bool = True) -> None:
+    def __init__(self, seed: int, zeta: int = 1, decorrelate_groups: bool = True,
+                 overlap: str = STATIC_OVERLAP) -> None:
         super().__init__(seed)
         self.zeta = zeta
         self.decorrelate_groups = decorrelate_groups
+        parse_overlap(overlap)  # refuse a bad schedule now, not in some later round
+        self.overlap = overlap
 
-    def window_starts(self, widths: Sequence[int], units: int) -> list[int]:
-        """Starts spaced in proportion to the widths: the gap after a window never exceeds it."""
+    def window_starts(self, widths: Sequence[int], units: int, level: float = 1.0) -> list[int]:
+        """Starts at stride s * (widths so far), s = 1 - level * (1 - K / W), s in [K/W, 1]:
+        level 1 spaces them in proportion to the widths over the whole ring, level 0 edge to
+        edge. The gap after a window never exceeds it and s * W >= K, so the windows cover
+        every unit when W >= K. Integer arithmetic: level 1 gives floor(K * c / W) exactly.
+        When W <= K the windows are disjoint at any level, spaced in proportion to the widths."""
         total = sum(widths)
         cumulative = np.concatenate([[0], np.cumsum(widths)[:-1]])
-        return [int(units * c // total) for c in cumulative]
+        if total <= units:  # nothing to overlap: disjoint windows spread over the ring
+            return [int(units * c // total) for c in cumulative]
+        level_num = round(level * _LEVEL_DENOMINATOR)
+        stride_num = total * _LEVEL_DENOMINATOR - level_num * (total - units)
+        return [int(c) * stride_num // (total * _LEVEL_DENOMINATOR) for c in cumulative]
 
     def group_offset(self, round_index: int, group: UnitGroup) -> int:
         offset = self.zeta * round_index
@@ -148,7 +173,8 @@ class MSFusionPlanner(Planner):
     ) -> list[torch.Tensor]:
         widths = [window_width(member.mu, group.units) for member in members]
         offset = self.group_offset(round_index, group)
-        starts = self.window_starts(widths, group.units)
+        starts = self.window_starts(widths, group.units,
+                                    overlap_level(self.overlap, round_index))
         return [
             _window(start + offset, width, group.units)
             for start, width in zip(starts, widths, strict=True)
@@ -206,7 +232,10 @@ PLANNERS: dict[str, type[Planner]] = {
 }
 
 
-def make_planner(method: str, seed: int) -> Planner:
+def make_planner(method: str, seed: int, overlap: str = STATIC_OVERLAP) -> Planner:
+    """The planner of `method`; `overlap` is msfusion's overlap schedule."""
+    if method == MSFusionPlanner.name:
+        return MSFusionPlanner(seed, overlap=overlap)
     try:
         return PLANNERS[method](seed)
     except KeyError:

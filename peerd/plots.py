@@ -33,3 +33,23 @@ def plot_curves(records: Sequence[dict], path: Path, title: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def plot_series(
+    series: dict[str, Sequence[tuple[float, float]]], path: Path, title: str, xlabel: str,
+    ylabel: str, log_x: bool = False,
+) -> None:
+    """One line per label through its (x, y) points: a benchmark's curves side by side."""
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for label, points in series.items():
+        axis.plot([x for x, _ in points], [y for _, y in points], marker=".", label=label)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    if log_x:
+        axis.set_xscale("log")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small")
+    axis.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -14,9 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from peerd.config import SimConfig, check_depth
+import numpy as np
+
+from peerd.config import ConfigError, SimConfig, check_depth
 from peerd.coverage import CoverageTracker
-from peerd.data import TaskData, load_task_data, local_train_test, partition
+from peerd.data import Split, TaskData, load_task_data, local_train_test, partition
 from peerd.engine import Engine, RoundContext, TrainStats
 from peerd.metrics import MetricsLog, PeerRound, evaluate_global, local_figures, run_title
 from peerd.models.base import DEPTH, ModelSpec, full_units
@@ -52,10 +54,11 @@ def build(config: SimConfig) -> Simulation:
     train = replace(config.train if config.train is not None else task.train,
                     early_exits=config.early_exits,
                     distill_temperature=config.distill_temperature)
-    planner = make_planner(config.method, config.seed)
+    planner = make_planner(config.method, config.seed, config.overlap)
     topology = load_topology(config.topology)
     initial = init_params(spec, config.seed)
-    shards = partition(data.train, config.peers, config.partition, config.seed)
+    train_set = _training_set(data, config)
+    shards = partition(train_set, config.peers, config.partition, config.seed)
     members, engines = [], []
     for position, shard in enumerate(shards):
         peer_id = peer_name(position)
@@ -63,12 +66,26 @@ def build(config: SimConfig) -> Simulation:
         members.append(Member(peer_id, config.peer_mu(position), config.peer_depth(position)))
         engines.append(Engine(
             peer_id, spec, {name: t.clone() for name, t in initial.items()},
-            data.train.subset(local_train), data.train.subset(local_test), planner, topology,
+            train_set.subset(local_train), train_set.subset(local_test), planner, topology,
             train, config.seed, config.wire_dtype,
         ))
     eval_samples = config.eval_samples if config.eval_samples is not None else task.eval_samples
     return Simulation(config, data, spec, engines, members, InMemoryTransport(),
                       CoverageTracker(spec, initial), eval_samples)
+
+
+def _training_set(data: TaskData, config: SimConfig) -> Split:
+    """All the task's training data, or a seeded peers x shard_size of it."""
+    if config.shard_size is None:
+        return data.train
+    wanted = config.peers * config.shard_size
+    if wanted > len(data.train):
+        raise ConfigError(
+            f"shard_size={config.shard_size} is invalid: {config.peers} peers x "
+            f"{config.shard_size} exceeds the {len(data.train)} training samples of "
+            f"{config.task}")
+    order = np.random.default_rng(config.seed).permutation(len(data.train))
+    return data.train.subset(np.sort(order[:wanted]))
 
 
 def run_round(sim: Simulation, round_index: int) -> tuple[list[RoundContext], list[TrainStats]]:
@@ -91,7 +108,9 @@ def evaluate_round(sim: Simulation, contexts: list[RoundContext]) -> dict[str, f
     return {**figures, **local_figures(sim.spec, local)}
 
 
-def run(config: SimConfig, on_round: Callable[[dict], None] | None = None) -> list[dict]:
+def run(config: SimConfig, on_round: Callable[[dict], None] | None = None,
+        plot: bool = True) -> list[dict]:
+    """Runs every round; `plot` False leaves out OUT/curves.png (benchmarks plot their own)."""
     sim = build(config)
     identity = {
         "task": config.task, "method": config.method, "topology": config.topology,
@@ -118,5 +137,5 @@ def run(config: SimConfig, on_round: Callable[[dict], None] | None = None) -> li
                             time.monotonic() - started)
         if on_round is not None:
             on_round(record)
-    log.close(run_title(config.method, config.mu, config.task, config.peers))
+    log.close(run_title(config.method, config.mu, config.task, config.peers) if plot else None)
     return log.records

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import uvloop
 
 from peerd.allocator import keep_freed_memory
+from peerd.data.partition import parse_partition
 
 # Child start-up (imports, generating parameters) bounds the first wait, so a hung child fails
 # the run instead of hanging it.
@@ -144,3 +145,12 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value
+
+
+def partition_arg(text: str) -> str:
+    """A --partition value (iid, dirichlet:ALPHA, natural), checked as an argument type."""
+    try:
+        parse_partition(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text

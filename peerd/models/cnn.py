@@ -121,9 +121,13 @@ class ResNetCNN(nn.Module):
         """Penultimate representation (pooled channels), used by representation losses."""
         return self.blocks(self.stem(x)).mean(dim=(2, 3))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The deepest kept exit's classes (the model's output) from `features`."""
         classifier = self.exits[-1] if self.early_exits else self.head
-        return classifier(self.features(x))
+        return classifier(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.features(x))
 
     def forward_exits(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every kept exit, shallowest first (early exits only)."""

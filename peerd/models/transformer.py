@@ -136,12 +136,12 @@ class TransformerLM(nn.Module):
             x = block(x)
         return self.exits[-1](x) if self.early_exits else self.ln_f(x)
 
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
         # The LM head is tied to the token embedding, as in GPT-2.
-        return F.linear(hidden * self.head_scale, self.wte.weight)
+        return F.linear(features * self.head_scale, self.wte.weight)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._head(self.features(tokens))
+        return self.logits(self.features(tokens))
 
     def forward_exits(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every kept exit, shallowest first (early exits only)."""
@@ -149,7 +149,7 @@ class TransformerLM(nn.Module):
         x = self._embed(tokens)
         for block, norm in zip(self.blocks, self.exits, strict=True):
             x = block(x)
-            logits.append(self._head(norm(x)))
+            logits.append(self.logits(norm(x)))
         return logits
 
 
