@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 
 from peerd import __version__
+from peerd.bench.capacity import add_capacity_parser
 from peerd.bench.compute import add_compute_parser
 from peerd.bench.exchange import add_exchange_parser
 from peerd.bench.scale import add_scale_parser
@@ -235,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compute_parser(benchmarks)
     add_scale_parser(benchmarks)
     add_stragglers_parser(benchmarks)
+    add_capacity_parser(benchmarks)
     return parser
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -29,6 +29,22 @@ def plot_curves(records: Sequence[dict], path: Path, title: str) -> None:
         axis.grid(alpha=0.3)
         if metric == "global_ppl":
             axis.set_yscale("log")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_series(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: Path,
+                xlabel: str, ylabel: str, title: str) -> None:
+    """Several named curves on one axis (benchmarks comparing configurations)."""
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, (xs, ys) in series.items():
+        axis.plot(xs, ys, marker=".", label=name)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.grid(alpha=0.3)
+    axis.legend()
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
