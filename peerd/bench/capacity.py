@@ -52,7 +52,7 @@ FLOPS_TOLERANCE = 0.05  # a pair's planned total-FLOPs ratio must be within 1 +-
 FINAL_ROUNDS = 5  # "final" accuracy: mean over this many last evaluated rounds
 DEFAULT_ROUNDS = 40
 DEFAULT_SEEDS = (0, 1, 2)
-QUICK_ROUNDS = 2
+QUICK_ROUNDS = 1
 QUICK_LOCAL_EPOCHS = 1
 
 
