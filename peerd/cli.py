@@ -16,6 +16,7 @@ import grpc
 
 from peerd import __version__
 from peerd.bench.accuracy import add_accuracy_parser
+from peerd.bench.capacity import add_capacity_parser
 from peerd.bench.compute import add_compute_parser
 from peerd.bench.exchange import add_exchange_parser
 from peerd.bench.memory import add_memory_parser
@@ -299,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_stragglers_parser(benchmarks)
     add_memory_parser(benchmarks)
     add_accuracy_parser(benchmarks)
+    add_capacity_parser(benchmarks)
     return parser
 
 

@@ -68,7 +68,7 @@ class MetricsLog:
 
     def record(
         self, round_number: int, peers: Sequence[PeerRound], coverage: float,
-        evaluation: Mapping[str, float] | None, wall_s: float,
+        evaluation: Mapping[str, float | list[float]] | None, wall_s: float,
     ) -> dict:
         sent = [p.bytes_sent_cum for p in peers]
         before = self._bytes_before or [0] * len(peers)
@@ -80,6 +80,8 @@ class MetricsLog:
                 p.forward_flops_per_sample for p in peers),
             "flops_per_sample_full": self.flops_full,
             "train_flops_cum_peer_mean": statistics.fmean(p.train_flops_cum for p in peers),
+            # by position: mixed-width clusters spend unequal compute per peer
+            "train_flops_cum_peer": [p.train_flops_cum for p in peers],
             "bytes_sent_peer_mean": statistics.fmean(
                 now - then for now, then in zip(sent, before, strict=True)),
             "bytes_sent_cum_peer_mean": statistics.fmean(sent),

@@ -100,12 +100,16 @@ def run_round(sim: Simulation, round_index: int) -> tuple[list[RoundContext], li
     return contexts, stats
 
 
-def evaluate_round(sim: Simulation, contexts: list[RoundContext]) -> dict[str, float]:
+def evaluate_round(
+    sim: Simulation, contexts: list[RoundContext],
+) -> dict[str, float | list[float]]:
     peer_params = {engine.peer_id: engine.params for engine in sim.engines}
     figures = evaluate_global(sim.spec, sim.data, peer_params, contexts[0].plans_now,
                               sim.eval_samples)
     local = [e.evaluate_local(ctx) for e, ctx in zip(sim.engines, contexts, strict=True)]
-    return {**figures, **local_figures(sim.spec, local)}
+    # Each peer's own accuracy by position, so that mixed-width runs can be split by width.
+    peer_acc = [e.accuracy for e in local]
+    return {**figures, **local_figures(sim.spec, local), "peer_acc": peer_acc}
 
 
 def run(config: SimConfig, on_round: Callable[[dict], None] | None = None,

@@ -1,0 +1,368 @@
+"""`peerd bench capacity`: a mixed-capacity cluster against homogeneous ones at the same total
+training compute (issue 5, benchmark c).
+
+Each pair sets a mixed-width cluster (a strong peer, middling ones, weak ones) beside a
+homogeneous cluster whose width is chosen so that the two spend, per round, the same training
+FLOPs in total: the sum over peers of forward_flops_per_sample at each peer's width (the
+msfusion planner's sub-model, as `peerd bench compute` builds it). The ratio is reported, as
+planned from the widths and as measured from the runs' cumulative training FLOPs.
+
+Every cluster is an in-process simulation (`peerd sim`'s engines over the in-memory transport),
+8 peers on a ring, one torch thread, iid shards: every peer holds the same amount of data, so
+the compute each spends is set by its width alone and the comparison is not mixed up with
+label skew. Per cluster and seed it keeps the assembled model's global accuracy and each
+peer's own accuracy (its sub-model on its own test split); "final" is the mean over the last
+rounds evaluated, which damps the round-to-round swing of a small model on a small task. A
+homogeneous cluster at the weakest width, not matched in compute, tells whether a weak peer
+gains from training beside strong ones.
+
+Runs are kept in OUT/runs/<cluster>-seed<N>/ (metrics.jsonl and the config that produced
+them); `--reuse` reads back any run whose config matches instead of training it again.
+OUT/capacity.json, OUT/capacity.md and OUT/capacity.png hold the results. `Variant` carries
+SimConfig fields applied to every cluster, so that other tables (depth, distillation on and
+off) can be produced by the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from peerd.bench.processes import BenchError, positive_int, print_result
+from peerd.config import SimConfig
+from peerd.data import load_task_data
+from peerd.models.base import ModelSpec, plan_units
+from peerd.plan import Member, make_planner
+from peerd.plots import plot_series
+from peerd.sim import run as run_sim
+from peerd.submodel import forward_flops_per_sample
+from peerd.tasks import BLOCK_SIZE, get_task
+
+PEERS = 8
+PARTITION = "iid"  # equal shards: a peer's compute depends on its width only
+METHOD = "msfusion"
+FLOPS_TOLERANCE = 0.05  # a pair's planned total-FLOPs ratio must be within 1 +- this
+FINAL_ROUNDS = 5  # "final" accuracy: mean over this many last evaluated rounds
+DEFAULT_ROUNDS = 40
+DEFAULT_SEEDS = (0, 1, 2)
+QUICK_ROUNDS = 1
+QUICK_LOCAL_EPOCHS = 1
+
+
+@dataclass(frozen=True)
+class Cluster:
+    name: str
+    mu: tuple[float, ...]  # one per peer
+
+    @property
+    def widths(self) -> list[float]:
+        return sorted(set(self.mu), reverse=True)
+
+
+@dataclass(frozen=True)
+class Pair:
+    mixed: Cluster
+    homogeneous: Cluster
+
+
+def _homogeneous(mu: float) -> Cluster:
+    return Cluster(f"homogeneous-{mu:g}", (mu,) * PEERS)
+
+
+PAIRS = (
+    Pair(Cluster("mixed-A", (0.5, 0.25, 0.25, 0.25, 0.125, 0.125, 0.125, 0.125)),
+         _homogeneous(0.25)),
+    Pair(Cluster("mixed-B", (1.0, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25)), _homogeneous(0.5)),
+)
+# The weak peers' cluster of their own kind: not matched in compute, a reference only.
+REFERENCES = (_homogeneous(0.125),)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """SimConfig fields applied to every cluster of a table (none: width only)."""
+
+    name: str = "width only"
+    overrides: Mapping[str, object] = field(default_factory=dict)
+
+
+# ---- compute per width --------------------------------------------------------------------------
+
+
+def width_flops(spec: ModelSpec, widths: Sequence[float]) -> dict[float, int]:
+    """Forward FLOPs per sample of the sub-model a peer of each width trains."""
+    planner = make_planner(METHOD, 0)
+    flops = {}
+    for mu in widths:
+        plan = planner.plan(0, [Member("peer", mu)], spec.groups)["peer"]
+        flops[mu] = forward_flops_per_sample(spec, plan_units(plan))
+    return flops
+
+
+def planned_ratio(pair: Pair, flops: Mapping[float, int]) -> float:
+    """The mixed cluster's total forward FLOPs per sample over the homogeneous one's."""
+    return sum(flops[mu] for mu in pair.mixed.mu) / sum(flops[mu] for mu in pair.homogeneous.mu)
+
+
+# ---- runs ---------------------------------------------------------------------------------------
+
+
+def _run_config(cluster: Cluster, seed: int, rounds: int, task: str, quick: bool,
+                variant: Variant, out: Path) -> SimConfig:
+    train = None
+    if quick:
+        train = dataclasses.replace(get_task(task).train, local_epochs=QUICK_LOCAL_EPOCHS)
+    config = SimConfig(peers=PEERS, method=METHOD, mu=cluster.mu, task=task, rounds=rounds,
+                       seed=seed, partition=PARTITION, train=train,
+                       out=str(out / "runs" / f"{cluster.name}-seed{seed}"))
+    return dataclasses.replace(config, **variant.overrides)
+
+
+def _config_json(config: SimConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def run_cluster(config: SimConfig, reuse: bool) -> list[dict]:
+    """The run's per-round records: read back when `reuse` and the same config ran to the end,
+    else trained now."""
+    out = Path(config.out)
+    metrics, saved = out / "metrics.jsonl", out / "config.json"
+    if reuse and metrics.exists() and saved.exists() \
+            and json.loads(saved.read_text()) == _config_json(config):
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        if len(records) == config.rounds:
+            return records
+    saved.unlink(missing_ok=True)  # a run cut short must not be reused
+    records = run_sim(config)
+    saved.write_text(json.dumps(_config_json(config)))
+    return records
+
+
+@dataclass(frozen=True)
+class ClusterRun:
+    """One cluster's figures for one seed."""
+
+    seed: int
+    global_acc: float  # mean over the final rounds
+    peer_acc: tuple[float, ...]  # by position, each the mean over the final rounds
+    train_flops: tuple[int, ...]  # by position, over the whole run
+    curve: tuple[float, ...]  # global accuracy by round
+
+
+def summarize_run(seed: int, records: Sequence[dict]) -> ClusterRun:
+    evaluated = [r for r in records if r["global_acc"] is not None]
+    final = evaluated[-FINAL_ROUNDS:]
+    peers = len(final[0]["peer_acc"])
+    return ClusterRun(
+        seed, statistics.fmean(r["global_acc"] for r in final),
+        tuple(statistics.fmean(r["peer_acc"][p] for r in final) for p in range(peers)),
+        tuple(records[-1]["train_flops_cum_peer"]),
+        tuple(r["global_acc"] for r in evaluated),
+    )
+
+
+# ---- results ------------------------------------------------------------------------------------
+
+
+def _spread(values: Sequence[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
+            "max": round(max(values), 4)}
+
+
+def _text(summary: Mapping[str, float]) -> str:
+    return f"{summary['median']:.3f} [{summary['min']:.3f}, {summary['max']:.3f}]"
+
+
+@dataclass(frozen=True)
+class ClusterResult:
+    cluster: Cluster
+    rounds: int
+    runs: tuple[ClusterRun, ...]  # one per seed
+
+    def global_acc(self) -> dict[str, float]:
+        return _spread([run.global_acc for run in self.runs])
+
+    def total_train_flops(self) -> int:
+        return round(statistics.median(sum(run.train_flops) for run in self.runs))
+
+    def by_width(self, flops: Mapping[float, int]) -> list[dict[str, object]]:
+        """Per width: peers, forward FLOPs per sample, training FLOPs per peer per round (median
+        over peers and seeds), own accuracy (per seed the mean over the width's peers)."""
+        rows = []
+        for mu in self.cluster.widths:
+            positions = [p for p, m in enumerate(self.cluster.mu) if m == mu]
+            per_round = [run.train_flops[p] / self.rounds for run in self.runs for p in positions]
+            accuracy = [statistics.fmean(run.peer_acc[p] for p in positions) for run in self.runs]
+            rows.append({"mu": mu, "peers": len(positions),
+                         "forward_flops_per_sample": flops[mu],
+                         "train_flops_per_round": round(statistics.median(per_round)),
+                         "own_acc": _spread(accuracy)})
+        return rows
+
+    def to_json(self, flops: Mapping[float, int]) -> dict[str, object]:
+        return {"name": self.cluster.name, "mu": list(self.cluster.mu),
+                "global_acc": self.global_acc(), "total_train_flops": self.total_train_flops(),
+                "by_width": self.by_width(flops),
+                "seeds": [dataclasses.asdict(run) for run in self.runs]}
+
+
+@dataclass(frozen=True)
+class CapacityResult:
+    task: str
+    rounds: int
+    seeds: tuple[int, ...]
+    variant: Variant
+    flops: Mapping[float, int]  # forward FLOPs per sample by width
+    pairs: tuple[tuple[ClusterResult, ClusterResult], ...]  # (mixed, homogeneous)
+    references: tuple[ClusterResult, ...]
+
+    def pair_ratios(self) -> list[dict[str, float]]:
+        return [{"planned": round(planned_ratio(Pair(m.cluster, h.cluster), self.flops), 4),
+                 "measured": round(m.total_train_flops() / h.total_train_flops(), 4)}
+                for m, h in self.pairs]
+
+    def clusters(self) -> list[ClusterResult]:
+        return [c for pair in self.pairs for c in pair] + list(self.references)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "task": self.task, "peers": PEERS, "partition": PARTITION, "rounds": self.rounds,
+            "seeds": list(self.seeds), "final_rounds": FINAL_ROUNDS,
+            "variant": {"name": self.variant.name, "overrides": dict(self.variant.overrides)},
+            "forward_flops_per_sample": {str(mu): f for mu, f in self.flops.items()},
+            "pairs": [{"mixed": m.cluster.name, "homogeneous": h.cluster.name, "flops_ratio": r}
+                      for (m, h), r in zip(self.pairs, self.pair_ratios(), strict=True)],
+            "clusters": [c.to_json(self.flops) for c in self.clusters()],
+        }
+
+    def markdown(self) -> str:
+        """Two tables: clusters (global accuracy, compute) and peers by width (own accuracy)."""
+        lines = [
+            f"{self.task}, {PEERS} peers, {PARTITION}, {self.rounds} rounds, seeds "
+            f"{','.join(map(str, self.seeds))}, {self.variant.name}; accuracy: mean of the last "
+            f"{FINAL_ROUNDS} rounds, median [min, max] over seeds",
+            "",
+            "| cluster | mu by peer | FLOPs vs its pair (planned / measured) "
+            "| training GFLOPs, whole cluster | global accuracy |",
+            "|---|---|---|---|---|",
+        ]
+        ratios = {m.cluster.name: r for (m, _), r in zip(self.pairs, self.pair_ratios(),
+                                                         strict=True)}
+        for result in self.clusters():
+            ratio = ratios.get(result.cluster.name)
+            matched = "1 (reference)" if any(result is h for _, h in self.pairs) else "not matched"
+            if ratio is not None:
+                matched = f"{ratio['planned']:.3f}x / {ratio['measured']:.3f}x"
+            widths = ",".join(f"{m:g}" for m in result.cluster.mu)
+            gflops = result.total_train_flops() / 1e9
+            lines.append(f"| {result.cluster.name} | {widths} | {matched} | {gflops:.1f} "
+                         f"| {_text(result.global_acc())} |")
+        lines += ["", "| cluster | mu | peers | forward MFLOPs per sample "
+                  "| training GFLOPs per peer per round | own accuracy |",
+                  "|---|---|---|---|---|---|"]
+        for result in self.clusters():
+            for row in result.by_width(self.flops):
+                lines.append(f"| {result.cluster.name} | {row['mu']:g} | {row['peers']} "
+                             f"| {int(row['forward_flops_per_sample']) / 1e6:.3f} "
+                             f"| {int(row['train_flops_per_round']) / 1e9:.3f} "
+                             f"| {_text(row['own_acc'])} |")
+        return "\n".join(lines) + "\n"
+
+    def describe(self) -> str:
+        return self.markdown()
+
+
+def _curves(results: Sequence[ClusterResult]) -> dict[str, list[tuple[float, float]]]:
+    """Per cluster: (round, global accuracy) points, the median over seeds."""
+    return {r.cluster.name: [(float(n), statistics.median(accuracies)) for n, accuracies in
+                             enumerate(zip(*(run.curve for run in r.runs), strict=True), 1)]
+            for r in results}
+
+
+def run_capacity(task: str, rounds: int, seeds: Sequence[int], out: Path, reuse: bool = False,
+                 quick: bool = False, variant: Variant | None = None) -> CapacityResult:
+    variant = variant or Variant()
+    torch.set_num_threads(1)  # runs share the machine's cores; more threads only contend
+    definition = get_task(task)
+    spec = definition.model(load_task_data(task, block_size=BLOCK_SIZE))
+    clusters = [c for pair in PAIRS for c in (pair.mixed, pair.homogeneous)] + list(REFERENCES)
+    flops = width_flops(spec, sorted({mu for c in clusters for mu in c.mu}))
+    for pair in PAIRS:
+        ratio = planned_ratio(pair, flops)
+        if abs(ratio - 1) > FLOPS_TOLERANCE:
+            raise BenchError(f"{pair.mixed.name} against {pair.homogeneous.name}: planned FLOPs "
+                             f"ratio {ratio:.3f} is outside 1 +- {FLOPS_TOLERANCE} on {task}")
+    results = {}
+    for cluster in clusters:
+        runs = []
+        for seed in seeds:
+            config = _run_config(cluster, seed, rounds, task, quick, variant, out)
+            runs.append(summarize_run(seed, run_cluster(config, reuse)))
+        results[cluster.name] = ClusterResult(cluster, rounds, tuple(runs))
+    result = CapacityResult(
+        task, rounds, tuple(seeds), variant, flops,
+        tuple((results[p.mixed.name], results[p.homogeneous.name]) for p in PAIRS),
+        tuple(results[c.name] for c in REFERENCES))
+    (out / "capacity.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
+    (out / "capacity.md").write_text(result.markdown())
+    plot_series(_curves(result.clusters()), out / "capacity.png",
+                f"capacity: mixed against homogeneous, {task}, {PEERS} peers", "round",
+                "global accuracy (median over seeds)")
+    return result
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds {text!r}: give integers, comma-separated") \
+            from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds {text!r}: a seed is repeated")
+    return seeds
+
+
+def add_capacity_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Registers `capacity` (under `peerd bench`); its `func` runs the benchmark."""
+    capacity = subparsers.add_parser(
+        "capacity", help="a mixed-capacity cluster against homogeneous ones at equal compute",
+        description="Simulate 8-peer clusters of mixed widths and homogeneous clusters of the "
+                    "same total training FLOPs per round, over several seeds; report global "
+                    "accuracy, each width's own accuracy and per-peer FLOPs. Writes "
+                    "capacity.json, capacity.md and capacity.png to --out.",
+    )
+    capacity.add_argument("--task", default="digits", help="task (default: %(default)s)")
+    capacity.add_argument("--rounds", type=positive_int, default=None,
+                          help=f"rounds per run (default: {DEFAULT_ROUNDS}, or {QUICK_ROUNDS} "
+                               "with --quick)")
+    capacity.add_argument("--seeds", type=_seeds, default=None, metavar="N[,N...]",
+                          help="seeds (default: " + ",".join(map(str, DEFAULT_SEEDS))
+                               + ", or 0 with --quick)")
+    capacity.add_argument("--out", type=Path, default=Path("runs/bench-capacity"),
+                          help="results and per-run metrics (default: %(default)s)")
+    capacity.add_argument("--reuse", action="store_true",
+                          help="read back runs already in --out with the same config")
+    capacity.add_argument("--quick", action="store_true",
+                          help=f"a smoke run: {QUICK_ROUNDS} rounds, one local epoch, seed 0")
+    capacity.add_argument("--json", action="store_true", help="print one JSON object")
+    capacity.set_defaults(func=run_capacity_command)
+
+
+def run_capacity_command(args: argparse.Namespace) -> int:
+    rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
+    seeds = args.seeds or ((0,) if args.quick else DEFAULT_SEEDS)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return print_result(
+        "capacity",
+        lambda: run_capacity(args.task, rounds, seeds, args.out, args.reuse, args.quick),
+        args.json)
