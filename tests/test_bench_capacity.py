@@ -84,7 +84,7 @@ def test_quick_run_matches_compute_and_reuses_runs(tmp_path: Path) -> None:
         rerun = run_capacity("digits", QUICK_ROUNDS, (0,), tmp_path, reuse=True, quick=True)
     finally:
         torch.set_num_threads(threads)
-    reused = _by_name(rerun.to_json())
+    reused = _by_name(json.loads(json.dumps(rerun.to_json())))
     assert reused["mixed-A"]["global_acc"]["median"] == 0.625
     assert reused["homogeneous-0.5"] == clusters["homogeneous-0.5"]
 

@@ -129,7 +129,7 @@ def _config_json(config: SimConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def run_cluster(config: SimConfig, reuse: bool) -> list[dict]:
+def run_or_reuse(config: SimConfig, reuse: bool) -> list[dict]:
     """The run's per-round records: read back when `reuse` and the same config ran to the end,
     else trained now."""
     out = Path(config.out)
@@ -304,7 +304,7 @@ def run_capacity(task: str, rounds: int, seeds: Sequence[int], out: Path, reuse:
         runs = []
         for seed in seeds:
             config = _run_config(cluster, seed, rounds, task, quick, variant, out)
-            runs.append(summarize_run(seed, run_cluster(config, reuse)))
+            runs.append(summarize_run(seed, run_or_reuse(config, reuse)))
         results[cluster.name] = ClusterResult(cluster, rounds, tuple(runs))
     result = CapacityResult(
         task, rounds, tuple(seeds), variant, flops,
