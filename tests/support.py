@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from peerd.models import ModelSpec, Plan
@@ -15,3 +16,12 @@ def random_plan(spec: ModelSpec, generator: torch.Generator) -> Plan:
         chosen = torch.randperm(group.units, generator=generator)[:size]
         plan[name] = torch.sort(chosen).values.to(torch.int64)
     return plan
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One thread, as a daemon trains: on a loaded machine more threads only wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from support import one_torch_thread  # noqa: F401 (autouse fixture)
 
 from peerd.aggregate import Arrival, exchange_count, merge, outbox
 from peerd.capacity import StepMemory, WidthProbe, choose_mu, depth_shapes, probe_width

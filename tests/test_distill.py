@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from support import one_torch_thread  # noqa: F401 (autouse fixture)
 
 from peerd.capacity import measure_step
 from peerd.config import (
