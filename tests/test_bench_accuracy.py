@@ -47,6 +47,7 @@ def test_every_table_has_every_row(quick: tuple[Path, dict]) -> None:
     for rows in tables.values():
         for row in rows.values():
             assert 0.0 <= row["final_acc"]["median"] <= 1.0
+            assert 0.0 <= row["peer_acc"]["median"] <= 1.0
             assert row["seeds"] == [0]
 
 
