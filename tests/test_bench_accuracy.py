@@ -15,7 +15,7 @@ from peerd.cli import build_parser
 
 def _bench(out: Path, *extra: str) -> dict:
     args = build_parser().parse_args(
-        ["bench", "accuracy", "--quick", "--task", "digits", "--seeds", "0",
+        ["bench", "accuracy", "--quick", "--task", "digits", "--seeds", "0", "--peers", "4",
          "--out", str(out), *extra])
     assert args.func(args) == 0
     return json.loads((out / "accuracy.json").read_text())
