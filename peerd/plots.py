@@ -41,8 +41,10 @@ def plot_series(
 ) -> None:
     """One line per label through its (x, y) points: a benchmark's curves side by side."""
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for label, points in series.items():
-        axis.plot([x for x, _ in points], [y for _, y in points], marker=".", label=label)
+    for index, (label, points) in enumerate(series.items()):
+        # Matplotlib's colours repeat after ten lines: the next ten are dashed.
+        axis.plot([x for x, _ in points], [y for _, y in points], marker=".", label=label,
+                  linestyle="-" if index < 10 else "--")
     axis.set_xlabel(xlabel)
     axis.set_ylabel(ylabel)
     if log_x:

@@ -15,7 +15,7 @@ from peerd.cli import build_parser
 
 def _bench(out: Path, *extra: str) -> dict:
     args = build_parser().parse_args(
-        ["bench", "accuracy", "--quick", "--task", "digits", "--seeds", "0",
+        ["bench", "accuracy", "--quick", "--task", "digits", "--seeds", "0", "--peers", "4",
          "--out", str(out), *extra])
     assert args.func(args) == 0
     return json.loads((out / "accuracy.json").read_text())
@@ -47,6 +47,7 @@ def test_every_table_has_every_row(quick: tuple[Path, dict]) -> None:
     for rows in tables.values():
         for row in rows.values():
             assert 0.0 <= row["final_acc"]["median"] <= 1.0
+            assert 0.0 <= row["peer_acc"]["median"] <= 1.0
             assert row["seeds"] == [0]
 
 
