@@ -329,7 +329,7 @@ def run_capacity(task: str, rounds: int, seeds: Sequence[int], out: Path, reuse:
 DISTILL_MU = 0.5
 DISTILL_DEPTHS = (2, 2, 1, 1)  # cycled over the peers: blocks kept, the deep peers first
 DISTILL_TEMPERATURE = 3.0
-DISTILL_ROUNDS = 30  # sized so that 2 x 3 runs fit in 15 minutes on 2 shared cores
+DISTILL_ROUNDS = 60  # 2 x 3 runs in about 9 minutes on 2 shared cores (BENCHMARKS.md)
 DISTILL_ON = Cluster("distill-on", (DISTILL_MU,) * PEERS)
 DISTILL_OFF = Cluster("distill-off", (DISTILL_MU,) * PEERS)
 
