@@ -1,5 +1,6 @@
 """`peerd bench capacity`: a mixed-capacity cluster against homogeneous ones at the same total
-training compute (issue 5, benchmark c).
+training compute (issue 5, benchmark c, `--table c`), and self-distillation on and off in a
+depth-mixed cluster (benchmark d, `--table d`).
 
 Each pair sets a mixed-width cluster (a strong peer, middling ones, weak ones) beside a
 homogeneous cluster whose width is chosen so that the two spend, per round, the same training
