@@ -1,5 +1,5 @@
 """`peerd bench capacity --quick` through the CLI: the tables, the compute matching of each
-pair, per-peer FLOPs by width, and `--reuse` reading runs back."""
+pair, per-peer FLOPs by width, and `--reuse` reading runs back; table d's two runs."""
 
 from __future__ import annotations
 
@@ -13,12 +13,15 @@ import pytest
 import torch
 
 from peerd.bench.capacity import (
+    DISTILL_DEPTHS,
+    DISTILL_TEMPERATURE,
     FLOPS_TOLERANCE,
     PAIRS,
     QUICK_ROUNDS,
     REFERENCES,
     _seeds,
     run_capacity,
+    run_distill,
 )
 
 
@@ -87,6 +90,38 @@ def test_quick_run_matches_compute_and_reuses_runs(tmp_path: Path) -> None:
     reused = _by_name(json.loads(json.dumps(rerun.to_json())))
     assert reused["mixed-A"]["global_acc"]["median"] == 0.625
     assert reused["homogeneous-0.5"] == clusters["homogeneous-0.5"]
+
+
+def test_quick_distill_table_runs_distillation_on_and_off(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    try:
+        result = run_distill("digits", QUICK_ROUNDS, (0,), tmp_path, quick=True)
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads((tmp_path / "capacity-distill.json").read_text())
+    assert report == json.loads(json.dumps(result.to_json()))
+    on, off = report["clusters"]
+    assert (on["name"], off["name"]) == ("distill-on", "distill-off")
+    assert on["config"]["distill_temperature"] == DISTILL_TEMPERATURE
+    assert off["config"]["distill_temperature"] is None
+    # The run that trained is the one described: its stored config has distillation off too.
+    stored = json.loads((tmp_path / "runs" / "distill-off-seed0" / "config.json").read_text())
+    assert stored == off["config"]
+    for cluster in (on, off):
+        assert cluster["config"]["early_exits"] is True
+        assert tuple(cluster["config"]["depth"]) == DISTILL_DEPTHS
+        # The shallow peers drop a block: each trains fewer FLOPs than any deep peer.
+        (run,) = cluster["seeds"]
+        depth = [DISTILL_DEPTHS[p % len(DISTILL_DEPTHS)] for p in range(8)]
+        shallow = [f for f, d in zip(run["train_flops"], depth, strict=True) if d == 1]
+        deep = [f for f, d in zip(run["train_flops"], depth, strict=True) if d == 2]
+        assert report["blocks"] == 2 and max(shallow) < min(deep)
+    figures = [row["figure"] for row in report["rows"]]
+    assert figures == ["global accuracy", "own accuracy, depth 1 (4 peers)",
+                       "own accuracy, depth 2 (4 peers)"]
+    markdown = (tmp_path / "capacity-distill.md").read_text()
+    assert all(f"| {figure} |" in markdown for figure in figures)
+    assert (tmp_path / "capacity-distill.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_seeds_are_refused_by_name() -> None:

@@ -1,5 +1,6 @@
 """`peerd bench capacity`: a mixed-capacity cluster against homogeneous ones at the same total
-training compute (issue 5, benchmark c).
+training compute (issue 5, benchmark c, `--table c`), and self-distillation on and off in a
+depth-mixed cluster (benchmark d, `--table d`).
 
 Each pair sets a mixed-width cluster (a strong peer, middling ones, weak ones) beside a
 homogeneous cluster whose width is chosen so that the two spend, per round, the same training
@@ -19,8 +20,14 @@ gains from training beside strong ones.
 Runs are kept in OUT/runs/<cluster>-seed<N>/ (metrics.jsonl and the config that produced
 them); `--reuse` reads back any run whose config matches instead of training it again.
 OUT/capacity.json, OUT/capacity.md and OUT/capacity.png hold the results. `Variant` carries
-SimConfig fields applied to every cluster, so that other tables (depth, distillation on and
-off) can be produced by the same code.
+SimConfig fields applied to every cluster.
+
+`--table d` (benchmark d, the self-distillation half): one depth-mixed cluster (mu 0.5 on every
+peer, early exits, the peers' depths cycling 2,2,1,1 so that every other pair of peers drops
+the deepest block) run with self-distillation at T = 3 and with it off, over the same seeds.
+It reports the global accuracy, the shallow and deep peers' own accuracy (a peer's own
+sub-model answers from its deepest kept exit) and the per-seed differences, in
+OUT/capacity-distill.{json,md,png}; runs are kept in OUT/runs/distill-<on|off>-seed<N>/.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import torch
 from peerd.bench.processes import BenchError, positive_int, print_result
 from peerd.config import SimConfig
 from peerd.data import load_task_data
-from peerd.models.base import ModelSpec, plan_units
+from peerd.models.base import DEPTH, ModelSpec, plan_units
 from peerd.plan import Member, make_planner
 from peerd.plots import plot_series
 from peerd.sim import run as run_sim
@@ -318,6 +325,120 @@ def run_capacity(task: str, rounds: int, seeds: Sequence[int], out: Path, reuse:
     return result
 
 
+# ---- table d: self-distillation on and off -----------------------------------------------------
+
+DISTILL_MU = 0.5
+DISTILL_DEPTHS = (2, 2, 1, 1)  # cycled over the peers: blocks kept, the deep peers first
+DISTILL_TEMPERATURE = 3.0
+DISTILL_ROUNDS = 60  # 2 x 3 runs in about 9 minutes on 2 shared cores (BENCHMARKS.md)
+DISTILL_ON = Cluster("distill-on", (DISTILL_MU,) * PEERS)
+DISTILL_OFF = Cluster("distill-off", (DISTILL_MU,) * PEERS)
+
+
+def _distill_variant(temperature: float | None) -> Variant:
+    name = "distillation off" if temperature is None else f"distillation T={temperature:g}"
+    return Variant(name, {"early_exits": True, "depth": DISTILL_DEPTHS,
+                          "distill_temperature": temperature})
+
+
+def _depth_of(position: int) -> int:
+    return DISTILL_DEPTHS[position % len(DISTILL_DEPTHS)]
+
+
+def _differences(on: Sequence[float], off: Sequence[float]) -> list[float]:
+    return [round(a - b, 4) for a, b in zip(on, off, strict=True)]
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    """The depth-mixed cluster with self-distillation on and off, seed by seed."""
+
+    task: str
+    rounds: int
+    seeds: tuple[int, ...]
+    blocks: int  # of the full model
+    on: ClusterResult
+    off: ClusterResult
+    on_config: SimConfig  # the first seed's run (the others differ in seed and out only)
+    off_config: SimConfig
+
+    def own_acc(self, result: ClusterResult, depth: int) -> list[float]:
+        """Per seed: the mean own accuracy of the peers that keep `depth` blocks."""
+        positions = [p for p in range(PEERS) if _depth_of(p) == depth]
+        return [statistics.fmean(run.peer_acc[p] for p in positions) for run in result.runs]
+
+    def rows(self) -> list[dict[str, object]]:
+        """Per figure (global accuracy, own accuracy by depth): on, off, on minus off per seed."""
+        figures = [("global accuracy", [r.global_acc for r in self.on.runs],
+                    [r.global_acc for r in self.off.runs])]
+        for depth in sorted(set(DISTILL_DEPTHS)):
+            peers = sum(_depth_of(p) == depth for p in range(PEERS))
+            figures.append((f"own accuracy, depth {depth} ({peers} peers)",
+                            self.own_acc(self.on, depth), self.own_acc(self.off, depth)))
+        return [{"figure": name, "on": _spread(on), "off": _spread(off),
+                 "on_minus_off": _differences(on, off)} for name, on, off in figures]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "task": self.task, "peers": PEERS, "partition": PARTITION, "rounds": self.rounds,
+            "seeds": list(self.seeds), "final_rounds": FINAL_ROUNDS, "mu": DISTILL_MU,
+            "depths": list(DISTILL_DEPTHS), "blocks": self.blocks,
+            "temperature": DISTILL_TEMPERATURE, "rows": self.rows(),
+            "clusters": [{"name": r.cluster.name, "config": _config_json(config),
+                          "seeds": [dataclasses.asdict(run) for run in r.runs]}
+                         for r, config in ((self.on, self.on_config),
+                                           (self.off, self.off_config))],
+        }
+
+    def markdown(self) -> str:
+        depths = ",".join(map(str, DISTILL_DEPTHS))
+        lines = [
+            f"{self.task}, {PEERS} peers, {PARTITION}, mu {DISTILL_MU:g}, early exits, depths "
+            f"{depths} (of {self.blocks} blocks) cycled, {self.rounds} rounds, seeds "
+            f"{','.join(map(str, self.seeds))}; accuracy: mean of the last {FINAL_ROUNDS} "
+            "rounds, median [min, max] over seeds",
+            "",
+            f"| figure | distillation T={DISTILL_TEMPERATURE:g} | off | on - off, per seed |",
+            "|---|---|---|---|",
+        ]
+        for row in self.rows():
+            differences = ", ".join(f"{d:+.3f}" for d in row["on_minus_off"])
+            lines.append(f"| {row['figure']} | {_text(row['on'])} | {_text(row['off'])} "
+                         f"| {differences} |")
+        return "\n".join(lines) + "\n"
+
+    def describe(self) -> str:
+        return self.markdown()
+
+
+def run_distill(task: str, rounds: int, seeds: Sequence[int], out: Path, reuse: bool = False,
+                quick: bool = False) -> DistillResult:
+    torch.set_num_threads(1)  # as in run_capacity
+    spec = get_task(task).model(load_task_data(task, block_size=BLOCK_SIZE), True)
+    blocks = spec.groups[DEPTH].units
+    if not min(DISTILL_DEPTHS) < blocks >= max(DISTILL_DEPTHS):
+        raise BenchError(f"depths {DISTILL_DEPTHS} on {task}'s {blocks} blocks: the shallow "
+                         "peers must drop blocks and no peer may keep more than there are")
+    results, configs = {}, {}
+    for cluster, temperature in ((DISTILL_ON, DISTILL_TEMPERATURE), (DISTILL_OFF, None)):
+        runs = []
+        for seed in seeds:
+            config = _run_config(cluster, seed, rounds, task, quick,
+                                 _distill_variant(temperature), out)
+            configs.setdefault(cluster.name, config)
+            runs.append(summarize_run(seed, run_or_reuse(config, reuse)))
+        results[cluster.name] = ClusterResult(cluster, rounds, tuple(runs))
+    result = DistillResult(task, rounds, tuple(seeds), blocks, results[DISTILL_ON.name],
+                           results[DISTILL_OFF.name], configs[DISTILL_ON.name],
+                           configs[DISTILL_OFF.name])
+    (out / "capacity-distill.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
+    (out / "capacity-distill.md").write_text(result.markdown())
+    plot_series(_curves((result.on, result.off)), out / "capacity-distill.png",
+                f"self-distillation on and off, depths {DISTILL_DEPTHS}, {task}", "round",
+                "global accuracy (median over seeds)")
+    return result
+
+
 # ---- command line -------------------------------------------------------------------------------
 
 
@@ -336,15 +457,20 @@ def add_capacity_parser(subparsers: argparse._SubParsersAction) -> None:
     """Registers `capacity` (under `peerd bench`); its `func` runs the benchmark."""
     capacity = subparsers.add_parser(
         "capacity", help="a mixed-capacity cluster against homogeneous ones at equal compute",
-        description="Simulate 8-peer clusters of mixed widths and homogeneous clusters of the "
-                    "same total training FLOPs per round, over several seeds; report global "
-                    "accuracy, each width's own accuracy and per-peer FLOPs. Writes "
-                    "capacity.json, capacity.md and capacity.png to --out.",
+        description="Table c: simulate 8-peer clusters of mixed widths and homogeneous clusters "
+                    "of the same total training FLOPs per round, over several seeds; report "
+                    "global accuracy, each width's own accuracy and per-peer FLOPs; writes "
+                    "capacity.{json,md,png} to --out. Table d: a depth-mixed cluster with "
+                    "self-distillation on and off; writes capacity-distill.{json,md,png}.",
     )
+    capacity.add_argument("--table", choices=("c", "d"), default="c",
+                          help="c: mixed widths against homogeneous at equal compute; d: a "
+                               "depth-mixed cluster with self-distillation on and off "
+                               "(default: %(default)s)")
     capacity.add_argument("--task", default="digits", help="task (default: %(default)s)")
     capacity.add_argument("--rounds", type=positive_int, default=None,
-                          help=f"rounds per run (default: {DEFAULT_ROUNDS}, or {QUICK_ROUNDS} "
-                               "with --quick)")
+                          help=f"rounds per run (default: {DEFAULT_ROUNDS} for table c, "
+                               f"{DISTILL_ROUNDS} for d, or {QUICK_ROUNDS} with --quick)")
     capacity.add_argument("--seeds", type=_seeds, default=None, metavar="N[,N...]",
                           help="seeds (default: " + ",".join(map(str, DEFAULT_SEEDS))
                                + ", or 0 with --quick)")
@@ -359,10 +485,11 @@ def add_capacity_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_capacity_command(args: argparse.Namespace) -> int:
-    rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
+    table = run_capacity if args.table == "c" else run_distill
+    full_rounds = DEFAULT_ROUNDS if args.table == "c" else DISTILL_ROUNDS
+    rounds = args.rounds or (QUICK_ROUNDS if args.quick else full_rounds)
     seeds = args.seeds or ((0,) if args.quick else DEFAULT_SEEDS)
     args.out.mkdir(parents=True, exist_ok=True)
     return print_result(
-        "capacity",
-        lambda: run_capacity(args.task, rounds, seeds, args.out, args.reuse, args.quick),
+        "capacity", lambda: table(args.task, rounds, seeds, args.out, args.reuse, args.quick),
         args.json)
