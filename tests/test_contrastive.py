@@ -161,6 +161,7 @@ def test_transformer_term_uses_pooled_hidden_states() -> None:
 @pytest.mark.parametrize(("options", "message"), [
     ({"contrastive_tau": 0.0}, "contrastive_tau=0.0 is invalid"),
     ({"contrastive_weight": -1.0}, "contrastive_weight=-1.0 is invalid"),
+    ({"contrastive": True, "early_exits": True}, "not combined with early exits"),
 ])
 def test_bad_contrastive_options_are_named(options: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
