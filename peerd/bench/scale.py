@@ -60,8 +60,11 @@ def _wait_for_rounds(daemons: list[DaemonProcess], rounds: int) -> list[list[dic
 
 
 def measure(peers: int, topology: str, rounds: int, task: str, mu: float, out: Path) -> ScalePoint:
+    # Strict rounds: a round's record is written after its pushes are acknowledged, so the
+    # cumulative byte counters of two records differ by exactly the rounds between them
+    # (semi-async pushes run on in the background and land in whichever record comes next).
     config = ClusterConfig(peers=peers, topology=topology, method="msfusion", mu=(mu,), task=task,
-                           rounds=rounds, out=str(out))
+                           rounds=rounds, out=str(out), sync=True)
     daemons = launch(config, out, tls_dirs(out, [peer_name(i) for i in range(peers)]))
     try:
         records = _wait_for_rounds(daemons, rounds)
