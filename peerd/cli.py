@@ -20,7 +20,7 @@ from peerd.bench.capacity import add_capacity_parser
 from peerd.bench.compute import add_compute_parser
 from peerd.bench.exchange import add_exchange_parser
 from peerd.bench.memory import add_memory_parser
-from peerd.bench.processes import partition_arg
+from peerd.bench.processes import partition_arg, positive_int
 from peerd.bench.scale import add_scale_parser
 from peerd.bench.stragglers import add_stragglers_parser
 from peerd.bench.wire import add_wire_parser
@@ -121,6 +121,9 @@ def add_msfusion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", type=_overlap, default=SimConfig().overlap,
                         metavar="static|decay:H",
                         help="msfusion's overlap schedule (default: %(default)s)")
+    parser.add_argument("--regroup-every", type=positive_int, default=SimConfig().regroup_every,
+                        metavar="T", help="msfusion: rounds between redraws of the per-group "
+                        "rotation (default: %(default)s)")
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -313,7 +316,7 @@ def _sim(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, out=args.out, eval_every=args.eval_every,
         eval_samples=args.eval_samples, wire_dtype=args.wire_dtype, depth=args.depth,
         early_exits=args.early_exits, distill_temperature=_temperature(args),
-        train=train_config(args), overlap=args.overlap,
+        train=train_config(args), overlap=args.overlap, regroup_every=args.regroup_every,
     )
     progress = ProgressLine(enabled=not args.quiet)
     records = run(config, _progress_printer(progress, config.rounds))

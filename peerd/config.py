@@ -110,6 +110,7 @@ class SimConfig:
     early_exits: bool = False  # overrides the train config's: an exit head per block
     distill_temperature: float | None = 3.0  # with early exits; None: CE on every exit only
     overlap: str = STATIC_OVERLAP  # msfusion's overlap schedule: static or decay:H (peerd/plan.py)
+    regroup_every: int = 1  # msfusion: rounds between redraws of the per-group rotation
     # Each peer's mean shard: the training set is first cut to a seeded peers x shard_size
     # samples (benchmarks of scale: the same data per peer whatever the peer count).
     shard_size: int | None = None
@@ -117,6 +118,7 @@ class SimConfig:
     def __post_init__(self) -> None:
         _require(self.peers >= 1, "peers", self.peers, ">= 1")
         parse_overlap(self.overlap)
+        _require(self.regroup_every >= 1, "regroup_every", self.regroup_every, ">= 1")
         _require(self.shard_size is None or self.shard_size >= 2, "shard_size", self.shard_size,
                  ">= 2 or unset")
         _require(self.wire_dtype in WIRE_DTYPES, "wire_dtype", self.wire_dtype,

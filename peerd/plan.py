@@ -140,10 +140,15 @@ class MSFusionPlanner(Planner):
     name = "msfusion"
 
     def __init__(self, seed: int, zeta: int = 1, decorrelate_groups: bool = True,
-                 overlap: str = STATIC_OVERLAP) -> None:
+                 overlap: str = STATIC_OVERLAP, regroup_every: int = 1) -> None:
         super().__init__(seed)
+        if regroup_every < 1:
+            raise ValueError(f"regroup_every={regroup_every} is invalid: must be >= 1")
         self.zeta = zeta
         self.decorrelate_groups = decorrelate_groups
+        # Rounds between redraws of the per-group rotation: a longer period lets the units
+        # paired across layers train together for several rounds (docs/ALGORITHM.md).
+        self.regroup_every = regroup_every
         parse_overlap(overlap)  # refuse a bad schedule now, not in some later round
         self.overlap = overlap
 
@@ -164,7 +169,7 @@ class MSFusionPlanner(Planner):
     def group_offset(self, round_index: int, group: UnitGroup) -> int:
         offset = self.zeta * round_index
         if self.decorrelate_groups:
-            rng = _rng(self.seed, round_index, _stable_hash(group.name))
+            rng = _rng(self.seed, round_index // self.regroup_every, _stable_hash(group.name))
             offset += int(rng.integers(group.units))
         return offset % group.units
 
@@ -232,10 +237,12 @@ PLANNERS: dict[str, type[Planner]] = {
 }
 
 
-def make_planner(method: str, seed: int, overlap: str = STATIC_OVERLAP) -> Planner:
-    """The planner of `method`; `overlap` is msfusion's overlap schedule."""
+def make_planner(method: str, seed: int, overlap: str = STATIC_OVERLAP,
+                 regroup_every: int = 1) -> Planner:
+    """The planner of `method`; `overlap` and `regroup_every` are msfusion's overlap schedule
+    and the period of its per-group rotation."""
     if method == MSFusionPlanner.name:
-        return MSFusionPlanner(seed, overlap=overlap)
+        return MSFusionPlanner(seed, overlap=overlap, regroup_every=regroup_every)
     try:
         return PLANNERS[method](seed)
     except KeyError:

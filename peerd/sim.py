@@ -54,7 +54,7 @@ def build(config: SimConfig) -> Simulation:
     train = replace(config.train if config.train is not None else task.train,
                     early_exits=config.early_exits,
                     distill_temperature=config.distill_temperature)
-    planner = make_planner(config.method, config.seed, config.overlap)
+    planner = make_planner(config.method, config.seed, config.overlap, config.regroup_every)
     topology = load_topology(config.topology)
     initial = init_params(spec, config.seed)
     train_set = _training_set(data, config)

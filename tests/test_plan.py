@@ -614,6 +614,34 @@ def test_decorrelated_msfusion_fixes_the_band(model_params: dict[str, Params]) -
     assert tracker.untrained() == {}
 
 
+def test_regrouped_rotation_holds_for_its_period_and_still_covers(
+    model_params: dict[str, Params],
+) -> None:
+    members = members_of([0.25] * 4)
+    group = CNN_SPEC.groups["s0b0.mid"]
+    every_round, every_five = MSFusionPlanner(0), MSFusionPlanner(0, regroup_every=5)
+    # Within a period only the zeta drift (1 unit a round) moves the windows; the draw
+    # changes at the period's end.
+    drawn = [(every_five.group_offset(r, group) - r) % group.units for r in range(40)]
+    periods = [drawn[start:start + 5] for start in range(0, 40, 5)]
+    assert all(period == [period[0]] * 5 for period in periods)
+    assert len({period[0] for period in periods}) > 1
+    # Period 1 is the per-round redraw, plan for plan.
+    for round_index in (0, 1, 7):
+        assert_plans_equal(every_round.plan(round_index, members, CNN_SPEC.groups),
+                           MSFusionPlanner(0, regroup_every=1).plan(round_index, members,
+                                                                    CNN_SPEC.groups))
+    # Fewer redraws cover more slowly, but every weight is still trained.
+    tracker = CoverageTracker(CNN_SPEC, model_params["cnn"])
+    history = coverage_history(tracker, every_five, members, 4 * QUARTER_WIDTH_BOUND)
+    assert history[-1] == 1.0 and tracker.untrained() == {}
+
+
+def test_bad_regroup_period_is_named() -> None:
+    with pytest.raises(ValueError, match="regroup_every=0 is invalid"):
+        MSFusionPlanner(0, regroup_every=0)
+
+
 def test_fedrolex_transformer_leaves_ffn_band(model_params: dict[str, Params]) -> None:
     members = members_of([0.25] * 4)
     planner = make_planner("fedrolex", 0)
