@@ -19,10 +19,10 @@ from peerd.bench.capacity import (
     PAIRS,
     QUICK_ROUNDS,
     REFERENCES,
-    _seeds,
     run_capacity,
     run_distill,
 )
+from peerd.bench.processes import seeds_arg
 
 
 def _by_name(report: dict) -> dict[str, dict]:
@@ -126,6 +126,6 @@ def test_quick_distill_table_runs_distillation_on_and_off(tmp_path: Path) -> Non
 
 def test_bad_seeds_are_refused_by_name() -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="seed is repeated"):
-        _seeds("1,1")
+        seeds_arg("1,1")
     with pytest.raises(argparse.ArgumentTypeError, match="seeds 'one'"):
-        _seeds("one")
+        seeds_arg("one")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from peerd.bench.processes import partition_arg, positive_int
+from peerd.bench.processes import partition_arg, positive_int, seeds_arg
 from peerd.config import STATIC_OVERLAP, SimConfig, TrainConfig
 from peerd.plots import plot_series
 from peerd.sim import run
@@ -310,17 +310,6 @@ def _tables(text: str) -> tuple[str, ...]:
     return chosen
 
 
-def _seeds(text: str) -> tuple[int, ...]:
-    try:
-        seeds = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        seeds = ()
-    if not seeds or any(seed < 0 for seed in seeds):
-        raise argparse.ArgumentTypeError(
-            f"seeds={text!r} is invalid: give non-negative integers, e.g. 0,1")
-    return seeds
-
-
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -343,7 +332,7 @@ def add_accuracy_parser(subparsers: argparse._SubParsersAction) -> None:
     accuracy.add_argument("--task", choices=sorted(TASK_TARGETS), default="fmnist")
     accuracy.add_argument("--tables", type=_tables, default=TABLES,
                           help="comma list of " + ", ".join(TABLES) + " (default: all)")
-    accuracy.add_argument("--seeds", type=_seeds, default=(0, 1), metavar="S[,S...]",
+    accuracy.add_argument("--seeds", type=seeds_arg, default=(0, 1), metavar="S[,S...]",
                           help="seeds of every row (default: 0,1)")
     accuracy.add_argument("--rounds", type=positive_int, default=None,
                           help="rounds per run (default: 30; --quick: 2)")

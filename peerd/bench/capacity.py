@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from peerd.bench.processes import BenchError, positive_int, print_result
+from peerd.bench.processes import BenchError, positive_int, print_result, seeds_arg
 from peerd.config import SimConfig
 from peerd.data import load_task_data
 from peerd.models.base import DEPTH, ModelSpec, plan_units
@@ -442,17 +442,6 @@ def run_distill(task: str, rounds: int, seeds: Sequence[int], out: Path, reuse: 
 # ---- command line -------------------------------------------------------------------------------
 
 
-def _seeds(text: str) -> tuple[int, ...]:
-    try:
-        seeds = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seeds {text!r}: give integers, comma-separated") \
-            from None
-    if len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"seeds {text!r}: a seed is repeated")
-    return seeds
-
-
 def add_capacity_parser(subparsers: argparse._SubParsersAction) -> None:
     """Registers `capacity` (under `peerd bench`); its `func` runs the benchmark."""
     capacity = subparsers.add_parser(
@@ -471,7 +460,7 @@ def add_capacity_parser(subparsers: argparse._SubParsersAction) -> None:
     capacity.add_argument("--rounds", type=positive_int, default=None,
                           help=f"rounds per run (default: {DEFAULT_ROUNDS} for table c, "
                                f"{DISTILL_ROUNDS} for d, or {QUICK_ROUNDS} with --quick)")
-    capacity.add_argument("--seeds", type=_seeds, default=None, metavar="N[,N...]",
+    capacity.add_argument("--seeds", type=seeds_arg, default=None, metavar="N[,N...]",
                           help="seeds (default: " + ",".join(map(str, DEFAULT_SEEDS))
                                + ", or 0 with --quick)")
     capacity.add_argument("--out", type=Path, default=Path("runs/bench-capacity"),

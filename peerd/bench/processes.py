@@ -147,6 +147,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seeds_arg(text: str) -> tuple[int, ...]:
+    """A --seeds value: distinct non-negative integers, comma-separated."""
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        seeds = ()
+    if not seeds or any(seed < 0 for seed in seeds):
+        raise argparse.ArgumentTypeError(
+            f"seeds {text!r}: give non-negative integers, comma-separated, e.g. 0,1")
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds {text!r}: a seed is repeated")
+    return seeds
+
+
 def partition_arg(text: str) -> str:
     """A --partition value (iid, dirichlet:ALPHA, natural), checked as an argument type."""
     try:
