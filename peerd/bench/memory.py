@@ -13,6 +13,7 @@ the training's own peak is the difference. Both figures are reported, as medians
 from __future__ import annotations
 
 import argparse
+import math
 import resource
 import statistics
 from dataclasses import dataclass, replace
@@ -156,7 +157,10 @@ def run_memory(task: str, mu: float, steps: int, repeats: int) -> MemoryResult:
 
 
 def _mu(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"mu={text!r} is invalid: must be in (0, 1)")
     return value
