@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from peerd.bench.memory import MemoryResult, MiB, Row, Shape, measure, shapes
@@ -23,21 +24,28 @@ def test_configurations_are_baseline_full_then_every_depth_shape() -> None:
 
 def test_training_peaks_are_medians_less_the_idle_median() -> None:
     idle, full, pruned = shapes(0.25, 2)[:3]
+    nan = math.nan
     result = MemoryResult("digits", 5, (
-        Row(idle, "idle", (500 * MiB, 510 * MiB, 505 * MiB), 0),
-        Row(full, "full", (600 * MiB, 605 * MiB, 700 * MiB), 9 * MiB),
-        Row(pruned, "pruned", (550 * MiB, 560 * MiB, 555 * MiB), 2 * MiB)))
+        Row(idle, "idle", (500 * MiB, 510 * MiB, 505 * MiB), 0, (nan, nan, nan)),
+        Row(full, "full", (600 * MiB, 605 * MiB, 700 * MiB), 9 * MiB, (0.04, 0.05, 0.09)),
+        Row(pruned, "pruned", (550 * MiB, 560 * MiB, 555 * MiB), 2 * MiB, (0.02, 0.01, 0.03))))
     rows = result.to_json()["rows"]
     assert [r["training_mib"] for r in rows] == [0.0, 100.0, 50.0]
     assert [r["spread_mib"] for r in rows] == [10.0, 100.0, 10.0]
     assert rows[2]["training_vs_full"] == 0.5
+    assert [r["step_ms"] for r in rows] == [None, 50.0, 20.0]
+    assert [r["step_spread_ms"] for r in rows] == [None, 50.0, 20.0]
+    assert rows[2]["step_vs_full"] == 0.4
+    lines = result.describe().splitlines()
+    assert lines[1].split()[-5:] == ["step", "ms", "spread", "vs", "full"]
+    assert lines[-1].split()[-3:] == ["20.0", "20.0", "0.40"]
 
 
 def test_a_child_trains_the_configured_submodel() -> None:
     """The child's accounted step bytes are those of the same probe run here (deterministic),
     and its peak holds at least those bytes on top of the runtime."""
     shape = Shape(0.25, 1, 0)
-    peak, accounted = measure("digits", shape, 1)
+    peak, accounted, step_s = measure("digits", shape, 1)
     data = load_task_data("digits", None, block_size=BLOCK_SIZE)
     task = get_task("digits")
     spec = task.model(data, early_exits=True)
@@ -45,3 +53,4 @@ def test_a_child_trains_the_configured_submodel() -> None:
                        replace(task.train, early_exits=True), 0.25, 1, 1, 0)
     assert accounted == here.memory.total_bytes > 0
     assert peak > accounted + 50 * MiB  # torch alone is larger than that
+    assert 0 < step_s < math.inf

@@ -1,5 +1,6 @@
-"""`peerd bench memory`: peak resident memory of one peer training, with and without depth
-pruning and freezing, against the full model (issue 5, benchmark b).
+"""`peerd bench memory`: peak resident memory and training time per step of one peer, with
+and without depth pruning and freezing, against the full model (issue 5, benchmark b; the time
+column is Co-S2P's other headline figure).
 
 Every configuration runs in a fresh process (spawned, one torch thread), which imports peerd,
 loads the task's data and builds the full parameters a daemon holds, then trains `--steps` + 1
@@ -7,7 +8,9 @@ steps of its sub-model the way a round does (extract, freeze, SGD with momentum;
 batch size, early exits and self-distillation on). It reports its peak resident set
 (getrusage ru_maxrss). An idle process doing the same minus the training gives the baseline:
 the training's own peak is the difference. Both figures are reported, as medians over
-`--repeats` fresh processes with their spread (max - min).
+`--repeats` fresh processes with their spread (max - min). The wall time per step is each
+process's median over its `--steps` timed steps (the measured first step is the warm-up), then
+the median over the processes, with its spread.
 """
 
 from __future__ import annotations
@@ -57,23 +60,25 @@ def shapes(mu: float, blocks: int) -> list[Shape]:
 
 
 def _peak_rss(conn: Connection, task: str, shape: Shape, steps: int) -> None:
-    """A child: set up as a daemon would, train if a depth is given, send back ru_maxrss."""
+    """A child: set up as a daemon would, train if a depth is given, send back ru_maxrss, the
+    bytes the step accounts for and the median seconds of a timed step (NaN: no training)."""
     torch.set_num_threads(1)
     definition = get_task(task)
     data = load_task_data(task, None, block_size=BLOCK_SIZE)
     spec = definition.model(data, early_exits=True)
     params = init_params(spec, 0)
-    accounted = 0
+    accounted, step_s = 0, math.nan
     if shape.depth is not None:
         config = replace(definition.train, early_exits=True)
         probe = probe_width(spec, params, data.train, config, shape.mu, steps, shape.depth,
                             shape.frozen)
-        accounted = probe.memory.total_bytes
-    conn.send((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, accounted))
+        accounted, step_s = probe.memory.total_bytes, probe.step_s
+    conn.send((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, accounted, step_s))
 
 
-def measure(task: str, shape: Shape, steps: int) -> tuple[int, int]:
-    """(peak RSS in bytes, bytes the training step accounts for) of one fresh process."""
+def measure(task: str, shape: Shape, steps: int) -> tuple[int, int, float]:
+    """(peak RSS in bytes, bytes the training step accounts for, median seconds of a timed
+    step) of one fresh process."""
     context = spawn_context()
     parent, child = context.Pipe(duplex=False)
     process = context.Process(target=_peak_rss, args=(child, task, shape, steps))
@@ -96,6 +101,7 @@ class Row:
     label: str
     peaks: tuple[int, ...]  # bytes, one per repeat
     accounted: int  # parameters + gradients + optimizer state + saved activations
+    step_times: tuple[float, ...]  # seconds, each process's median step; NaN when idle
 
     @property
     def peak(self) -> float:
@@ -104,6 +110,14 @@ class Row:
     @property
     def spread(self) -> int:
         return max(self.peaks) - min(self.peaks)
+
+    @property
+    def step_s(self) -> float:
+        return statistics.median(self.step_times)
+
+    @property
+    def step_spread_s(self) -> float:
+        return max(self.step_times) - min(self.step_times)
 
 
 @dataclass(frozen=True)
@@ -116,6 +130,16 @@ class MemoryResult:
         """Peak above the idle baseline (medians)."""
         return row.peak - self.rows[0].peak
 
+    def time_vs_full(self, row: Row) -> float:
+        return row.step_s / self.rows[1].step_s
+
+    def _step_json(self, row: Row) -> dict[str, float | None]:
+        if row.shape.depth is None:  # the idle baseline has no step to time
+            return {"step_ms": None, "step_spread_ms": None, "step_vs_full": None}
+        return {"step_ms": round(row.step_s * 1e3, 2),
+                "step_spread_ms": round(row.step_spread_s * 1e3, 2),
+                "step_vs_full": round(self.time_vs_full(row), 3)}
+
     def to_json(self) -> dict[str, object]:
         full = self.training(self.rows[1])
         return {"task": self.task, "steps": self.steps, "rows": [
@@ -124,20 +148,26 @@ class MemoryResult:
              "spread_mib": round(row.spread / MiB, 1),
              "training_mib": round(self.training(row) / MiB, 1),
              "training_vs_full": round(self.training(row) / full, 3),
-             "accounted_mib": round(row.accounted / MiB, 2)}
+             "accounted_mib": round(row.accounted / MiB, 2), **self._step_json(row)}
             for row in self.rows]}
 
     def describe(self) -> str:
         full = self.training(self.rows[1])
-        lines = [f"{self.task}: peak RSS of one peer over {self.steps + 1} training steps "
-                 f"(medians of {len(self.rows[0].peaks)} fresh processes)",
+        lines = [f"{self.task}: peak RSS of one peer over {self.steps + 1} training steps and "
+                 f"wall time of a step (medians of {len(self.rows[0].peaks)} fresh processes)",
                  f"{'configuration':<38} {'peak MiB':>9} {'spread':>7} {'training':>9} "
-                 f"{'vs full':>8} {'accounted':>10}"]
+                 f"{'vs full':>8} {'accounted':>10} {'step ms':>8} {'spread':>7} "
+                 f"{'vs full':>8}"]
         for row in self.rows:
             training = self.training(row)
-            ratio = "" if row.shape.depth is None else f"{training / full:.2f}"
-            lines.append(f"{row.label:<38} {row.peak / MiB:>9.1f} {row.spread / MiB:>7.1f} "
-                         f"{training / MiB:>9.1f} {ratio:>8} {row.accounted / MiB:>10.2f}")
+            line = (f"{row.label:<38} {row.peak / MiB:>9.1f} {row.spread / MiB:>7.1f} "
+                    f"{training / MiB:>9.1f}")
+            if row.shape.depth is None:
+                lines.append(f"{line} {'':>8} {row.accounted / MiB:>10.2f}")
+                continue
+            lines.append(f"{line} {training / full:>8.2f} {row.accounted / MiB:>10.2f} "
+                         f"{row.step_s * 1e3:>8.1f} {row.step_spread_s * 1e3:>7.1f} "
+                         f"{self.time_vs_full(row):>8.2f}")
         return "\n".join(lines)
 
 
@@ -146,13 +176,16 @@ def run_memory(task: str, mu: float, steps: int, repeats: int) -> MemoryResult:
                                   early_exits=True).groups[DEPTH].units
     configurations = shapes(mu, blocks)
     peaks: dict[Shape, list[int]] = {shape: [] for shape in configurations}
+    step_times: dict[Shape, list[float]] = {shape: [] for shape in configurations}
     accounted: dict[Shape, int] = {}
     for _ in range(repeats):  # interleaved, so a slow drift of the machine hits every shape
         for shape in configurations:
-            peak, accounted[shape] = measure(task, shape, steps)
+            peak, accounted[shape], step_s = measure(task, shape, steps)
             peaks[shape].append(peak)
+            step_times[shape].append(step_s)
     return MemoryResult(task, steps, tuple(
-        Row(shape, shape.describe(blocks), tuple(peaks[shape]), accounted[shape])
+        Row(shape, shape.describe(blocks), tuple(peaks[shape]), accounted[shape],
+            tuple(step_times[shape]))
         for shape in configurations))
 
 
@@ -169,10 +202,11 @@ def _mu(text: str) -> float:
 def add_memory_parser(subparsers: argparse._SubParsersAction) -> None:
     """Registers `memory` (under `peerd bench`); its `func` runs the benchmark."""
     memory = subparsers.add_parser(
-        "memory", help="peak RSS of one peer: depth pruning and freezing against the full model",
-        description="Peak resident memory of one peer training its sub-model at width mu, with "
-                    "every depth and freezing shape, against the full model; each in a fresh "
-                    "process, less an idle process's baseline.",
+        "memory", help="peak RSS and step time of one peer: depth pruning and freezing against "
+                       "the full model",
+        description="Peak resident memory and wall time per training step of one peer training "
+                    "its sub-model at width mu, with every depth and freezing shape, against the "
+                    "full model; each in a fresh process, peaks less an idle process's baseline.",
     )
     memory.add_argument("--task", choices=["digits", "fmnist", "kjv"], default="fmnist",
                         help="which task model (default: %(default)s)")
