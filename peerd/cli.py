@@ -127,10 +127,12 @@ def add_msfusion_options(parser: argparse.ArgumentParser) -> None:
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The task's training defaults with the contrastive options of the command line."""
+    """The task's training defaults with the contrastive and early-exit options of the command
+    line."""
     return dataclasses.replace(
         get_task(args.task).train, contrastive=args.contrastive,
-        contrastive_weight=args.contrastive_weight, contrastive_tau=args.contrastive_tau)
+        contrastive_weight=args.contrastive_weight, contrastive_tau=args.contrastive_tau,
+        early_exits=args.early_exits, distill_temperature=_temperature(args))
 
 
 def _mu_or_auto(text: str) -> tuple[float, ...] | str:
@@ -315,7 +317,6 @@ def _sim(args: argparse.Namespace) -> int:
         task=args.task, rounds=args.rounds, seed=args.seed, partition=args.partition,
         data_dir=args.data_dir, out=args.out, eval_every=args.eval_every,
         eval_samples=args.eval_samples, wire_dtype=args.wire_dtype, depth=args.depth,
-        early_exits=args.early_exits, distill_temperature=_temperature(args),
         train=train_config(args), overlap=args.overlap, regroup_every=args.regroup_every,
     )
     progress = ProgressLine(enabled=not args.quiet)

@@ -104,11 +104,9 @@ class SimConfig:
     out: str = "runs/sim"
     eval_every: int = 1
     eval_samples: int | None = None  # global test samples per evaluation; None: the task default
-    train: TrainConfig | None = None  # None: the task's defaults (peerd/tasks.py)
+    train: TrainConfig | None = None  # None: the task's defaults (peerd/tasks.py), no early exits
     wire_dtype: str = "float32"
     depth: tuple[int, ...] | None = None  # blocks kept, one for all or per peer (cycled)
-    early_exits: bool = False  # overrides the train config's: an exit head per block
-    distill_temperature: float | None = 3.0  # with early exits; None: CE on every exit only
     overlap: str = STATIC_OVERLAP  # msfusion's overlap schedule: static or decay:H (peerd/plan.py)
     regroup_every: int = 1  # msfusion: rounds between redraws of the per-group rotation
     # Each peer's mean shard: the training set is first cut to a seeded peers x shard_size
@@ -132,8 +130,7 @@ class SimConfig:
             self.eval_samples is None or self.eval_samples >= 1,
             "eval_samples", self.eval_samples, ">= 1",
         )
-        check_depth(self.depth, self.early_exits)
-        TrainConfig(distill_temperature=self.distill_temperature)  # checks the value
+        check_depth(self.depth, self.train is not None and self.train.early_exits)
 
     def peer_mu(self, position: int) -> float:
         return self.mu[position % len(self.mu)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,12 +48,10 @@ class Simulation:
 def build(config: SimConfig) -> Simulation:
     task = get_task(config.task)
     data = load_task_data(config.task, config.data_dir, block_size=BLOCK_SIZE)
-    spec = task.model(data, config.early_exits)
+    train = config.train if config.train is not None else task.train
+    spec = task.model(data, train.early_exits)
     if DEPTH in spec.groups:
-        check_depth(config.depth, config.early_exits, spec.groups[DEPTH].units)
-    train = replace(config.train if config.train is not None else task.train,
-                    early_exits=config.early_exits,
-                    distill_temperature=config.distill_temperature)
+        check_depth(config.depth, train.early_exits, spec.groups[DEPTH].units)
     planner = make_planner(config.method, config.seed, config.overlap, config.regroup_every)
     topology = load_topology(config.topology)
     initial = init_params(spec, config.seed)

@@ -102,13 +102,13 @@ def test_quick_distill_table_runs_distillation_on_and_off(tmp_path: Path) -> Non
     assert report == json.loads(json.dumps(result.to_json()))
     on, off = report["clusters"]
     assert (on["name"], off["name"]) == ("distill-on", "distill-off")
-    assert on["config"]["distill_temperature"] == DISTILL_TEMPERATURE
-    assert off["config"]["distill_temperature"] is None
+    assert on["config"]["train"]["distill_temperature"] == DISTILL_TEMPERATURE
+    assert off["config"]["train"]["distill_temperature"] is None
     # The run that trained is the one described: its stored config has distillation off too.
     stored = json.loads((tmp_path / "runs" / "distill-off-seed0" / "config.json").read_text())
     assert stored == off["config"]
     for cluster in (on, off):
-        assert cluster["config"]["early_exits"] is True
+        assert cluster["config"]["train"]["early_exits"] is True
         assert tuple(cluster["config"]["depth"]) == DISTILL_DEPTHS
         # The shallow peers drop a block: each trains fewer FLOPs than any deep peer.
         (run,) = cluster["seeds"]

@@ -3,7 +3,8 @@
 Every run is one `peerd sim` (peerd/sim.py) of the chosen image task, Dirichlet label skew
 (alpha 0.5 by default), each peer's mean shard `--shard-size` samples (the training set is cut
 to peers x shard_size), `--steps` local SGD steps a round. Runs are keyed by what defines them
-and kept under OUT/runs/KEY/metrics.jsonl; `--reuse` skips a run whose file holds every round.
+and kept under OUT/runs/KEY/ (metrics.jsonl and the config that produced them); `--reuse` skips
+a run whose stored config matches and whose metrics hold every round (peerd/bench/stored.py).
 The tables (issue 3):
 
 - sizing: the full-width and the quarter-width model trained centrally (one peer, all the
@@ -34,9 +35,9 @@ from pathlib import Path
 import torch
 
 from peerd.bench.processes import partition_arg, positive_int, seeds_arg
+from peerd.bench.stored import run_or_reuse, spread
 from peerd.config import STATIC_OVERLAP, SimConfig, TrainConfig
 from peerd.plots import plot_series
-from peerd.sim import run
 from peerd.tasks import get_task
 
 TABLES = ("sizing", "a", "b", "c", "d", "e")
@@ -127,20 +128,9 @@ def summarize(spec: RunSpec, records: Sequence[dict], target: float) -> RunSumma
     )
 
 
-def _complete_records(path: Path, rounds: int) -> list[dict] | None:
-    if not path.exists():
-        return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return records if len(records) == rounds else None
-
-
 def run_spec(spec: RunSpec, settings: Settings, out: Path, reuse: bool,
              log: Callable[[str], None]) -> RunSummary:
-    directory = out / "runs" / spec.key
-    records = _complete_records(directory / "metrics.jsonl", settings.rounds) if reuse else None
-    if records is None:
-        log(f"run {spec.key}")
-        records = run(spec.sim_config(settings, directory), plot=False)
+    records = run_or_reuse(spec.sim_config(settings, out / "runs" / spec.key), reuse, log)
     return summarize(spec, records, settings.target)
 
 
@@ -184,22 +174,18 @@ def table_specs(table: str, settings: Settings, seeds: Sequence[int]) -> dict[st
 # ---- figures -----------------------------------------------------------------------------------
 
 
-def _spread(values: Sequence[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def row_figures(runs: Sequence[RunSummary]) -> dict[str, object]:
     reached = [r.flops_to_target for r in runs if r.flops_to_target is not None]
     return {
         "seeds": [r.spec.seed for r in runs],
-        "final_acc": _spread([r.final_acc for r in runs]),
-        "peer_acc": _spread([r.final_peer_acc for r in runs]),
+        "final_acc": spread([r.final_acc for r in runs]),
+        "peer_acc": spread([r.final_peer_acc for r in runs]),
         # Median over the seeds that reached the target; how many did is given beside it.
-        "flops_to_target": _spread(reached) if reached else None,
+        "flops_to_target": spread(reached) if reached else None,
         "reached": len(reached),
         "flops_per_sample_peer": runs[0].flops_per_sample_peer,
         "flops_per_sample_full": runs[0].flops_per_sample_full,
-        "bytes_per_round_peer": _spread([r.bytes_per_round_peer for r in runs]),
+        "bytes_per_round_peer": spread([r.bytes_per_round_peer for r in runs]),
         "coverage": min(r.coverage for r in runs),
     }
 
@@ -355,7 +341,8 @@ def add_accuracy_parser(subparsers: argparse._SubParsersAction) -> None:
     accuracy.add_argument("--quick", action="store_true",
                           help="a smoke run: 2 rounds of 1 step on 24 samples per peer")
     accuracy.add_argument("--reuse", action="store_true",
-                          help="skip runs whose metrics under OUT/runs are complete")
+                          help="skip runs stored under OUT/runs with the same config and every "
+                               "round")
     accuracy.add_argument("--out", type=Path, default=Path("runs/bench-accuracy"))
     accuracy.set_defaults(func=run_accuracy_command)
 

@@ -43,12 +43,12 @@ from pathlib import Path
 import torch
 
 from peerd.bench.processes import BenchError, positive_int, print_result, seeds_arg
+from peerd.bench.stored import config_json, run_or_reuse, spread
 from peerd.config import SimConfig
 from peerd.data import load_task_data
 from peerd.models.base import DEPTH, ModelSpec, plan_units
 from peerd.plan import Member, make_planner
 from peerd.plots import plot_series
-from peerd.sim import run as run_sim
 from peerd.submodel import forward_flops_per_sample
 from peerd.tasks import BLOCK_SIZE, get_task
 
@@ -94,10 +94,12 @@ REFERENCES = (_homogeneous(0.125),)
 
 @dataclass(frozen=True)
 class Variant:
-    """SimConfig fields applied to every cluster of a table (none: width only)."""
+    """SimConfig fields and TrainConfig fields applied to every cluster of a table (none: width
+    only)."""
 
     name: str = "width only"
     overrides: Mapping[str, object] = field(default_factory=dict)
+    train: Mapping[str, object] = field(default_factory=dict)
 
 
 # ---- compute per width --------------------------------------------------------------------------
@@ -123,33 +125,12 @@ def planned_ratio(pair: Pair, flops: Mapping[float, int]) -> float:
 
 def _run_config(cluster: Cluster, seed: int, rounds: int, task: str, quick: bool,
                 variant: Variant, out: Path) -> SimConfig:
-    train = None
-    if quick:
-        train = dataclasses.replace(get_task(task).train, local_epochs=QUICK_LOCAL_EPOCHS)
+    train_fields = {**variant.train, **({"local_epochs": QUICK_LOCAL_EPOCHS} if quick else {})}
+    train = dataclasses.replace(get_task(task).train, **train_fields) if train_fields else None
     config = SimConfig(peers=PEERS, method=METHOD, mu=cluster.mu, task=task, rounds=rounds,
                        seed=seed, partition=PARTITION, train=train,
                        out=str(out / "runs" / f"{cluster.name}-seed{seed}"))
     return dataclasses.replace(config, **variant.overrides)
-
-
-def _config_json(config: SimConfig) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(config)))
-
-
-def run_or_reuse(config: SimConfig, reuse: bool) -> list[dict]:
-    """The run's per-round records: read back when `reuse` and the same config ran to the end,
-    else trained now."""
-    out = Path(config.out)
-    metrics, saved = out / "metrics.jsonl", out / "config.json"
-    if reuse and metrics.exists() and saved.exists() \
-            and json.loads(saved.read_text()) == _config_json(config):
-        records = [json.loads(line) for line in metrics.read_text().splitlines()]
-        if len(records) == config.rounds:
-            return records
-    saved.unlink(missing_ok=True)  # a run cut short must not be reused
-    records = run_sim(config)
-    saved.write_text(json.dumps(_config_json(config)))
-    return records
 
 
 @dataclass(frozen=True)
@@ -178,11 +159,6 @@ def summarize_run(seed: int, records: Sequence[dict]) -> ClusterRun:
 # ---- results ------------------------------------------------------------------------------------
 
 
-def _spread(values: Sequence[float]) -> dict[str, float]:
-    return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
-            "max": round(max(values), 4)}
-
-
 def _text(summary: Mapping[str, float]) -> str:
     return f"{summary['median']:.3f} [{summary['min']:.3f}, {summary['max']:.3f}]"
 
@@ -194,7 +170,7 @@ class ClusterResult:
     runs: tuple[ClusterRun, ...]  # one per seed
 
     def global_acc(self) -> dict[str, float]:
-        return _spread([run.global_acc for run in self.runs])
+        return spread([run.global_acc for run in self.runs])
 
     def total_train_flops(self) -> int:
         return round(statistics.median(sum(run.train_flops) for run in self.runs))
@@ -210,7 +186,7 @@ class ClusterResult:
             rows.append({"mu": mu, "peers": len(positions),
                          "forward_flops_per_sample": flops[mu],
                          "train_flops_per_round": round(statistics.median(per_round)),
-                         "own_acc": _spread(accuracy)})
+                         "own_acc": spread(accuracy)})
         return rows
 
     def to_json(self, flops: Mapping[float, int]) -> dict[str, object]:
@@ -242,7 +218,8 @@ class CapacityResult:
         return {
             "task": self.task, "peers": PEERS, "partition": PARTITION, "rounds": self.rounds,
             "seeds": list(self.seeds), "final_rounds": FINAL_ROUNDS,
-            "variant": {"name": self.variant.name, "overrides": dict(self.variant.overrides)},
+            "variant": {"name": self.variant.name, "overrides": dict(self.variant.overrides),
+                        "train": dict(self.variant.train)},
             "forward_flops_per_sample": {str(mu): f for mu, f in self.flops.items()},
             "pairs": [{"mixed": m.cluster.name, "homogeneous": h.cluster.name, "flops_ratio": r}
                       for (m, h), r in zip(self.pairs, self.pair_ratios(), strict=True)],
@@ -337,8 +314,8 @@ DISTILL_OFF = Cluster("distill-off", (DISTILL_MU,) * PEERS)
 
 def _distill_variant(temperature: float | None) -> Variant:
     name = "distillation off" if temperature is None else f"distillation T={temperature:g}"
-    return Variant(name, {"early_exits": True, "depth": DISTILL_DEPTHS,
-                          "distill_temperature": temperature})
+    return Variant(name, {"depth": DISTILL_DEPTHS},
+                   {"early_exits": True, "distill_temperature": temperature})
 
 
 def _depth_of(position: int) -> int:
@@ -375,7 +352,7 @@ class DistillResult:
             peers = sum(_depth_of(p) == depth for p in range(PEERS))
             figures.append((f"own accuracy, depth {depth} ({peers} peers)",
                             self.own_acc(self.on, depth), self.own_acc(self.off, depth)))
-        return [{"figure": name, "on": _spread(on), "off": _spread(off),
+        return [{"figure": name, "on": spread(on), "off": spread(off),
                  "on_minus_off": _differences(on, off)} for name, on, off in figures]
 
     def to_json(self) -> dict[str, object]:
@@ -384,7 +361,7 @@ class DistillResult:
             "seeds": list(self.seeds), "final_rounds": FINAL_ROUNDS, "mu": DISTILL_MU,
             "depths": list(DISTILL_DEPTHS), "blocks": self.blocks,
             "temperature": DISTILL_TEMPERATURE, "rows": self.rows(),
-            "clusters": [{"name": r.cluster.name, "config": _config_json(config),
+            "clusters": [{"name": r.cluster.name, "config": config_json(config),
                           "seeds": [dataclasses.asdict(run) for run in r.runs]}
                          for r, config in ((self.on, self.on_config),
                                            (self.off, self.off_config))],
