@@ -166,6 +166,8 @@ class WidthProbe:
     memory: StepMemory
     depth: int | None = None  # blocks kept (models with early exits); None: all
     frozen: int = 0  # shallowest kept blocks not trained
+    # Median CPU seconds of the timed steps: unlike step_s, not inflated by other processes.
+    step_cpu_s: float = math.nan
 
 
 def depth_shapes(blocks: int) -> list[tuple[int, int]]:
@@ -194,12 +196,14 @@ def probe_width(spec: ModelSpec, params: Params, split: Split, config: TrainConf
         train_step(spec.kind, config, module, optimizer, inputs, targets, frozen)
 
     memory = measure_step(lambda: step(0), module, optimizer)
-    seconds = []
+    seconds, cpu_seconds = [], []
     for index in range(1, steps + 1):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         step(index)
         seconds.append(time.perf_counter() - started)
-    return WidthProbe(mu, statistics.median(seconds), memory, depth, frozen)
+        cpu_seconds.append(time.process_time() - cpu_started)
+    return WidthProbe(mu, statistics.median(seconds), memory, depth, frozen,
+                      statistics.median(cpu_seconds))
 
 
 def steps_per_round(samples: int, config: TrainConfig) -> int:

@@ -1,19 +1,27 @@
-"""Mixed capacities with real daemons: widths given per daemon through `peerd cluster`, and
-measured ones (`--mu auto`) that must keep to their memory budget."""
+"""Mixed capacities with real daemons: widths and depths given per daemon through `peerd
+cluster`, and measured widths (`--mu auto`) that must keep to their memory budget."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from daemons import RunningDaemon, start_loopback_daemons, wait_all
 
+from peerd.cluster import ClusterConfig, DaemonProcess, run_cluster
+from peerd.net.tls import TlsIdentity
+from peerd.status import fetch_status
+
 MIXED = (0.5, 0.25, 0.125)  # cycled over 4 daemons: 0.5, 0.25, 0.125, 0.5
 ROUNDS = 10  # coverage reaches 1.0 at round 9 for seed 0 (peerd sim gives the same plans)
+DEPTHS = (2, 1)  # cycled over 3 daemons: both blocks of the digits CNN, the first, both
+DEPTH_ROUNDS = 7  # at mu 0.5, coverage reaches 1.0 at round 7 for seed 0 (the same plans)
 
 
 def test_a_mixed_cluster_trains_every_weight(tmp_path: Path) -> None:
@@ -74,3 +82,40 @@ def test_a_budget_no_width_fits_exits_2_naming_it(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2, result.stderr
     assert "memory budget 64 MiB is too small: even mu 0.0625 needs about" in result.stderr
+
+
+def depths_in_status(daemons: list[DaemonProcess]) -> dict[str, dict[str, int]]:
+    """Each daemon's Status reply: the depth it reports for itself and for every peer it knows
+    (learnt in the handshake)."""
+    views = {}
+    # Called from inside the cluster watcher's event loop: each request gets a loop of its own.
+    with ThreadPoolExecutor(1) as pool:
+        for daemon in daemons:
+            reply = pool.submit(asyncio.run, fetch_status(
+                daemon.address, TlsIdentity.load(daemon.tls_dir))).result()
+            views[daemon.peer_id] = {reply.self.peer_id: reply.self.capacity.depth,
+                                     **{p.peer_id: p.capacity.depth for p in reply.peers}}
+    return views
+
+
+def test_a_mixed_depth_cluster_trains_every_block_and_exit(tmp_path: Path) -> None:
+    daemons: list[DaemonProcess] = []
+    statuses: list[dict[str, dict[str, int]]] = []
+
+    def after_round(record: dict) -> None:
+        if record["round"] == 1:
+            statuses.append(depths_in_status(daemons))
+
+    config = ClusterConfig(peers=3, mu=(0.5,), depth=DEPTHS, early_exits=True,
+                           rounds=DEPTH_ROUNDS, eval_every=DEPTH_ROUNDS, mdns=False,
+                           out=str(tmp_path))
+    records = run_cluster(config, after_round, daemons.extend)
+    # Every entry of every block and exit head was trained by a peer that holds it.
+    assert records[-1]["coverage"] == 1.0
+    depths = {f"peer-{i:02d}": DEPTHS[i % len(DEPTHS)] for i in range(3)}
+    assert statuses == [{peer: depths for peer in depths}]
+    # The deep daemons (0 and 2) also train the second block and its exit: more FLOPs.
+    flops = [daemon.rounds()[0]["forward_flops_per_sample"] for daemon in daemons]
+    assert flops[0] == flops[2] > flops[1] > 0
+    spent = records[-1]["train_flops_cum_peer"]
+    assert min(spent[0], spent[2]) > spent[1]

@@ -20,7 +20,7 @@ gains from training beside strong ones.
 Runs are kept in OUT/runs/<cluster>-seed<N>/ (metrics.jsonl and the config that produced
 them); `--reuse` reads back any run whose config matches instead of training it again.
 OUT/capacity.json, OUT/capacity.md and OUT/capacity.png hold the results. `Variant` carries
-SimConfig fields applied to every cluster.
+SimConfig and TrainConfig fields applied to every cluster.
 
 `--table d` (benchmark d, the self-distillation half): one depth-mixed cluster (mu 0.5 on every
 peer, early exits, the peers' depths cycling 2,2,1,1 so that every other pair of peers drops

@@ -10,7 +10,8 @@ batch size, early exits and self-distillation on). It reports its peak resident 
 the training's own peak is the difference. Both figures are reported, as medians over
 `--repeats` fresh processes with their spread (max - min). The wall time per step is each
 process's median over its `--steps` timed steps (the measured first step is the warm-up), then
-the median over the processes, with its spread.
+the median over the processes, with its spread; the CPU time per step (process time) likewise:
+on a shared machine the wall time also counts waiting for a core, the CPU time does not.
 """
 
 from __future__ import annotations
@@ -61,24 +62,26 @@ def shapes(mu: float, blocks: int) -> list[Shape]:
 
 def _peak_rss(conn: Connection, task: str, shape: Shape, steps: int) -> None:
     """A child: set up as a daemon would, train if a depth is given, send back ru_maxrss, the
-    bytes the step accounts for and the median seconds of a timed step (NaN: no training)."""
+    bytes the step accounts for and the median wall and CPU seconds of a timed step (None: no
+    training)."""
     torch.set_num_threads(1)
     definition = get_task(task)
     data = load_task_data(task, None, block_size=BLOCK_SIZE)
     spec = definition.model(data, early_exits=True)
     params = init_params(spec, 0)
-    accounted, step_s = 0, math.nan
+    accounted, times = 0, None
     if shape.depth is not None:
         config = replace(definition.train, early_exits=True)
         probe = probe_width(spec, params, data.train, config, shape.mu, steps, shape.depth,
                             shape.frozen)
-        accounted, step_s = probe.memory.total_bytes, probe.step_s
-    conn.send((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, accounted, step_s))
+        accounted, times = probe.memory.total_bytes, (probe.step_s, probe.step_cpu_s)
+    conn.send((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, accounted, times))
 
 
-def measure(task: str, shape: Shape, steps: int) -> tuple[int, int, float]:
-    """(peak RSS in bytes, bytes the training step accounts for, median seconds of a timed
-    step) of one fresh process."""
+def measure(task: str, shape: Shape, steps: int
+            ) -> tuple[int, int, tuple[float, float] | None]:
+    """(peak RSS in bytes, bytes the training step accounts for, median (wall, CPU) seconds of
+    a timed step or None for the idle baseline) of one fresh process."""
     context = spawn_context()
     parent, child = context.Pipe(duplex=False)
     process = context.Process(target=_peak_rss, args=(child, task, shape, steps))
@@ -101,7 +104,9 @@ class Row:
     label: str
     peaks: tuple[int, ...]  # bytes, one per repeat
     accounted: int  # parameters + gradients + optimizer state + saved activations
-    step_times: tuple[float, ...]  # seconds, each process's median step; NaN when idle
+    # Seconds of a step, one per repeat (that process's median step); empty for the baseline.
+    wall_steps: tuple[float, ...]
+    cpu_steps: tuple[float, ...]
 
     @property
     def peak(self) -> float:
@@ -111,13 +116,9 @@ class Row:
     def spread(self) -> int:
         return max(self.peaks) - min(self.peaks)
 
-    @property
-    def step_s(self) -> float:
-        return statistics.median(self.step_times)
 
-    @property
-    def step_spread_s(self) -> float:
-        return max(self.step_times) - min(self.step_times)
+def _median_spread(values: tuple[float, ...]) -> tuple[float, float]:
+    return statistics.median(values), max(values) - min(values)
 
 
 @dataclass(frozen=True)
@@ -130,15 +131,22 @@ class MemoryResult:
         """Peak above the idle baseline (medians)."""
         return row.peak - self.rows[0].peak
 
-    def time_vs_full(self, row: Row) -> float:
-        return row.step_s / self.rows[1].step_s
-
-    def _step_json(self, row: Row) -> dict[str, float | None]:
-        if row.shape.depth is None:  # the idle baseline has no step to time
-            return {"step_ms": None, "step_spread_ms": None, "step_vs_full": None}
-        return {"step_ms": round(row.step_s * 1e3, 2),
-                "step_spread_ms": round(row.step_spread_s * 1e3, 2),
-                "step_vs_full": round(self.time_vs_full(row), 3)}
+    def step_times(self, row: Row) -> dict[str, float | None]:
+        """Wall and CPU milliseconds of a step (median over the processes), their spread, and
+        their ratio to the full model's; None for the idle baseline, which trains nothing."""
+        figures: dict[str, float | None] = {}
+        full = self.rows[1]
+        for kind, times, full_times in (("step", row.wall_steps, full.wall_steps),
+                                        ("cpu", row.cpu_steps, full.cpu_steps)):
+            if not times:
+                figures |= {f"{kind}_ms": None, f"{kind}_spread_ms": None,
+                            f"{kind}_vs_full": None}
+                continue
+            median, spread = _median_spread(times)
+            figures |= {f"{kind}_ms": round(median * 1e3, 2),
+                        f"{kind}_spread_ms": round(spread * 1e3, 2),
+                        f"{kind}_vs_full": round(median / _median_spread(full_times)[0], 3)}
+        return figures
 
     def to_json(self) -> dict[str, object]:
         full = self.training(self.rows[1])
@@ -148,16 +156,16 @@ class MemoryResult:
              "spread_mib": round(row.spread / MiB, 1),
              "training_mib": round(self.training(row) / MiB, 1),
              "training_vs_full": round(self.training(row) / full, 3),
-             "accounted_mib": round(row.accounted / MiB, 2), **self._step_json(row)}
+             "accounted_mib": round(row.accounted / MiB, 2), **self.step_times(row)}
             for row in self.rows]}
 
     def describe(self) -> str:
         full = self.training(self.rows[1])
-        lines = [f"{self.task}: peak RSS of one peer over {self.steps + 1} training steps and "
-                 f"wall time of a step (medians of {len(self.rows[0].peaks)} fresh processes)",
+        lines = [f"{self.task}: peak RSS of one peer over {self.steps + 1} training steps, wall "
+                 f"and CPU time of a step (medians of {len(self.rows[0].peaks)} fresh processes)",
                  f"{'configuration':<38} {'peak MiB':>9} {'spread':>7} {'training':>9} "
-                 f"{'vs full':>8} {'accounted':>10} {'step ms':>8} {'spread':>7} "
-                 f"{'vs full':>8}"]
+                 f"{'vs full':>8} {'accounted':>10} {'wall ms':>8} {'spread':>7} {'vs full':>8} "
+                 f"{'CPU ms':>8} {'spread':>7} {'vs full':>8}"]
         for row in self.rows:
             training = self.training(row)
             line = (f"{row.label:<38} {row.peak / MiB:>9.1f} {row.spread / MiB:>7.1f} "
@@ -165,9 +173,12 @@ class MemoryResult:
             if row.shape.depth is None:
                 lines.append(f"{line} {'':>8} {row.accounted / MiB:>10.2f}")
                 continue
-            lines.append(f"{line} {training / full:>8.2f} {row.accounted / MiB:>10.2f} "
-                         f"{row.step_s * 1e3:>8.1f} {row.step_spread_s * 1e3:>7.1f} "
-                         f"{self.time_vs_full(row):>8.2f}")
+            times = self.step_times(row)
+            lines.append(
+                f"{line} {training / full:>8.2f} {row.accounted / MiB:>10.2f} "
+                f"{times['step_ms']:>8.1f} {times['step_spread_ms']:>7.1f} "
+                f"{times['step_vs_full']:>8.2f} {times['cpu_ms']:>8.1f} "
+                f"{times['cpu_spread_ms']:>7.1f} {times['cpu_vs_full']:>8.2f}")
         return "\n".join(lines)
 
 
@@ -176,16 +187,19 @@ def run_memory(task: str, mu: float, steps: int, repeats: int) -> MemoryResult:
                                   early_exits=True).groups[DEPTH].units
     configurations = shapes(mu, blocks)
     peaks: dict[Shape, list[int]] = {shape: [] for shape in configurations}
-    step_times: dict[Shape, list[float]] = {shape: [] for shape in configurations}
+    wall: dict[Shape, list[float]] = {shape: [] for shape in configurations}
+    cpu: dict[Shape, list[float]] = {shape: [] for shape in configurations}
     accounted: dict[Shape, int] = {}
     for _ in range(repeats):  # interleaved, so a slow drift of the machine hits every shape
         for shape in configurations:
-            peak, accounted[shape], step_s = measure(task, shape, steps)
+            peak, accounted[shape], times = measure(task, shape, steps)
             peaks[shape].append(peak)
-            step_times[shape].append(step_s)
+            if times is not None:
+                wall[shape].append(times[0])
+                cpu[shape].append(times[1])
     return MemoryResult(task, steps, tuple(
         Row(shape, shape.describe(blocks), tuple(peaks[shape]), accounted[shape],
-            tuple(step_times[shape]))
+            tuple(wall[shape]), tuple(cpu[shape]))
         for shape in configurations))
 
 
@@ -202,11 +216,12 @@ def _mu(text: str) -> float:
 def add_memory_parser(subparsers: argparse._SubParsersAction) -> None:
     """Registers `memory` (under `peerd bench`); its `func` runs the benchmark."""
     memory = subparsers.add_parser(
-        "memory", help="peak RSS and step time of one peer: depth pruning and freezing against "
+        "memory", help="peak RSS and step times of one peer: depth pruning and freezing against "
                        "the full model",
-        description="Peak resident memory and wall time per training step of one peer training "
-                    "its sub-model at width mu, with every depth and freezing shape, against the "
-                    "full model; each in a fresh process, peaks less an idle process's baseline.",
+        description="Peak resident memory and wall and CPU time per training step of one peer "
+                    "training its sub-model at width mu, with every depth and freezing shape, "
+                    "against the full model; each in a fresh process, peaks less an idle "
+                    "process's baseline.",
     )
     memory.add_argument("--task", choices=["digits", "fmnist", "kjv"], default="fmnist",
                         help="which task model (default: %(default)s)")
