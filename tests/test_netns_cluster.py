@@ -1,6 +1,6 @@
 """Three hosts in network namespaces on one bridge: `peerd start --topology ring` with no
 addresses given finds the others by mDNS multicast alone and completes its rounds, with mixed
-capacities (one of them measured: --mu auto)."""
+capacities: widths and depths (early exits; one width and depth measured: --mu auto)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ available, reason = netns_available()
 pytestmark = pytest.mark.skipif(not available, reason=reason)
 
 ROUNDS = 2
-# host2 measures its width; a round target no width can meet makes it take the narrowest.
-WIDTHS = (["--mu", "0.5"], ["--mu", "0.25"], ["--mu", "auto", "--round-target", "0.001"])
-VIEW = [["host0", 0.5], ["host1", 0.25], ["host2", 0.0625]]
+# host0 keeps both blocks of the digits CNN, host1 the first; host2 measures its width and
+# depth: a round target no shape can meet makes it take the narrowest and shallowest.
+CAPACITIES = (["--mu", "0.5"], ["--mu", "0.25", "--depth", "1"],
+              ["--mu", "auto", "--round-target", "0.001"])
+VIEW = [["host0", 0.5], ["host1", 0.25, 1], ["host2", 0.0625, 1]]
 
 
 def test_three_namespaced_daemons_find_each_other_by_mdns(
@@ -32,7 +34,8 @@ def test_three_namespaced_daemons_find_each_other_by_mdns(
             processes.append(host.popen(
                 [sys.executable, "-m", "peerd.cli", "start", "--topology", "ring",
                  "--state-dir", str(state_dir), "--shard", f"{position}/3", "--rounds",
-                 str(ROUNDS), "--min-peers", "3", "--threads", "1", *WIDTHS[position],
+                 str(ROUNDS), "--min-peers", "3", "--threads", "1", "--early-exits",
+                 *CAPACITIES[position],
                  *cluster_ca.flags(f"host{position}")],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             ))
@@ -45,7 +48,7 @@ def test_three_namespaced_daemons_find_each_other_by_mdns(
             assert f"serving on {host.address}:7470" in output, output
             assert f"{ROUNDS} rounds, 3 members" in output, output
         assert "no width trains a round within 0.001 s" in outputs[2]
-        # Every member planned with everyone's width, host2's as it measured it.
+        # Every member planned with everyone's width and depth, host2's as it measured them.
         for position in range(3):
             state = json.loads((tmp_path / f"host{position}" / "state.json").read_text())
             assert state["view"] == VIEW
