@@ -46,6 +46,17 @@ def test_training_peaks_are_medians_less_the_idle_median() -> None:
     assert lines[-1].split()[-6:] == ["20.0", "20.0", "0.40", "10.0", "2.0", "0.25"]
 
 
+def test_no_ratio_to_a_full_model_whose_training_does_not_peak_above_the_baseline() -> None:
+    """On a task as small as digits, setting up can peak higher than training the full model."""
+    idle, full, pruned = shapes(0.25, 2)[:3]
+    result = MemoryResult("digits", 1, (
+        Row(idle, "idle", (500 * MiB,), 0, (), ()),
+        Row(full, "full", (500 * MiB,), 9 * MiB, (0.04,), (0.04,)),
+        Row(pruned, "pruned", (501 * MiB,), 2 * MiB, (0.02,), (0.01,))))
+    assert [r["training_vs_full"] for r in result.to_json()["rows"]] == [None, None, None]
+    assert result.describe().splitlines()[-1].split()[3:5] == ["1.0", "2.00"]  # no ratio
+
+
 def test_real_children_train_the_configured_submodels_and_time_every_one() -> None:
     """One fresh process per configuration: a child's accounted step bytes are those of the same
     probe run here (deterministic), its peak holds at least those bytes on top of the runtime,

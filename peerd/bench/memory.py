@@ -121,6 +121,10 @@ def _median_spread(values: tuple[float, ...]) -> tuple[float, float]:
     return statistics.median(values), max(values) - min(values)
 
 
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
 @dataclass(frozen=True)
 class MemoryResult:
     task: str
@@ -130,6 +134,12 @@ class MemoryResult:
     def training(self, row: Row) -> float:
         """Peak above the idle baseline (medians)."""
         return row.peak - self.rows[0].peak
+
+    def training_vs_full(self, row: Row) -> float | None:
+        """The training's peak as a ratio of the full model's; None where the full model's
+        does not rise above the baseline (a task so small that setting up peaks higher)."""
+        full = self.training(self.rows[1])
+        return None if full <= 0 else self.training(row) / full
 
     def step_times(self, row: Row) -> dict[str, float | None]:
         """Wall and CPU milliseconds of a step (median over the processes), their spread, and
@@ -149,18 +159,16 @@ class MemoryResult:
         return figures
 
     def to_json(self) -> dict[str, object]:
-        full = self.training(self.rows[1])
         return {"task": self.task, "steps": self.steps, "rows": [
             {"config": row.label, "mu": row.shape.mu, "depth": row.shape.depth,
              "frozen": row.shape.frozen, "peak_mib": round(row.peak / MiB, 1),
              "spread_mib": round(row.spread / MiB, 1),
              "training_mib": round(self.training(row) / MiB, 1),
-             "training_vs_full": round(self.training(row) / full, 3),
+             "training_vs_full": _rounded(self.training_vs_full(row), 3),
              "accounted_mib": round(row.accounted / MiB, 2), **self.step_times(row)}
             for row in self.rows]}
 
     def describe(self) -> str:
-        full = self.training(self.rows[1])
         lines = [f"{self.task}: peak RSS of one peer over {self.steps + 1} training steps, wall "
                  f"and CPU time of a step (medians of {len(self.rows[0].peaks)} fresh processes)",
                  f"{'configuration':<38} {'peak MiB':>9} {'spread':>7} {'training':>9} "
@@ -174,8 +182,9 @@ class MemoryResult:
                 lines.append(f"{line} {'':>8} {row.accounted / MiB:>10.2f}")
                 continue
             times = self.step_times(row)
+            ratio = self.training_vs_full(row)
             lines.append(
-                f"{line} {training / full:>8.2f} {row.accounted / MiB:>10.2f} "
+                f"{line} {'' if ratio is None else f'{ratio:.2f}':>8} {row.accounted / MiB:>10.2f} "
                 f"{times['step_ms']:>8.1f} {times['step_spread_ms']:>7.1f} "
                 f"{times['step_vs_full']:>8.2f} {times['cpu_ms']:>8.1f} "
                 f"{times['cpu_spread_ms']:>7.1f} {times['cpu_vs_full']:>8.2f}")
