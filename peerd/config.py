@@ -41,7 +41,7 @@ def parse_size(text: str, name: str = "size") -> int:
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 STATIC_OVERLAP = "static"
 # msfusion: rounds between redraws of the per-group rotation (docs/ALGORITHM.md, regroup period).
-REGROUP_EVERY = 1
+REGROUP_EVERY = 5
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from peerd.config import STATIC_OVERLAP, parse_overlap
+from peerd.config import REGROUP_EVERY, STATIC_OVERLAP, parse_overlap
 from peerd.models.base import DEPTH, Plan, UnitGroup
 
 
@@ -140,7 +140,7 @@ class MSFusionPlanner(Planner):
     name = "msfusion"
 
     def __init__(self, seed: int, zeta: int = 1, decorrelate_groups: bool = True,
-                 overlap: str = STATIC_OVERLAP, regroup_every: int = 1) -> None:
+                 overlap: str = STATIC_OVERLAP, regroup_every: int = REGROUP_EVERY) -> None:
         super().__init__(seed)
         if regroup_every < 1:
             raise ValueError(f"regroup_every={regroup_every} is invalid: must be >= 1")
@@ -238,7 +238,7 @@ PLANNERS: dict[str, type[Planner]] = {
 
 
 def make_planner(method: str, seed: int, overlap: str = STATIC_OVERLAP,
-                 regroup_every: int = 1) -> Planner:
+                 regroup_every: int = REGROUP_EVERY) -> Planner:
     """The planner of `method`; `overlap` and `regroup_every` are msfusion's overlap schedule
     and the period of its per-group rotation."""
     if method == MSFusionPlanner.name:
