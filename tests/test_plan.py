@@ -477,13 +477,13 @@ def model_params() -> dict[str, Params]:
 #   6 peers, mu cycling 0.125/0.25/0.5: cnn 19, transformer 17.
 # The bounds leave about 1.6x margin over those worst cases.
 COVERAGE_CASES = {
-    "n4-mu0.5": ([0.5] * 4, 40),
+    "n4-mu0.5": ([0.5] * 4, 32),
     "n8-mu0.25": ([0.25] * 8, 200),
-    "mixed6": ([(0.125, 0.25, 0.5)[i % 3] for i in range(6)], 64),
+    "mixed6": ([(0.125, 0.25, 0.5)[i % 3] for i in range(6)], 48),
 }
-# With the default regroup period (10), unit level, seeds 0..99: the worst is 31, 131, 31 rounds
-# (cnn) and 31, 144, 51 (transformer), means 14, 61, 16 and 14, 45, 29 (same order); seed 0
-# needs 11, 61, 12 and 16, 22, 21. A period of 1 needed at most 16, 40, 32.
+# With the default regroup period (5), unit level, seeds 0..99: the worst is 16, 66, 28 rounds
+# (cnn) and 24, 139, 36 (transformer), means 8, 32, 13 and 10, 30, 20 (same order); seed 0
+# needs 6, 31, 11 and 11, 19, 13. A period of 1 needed at most 10, 23, 19 (over 300 seeds).
 
 
 def coverage_history(
@@ -602,8 +602,8 @@ def test_aligned_windows_leave_a_band_untrained(
     assert "head.weight" not in untrained and "stem.0.weight" not in untrained
 
 
-# N=4, mu=0.25, default regroup period (10): seed 0 needs 62 rounds on the CNN; over seeds
-# 0..99 the worst is 132 (cnn) and 170 (transformer), mean 62 and 62. (A period of 1: 37 and 41
+# N=4, mu=0.25, default regroup period (5): seed 0 needs 32 rounds on the CNN; over seeds
+# 0..99 the worst is 67 (cnn) and 166 (transformer), mean 34 and 49. (A period of 1: 37 and 41
 # over seeds 0..299.)
 QUARTER_WIDTH_BOUND = 200
 
