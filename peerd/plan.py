@@ -7,9 +7,10 @@ member's index in that order is its *position*.
 - msfusion: double shifting splitting (DSS). Windows of width ceil(mu_n * K) start spaced
   around the ring of K units in proportion to the members' widths (shift across peers, so the
   windows cover every unit whenever the widths add up to K) and rotate by zeta units a round
-  (shift across rounds). Each group is also rotated by its own seeded offset every round; without
-  it, windows aligned across layers of equal width would only ever train a diagonal band of each
-  weight matrix (DESIGN invariant 3). When the widths add up to more than K, the overlap
+  (shift across rounds). Each group is also rotated by its own seeded offset, redrawn every
+  regroup period (default 5 rounds; docs/ALGORITHM.md); without it, windows aligned across
+  layers of equal width would only ever train a diagonal band of each weight matrix (DESIGN
+  invariant 3). When the widths add up to more than K, the overlap
   schedule sets how far apart the windows are spread (docs/ALGORITHM.md, adaptive overlap).
 - fedrolex: one rolling window, the same for every member and every layer.
 - heterofl: a static prefix of each group.
