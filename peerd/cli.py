@@ -240,6 +240,7 @@ def _add_cluster(commands: argparse._SubParsersAction) -> None:
                          help="strict synchronous rounds (default: semi-asynchronous, as "
                          "`peerd start`)")
     cluster.add_argument("--quiet", action="store_true", help="no progress line")
+    add_msfusion_options(cluster)
     cluster.set_defaults(func=_cluster)
 
 
@@ -390,7 +391,9 @@ def _cluster(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, out=args.out, eval_every=args.eval_every,
         eval_samples=args.eval_samples, mdns=not args.no_mdns, wire_dtype=args.wire_dtype,
         sync=args.sync, depth=args.depth, early_exits=args.early_exits,
-        distill_temperature=_temperature(args),
+        distill_temperature=_temperature(args), overlap=args.overlap,
+        regroup_every=args.regroup_every, contrastive=args.contrastive,
+        contrastive_weight=args.contrastive_weight, contrastive_tau=args.contrastive_tau,
     )
     progress = ProgressLine(enabled=not args.quiet)
 

@@ -30,8 +30,9 @@ from pathlib import Path
 import grpc
 import torch
 
+from peerd.agreement import cluster_fingerprint, planner_settings
 from peerd.ca import CA_CERT, init_ca, issue
-from peerd.config import AUTO
+from peerd.config import AUTO, REGROUP_EVERY, STATIC_OVERLAP
 from peerd.coverage import CoverageTracker
 from peerd.data import load_task_data
 from peerd.metrics import MetricsLog, PeerRound, evaluate_global, run_title
@@ -78,6 +79,11 @@ class ClusterConfig:
     depth: tuple[int, ...] | None = None  # blocks kept per daemon (cycled); None: all
     early_exits: bool = False
     distill_temperature: float | None = 3.0  # with early exits; None: --no-distill
+    overlap: str = STATIC_OVERLAP  # msfusion's overlap schedule
+    regroup_every: int = REGROUP_EVERY  # msfusion: rounds between redraws of the group rotation
+    contrastive: bool = False
+    contrastive_weight: float = 1.0
+    contrastive_tau: float = 0.5
 
 
 class ClusterError(RuntimeError):
@@ -174,7 +180,8 @@ def launch(config: ClusterConfig, out: Path, tls: dict[str, Path]) -> list[Daemo
             "--min-peers", str(config.peers), "--state-dir", str(state_dir),
             "--cluster", f"local-{os.getpid()}", "--threads", "1",
             "--round-timeout", str(config.round_timeout_s), "--linger", "600",
-            "--wire-dtype", config.wire_dtype,
+            "--wire-dtype", config.wire_dtype, "--overlap", config.overlap,
+            "--regroup-every", str(config.regroup_every),
             "--metrics-port", str(metrics_port), "--tls-dir", str(tls[peer_id]),
         ]
         if config.data_dir:
@@ -183,6 +190,9 @@ def launch(config: ClusterConfig, out: Path, tls: dict[str, Path]) -> list[Daemo
             args += ["--memory-budget", config.memory_budget]
         if config.sync:
             args += ["--sync"]
+        if config.contrastive:
+            args += ["--contrastive", "--contrastive-weight", str(config.contrastive_weight),
+                     "--contrastive-tau", str(config.contrastive_tau)]
         if position < len(config.slowdown):
             args += ["--slowdown", str(config.slowdown[position])]
         args += early_exit_args(config, position)
@@ -231,10 +241,14 @@ class ClusterWatcher:
         self.eval_samples = config.eval_samples if config.eval_samples else task.eval_samples
         initial = init_params(self.spec, config.seed)
         shapes = {name: (torch.float32, tuple(t.shape)) for name, t in initial.items()}
+        settings = planner_settings(config.method, config.seed, config.overlap,
+                                    config.regroup_every)
         self.expectation = Expectation(PROTOCOL_VERSION, f"local-{os.getpid()}",
-                                       fingerprint(self.spec), lambda header: shapes)
+                                       cluster_fingerprint(fingerprint(self.spec), settings),
+                                       lambda header: shapes)
         self.clients = PeerClients(tls)
-        self.planner = make_planner(config.method, config.seed)
+        self.planner = make_planner(config.method, config.seed, config.overlap,
+                                    config.regroup_every)
         self.members: list[Member] = []  # with the widths the daemons report (mu auto)
         self.coverage = CoverageTracker(self.spec, initial)
 

@@ -40,6 +40,8 @@ def parse_size(text: str, name: str = "size") -> int:
 # Precisions for the exchanged values (`wire_dtype`): halving the bytes costs rounding.
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 STATIC_OVERLAP = "static"
+# msfusion: rounds between redraws of the per-group rotation (docs/ALGORITHM.md, regroup period).
+REGROUP_EVERY = 5
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ class SimConfig:
     wire_dtype: str = "float32"
     depth: tuple[int, ...] | None = None  # blocks kept, one for all or per peer (cycled)
     overlap: str = STATIC_OVERLAP  # msfusion's overlap schedule: static or decay:H (peerd/plan.py)
-    regroup_every: int = 1  # msfusion: rounds between redraws of the per-group rotation
+    regroup_every: int = REGROUP_EVERY  # msfusion: rounds between redraws of the group rotation
     # Each peer's mean shard: the training set is first cut to a seeded peers x shard_size
     # samples (benchmarks of scale: the same data per peer whatever the peer count).
     shard_size: int | None = None
@@ -243,6 +245,16 @@ class DaemonConfig:
         True, "with early_exits: the deepest exit teaches the others (flag: --no-distill turns "
         "it off: CE on every exit only)", "--no-distill")
     method: str = option("msfusion", "planner: msfusion, fedrolex, heterofl, fd or full")
+    overlap: str = option(
+        STATIC_OVERLAP, "msfusion: how much neighbouring windows overlap, static or decay:H "
+        "(the overlap halves every H rounds); the same on every member")
+    regroup_every: int = option(
+        REGROUP_EVERY, "msfusion: rounds between redraws of each unit group's window rotation; "
+        "the same on every member")
+    contrastive: bool = option(
+        False, "MOON-style model-contrastive term in local training (5/3 of the training FLOPs)")
+    contrastive_weight: float = option(1.0, "with contrastive: its weight lambda")
+    contrastive_tau: float = option(0.5, "with contrastive: its temperature tau")
     host: str = option("0.0.0.0", "address gRPC listens on")
     port: int = option(7470, "gRPC port (0: any free port)")
     peers: tuple[str, ...] = option(
@@ -317,7 +329,10 @@ class DaemonConfig:
                                   f"(mu is {self.mu})")
         _require(self.wire_dtype in WIRE_DTYPES, "wire_dtype", self.wire_dtype,
                  f"one of {', '.join(WIRE_DTYPES)}")
+        parse_overlap(self.overlap)
+        _require(self.regroup_every >= 1, "regroup_every", self.regroup_every, ">= 1")
         self._check_depth()
+        self.train_config(TrainConfig())  # checks the contrastive options with early_exits
         _require(0 <= self.port <= 65535, "port", self.port, "in 0..65535 (0: any free port)")
         _require(self.min_peers >= 1, "min_peers", self.min_peers, ">= 1")
         _require(self.rounds is None or self.rounds >= 1, "rounds", self.rounds, ">= 1")
@@ -366,9 +381,11 @@ class DaemonConfig:
         TrainConfig(distill_temperature=self.distill_temperature)  # checks the value
 
     def train_config(self, task_defaults: TrainConfig) -> TrainConfig:
-        """The task's training defaults with this daemon's early-exit options."""
+        """The task's training defaults with this daemon's early-exit and contrastive options."""
         return replace(task_defaults, early_exits=self.early_exits,
-                       distill_temperature=self.distill_temperature if self.distill else None)
+                       distill_temperature=self.distill_temperature if self.distill else None,
+                       contrastive=self.contrastive, contrastive_weight=self.contrastive_weight,
+                       contrastive_tau=self.contrastive_tau)
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

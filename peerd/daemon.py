@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from peerd.aggregate import assemble
+from peerd.agreement import cluster_fingerprint, describe_settings, planner_settings
 from peerd.allocator import keep_freed_memory
 from peerd.ca import DEVICE_CERT
 from peerd.capacity import measure_capacity
@@ -155,12 +156,16 @@ class Daemon:
         train_split, test_split = self._local_data(data)
         self.engine = Engine(
             self.peer_id, self.spec, init_params(self.spec, config.seed), train_split,
-            test_split, make_planner(config.method, config.seed), load_topology(config.topology),
+            test_split,
+            make_planner(config.method, config.seed, config.overlap, config.regroup_every),
+            load_topology(config.topology),
             train, config.seed, config.wire_dtype,
             Staleness(config.staleness_exponent, config.max_staleness),
         )
         self.mu, self.depth, self.engine.frozen_blocks = self._capacity(train, train_split)
-        self.fingerprint = fingerprint(self.spec)
+        self.planner_settings = planner_settings(config.method, config.seed, config.overlap,
+                                                 config.regroup_every)
+        self.fingerprint = cluster_fingerprint(fingerprint(self.spec), self.planner_settings)
         self.expectation = Expectation(PROTOCOL_VERSION, config.cluster, self.fingerprint,
                                        self._expected_tensors)
         # What a checkpoint must match to be resumed from (anything else is another run).
@@ -388,8 +393,9 @@ class Daemon:
                      metrics_port)
         discovery = DiscoveryManager(self._discovery_sources(address, port))
         await discovery.start()
-        log.info("peer %s serving on %s (cluster %s, model %s, %s)", self.peer_id, address,
-                 self.config.cluster, self.fingerprint,
+        log.info("peer %s serving on %s (cluster %s, fingerprint %s: %s, %s)", self.peer_id,
+                 address, self.config.cluster, self.fingerprint,
+                 describe_settings(self.planner_settings),
                  f"mutual TLS with {self.tls.directory}" if self.tls else "no TLS")
         # Ready only now: peers and `peerd status` can reach this daemon from here on.
         self.notifier.ready(f"serving on {address}, waiting for {self.config.min_peers} "

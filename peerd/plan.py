@@ -7,9 +7,10 @@ member's index in that order is its *position*.
 - msfusion: double shifting splitting (DSS). Windows of width ceil(mu_n * K) start spaced
   around the ring of K units in proportion to the members' widths (shift across peers, so the
   windows cover every unit whenever the widths add up to K) and rotate by zeta units a round
-  (shift across rounds). Each group is also rotated by its own seeded offset every round; without
-  it, windows aligned across layers of equal width would only ever train a diagonal band of each
-  weight matrix (DESIGN invariant 3). When the widths add up to more than K, the overlap
+  (shift across rounds). Each group is also rotated by its own seeded offset, redrawn every
+  regroup period (default 5 rounds; docs/ALGORITHM.md); without it, windows aligned across
+  layers of equal width would only ever train a diagonal band of each weight matrix (DESIGN
+  invariant 3). When the widths add up to more than K, the overlap
   schedule sets how far apart the windows are spread (docs/ALGORITHM.md, adaptive overlap).
 - fedrolex: one rolling window, the same for every member and every layer.
 - heterofl: a static prefix of each group.
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from peerd.config import STATIC_OVERLAP, parse_overlap
+from peerd.config import REGROUP_EVERY, STATIC_OVERLAP, parse_overlap
 from peerd.models.base import DEPTH, Plan, UnitGroup
 
 
@@ -140,7 +141,7 @@ class MSFusionPlanner(Planner):
     name = "msfusion"
 
     def __init__(self, seed: int, zeta: int = 1, decorrelate_groups: bool = True,
-                 overlap: str = STATIC_OVERLAP, regroup_every: int = 1) -> None:
+                 overlap: str = STATIC_OVERLAP, regroup_every: int = REGROUP_EVERY) -> None:
         super().__init__(seed)
         if regroup_every < 1:
             raise ValueError(f"regroup_every={regroup_every} is invalid: must be >= 1")
@@ -238,7 +239,7 @@ PLANNERS: dict[str, type[Planner]] = {
 
 
 def make_planner(method: str, seed: int, overlap: str = STATIC_OVERLAP,
-                 regroup_every: int = 1) -> Planner:
+                 regroup_every: int = REGROUP_EVERY) -> Planner:
     """The planner of `method`; `overlap` and `regroup_every` are msfusion's overlap schedule
     and the period of its per-group rotation."""
     if method == MSFusionPlanner.name:

@@ -23,6 +23,7 @@ from peerd.aggregate import (
     outbox,
     staleness_weight,
 )
+from peerd.config import REGROUP_EVERY
 from peerd.models import (
     CNNConfig,
     CNNSpec,
@@ -117,8 +118,11 @@ def make_scenario(spec_name: str, kind: str, seed: int) -> Scenario:
             Member(p, widths[int(torch.randint(0, 4, (1,), generator=generator))]) for p in peers
         ]
         planner = make_planner(kind, seed)
-        now = planner.plan(seed, members, spec.groups)
-        nxt = planner.plan(seed + 1, members, spec.groups)
+        # The last round of a regroup period: the next round's windows are redrawn, so the
+        # receiver's next slice reaches beyond the neighbours' current windows.
+        round_index = (seed + 1) * REGROUP_EVERY - 1
+        now = planner.plan(round_index, members, spec.groups)
+        nxt = planner.plan(round_index + 1, members, spec.groups)
     weights = {p: float(torch.rand(1, generator=generator)) * 99 + 1 for p in peers}
     params = {p: random_params(spec_name, generator) for p in peers}
     receiver = peers[int(torch.randint(0, count, (1,), generator=generator))]

@@ -6,6 +6,7 @@ transformer; the task-sized transformer appears only where FLOP ratios are measu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import pytest
@@ -260,7 +261,8 @@ def test_parameter_count_falls_with_mu_squared(spec: ModelSpec, mu: float) -> No
 @spec_params(SPECS)
 def test_sub_model_layers_scale_by_full_over_kept_inputs(spec: ModelSpec) -> None:
     """Each sliced layer rescales its input by full/kept units of the input's group, so a
-    slice's activations keep the full model's magnitude."""
+    slice's activations keep the full model's magnitude; the classifier head (and every exit)
+    by sqrt(full/kept), so that its logits' step per SGD step stays the full model's."""
     for plan in some_plans(spec, 8)[:4]:
         module = extract(spec, init_params(spec, 0), plan)
         scaled = 0
@@ -271,12 +273,15 @@ def test_sub_model_layers_scale_by_full_over_kept_inputs(spec: ModelSpec) -> Non
             expected = 1.0
             if input_group is not None:
                 expected = spec.groups[input_group].units / plan[input_group].numel()
+            if module_name == "head" or module_name.startswith("exits."):
+                expected = math.sqrt(expected)
             assert layer.scale == pytest.approx(expected), module_name
             scaled += 1
         assert scaled > 0
         if isinstance(spec, TransformerSpec):
             # The tied LM head reads the residual stream.
-            assert module.head_scale == pytest.approx(spec.cfg.d_model / plan["embd"].numel())
+            assert module.head_scale == pytest.approx(
+                math.sqrt(spec.cfg.d_model / plan["embd"].numel()))
 
 
 # ---- 4. FLOPs --------------------------------------------------------------------------------

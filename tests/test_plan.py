@@ -477,11 +477,13 @@ def model_params() -> dict[str, Params]:
 #   6 peers, mu cycling 0.125/0.25/0.5: cnn 19, transformer 17.
 # The bounds leave about 1.6x margin over those worst cases.
 COVERAGE_CASES = {
-    "n4-mu0.5": ([0.5] * 4, 16),
-    "n8-mu0.25": ([0.25] * 8, 40),
-    "mixed6": ([(0.125, 0.25, 0.5)[i % 3] for i in range(6)], 32),
+    "n4-mu0.5": ([0.5] * 4, 32),
+    "n8-mu0.25": ([0.25] * 8, 200),
+    "mixed6": ([(0.125, 0.25, 0.5)[i % 3] for i in range(6)], 48),
 }
-# Seed 0 with CoverageTracker itself: cnn 5, 7, 7 and transformer 4, 13, 7 rounds (same order).
+# With the default regroup period (5), unit level, seeds 0..99: the worst is 16, 66, 28 rounds
+# (cnn) and 24, 139, 36 (transformer), means 8, 32, 13 and 10, 30, 20 (same order); seed 0
+# needs 6, 31, 11 and 11, 19, 13. A period of 1 needed at most 10, 23, 19 (over 300 seeds).
 
 
 def coverage_history(
@@ -600,9 +602,10 @@ def test_aligned_windows_leave_a_band_untrained(
     assert "head.weight" not in untrained and "stem.0.weight" not in untrained
 
 
-# N=4, mu=0.25: seed 0 needs 22 rounds on the CNN; over seeds 0..299 the worst is 37 (cnn) and
-# 41 (transformer), mean 19 and 21.
-QUARTER_WIDTH_BOUND = 60
+# N=4, mu=0.25, default regroup period (5): seed 0 needs 32 rounds on the CNN; over seeds
+# 0..99 the worst is 67 (cnn) and 166 (transformer), mean 34 and 49. (A period of 1: 37 and 41
+# over seeds 0..299.)
+QUARTER_WIDTH_BOUND = 200
 
 
 def test_decorrelated_msfusion_fixes_the_band(model_params: dict[str, Params]) -> None:
@@ -619,22 +622,24 @@ def test_regrouped_rotation_holds_for_its_period_and_still_covers(
 ) -> None:
     members = members_of([0.25] * 4)
     group = CNN_SPEC.groups["s0b0.mid"]
-    every_round, every_five = MSFusionPlanner(0), MSFusionPlanner(0, regroup_every=5)
+    every_round, every_five = (MSFusionPlanner(0, regroup_every=1),
+                               MSFusionPlanner(0, regroup_every=5))
     # Within a period only the zeta drift (1 unit a round) moves the windows; the draw
     # changes at the period's end.
     drawn = [(every_five.group_offset(r, group) - r) % group.units for r in range(40)]
     periods = [drawn[start:start + 5] for start in range(0, 40, 5)]
     assert all(period == [period[0]] * 5 for period in periods)
     assert len({period[0] for period in periods}) > 1
-    # Period 1 is the per-round redraw, plan for plan.
-    for round_index in (0, 1, 7):
-        assert_plans_equal(every_round.plan(round_index, members, CNN_SPEC.groups),
-                           MSFusionPlanner(0, regroup_every=1).plan(round_index, members,
-                                                                    CNN_SPEC.groups))
+    # Period 1 redraws every round (a draw repeats with chance 1/8 here).
+    redrawn = [(every_round.group_offset(r, group) - r) % group.units for r in range(40)]
+    assert sum(before != after for before, after in pairwise(redrawn)) >= 25
     # Fewer redraws cover more slowly, but every weight is still trained.
     tracker = CoverageTracker(CNN_SPEC, model_params["cnn"])
-    history = coverage_history(tracker, every_five, members, 4 * QUARTER_WIDTH_BOUND)
+    history = coverage_history(tracker, every_five, members, QUARTER_WIDTH_BOUND)
     assert history[-1] == 1.0 and tracker.untrained() == {}
+    fast = coverage_history(CoverageTracker(CNN_SPEC, model_params["cnn"]), every_round,
+                            members, QUARTER_WIDTH_BOUND)
+    assert len(fast) < len(history)
 
 
 def test_bad_regroup_period_is_named() -> None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peerd.models.base import DEPTH, UnitGroup
-from peerd.models.layers import ScaledConv2d, ScaledLinear, input_scale
+from peerd.models.layers import ScaledConv2d, ScaledLinear, head_scale, input_scale
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,8 @@ class ResNetCNN(nn.Module):
         self.early_exits = cfg.early_exits
 
         def head(res: str) -> ScaledLinear:
-            return ScaledLinear(units[res] * cpu, cfg.num_classes, True, scale(res))
+            return ScaledLinear(units[res] * cpu, cfg.num_classes, True,
+                                head_scale(full[res], units[res]))
 
         if cfg.early_exits:
             self.exits = nn.ModuleList(head(res) for res in streams)

@@ -3,9 +3,12 @@
 A sub-model keeps a fraction of a layer's input units. Like inverted dropout, the layer scales
 its output by full/kept input units so that activations keep the full model's expected
 magnitude and the parameters a peer trains in its slice still fit the assembled full model.
+The classifier head is the exception (`head_scale`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +17,14 @@ from torch import nn
 
 def input_scale(full_inputs: int, kept_inputs: int) -> float:
     return full_inputs / kept_inputs
+
+
+def head_scale(full_inputs: int, kept_inputs: int) -> float:
+    """The classifier head's input scale: sqrt(full/kept), not full/kept. With scale s a step of
+    SGD moves a logit by about lr * s^2 * (sum of the k kept squared features), so
+    s^2 = full/kept keeps the step of the full model's; full/kept would multiply it by full/kept
+    (docs/ALGORITHM.md, Scaling). Hidden layers keep full/kept."""
+    return math.sqrt(full_inputs / kept_inputs)
 
 
 class ScaledLinear(nn.Linear):

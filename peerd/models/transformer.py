@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peerd.models.base import DEPTH, UnitGroup
-from peerd.models.layers import ScaledLinear, input_scale
+from peerd.models.layers import ScaledLinear, head_scale, input_scale
 
 EMBD = "embd"
 
@@ -122,7 +122,7 @@ class TransformerLM(nn.Module):
             self.exits = nn.ModuleList(nn.LayerNorm(d_model) for _ in self.blocks)
         else:
             self.ln_f = nn.LayerNorm(d_model)
-        self.head_scale = scale(EMBD)
+        self.head_scale = head_scale(full[EMBD], units[EMBD])
         self.apply(_init_weights)
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import Protocol
 import grpc
 import torch
 
+from peerd.agreement import fingerprint_mismatch
 from peerd.net.codec import (
     CHECK_POOL,
     DecodedStream,
@@ -82,8 +83,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                             f"cluster {cluster!r}, expected {expected.cluster!r}")
         if fingerprint != expected.model_fingerprint:
             raise WireError(grpc.StatusCode.FAILED_PRECONDITION,
-                            f"model fingerprint {fingerprint}, expected "
-                            f"{expected.model_fingerprint}")
+                            fingerprint_mismatch(fingerprint, expected.model_fingerprint))
 
     @staticmethod
     def _check_claim(context: grpc.aio.ServicerContext, claimed: str) -> None:

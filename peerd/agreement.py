@@ -1,0 +1,46 @@
+"""What every member of a cluster must share, folded into the one fingerprint peers compare.
+
+Every peer computes every member's plan locally (DESIGN.md, Words: plan), so two peers with
+different planner settings would each expect slices the other never sends. The fingerprint a
+daemon announces (mDNS record, handshake, stream headers, checkpoints) is therefore the model's
+digest joined by a dot to a digest of the planner settings; a mismatch names the half that
+differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from peerd.plan import MSFusionPlanner
+
+_SEPARATOR = "."
+
+
+def planner_settings(method: str, seed: int, overlap: str, regroup_every: int
+                     ) -> dict[str, object]:
+    """The settings that decide the plans: msfusion's overlap schedule and regroup period only
+    matter to msfusion, so peers of other methods may differ on them."""
+    settings: dict[str, object] = {"method": method, "seed": seed}
+    if method == MSFusionPlanner.name:
+        settings.update(overlap=overlap, regroup_every=regroup_every)
+    return settings
+
+
+def describe_settings(settings: dict[str, object]) -> str:
+    return " ".join(f"{name}={value}" for name, value in settings.items())
+
+
+def cluster_fingerprint(model_fingerprint: str, settings: dict[str, object]) -> str:
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{model_fingerprint}{_SEPARATOR}{digest}"
+
+
+def fingerprint_mismatch(got: str, expected: str) -> str:
+    """Why a peer announcing `got` cannot join a peer whose fingerprint is `expected`."""
+    got_model, _, got_planner = got.partition(_SEPARATOR)
+    expected_model, _, expected_planner = expected.partition(_SEPARATOR)
+    if got_model != expected_model:
+        return f"model fingerprint {got_model}, expected {expected_model} (another task or model)"
+    return (f"planner fingerprint {got_planner or '(none)'}, expected {expected_planner}: "
+            "method, seed, overlap and regroup_every must be the same on every member")

@@ -1,0 +1,82 @@
+"""Daemons take msfusion's planner settings (overlap, regroup period) from their options, and
+peers that disagree on how plans are computed refuse each other with the reason."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from daemons import ClusterCa, kill_all, start_loopback_daemons
+from safetensors.torch import load_file
+
+from peerd.agreement import cluster_fingerprint, fingerprint_mismatch, planner_settings
+from peerd.config import SimConfig
+from peerd.sim import build, run_round
+
+MODEL = "0123456789abcdef"
+
+
+def test_settings_that_do_not_change_the_plans_do_not_change_the_fingerprint() -> None:
+    def printed(method: str, regroup_every: int) -> str:
+        return cluster_fingerprint(MODEL, planner_settings(method, 0, "static", regroup_every))
+
+    assert printed("fedrolex", 1) == printed("fedrolex", 10)
+    assert printed("msfusion", 1) != printed("msfusion", 10)
+    assert printed("msfusion", 1) != printed("fedrolex", 1)
+    assert cluster_fingerprint(MODEL, planner_settings("msfusion", 0, "static", 1)) != \
+        cluster_fingerprint(MODEL, planner_settings("msfusion", 1, "static", 1))
+    assert printed("msfusion", 1).startswith(MODEL + ".")
+
+
+def test_a_mismatch_names_the_half_that_differs() -> None:
+    ours = cluster_fingerprint(MODEL, planner_settings("msfusion", 0, "static", 1))
+    theirs = cluster_fingerprint(MODEL, planner_settings("msfusion", 0, "decay:5", 1))
+    reason = fingerprint_mismatch(theirs, ours)
+    assert reason.startswith(f"planner fingerprint {theirs.split('.')[1]}, expected ")
+    assert "method, seed, overlap and regroup_every must be the same" in reason
+    other_model = cluster_fingerprint("f" * 16, planner_settings("msfusion", 0, "static", 1))
+    assert fingerprint_mismatch(other_model, ours) == (
+        f"model fingerprint {'f' * 16}, expected {MODEL} (another task or model)")
+
+
+def test_daemons_with_different_regroup_periods_refuse_each_other(
+    tmp_path: Path, cluster_ca: ClusterCa
+) -> None:
+    daemons = start_loopback_daemons(tmp_path, 2, ["--rounds", "1", "--sync"], cluster_ca,
+                                     extra_by_position={1: ["--regroup-every", "7"]})
+    try:
+        deadline = time.monotonic() + 120
+        while not all("planner fingerprint" in d.output() for d in daemons):
+            assert time.monotonic() < deadline, [d.output() for d in daemons]
+            assert all(d.process.poll() is None for d in daemons), [d.output() for d in daemons]
+            time.sleep(0.5)
+        for daemon in daemons:
+            assert "regroup_every must be the same on every member" in daemon.output()
+            assert not (daemon.state_dir / "rounds.jsonl").exists()
+    finally:
+        kill_all(daemons)
+
+
+def test_cluster_runs_the_planner_settings_it_is_given(tmp_path: Path) -> None:
+    rounds, settings = 3, {"regroup_every": 2, "overlap": "decay:2"}
+    result = subprocess.run(
+        [sys.executable, "-m", "peerd.cli", "cluster", "--peers", "3", "--rounds", str(rounds),
+         "--sync", "--no-mdns", "--quiet", "--regroup-every", "2", "--overlap", "decay:2",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    torch.set_num_threads(1)  # the daemons train with one thread each
+    given = build(SimConfig(peers=3, rounds=rounds, out="unused", **settings))
+    default = build(SimConfig(peers=3, rounds=rounds, out="unused"))
+    for round_index in range(rounds):
+        run_round(given, round_index)
+        run_round(default, round_index)
+    for position, engine in enumerate(given.engines):
+        saved = load_file(tmp_path / f"peer-{position:02d}" / "params.safetensors")
+        assert max(float((saved[n] - t).abs().max()) for n, t in engine.params.items()) <= 1e-6
+        other = default.engines[position].params
+        assert max(float((saved[n] - t).abs().max()) for n, t in other.items()) > 1e-3
