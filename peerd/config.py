@@ -114,9 +114,14 @@ class SimConfig:
     # Each peer's mean shard: the training set is first cut to a seeded peers x shard_size
     # samples (benchmarks of scale: the same data per peer whatever the peer count).
     shard_size: int | None = None
+    # Data-aware width (peerd/width.py): every peer of mu < 1 learns its widths per group.
+    learned_width: bool = False
+    width_epochs: int = 10
+    width_penalty: float = 0.1
 
     def __post_init__(self) -> None:
         _require(self.peers >= 1, "peers", self.peers, ">= 1")
+        check_width_options(self.width_epochs, self.width_penalty)
         parse_overlap(self.overlap)
         _require(self.regroup_every >= 1, "regroup_every", self.regroup_every, ">= 1")
         _require(self.shard_size is None or self.shard_size >= 2, "shard_size", self.shard_size,
@@ -140,6 +145,13 @@ class SimConfig:
 
     def peer_depth(self, position: int) -> int | None:
         return None if self.depth is None else self.depth[position % len(self.depth)]
+
+
+def check_width_options(epochs: int, penalty: float) -> None:
+    """Options of data-aware width (peerd/width.py): scoring epochs and the penalty weight."""
+    _require(type(epochs) is int and epochs >= 1, "width_epochs", epochs, "an integer >= 1")
+    _require(penalty > 0 and math.isfinite(penalty), "width_penalty", penalty,
+             "a positive number")
 
 
 def check_depth(depths: tuple[int, ...] | None, early_exits: bool,
