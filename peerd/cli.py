@@ -399,7 +399,8 @@ def _cluster(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, out=args.out, eval_every=args.eval_every,
         eval_samples=args.eval_samples, mdns=not args.no_mdns, wire_dtype=args.wire_dtype,
         sync=args.sync, depth=args.depth, early_exits=args.early_exits,
-        distill_temperature=_temperature(args),
+        distill_temperature=_temperature(args), learned_width=args.learned_width,
+        width_epochs=args.width_epochs, width_penalty=args.width_penalty,
     )
     progress = ProgressLine(enabled=not args.quiet)
 

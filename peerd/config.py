@@ -257,6 +257,11 @@ class DaemonConfig:
     distill: bool = option(
         True, "with early_exits: the deepest exit teaches the others (flag: --no-distill turns "
         "it off: CE on every exit only)", "--no-distill")
+    learned_width: bool = option(
+        False, "with mu < 1: learn how many units of each group to keep on the local data "
+        "(Co-S2P), within the FLOPs of the uniform mu sub-model; announced with the capacity")
+    width_epochs: int = option(10, "with learned_width: epochs of unit scoring at start")
+    width_penalty: float = option(0.1, "with learned_width: weight of the FLOPs budget penalty")
     method: str = option("msfusion", "planner: msfusion, fedrolex, heterofl, fd or full")
     host: str = option("0.0.0.0", "address gRPC listens on")
     port: int = option(7470, "gRPC port (0: any free port)")
@@ -333,6 +338,7 @@ class DaemonConfig:
         _require(self.wire_dtype in WIRE_DTYPES, "wire_dtype", self.wire_dtype,
                  f"one of {', '.join(WIRE_DTYPES)}")
         self._check_depth()
+        check_width_options(self.width_epochs, self.width_penalty)
         _require(0 <= self.port <= 65535, "port", self.port, "in 0..65535 (0: any free port)")
         _require(self.min_peers >= 1, "min_peers", self.min_peers, ">= 1")
         _require(self.rounds is None or self.rounds >= 1, "rounds", self.rounds, ">= 1")

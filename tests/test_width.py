@@ -15,6 +15,7 @@ from peerd.engine import sgd, train_step
 from peerd.models.base import ModelSpec
 from peerd.models.cnn import CNNConfig, CNNSpec
 from peerd.models.transformer import TransformerConfig, TransformerSpec
+from peerd.net.discovery import TXT_VALUE_LIMIT, PeerRecord
 from peerd.plan import Member, MSFusionPlanner, make_planner, width_groups
 from peerd.submodel import Params, extract, init_params, parameter_count
 from peerd.width import (
@@ -175,3 +176,20 @@ def test_bad_width_options_are_config_errors(field: str, value: object, message:
         SimConfig(**{field: value})
     with pytest.raises(ConfigError, match=message):
         WidthConfig(**{field.removeprefix("width_"): value})
+
+
+def test_the_txt_record_carries_widths_only_where_set() -> None:
+    record = PeerRecord("a", "lab", 1, "fp", 0.25, "10.0.0.1", 7470, widths=(2, 1, 14, 3))
+    txt = record.to_txt()
+    assert txt["widths"] == "2,1,14,3"
+    assert PeerRecord.from_txt(txt, "10.0.0.1", 7470) == record
+    assert "widths" not in PeerRecord("a", "lab", 1, "fp", 0.25, "10.0.0.1", 7470).to_txt()
+    with pytest.raises(ValueError, match="TXT key 'widths' is not a comma list of integers"):
+        PeerRecord.from_txt({**txt, "widths": "2,,3"}, "10.0.0.1", 7470)
+    with pytest.raises(ValueError, match="widths must be integers >= 1"):
+        PeerRecord.from_txt({**txt, "widths": "2,0"}, "10.0.0.1", 7470)
+    # A transformer of 12 layers (25 groups of up to 4 digits) still fits one TXT string.
+    assert len(PeerRecord("a", "lab", 1, "fp", 0.25, "h", 1, widths=(3072,) * 25).to_txt()[
+        "widths"]) <= TXT_VALUE_LIMIT
+    with pytest.raises(ValueError, match="more than the 248 characters a TXT value holds"):
+        PeerRecord("a", "lab", 1, "fp", 0.25, "h", 1, widths=(1000,) * 60)
