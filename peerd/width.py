@@ -189,7 +189,8 @@ def unit_scores(spec: ModelSpec, params: Params, data: Split, train: TrainConfig
                 depth: int | None = None, config: WidthConfig | None = None,
                 seed: int = 0) -> dict[str, torch.Tensor]:
     """Keep-score in (0, 1) of every unit of every sliceable group, learned on `data` with the
-    weights frozen under the FLOPs budget penalty of the uniform mu sub-model."""
+    weights frozen under the FLOPs budget penalty of the uniform mu sub-model; an epoch takes
+    at most train.max_local_steps batches."""
     config = config if config is not None else WidthConfig()
     gated = _gated_model(spec, params, depth, config.initial_logit)
     budget = gated.uniform_flops(spec, mu, depth)
@@ -198,7 +199,9 @@ def unit_scores(spec: ModelSpec, params: Params, data: Split, train: TrainConfig
     gated.module.train()
     for _ in range(config.epochs):
         order = torch.randperm(len(data), generator=generator)
-        for start in range(0, len(order), config.batch_size):
+        # An epoch is capped like a round of local training (max_local_steps, large shards).
+        starts = range(0, len(order), config.batch_size)[:train.max_local_steps]
+        for start in starts:
             batch = order[start:start + config.batch_size]
             gated.sample.draw(generator)
             loss = model_loss(spec.kind, train, gated.module, data.inputs[batch],
