@@ -44,9 +44,9 @@ def digits() -> Split:
 
 def trained_cnn(data: Split) -> Params:
     """The CNN after 3 epochs on `data` (about 0.8 training accuracy): its units matter."""
-    module = CNN.build({name: group.units for name, group in CNN.groups.items()})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
+        module = CNN.build({name: group.units for name, group in CNN.groups.items()})
         optimizer = sgd(module, TRAIN)
         for _ in range(3):
             for start in range(0, len(data), TRAIN.batch_size):
