@@ -25,7 +25,7 @@ from peerd.v1 import peer_pb2
 from peerd.width import flops_budget, widths_flops
 
 MIXED = (0.5, 0.25, 0.125)
-ROUNDS = 3
+ROUNDS = 2
 EPOCHS = 2  # of unit scoring: enough to check the wiring, cheap at start
 
 
