@@ -168,6 +168,14 @@ def _add_learning_options(parser: argparse.ArgumentParser, measured_mu: bool) ->
     parser.add_argument("--depth", type=_depth, default=None, metavar="N[,N...]",
                         help="blocks each peer keeps (the shallowest): one value, or one per "
                              "peer (cycled); default: all")
+    parser.add_argument("--learned-width", action="store_true",
+                        help="each peer of mu < 1 learns how many units of each group to keep "
+                             "on its own data, within its uniform sub-model's FLOPs")
+    parser.add_argument("--width-epochs", type=positive_int, default=SimConfig().width_epochs,
+                        help="with --learned-width: epochs of unit scoring (default: %(default)s)")
+    parser.add_argument("--width-penalty", type=float, default=SimConfig().width_penalty,
+                        help="with --learned-width: weight of the FLOPs budget penalty "
+                             "(default: %(default)s)")
     distill = parser.add_mutually_exclusive_group()
     distill.add_argument("--distill-temperature", type=float, default=3.0, metavar="T",
                          help="with --early-exits: the deepest exit teaches the others, "
@@ -319,6 +327,8 @@ def _sim(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, out=args.out, eval_every=args.eval_every,
         eval_samples=args.eval_samples, wire_dtype=args.wire_dtype, depth=args.depth,
         train=train_config(args), overlap=args.overlap, regroup_every=args.regroup_every,
+        learned_width=args.learned_width, width_epochs=args.width_epochs,
+        width_penalty=args.width_penalty,
     )
     progress = ProgressLine(enabled=not args.quiet)
     records = run(config, _progress_printer(progress, config.rounds))
@@ -394,6 +404,8 @@ def _cluster(args: argparse.Namespace) -> int:
         distill_temperature=_temperature(args), overlap=args.overlap,
         regroup_every=args.regroup_every, contrastive=args.contrastive,
         contrastive_weight=args.contrastive_weight, contrastive_tau=args.contrastive_tau,
+        learned_width=args.learned_width, width_epochs=args.width_epochs,
+        width_penalty=args.width_penalty,
     )
     progress = ProgressLine(enabled=not args.quiet)
 

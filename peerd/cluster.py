@@ -47,6 +47,7 @@ from peerd.state import CHECKPOINT_DIR
 from peerd.submodel import forward_flops_per_sample, init_params
 from peerd.tasks import BLOCK_SIZE, get_task
 from peerd.v1 import peer_pb2
+from peerd.width import decode_widths
 
 POLL_INTERVAL_S = 0.2
 # The watcher's own certificate: its pulls claim this name.
@@ -84,6 +85,9 @@ class ClusterConfig:
     contrastive: bool = False
     contrastive_weight: float = 1.0
     contrastive_tau: float = 0.5
+    learned_width: bool = False  # every daemon of mu < 1 learns its widths (peerd/width.py)
+    width_epochs: int = 10
+    width_penalty: float = 0.1
 
 
 class ClusterError(RuntimeError):
@@ -196,6 +200,9 @@ def launch(config: ClusterConfig, out: Path, tls: dict[str, Path]) -> list[Daemo
         if position < len(config.slowdown):
             args += ["--slowdown", str(config.slowdown[position])]
         args += early_exit_args(config, position)
+        if config.learned_width:
+            args += ["--learned-width", "--width-epochs", str(config.width_epochs),
+                     "--width-penalty", str(config.width_penalty)]
         if config.mdns:
             args += ["--mdns-interface", "127.0.0.1"]
         else:
@@ -278,8 +285,11 @@ class ClusterWatcher:
                     widths[daemon.peer_id] = reply.self.capacity
             pending = still
             await asyncio.sleep(POLL_INTERVAL_S)
-        self.members = [Member(d.peer_id, widths[d.peer_id].mu, widths[d.peer_id].depth or None)
-                        for d in self.daemons]
+        self.members = [
+            Member(d.peer_id, widths[d.peer_id].mu, widths[d.peer_id].depth or None,
+                   decode_widths(self.spec.groups, list(widths[d.peer_id].widths))
+                   if widths[d.peer_id].widths else None)
+            for d in self.daemons]
 
     async def wait_rounds(self, rounds: int) -> None:
         """Until every daemon has finished round `rounds` or moved past it (a semi-asynchronous

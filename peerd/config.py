@@ -114,9 +114,14 @@ class SimConfig:
     # Each peer's mean shard: the training set is first cut to a seeded peers x shard_size
     # samples (benchmarks of scale: the same data per peer whatever the peer count).
     shard_size: int | None = None
+    # Data-aware width (peerd/width.py): every peer of mu < 1 learns its widths per group.
+    learned_width: bool = False
+    width_epochs: int = 10
+    width_penalty: float = 0.1
 
     def __post_init__(self) -> None:
         _require(self.peers >= 1, "peers", self.peers, ">= 1")
+        check_width_options(self.width_epochs, self.width_penalty)
         parse_overlap(self.overlap)
         _require(self.regroup_every >= 1, "regroup_every", self.regroup_every, ">= 1")
         _require(self.shard_size is None or self.shard_size >= 2, "shard_size", self.shard_size,
@@ -139,6 +144,13 @@ class SimConfig:
 
     def peer_depth(self, position: int) -> int | None:
         return None if self.depth is None else self.depth[position % len(self.depth)]
+
+
+def check_width_options(epochs: int, penalty: float) -> None:
+    """Options of data-aware width (peerd/width.py): scoring epochs and the penalty weight."""
+    _require(type(epochs) is int and epochs >= 1, "width_epochs", epochs, "an integer >= 1")
+    _require(penalty > 0 and math.isfinite(penalty), "width_penalty", penalty,
+             "a positive number")
 
 
 def check_depth(depths: tuple[int, ...] | None, early_exits: bool,
@@ -244,6 +256,11 @@ class DaemonConfig:
     distill: bool = option(
         True, "with early_exits: the deepest exit teaches the others (flag: --no-distill turns "
         "it off: CE on every exit only)", "--no-distill")
+    learned_width: bool = option(
+        False, "with mu < 1: learn how many units of each group to keep on the local data "
+        "(Co-S2P), within the FLOPs of the uniform mu sub-model; announced with the capacity")
+    width_epochs: int = option(10, "with learned_width: epochs of unit scoring at start")
+    width_penalty: float = option(0.1, "with learned_width: weight of the FLOPs budget penalty")
     method: str = option("msfusion", "planner: msfusion, fedrolex, heterofl, fd or full")
     overlap: str = option(
         STATIC_OVERLAP, "msfusion: how much neighbouring windows overlap, static or decay:H "
@@ -333,6 +350,7 @@ class DaemonConfig:
         _require(self.regroup_every >= 1, "regroup_every", self.regroup_every, ">= 1")
         self._check_depth()
         self.train_config(TrainConfig())  # checks the contrastive options with early_exits
+        check_width_options(self.width_epochs, self.width_penalty)
         _require(0 <= self.port <= 65535, "port", self.port, "in 0..65535 (0: any free port)")
         _require(self.min_peers >= 1, "min_peers", self.min_peers, ">= 1")
         _require(self.rounds is None or self.rounds >= 1, "rounds", self.rounds, ">= 1")

@@ -57,7 +57,7 @@ from peerd.net.membership import Membership, View
 from peerd.net.rpc import add_peer_service
 from peerd.net.service import PeerService
 from peerd.net.tls import TlsError, TlsIdentity
-from peerd.plan import Member, make_planner
+from peerd.plan import Member, check_widths, make_planner, width_groups
 from peerd.progress import ProgressLine
 from peerd.state import (
     ROUNDS_LOG,
@@ -74,6 +74,7 @@ from peerd.tasks import BLOCK_SIZE, get_task
 from peerd.topology import load_topology
 from peerd.transport import SliceMessage
 from peerd.v1 import peer_pb2
+from peerd.width import WidthConfig, Widths, decode_widths, encode_widths, learn_widths
 
 log = logging.getLogger("peerd.daemon")
 
@@ -135,8 +136,19 @@ def own_peer_id(config: DaemonConfig, tls: TlsIdentity | None) -> str:
 
 
 def view_entry(member: Member) -> list:
-    """A member as checkpoints record it: [peer id, mu], with its depth where set."""
+    """A member as checkpoints record it: [peer id, mu], with its depth where set, and
+    [peer id, mu, depth or null, [[group, units], ...]] with learned widths."""
+    if member.widths is not None:
+        return [member.peer_id, member.mu, member.depth, [list(w) for w in member.widths]]
     return [member.peer_id, member.mu] + ([] if member.depth is None else [member.depth])
+
+
+def entry_member(entry: list) -> Member:
+    """The inverse of view_entry."""
+    if len(entry) == 4:
+        peer_id, mu, depth, widths = entry
+        return Member(peer_id, mu, depth, tuple((name, units) for name, units in widths))
+    return Member(*entry)
 
 
 class Daemon:
@@ -163,6 +175,7 @@ class Daemon:
             Staleness(config.staleness_exponent, config.max_staleness),
         )
         self.mu, self.depth, self.engine.frozen_blocks = self._capacity(train, train_split)
+        self.widths = self._learned_widths(train, train_split)
         self.planner_settings = planner_settings(config.method, config.seed, config.overlap,
                                                  config.regroup_every)
         self.fingerprint = cluster_fingerprint(fingerprint(self.spec), self.planner_settings)
@@ -218,6 +231,19 @@ class Daemon:
         log.info("mu auto: %s", choice.describe())
         return choice.mu, choice.depth, choice.frozen
 
+    def _learned_widths(self, train: TrainConfig, train_split: Split) -> Widths | None:
+        """With learned_width and mu < 1: units per group scored on the local data from the
+        initial parameters, seeded as the simulator seeds the peer of this shard."""
+        config = self.config
+        if not config.learned_width or self.mu >= 1:
+            return None
+        index = 0 if config.shard is None else config.shard[0]
+        widths = learn_widths(self.spec, self.engine.params, train_split, train, self.mu,
+                              self.depth, WidthConfig(config.width_epochs, config.width_penalty),
+                              config.seed + index)
+        log.info("learned widths: %s", ", ".join(f"{name} {units}" for name, units in widths))
+        return widths
+
     def _local_data(self, data: TaskData) -> tuple[Split, Split]:
         config = self.config
         if config.shard is None:
@@ -249,6 +275,14 @@ class Daemon:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"capacity depth={depth} does not fit this model "
                             f"({self.blocks or 'no early exits'} blocks)")
+        if hello.capacity.widths:
+            try:
+                check_widths(Member(hello.peer_id, hello.capacity.mu, depth or None,
+                                    decode_widths(self.spec.groups, list(hello.capacity.widths))),
+                             self.spec.groups)
+            except ValueError as error:
+                raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"capacity widths: {error}") from None
         self.membership.observe(hello, self.round_index)
         self.membership.tick(self.round_index)
 
@@ -350,7 +384,8 @@ class Daemon:
             peer_pb2.PeerStatus(
                 peer_id=peer.peer_id, address=peer.address,
                 capacity=peer_pb2.Capacity(mu=peer.mu, depth=peer.depth or 0,
-                                           frozen_blocks=peer.frozen_blocks),
+                                           frozen_blocks=peer.frozen_blocks,
+                                           widths=list(peer.widths)),
                 position=positions.get(peer.peer_id, -1), round=peer.round,
                 last_seen_unix=peer.last_seen, bytes_sent=peer.bytes_sent,
                 bytes_received=peer.bytes_received, neighbour=peer.peer_id in neighbours,
@@ -382,10 +417,12 @@ class Daemon:
         if port == 0:
             raise OSError(f"cannot listen on {bind}")
         address = f"{advertised_host(self.config)}:{port}"
-        self.membership = Membership(Member(self.peer_id, self.mu, self.depth), address,
-                                     self.config.min_peers,
+        self.membership = Membership(Member(self.peer_id, self.mu, self.depth, self.widths),
+                                     address, self.config.min_peers,
                                      dead_after_s=self.config.dead_after_s,
-                                     frozen_blocks=self.engine.frozen_blocks)
+                                     frozen_blocks=self.engine.frozen_blocks,
+                                     width_groups=tuple(g.name for g in width_groups(
+                                         self.spec.groups)))
         await server.start()
         if self.exporter is not None:
             metrics_port = self.exporter.start(self.config.host, self.config.metrics_port)
@@ -441,6 +478,7 @@ class Daemon:
                 peer_id=self.peer_id, cluster=self.config.cluster,
                 protocol_version=PROTOCOL_VERSION, model_fingerprint=self.fingerprint,
                 mu=self.mu, host=address.rsplit(":", 1)[0], port=port, depth=self.depth,
+                widths=tuple(encode_widths(self.widths or ())),
             )
             sources.append(MdnsDiscovery(record, self.config.mdns_interface))
         return sources
@@ -557,7 +595,7 @@ class Daemon:
         self.bytes_sent, self.bytes_received = record["bytes_sent"], record["bytes_received"]
         self.last_loss = record["train_loss"]
         # Peers may pull these parameters (a joiner's start) before this peer finishes a round.
-        members = tuple(Member(*entry) for entry in record["view"])
+        members = tuple(entry_member(entry) for entry in record["view"])
         if any(m.peer_id == self.peer_id for m in members):
             plan = self.engine.planner.plan(checkpoint.round - 1, members,
                                             self.spec.groups)[self.peer_id]

@@ -17,6 +17,10 @@ member's index in that order is its *position*.
 - fd: Federated Dropout, a fresh random subset per member per round.
 - full: every unit (decentralized FedAvg).
 
+Learned widths (peerd/width.py): a member may carry its own width per group, learned on its
+data (Co-S2P); every method then takes that width instead of ceil(mu * K) for the group, and
+msfusion still shifts the windows, so DSS decides which units and the learned width how many.
+
 Depth (models with early exits): a member of depth d keeps blocks 0..d-1, the same in every
 round and under every method. A group used only from block k on is planned among the members
 that keep block k (the DSS windows are spaced over those members' widths, so the peers that
@@ -43,6 +47,9 @@ class Member:
     peer_id: str
     mu: float  # width ratio this member can afford, in (0, 1]
     depth: int | None = None  # blocks it keeps (models with early exits); None: all of them
+    # (group, units kept) for every sliceable group (learned widths); None: window_width(mu,
+    # units) in every group.
+    widths: tuple[tuple[str, int], ...] | None = None
 
 
 Plans = dict[str, Plan]  # peer id -> plan
@@ -61,6 +68,34 @@ def member_depth(member: Member, blocks: int | None) -> int | None:
     if not 1 <= member.depth <= blocks:
         raise ValueError(f"peer {member.peer_id}: depth {member.depth} is outside 1..{blocks}")
     return member.depth
+
+
+def width_groups(groups: Mapping[str, UnitGroup]) -> list[UnitGroup]:
+    """The groups learned widths cover, in the model's table order (the order they travel in;
+    depth is not a width: it travels as `depth`)."""
+    return [group for group in groups.values() if group.name != DEPTH]
+
+
+def check_widths(member: Member, groups: Mapping[str, UnitGroup]) -> None:
+    """A member's learned widths must give one count in 1..units for every sliceable group."""
+    if member.widths is None:
+        return
+    names = [group.name for group in width_groups(groups)]
+    given = [name for name, _ in member.widths]
+    if given != names:
+        raise ValueError(f"peer {member.peer_id}: learned widths for groups {given}, the model "
+                         f"has {names}")
+    for (name, width), group in zip(member.widths, width_groups(groups), strict=True):
+        if type(width) is not int or not 1 <= width <= group.units:
+            raise ValueError(f"peer {member.peer_id}: learned width {width!r} of group {name} "
+                             f"is outside 1..{group.units}")
+
+
+def member_width(member: Member, group: UnitGroup) -> int:
+    """Units of `group` the member keeps: its learned width, or ceil(mu * K)."""
+    if member.widths is None:
+        return window_width(member.mu, group.units)
+    return dict(member.widths)[group.name]
 
 
 def _keeps(depth: int | None, group: UnitGroup) -> bool:
@@ -100,6 +135,8 @@ class Planner(ABC):
             raise ValueError("duplicate peer ids among members")
         blocks = groups[DEPTH].units if DEPTH in groups else None
         depths = {member.peer_id: member_depth(member, blocks) for member in ordered}
+        for member in ordered:
+            check_widths(member, groups)
         plans: Plans = {member.peer_id: {} for member in ordered}
         if not ordered:
             return plans
@@ -177,7 +214,7 @@ class MSFusionPlanner(Planner):
     def group_plan(
         self, round_index: int, members: Sequence[Member], group: UnitGroup
     ) -> list[torch.Tensor]:
-        widths = [window_width(member.mu, group.units) for member in members]
+        widths = [member_width(member, group) for member in members]
         offset = self.group_offset(round_index, group)
         starts = self.window_starts(widths, group.units,
                                     overlap_level(self.overlap, round_index))
@@ -194,7 +231,7 @@ class FedRolexPlanner(Planner):
         self, round_index: int, members: Sequence[Member], group: UnitGroup
     ) -> list[torch.Tensor]:
         start = round_index % group.units
-        return [_window(start, window_width(m.mu, group.units), group.units) for m in members]
+        return [_window(start, member_width(m, group), group.units) for m in members]
 
 
 class HeteroFLPlanner(Planner):
@@ -203,7 +240,7 @@ class HeteroFLPlanner(Planner):
     def group_plan(
         self, round_index: int, members: Sequence[Member], group: UnitGroup
     ) -> list[torch.Tensor]:
-        return [torch.arange(window_width(m.mu, group.units)) for m in members]
+        return [torch.arange(member_width(m, group)) for m in members]
 
 
 class FederatedDropoutPlanner(Planner):
@@ -216,7 +253,7 @@ class FederatedDropoutPlanner(Planner):
         for member in members:
             rng = _rng(self.seed, round_index, _stable_hash(member.peer_id),
                        _stable_hash(group.name))
-            chosen = rng.choice(group.units, window_width(member.mu, group.units), replace=False)
+            chosen = rng.choice(group.units, member_width(member, group), replace=False)
             plans.append(torch.sort(torch.from_numpy(chosen).long()).values)
         return plans
 

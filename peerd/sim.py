@@ -8,6 +8,7 @@ OUT/metrics.jsonl and the learning curve to OUT/curves.png.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from peerd.submodel import forward_flops_per_sample, init_params
 from peerd.tasks import BLOCK_SIZE, get_task
 from peerd.topology import load_topology
 from peerd.transport import InMemoryTransport
+from peerd.width import WidthConfig, learn_widths
 
 
 def peer_name(position: int) -> str:
@@ -61,7 +63,13 @@ def build(config: SimConfig) -> Simulation:
     for position, shard in enumerate(shards):
         peer_id = peer_name(position)
         local_train, local_test = local_train_test(shard, config.seed + position)
-        members.append(Member(peer_id, config.peer_mu(position), config.peer_depth(position)))
+        mu, depth = config.peer_mu(position), config.peer_depth(position)
+        widths = None
+        if config.learned_width and mu < 1:
+            widths = learn_widths(spec, initial, train_set.subset(local_train), train, mu, depth,
+                                  WidthConfig(config.width_epochs, config.width_penalty),
+                                  config.seed + position)
+        members.append(Member(peer_id, mu, depth, widths))
         engines.append(Engine(
             peer_id, spec, {name: t.clone() for name, t in initial.items()},
             train_set.subset(local_train), train_set.subset(local_test), planner, topology,
@@ -121,6 +129,10 @@ def run(config: SimConfig, on_round: Callable[[dict], None] | None = None,
     }
     log = MetricsLog(Path(config.out), identity,
                      forward_flops_per_sample(sim.spec, full_units(sim.spec)))
+    if config.learned_width:
+        # Which widths each peer learned: the run's capacity, not a per-round figure.
+        (Path(config.out) / "widths.json").write_text(json.dumps(
+            {m.peer_id: None if m.widths is None else dict(m.widths) for m in sim.members}))
     train_flops_cum = [0] * len(sim.engines)
     started = time.monotonic()
     for round_index in range(config.rounds):

@@ -55,6 +55,10 @@ def format_status(reply: peer_pb2.StatusReply) -> str:
         shown = str(position) if position >= 0 else "-"
         lines.append(f"{shown:>8}  {peer_id:<20} {address:<22} {mu:>6.3f} {depth:>12} "
                      f"{round_index:>6} {seen:>10} {sent:>12} {received:>12}  {neighbour}")
+    learned = [(me.peer_id, me.capacity.widths)] + [(p.peer_id, p.capacity.widths)
+                                                    for p in reply.peers]
+    lines += [f"learned widths of {peer_id} (units per group, in table order): "
+              f"{','.join(map(str, widths))}" for peer_id, widths in learned if widths]
     return "\n".join(lines)
 
 

@@ -98,6 +98,10 @@ def parse_address(text: str) -> tuple[str, int]:
         raise ValueError(f"bad address {text!r}: {error}") from None
 
 
+# A TXT string holds 255 bytes, "key=value" together: what is left for the widths' value.
+TXT_VALUE_LIMIT = 255 - len("widths=")
+
+
 @dataclass(frozen=True)
 class PeerRecord:
     """What a peer announces about itself; TXT keys are the field names except host and port."""
@@ -110,6 +114,8 @@ class PeerRecord:
     host: str
     port: int
     depth: int | None = None  # blocks kept (models with early exits); None: all, no TXT key
+    # Learned units per sliceable group (TXT "widths": comma list); empty: uniform, no TXT key.
+    widths: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _check_identifier("peer_id", self.peer_id)
@@ -123,6 +129,11 @@ class PeerRecord:
             raise ValueError(f"mu must be a number in (0, 1], got {self.mu!r}")
         if self.depth is not None and (type(self.depth) is not int or self.depth < 1):
             raise ValueError(f"depth must be an integer >= 1, got {self.depth!r}")
+        if any(type(w) is not int or w < 1 for w in self.widths):
+            raise ValueError(f"widths must be integers >= 1, got {self.widths!r}")
+        if len(",".join(map(str, self.widths))) > TXT_VALUE_LIMIT:
+            raise ValueError(f"widths take more than the {TXT_VALUE_LIMIT} characters a TXT "
+                             f"value holds: {self.widths!r}")
         _check_port(self.port)
         object.__setattr__(self, "mu", float(self.mu))
         object.__setattr__(self, "host", _normalize_host(self.host))
@@ -139,6 +150,7 @@ class PeerRecord:
             "model_fingerprint": self.model_fingerprint,
             "mu": repr(self.mu),
             **({} if self.depth is None else {"depth": str(self.depth)}),
+            **({"widths": ",".join(map(str, self.widths))} if self.widths else {}),
         }
 
     @classmethod
@@ -162,6 +174,10 @@ class PeerRecord:
         depth_text = properties.get("depth")
         if depth_text is not None and not _PROTOCOL.fullmatch(depth_text):
             raise ValueError(f"TXT key 'depth' is not an integer: {depth_text!r}")
+        widths_text = properties.get("widths")
+        widths_parts = [] if widths_text is None else widths_text.split(",")
+        if not all(_PROTOCOL.fullmatch(part) for part in widths_parts):
+            raise ValueError(f"TXT key 'widths' is not a comma list of integers: {widths_text!r}")
         try:
             return cls(
                 peer_id=value("peer_id"),
@@ -172,6 +188,7 @@ class PeerRecord:
                 host=host,
                 port=port,
                 depth=None if depth_text is None else int(depth_text),
+                widths=tuple(int(part) for part in widths_parts),
             )
         except ValueError as error:
             raise ValueError(f"bad TXT record: {error}") from None

@@ -114,8 +114,10 @@ class View:
 
     @property
     def view_id(self) -> str:
-        # A member's depth enters the digest only where set, so views without depth keep ids.
+        # A member's depth and learned widths enter the digest only where set, so views
+        # without them keep their ids.
         text = ";".join(f"{m.peer_id}={m.mu!r}" + ("" if m.depth is None else f"/{m.depth}")
+                        + ("" if m.widths is None else f"/{[w for _, w in m.widths]}")
                         for m in self.members)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -144,6 +146,7 @@ class KnownPeer:
     bytes_received: int = 0
     depth: int | None = None  # blocks it keeps (early exits); None: all
     frozen_blocks: int = 0
+    widths: tuple[int, ...] = ()  # learned units per sliceable group; empty: uniform
 
     def pending_leaves(self) -> frozenset[str]:
         return frozenset(p for p, ticket in self.leaves.items() if not ticket.decided)
@@ -172,10 +175,21 @@ class Membership:
     out_of_step: bool = False  # a decided leave fell before this peer's round: it rejoins
     clock: Callable[[], float] = time.time  # wall-clock seconds; tests pass their own
     frozen_blocks: int = 0  # this peer's, announced with its capacity
+    # The model's sliceable groups in table order: what a peer's learned widths count.
+    width_groups: tuple[str, ...] = ()
 
     def capacity(self) -> peer_pb2.Capacity:
         return peer_pb2.Capacity(mu=self.me.mu, depth=self.me.depth or 0,
-                                 frozen_blocks=self.frozen_blocks)
+                                 frozen_blocks=self.frozen_blocks,
+                                 widths=[w for _, w in self.me.widths or ()])
+
+    def member(self, peer_id: str) -> Member:
+        """A known peer (or this one) as the planner takes it."""
+        if peer_id == self.me.peer_id:
+            return self.me
+        peer = self.known[peer_id]
+        widths = tuple(zip(self.width_groups, peer.widths, strict=True)) if peer.widths else None
+        return Member(peer_id, peer.mu, peer.depth, widths)
 
     @property
     def first_round(self) -> int:
@@ -212,6 +226,7 @@ class Membership:
             leaves={t.peer_id: LeaveTicket(t.round, t.decided) for t in hello.leaves},
             last_member_seen=now if is_member else 0.0,
             depth=hello.capacity.depth or None, frozen_blocks=hello.capacity.frozen_blocks,
+            widths=tuple(hello.capacity.widths),
         )
         if previous is not None:
             peer.bytes_sent, peer.bytes_received = previous.bytes_sent, previous.bytes_received
@@ -285,10 +300,7 @@ class Membership:
         self.view_since = self.clock()
 
     def _view_of(self, ids: tuple[str, ...]) -> View:
-        return make_view([
-            self.me if p == self.me.peer_id else Member(p, self.known[p].mu, self.known[p].depth)
-            for p in ids
-        ])
+        return make_view([self.member(p) for p in ids])
 
     # ---- joining: the members' side ----------------------------------------------------------
 
@@ -326,7 +338,7 @@ class Membership:
                                 for p in self._view_ids() if p in self.known)
             del self.tickets[joiner]
             if confirmed and self.view is not None:
-                self._change_from(round_index, add=Member(joiner, peer.mu, peer.depth))
+                self._change_from(round_index, add=self.member(joiner))
         return True
 
     def undecided_before(self, round_index: int) -> bool:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13peerd/v1/peer.proto\x12\x08peerd.v1\"<\n\x08\x43\x61pacity\x12\n\n\x02mu\x18\x01 \x01(\x01\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\r\x12\x15\n\rfrozen_blocks\x18\x03 \x01(\r\"\xdb\x02\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x0f\n\x07peer_id\x18\x03 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12$\n\x08\x63\x61pacity\x18\x05 \x01(\x0b\x32\x12.peerd.v1.Capacity\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\x12\r\n\x05round\x18\x07 \x01(\x04\x12\x0f\n\x07members\x18\x08 \x03(\t\x12\x0f\n\x07view_id\x18\t \x01(\t\x12\x12\n\njoin_round\x18\n \x01(\x04\x12\x16\n\x0ejoin_confirmed\x18\x0b \x01(\x08\x12,\n\x0e\x61\x63\x63\x65pted_joins\x18\x0c \x03(\x0b\x32\x14.peerd.v1.JoinTicket\x12\x12\n\nview_round\x18\r \x01(\x04\x12%\n\x06leaves\x18\x0e \x03(\x0b\x32\x15.peerd.v1.LeaveTicket\"?\n\nJoinTicket\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x11\n\tconfirmed\x18\x03 \x01(\x08\">\n\x0bLeaveTicket\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0f\n\x07\x64\x65\x63ided\x18\x03 \x01(\x08\"*\n\nGroupUnits\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05units\x18\x02 \x03(\r\"\xf0\x01\n\x0cStreamHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x0e\n\x06sender\x18\x04 \x01(\t\x12\x10\n\x08receiver\x18\x05 \x01(\t\x12\r\n\x05round\x18\x06 \x01(\x04\x12\x0f\n\x07view_id\x18\x07 \x01(\t\x12\x0e\n\x06weight\x18\x08 \x01(\x01\x12\x0f\n\x07tensors\x18\t \x01(\r\x12\x13\n\x0btotal_bytes\x18\n \x01(\x04\x12\"\n\x04plan\x18\x0b \x03(\x0b\x32\x14.peerd.v1.GroupUnits\"Y\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\r\n\x05\x63rc32\x18\x05 \x01(\r\"x\n\nSliceFrame\x12\'\n\x05start\x18\x01 \x01(\x0b\x32\x16.peerd.v1.StreamHeaderH\x00\x12(\n\x06tensor\x18\x02 \x01(\x0b\x32\x16.peerd.v1.TensorHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"!\n\x07PushAck\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\"u\n\x0bPullRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x11\n\trequester\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\x04\"\x0f\n\rStatusRequest\"\xcc\x01\n\nPeerStatus\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12$\n\x08\x63\x61pacity\x18\x03 \x01(\x0b\x32\x12.peerd.v1.Capacity\x12\x10\n\x08position\x18\x04 \x01(\x05\x12\r\n\x05round\x18\x05 \x01(\x04\x12\x16\n\x0elast_seen_unix\x18\x06 \x01(\x01\x12\x12\n\nbytes_sent\x18\x07 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x08 \x01(\x04\x12\x11\n\tneighbour\x18\t \x01(\x08\"\xa6\x01\n\x0bStatusReply\x12\x1d\n\x04self\x18\x01 \x01(\x0b\x32\x0f.peerd.v1.Hello\x12#\n\x05peers\x18\x02 \x03(\x0b\x32\x14.peerd.v1.PeerStatus\x12\x12\n\nbytes_sent\x18\x03 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\x12\x12\n\ntrain_loss\x18\x05 \x01(\x01\x12\x13\n\x0brounds_done\x18\x06 \x01(\x04\x32\xdf\x01\n\x04Peer\x12-\n\tHandshake\x12\x0f.peerd.v1.Hello\x1a\x0f.peerd.v1.Hello\x12\x37\n\nPushSlices\x12\x14.peerd.v1.SliceFrame\x1a\x11.peerd.v1.PushAck(\x01\x12\x35\n\x04Pull\x12\x15.peerd.v1.PullRequest\x1a\x14.peerd.v1.SliceFrame0\x01\x12\x38\n\x06Status\x12\x17.peerd.v1.StatusRequest\x1a\x15.peerd.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13peerd/v1/peer.proto\x12\x08peerd.v1\"L\n\x08\x43\x61pacity\x12\n\n\x02mu\x18\x01 \x01(\x01\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\r\x12\x15\n\rfrozen_blocks\x18\x03 \x01(\r\x12\x0e\n\x06widths\x18\x04 \x03(\r\"\xdb\x02\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x0f\n\x07peer_id\x18\x03 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12$\n\x08\x63\x61pacity\x18\x05 \x01(\x0b\x32\x12.peerd.v1.Capacity\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\x12\r\n\x05round\x18\x07 \x01(\x04\x12\x0f\n\x07members\x18\x08 \x03(\t\x12\x0f\n\x07view_id\x18\t \x01(\t\x12\x12\n\njoin_round\x18\n \x01(\x04\x12\x16\n\x0ejoin_confirmed\x18\x0b \x01(\x08\x12,\n\x0e\x61\x63\x63\x65pted_joins\x18\x0c \x03(\x0b\x32\x14.peerd.v1.JoinTicket\x12\x12\n\nview_round\x18\r \x01(\x04\x12%\n\x06leaves\x18\x0e \x03(\x0b\x32\x15.peerd.v1.LeaveTicket\"?\n\nJoinTicket\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x11\n\tconfirmed\x18\x03 \x01(\x08\">\n\x0bLeaveTicket\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0f\n\x07\x64\x65\x63ided\x18\x03 \x01(\x08\"*\n\nGroupUnits\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05units\x18\x02 \x03(\r\"\xf0\x01\n\x0cStreamHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x0e\n\x06sender\x18\x04 \x01(\t\x12\x10\n\x08receiver\x18\x05 \x01(\t\x12\r\n\x05round\x18\x06 \x01(\x04\x12\x0f\n\x07view_id\x18\x07 \x01(\t\x12\x0e\n\x06weight\x18\x08 \x01(\x01\x12\x0f\n\x07tensors\x18\t \x01(\r\x12\x13\n\x0btotal_bytes\x18\n \x01(\x04\x12\"\n\x04plan\x18\x0b \x03(\x0b\x32\x14.peerd.v1.GroupUnits\"Y\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\r\n\x05\x63rc32\x18\x05 \x01(\r\"x\n\nSliceFrame\x12\'\n\x05start\x18\x01 \x01(\x0b\x32\x16.peerd.v1.StreamHeaderH\x00\x12(\n\x06tensor\x18\x02 \x01(\x0b\x32\x16.peerd.v1.TensorHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"!\n\x07PushAck\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\"u\n\x0bPullRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x11\n\trequester\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\x04\"\x0f\n\rStatusRequest\"\xcc\x01\n\nPeerStatus\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12$\n\x08\x63\x61pacity\x18\x03 \x01(\x0b\x32\x12.peerd.v1.Capacity\x12\x10\n\x08position\x18\x04 \x01(\x05\x12\r\n\x05round\x18\x05 \x01(\x04\x12\x16\n\x0elast_seen_unix\x18\x06 \x01(\x01\x12\x12\n\nbytes_sent\x18\x07 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x08 \x01(\x04\x12\x11\n\tneighbour\x18\t \x01(\x08\"\xa6\x01\n\x0bStatusReply\x12\x1d\n\x04self\x18\x01 \x01(\x0b\x32\x0f.peerd.v1.Hello\x12#\n\x05peers\x18\x02 \x03(\x0b\x32\x14.peerd.v1.PeerStatus\x12\x12\n\nbytes_sent\x18\x03 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\x12\x12\n\ntrain_loss\x18\x05 \x01(\x01\x12\x13\n\x0brounds_done\x18\x06 \x01(\x04\x32\xdf\x01\n\x04Peer\x12-\n\tHandshake\x12\x0f.peerd.v1.Hello\x1a\x0f.peerd.v1.Hello\x12\x37\n\nPushSlices\x12\x14.peerd.v1.SliceFrame\x1a\x11.peerd.v1.PushAck(\x01\x12\x35\n\x04Pull\x12\x15.peerd.v1.PullRequest\x1a\x14.peerd.v1.SliceFrame0\x01\x12\x38\n\x06Status\x12\x17.peerd.v1.StatusRequest\x1a\x15.peerd.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,31 +32,31 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'peerd.v1.peer_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CAPACITY']._serialized_start=33
-  _globals['_CAPACITY']._serialized_end=93
-  _globals['_HELLO']._serialized_start=96
-  _globals['_HELLO']._serialized_end=443
-  _globals['_JOINTICKET']._serialized_start=445
-  _globals['_JOINTICKET']._serialized_end=508
-  _globals['_LEAVETICKET']._serialized_start=510
-  _globals['_LEAVETICKET']._serialized_end=572
-  _globals['_GROUPUNITS']._serialized_start=574
-  _globals['_GROUPUNITS']._serialized_end=616
-  _globals['_STREAMHEADER']._serialized_start=619
-  _globals['_STREAMHEADER']._serialized_end=859
-  _globals['_TENSORHEADER']._serialized_start=861
-  _globals['_TENSORHEADER']._serialized_end=950
-  _globals['_SLICEFRAME']._serialized_start=952
-  _globals['_SLICEFRAME']._serialized_end=1072
-  _globals['_PUSHACK']._serialized_start=1074
-  _globals['_PUSHACK']._serialized_end=1107
-  _globals['_PULLREQUEST']._serialized_start=1109
-  _globals['_PULLREQUEST']._serialized_end=1226
-  _globals['_STATUSREQUEST']._serialized_start=1228
-  _globals['_STATUSREQUEST']._serialized_end=1243
-  _globals['_PEERSTATUS']._serialized_start=1246
-  _globals['_PEERSTATUS']._serialized_end=1450
-  _globals['_STATUSREPLY']._serialized_start=1453
-  _globals['_STATUSREPLY']._serialized_end=1619
-  _globals['_PEER']._serialized_start=1622
-  _globals['_PEER']._serialized_end=1845
+  _globals['_CAPACITY']._serialized_end=109
+  _globals['_HELLO']._serialized_start=112
+  _globals['_HELLO']._serialized_end=459
+  _globals['_JOINTICKET']._serialized_start=461
+  _globals['_JOINTICKET']._serialized_end=524
+  _globals['_LEAVETICKET']._serialized_start=526
+  _globals['_LEAVETICKET']._serialized_end=588
+  _globals['_GROUPUNITS']._serialized_start=590
+  _globals['_GROUPUNITS']._serialized_end=632
+  _globals['_STREAMHEADER']._serialized_start=635
+  _globals['_STREAMHEADER']._serialized_end=875
+  _globals['_TENSORHEADER']._serialized_start=877
+  _globals['_TENSORHEADER']._serialized_end=966
+  _globals['_SLICEFRAME']._serialized_start=968
+  _globals['_SLICEFRAME']._serialized_end=1088
+  _globals['_PUSHACK']._serialized_start=1090
+  _globals['_PUSHACK']._serialized_end=1123
+  _globals['_PULLREQUEST']._serialized_start=1125
+  _globals['_PULLREQUEST']._serialized_end=1242
+  _globals['_STATUSREQUEST']._serialized_start=1244
+  _globals['_STATUSREQUEST']._serialized_end=1259
+  _globals['_PEERSTATUS']._serialized_start=1262
+  _globals['_PEERSTATUS']._serialized_end=1466
+  _globals['_STATUSREPLY']._serialized_start=1469
+  _globals['_STATUSREPLY']._serialized_end=1635
+  _globals['_PEER']._serialized_start=1638
+  _globals['_PEER']._serialized_end=1861
 # @@protoc_insertion_point(module_scope)

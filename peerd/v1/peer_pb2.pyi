@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Capacity(_message.Message):
-    __slots__ = ("mu", "depth", "frozen_blocks")
+    __slots__ = ("mu", "depth", "frozen_blocks", "widths")
     MU_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
     FROZEN_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    WIDTHS_FIELD_NUMBER: _ClassVar[int]
     mu: float
     depth: int
     frozen_blocks: int
-    def __init__(self, mu: _Optional[float] = ..., depth: _Optional[int] = ..., frozen_blocks: _Optional[int] = ...) -> None: ...
+    widths: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, mu: _Optional[float] = ..., depth: _Optional[int] = ..., frozen_blocks: _Optional[int] = ..., widths: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("protocol_version", "cluster", "peer_id", "model_fingerprint", "capacity", "address", "round", "members", "view_id", "join_round", "join_confirmed", "accepted_joins", "view_round", "leaves")
