@@ -13,7 +13,8 @@ from pathlib import Path
 import grpc
 from daemons import ClusterCa, kill_all, start_loopback_daemons
 
-from peerd.config import SimConfig
+from peerd.agreement import cluster_fingerprint, planner_settings
+from peerd.config import REGROUP_EVERY, STATIC_OVERLAP, SimConfig
 from peerd.data import load_task_data
 from peerd.models.base import fingerprint
 from peerd.net import PROTOCOL_VERSION
@@ -60,7 +61,10 @@ def test_a_cluster_with_learned_widths_plans_with_them(tmp_path: Path) -> None:
 def test_widths_that_do_not_fit_the_model_are_refused(tmp_path: Path,
                                                        cluster_ca: ClusterCa) -> None:
     daemons = start_loopback_daemons(tmp_path, 1, ["--min-peers", "2"], cluster_ca)
-    model = fingerprint(get_task("digits").model(load_task_data("digits", None)))
+    # The fingerprint a default daemon announces: the model and its planner settings.
+    model = cluster_fingerprint(
+        fingerprint(get_task("digits").model(load_task_data("digits", None))),
+        planner_settings("msfusion", 0, STATIC_OVERLAP, REGROUP_EVERY))
 
     async def introduce(widths: list[int]) -> tuple[grpc.StatusCode, str]:
         hello = peer_pb2.Hello(protocol_version=PROTOCOL_VERSION, cluster="default",
