@@ -41,13 +41,12 @@ from peerd.net import PROTOCOL_VERSION
 from peerd.net.client import PeerClients
 from peerd.net.codec import Expectation
 from peerd.net.tls import TlsIdentity
-from peerd.plan import Member, Plans, make_planner
+from peerd.plan import Member, Plans, decode_widths, make_planner, width_group_names
 from peerd.sim import peer_name
 from peerd.state import CHECKPOINT_DIR
 from peerd.submodel import forward_flops_per_sample, init_params
 from peerd.tasks import BLOCK_SIZE, get_task
 from peerd.v1 import peer_pb2
-from peerd.width import decode_widths
 
 POLL_INTERVAL_S = 0.2
 # The watcher's own certificate: its pulls claim this name.
@@ -287,7 +286,7 @@ class ClusterWatcher:
             await asyncio.sleep(POLL_INTERVAL_S)
         self.members = [
             Member(d.peer_id, widths[d.peer_id].mu, widths[d.peer_id].depth or None,
-                   decode_widths(self.spec.groups, list(widths[d.peer_id].widths))
+                   decode_widths(width_group_names(self.spec.groups), widths[d.peer_id].widths)
                    if widths[d.peer_id].widths else None)
             for d in self.daemons]
 

@@ -57,7 +57,15 @@ from peerd.net.membership import Membership, View
 from peerd.net.rpc import add_peer_service
 from peerd.net.service import PeerService
 from peerd.net.tls import TlsError, TlsIdentity
-from peerd.plan import Member, check_widths, make_planner, width_groups
+from peerd.plan import (
+    Member,
+    Widths,
+    check_widths,
+    decode_widths,
+    encode_widths,
+    make_planner,
+    width_group_names,
+)
 from peerd.progress import ProgressLine
 from peerd.state import (
     ROUNDS_LOG,
@@ -74,7 +82,7 @@ from peerd.tasks import BLOCK_SIZE, get_task
 from peerd.topology import load_topology
 from peerd.transport import SliceMessage
 from peerd.v1 import peer_pb2
-from peerd.width import WidthConfig, Widths, decode_widths, encode_widths, learn_widths
+from peerd.width import WidthConfig, learn_widths
 
 log = logging.getLogger("peerd.daemon")
 
@@ -278,7 +286,8 @@ class Daemon:
         if hello.capacity.widths:
             try:
                 check_widths(Member(hello.peer_id, hello.capacity.mu, depth or None,
-                                    decode_widths(self.spec.groups, list(hello.capacity.widths))),
+                                    decode_widths(width_group_names(self.spec.groups),
+                                                  hello.capacity.widths)),
                              self.spec.groups)
             except ValueError as error:
                 raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -421,8 +430,7 @@ class Daemon:
                                      address, self.config.min_peers,
                                      dead_after_s=self.config.dead_after_s,
                                      frozen_blocks=self.engine.frozen_blocks,
-                                     width_groups=tuple(g.name for g in width_groups(
-                                         self.spec.groups)))
+                                     width_groups=width_group_names(self.spec.groups))
         await server.start()
         if self.exporter is not None:
             metrics_port = self.exporter.start(self.config.host, self.config.metrics_port)

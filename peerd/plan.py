@@ -41,6 +41,8 @@ import torch
 from peerd.config import REGROUP_EVERY, STATIC_OVERLAP, parse_overlap
 from peerd.models.base import DEPTH, Plan, UnitGroup
 
+Widths = tuple[tuple[str, int], ...]  # (group, units kept), in the model's group order
+
 
 @dataclass(frozen=True)
 class Member:
@@ -49,7 +51,7 @@ class Member:
     depth: int | None = None  # blocks it keeps (models with early exits); None: all of them
     # (group, units kept) for every sliceable group (learned widths); None: window_width(mu,
     # units) in every group.
-    widths: tuple[tuple[str, int], ...] | None = None
+    widths: Widths | None = None
 
 
 Plans = dict[str, Plan]  # peer id -> plan
@@ -76,12 +78,29 @@ def width_groups(groups: Mapping[str, UnitGroup]) -> list[UnitGroup]:
     return [group for group in groups.values() if group.name != DEPTH]
 
 
+def width_group_names(groups: Mapping[str, UnitGroup]) -> tuple[str, ...]:
+    return tuple(group.name for group in width_groups(groups))
+
+
+def encode_widths(widths: Widths) -> list[int]:
+    """The widths as they travel (handshake, mDNS TXT, views): the counts in group order."""
+    return [width for _, width in widths]
+
+
+def decode_widths(group_names: Sequence[str], counts: Sequence[int]) -> Widths:
+    """Counts in the order of `group_names` (width_groups' names) back to (group, width) pairs;
+    check_widths refuses bad counts, this refuses a wrong number of them now."""
+    if len(counts) != len(group_names):
+        raise ValueError(f"{len(counts)} learned widths for a model of {len(group_names)} groups")
+    return tuple((name, int(count)) for name, count in zip(group_names, counts, strict=True))
+
+
 def check_widths(member: Member, groups: Mapping[str, UnitGroup]) -> None:
     """A member's learned widths must give one count in 1..units for every sliceable group."""
     if member.widths is None:
         return
-    names = [group.name for group in width_groups(groups)]
-    given = [name for name, _ in member.widths]
+    names = width_group_names(groups)
+    given = tuple(name for name, _ in member.widths)
     if given != names:
         raise ValueError(f"peer {member.peer_id}: learned widths for groups {given}, the model "
                          f"has {names}")

@@ -33,11 +33,9 @@ from torch.nn.utils import parametrize
 from peerd.config import TrainConfig, check_width_options
 from peerd.data import Split
 from peerd.engine import model_loss
-from peerd.models.base import DEPTH, ModelSpec, UnitGroup, plan_units
-from peerd.plan import Member, MSFusionPlanner, width_groups
+from peerd.models.base import DEPTH, ModelSpec, plan_units
+from peerd.plan import Member, MSFusionPlanner, Widths, width_groups
 from peerd.submodel import Params, forward_flops_per_sample, slice_params
-
-Widths = tuple[tuple[str, int], ...]  # (group, units kept), as Member.widths
 
 
 @dataclass(frozen=True)
@@ -243,17 +241,3 @@ def learn_widths(spec: ModelSpec, params: Params, data: Split, train: TrainConfi
     sub-model's FLOPs budget that they give."""
     scores = unit_scores(spec, params, data, train, mu, depth, config, seed)
     return derive_widths(spec, scores, flops_budget(spec, mu, depth), depth)
-
-
-def encode_widths(widths: Widths) -> list[int]:
-    """The widths as they travel (handshake, mDNS TXT, views): the counts in group order."""
-    return [width for _, width in widths]
-
-
-def decode_widths(spec_groups: Mapping[str, UnitGroup], counts: list[int]) -> Widths:
-    """Counts in group order back to (group, width) pairs; Member checks on planning refuse
-    bad counts, this refuses a wrong number of them now."""
-    groups = width_groups(spec_groups)
-    if len(counts) != len(groups):
-        raise ValueError(f"{len(counts)} learned widths for a model of {len(groups)} groups")
-    return tuple((group.name, int(count)) for group, count in zip(groups, counts, strict=True))

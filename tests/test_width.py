@@ -16,14 +16,20 @@ from peerd.models.base import ModelSpec
 from peerd.models.cnn import CNNConfig, CNNSpec
 from peerd.models.transformer import TransformerConfig, TransformerSpec
 from peerd.net.discovery import TXT_VALUE_LIMIT, PeerRecord
-from peerd.plan import Member, MSFusionPlanner, make_planner, width_groups
+from peerd.plan import (
+    Member,
+    MSFusionPlanner,
+    decode_widths,
+    encode_widths,
+    make_planner,
+    width_group_names,
+    width_groups,
+)
 from peerd.submodel import Params, extract, init_params, parameter_count
 from peerd.width import (
     WidthConfig,
     _widths_at,
-    decode_widths,
     derive_widths,
-    encode_widths,
     flops_budget,
     learn_widths,
     unit_scores,
@@ -161,9 +167,9 @@ def test_bad_learned_widths_are_refused_naming_them(widths: tuple, message: str)
 
 def test_widths_travel_as_counts_in_group_order() -> None:
     widths = skewed_widths(CNN, 0.25, 2)
-    assert decode_widths(CNN.groups, encode_widths(widths)) == widths
+    assert decode_widths(width_group_names(CNN.groups), encode_widths(widths)) == widths
     with pytest.raises(ValueError, match="3 learned widths for a model of 4 groups"):
-        decode_widths(CNN.groups, [1, 2, 3])
+        decode_widths(width_group_names(CNN.groups), [1, 2, 3])
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [

@@ -53,7 +53,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from peerd.plan import Member
+from peerd.plan import Member, decode_widths, encode_widths
 from peerd.v1 import peer_pb2
 
 log = logging.getLogger("peerd.membership")
@@ -117,7 +117,7 @@ class View:
         # A member's depth and learned widths enter the digest only where set, so views
         # without them keep their ids.
         text = ";".join(f"{m.peer_id}={m.mu!r}" + ("" if m.depth is None else f"/{m.depth}")
-                        + ("" if m.widths is None else f"/{[w for _, w in m.widths]}")
+                        + ("" if m.widths is None else f"/{encode_widths(m.widths)}")
                         for m in self.members)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -181,14 +181,14 @@ class Membership:
     def capacity(self) -> peer_pb2.Capacity:
         return peer_pb2.Capacity(mu=self.me.mu, depth=self.me.depth or 0,
                                  frozen_blocks=self.frozen_blocks,
-                                 widths=[w for _, w in self.me.widths or ()])
+                                 widths=encode_widths(self.me.widths or ()))
 
     def member(self, peer_id: str) -> Member:
         """A known peer (or this one) as the planner takes it."""
         if peer_id == self.me.peer_id:
             return self.me
         peer = self.known[peer_id]
-        widths = tuple(zip(self.width_groups, peer.widths, strict=True)) if peer.widths else None
+        widths = decode_widths(self.width_groups, peer.widths) if peer.widths else None
         return Member(peer_id, peer.mu, peer.depth, widths)
 
     @property
