@@ -8,7 +8,7 @@ optimizer state shrink with the slice) and write-back is its exact inverse.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 
 import torch
@@ -131,6 +131,11 @@ def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def training_forward(module: nn.Module) -> Callable[[torch.Tensor], object]:
+    """The forward pass local training runs: through every kept exit with early exits."""
+    return module.forward_exits if getattr(module, "early_exits", False) else module
+
+
 def forward_flops_per_sample(spec: ModelSpec, units: Mapping[str, int]) -> int:
     """Forward FLOPs for one sample, counted from the ops a module of these widths (and depth)
     executes; with early exits, the training forward pass through every kept exit."""
@@ -142,7 +147,6 @@ def _forward_flops(spec: ModelSpec, units: tuple[tuple[str, int], ...]) -> int:
     module = spec.build(dict(units))
     counter = FlopCounterMode(display=False)
     # The fused CPU attention kernel has no FLOP formula; the math backend's matmuls do.
-    forward = module.forward_exits if getattr(module, "early_exits", False) else module
     with torch.no_grad(), counter, sdpa_kernel(SDPBackend.MATH):
-        forward(spec.example_input(1))
+        training_forward(module)(spec.example_input(1))
     return int(counter.get_total_flops())

@@ -35,7 +35,7 @@ from peerd.data import Split
 from peerd.engine import model_loss
 from peerd.models.base import DEPTH, ModelSpec, plan_units
 from peerd.plan import Member, MSFusionPlanner, Widths, width_groups
-from peerd.submodel import Params, forward_flops_per_sample, slice_params
+from peerd.submodel import Params, forward_flops_per_sample, slice_params, training_forward
 
 
 @dataclass(frozen=True)
@@ -122,9 +122,8 @@ def _weight_flops(module: nn.Module, example: torch.Tensor) -> dict[str, int]:
                 flops[f"{name}.weight"] = flops.get(f"{name}.weight", 0) + (
                     2 * layer.weight.numel() * positions)
             hooks.append(layer.register_forward_hook(count))
-    forward = module.forward_exits if getattr(module, "early_exits", False) else module
     with torch.no_grad():
-        forward(example)
+        training_forward(module)(example)
     for hook in hooks:
         hook.remove()
     return flops
