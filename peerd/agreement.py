@@ -17,13 +17,13 @@ from peerd.plan import MSFusionPlanner
 _SEPARATOR = "."
 
 
-def planner_settings(method: str, seed: int, overlap: str, regroup_every: int
+def planner_settings(method: str, seed: int, overlap: str, drift_period: int
                      ) -> dict[str, object]:
-    """The settings that decide the plans: msfusion's overlap schedule and regroup period only
+    """The settings that decide the plans: msfusion's overlap schedule and drift period only
     matter to msfusion, so peers of other methods may differ on them."""
     settings: dict[str, object] = {"method": method, "seed": seed}
     if method == MSFusionPlanner.name:
-        settings.update(overlap=overlap, regroup_every=regroup_every)
+        settings.update(overlap=overlap, drift_period=drift_period)
     return settings
 
 
@@ -43,4 +43,4 @@ def fingerprint_mismatch(got: str, expected: str) -> str:
     if got_model != expected_model:
         return f"model fingerprint {got_model}, expected {expected_model} (another task or model)"
     return (f"planner fingerprint {got_planner or '(none)'}, expected {expected_planner}: "
-            "method, seed, overlap and regroup_every must be the same on every member")
+            "method, seed, overlap and drift_period must be the same on every member")

@@ -121,9 +121,10 @@ def add_msfusion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", type=_overlap, default=SimConfig().overlap,
                         metavar="static|decay:H",
                         help="msfusion's overlap schedule (default: %(default)s)")
-    parser.add_argument("--regroup-every", type=positive_int, default=SimConfig().regroup_every,
-                        metavar="T", help="msfusion: rounds between redraws of the per-group "
-                        "rotation (default: %(default)s)")
+    parser.add_argument("--drift-period", type=positive_int, default=SimConfig().drift_period,
+                        metavar="R", help="msfusion: rounds in which the first unit group's "
+                        "windows drift once around; the r-th group drifts r + 1 times as fast "
+                        "(default: %(default)s)")
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -326,7 +327,7 @@ def _sim(args: argparse.Namespace) -> int:
         task=args.task, rounds=args.rounds, seed=args.seed, partition=args.partition,
         data_dir=args.data_dir, out=args.out, eval_every=args.eval_every,
         eval_samples=args.eval_samples, wire_dtype=args.wire_dtype, depth=args.depth,
-        train=train_config(args), overlap=args.overlap, regroup_every=args.regroup_every,
+        train=train_config(args), overlap=args.overlap, drift_period=args.drift_period,
         learned_width=args.learned_width, width_epochs=args.width_epochs,
         width_penalty=args.width_penalty,
     )
@@ -402,7 +403,7 @@ def _cluster(args: argparse.Namespace) -> int:
         eval_samples=args.eval_samples, mdns=not args.no_mdns, wire_dtype=args.wire_dtype,
         sync=args.sync, depth=args.depth, early_exits=args.early_exits,
         distill_temperature=_temperature(args), overlap=args.overlap,
-        regroup_every=args.regroup_every, contrastive=args.contrastive,
+        drift_period=args.drift_period, contrastive=args.contrastive,
         contrastive_weight=args.contrastive_weight, contrastive_tau=args.contrastive_tau,
         learned_width=args.learned_width, width_epochs=args.width_epochs,
         width_penalty=args.width_penalty,

@@ -32,7 +32,7 @@ import torch
 
 from peerd.agreement import cluster_fingerprint, planner_settings
 from peerd.ca import CA_CERT, init_ca, issue
-from peerd.config import AUTO, REGROUP_EVERY, STATIC_OVERLAP
+from peerd.config import AUTO, DRIFT_PERIOD, STATIC_OVERLAP
 from peerd.coverage import CoverageTracker
 from peerd.data import load_task_data
 from peerd.metrics import MetricsLog, PeerRound, evaluate_global, run_title
@@ -80,7 +80,7 @@ class ClusterConfig:
     early_exits: bool = False
     distill_temperature: float | None = 3.0  # with early exits; None: --no-distill
     overlap: str = STATIC_OVERLAP  # msfusion's overlap schedule
-    regroup_every: int = REGROUP_EVERY  # msfusion: rounds between redraws of the group rotation
+    drift_period: int = DRIFT_PERIOD  # msfusion: rounds per turn of the slowest group's windows
     contrastive: bool = False
     contrastive_weight: float = 1.0
     contrastive_tau: float = 0.5
@@ -184,7 +184,7 @@ def launch(config: ClusterConfig, out: Path, tls: dict[str, Path]) -> list[Daemo
             "--cluster", f"local-{os.getpid()}", "--threads", "1",
             "--round-timeout", str(config.round_timeout_s), "--linger", "600",
             "--wire-dtype", config.wire_dtype, "--overlap", config.overlap,
-            "--regroup-every", str(config.regroup_every),
+            "--drift-period", str(config.drift_period),
             "--metrics-port", str(metrics_port), "--tls-dir", str(tls[peer_id]),
         ]
         if config.data_dir:
@@ -248,13 +248,13 @@ class ClusterWatcher:
         initial = init_params(self.spec, config.seed)
         shapes = {name: (torch.float32, tuple(t.shape)) for name, t in initial.items()}
         settings = planner_settings(config.method, config.seed, config.overlap,
-                                    config.regroup_every)
+                                    config.drift_period)
         self.expectation = Expectation(PROTOCOL_VERSION, f"local-{os.getpid()}",
                                        cluster_fingerprint(fingerprint(self.spec), settings),
                                        lambda header: shapes)
         self.clients = PeerClients(tls)
         self.planner = make_planner(config.method, config.seed, config.overlap,
-                                    config.regroup_every)
+                                    config.drift_period)
         self.members: list[Member] = []  # with the widths the daemons report (mu auto)
         self.coverage = CoverageTracker(self.spec, initial)
 

@@ -40,8 +40,9 @@ def parse_size(text: str, name: str = "size") -> int:
 # Precisions for the exchanged values (`wire_dtype`): halving the bytes costs rounding.
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 STATIC_OVERLAP = "static"
-# msfusion: rounds between redraws of the per-group rotation (docs/ALGORITHM.md, regroup period).
-REGROUP_EVERY = 5
+# msfusion: rounds in which the first unit group's windows drift once around its ring; the r-th
+# group drifts r + 1 times as fast (docs/ALGORITHM.md, drift).
+DRIFT_PERIOD = 64
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class SimConfig:
     wire_dtype: str = "float32"
     depth: tuple[int, ...] | None = None  # blocks kept, one for all or per peer (cycled)
     overlap: str = STATIC_OVERLAP  # msfusion's overlap schedule: static or decay:H (peerd/plan.py)
-    regroup_every: int = REGROUP_EVERY  # msfusion: rounds between redraws of the group rotation
+    drift_period: int = DRIFT_PERIOD  # msfusion: rounds per turn of the slowest group's windows
     # Each peer's mean shard: the training set is first cut to a seeded peers x shard_size
     # samples (benchmarks of scale: the same data per peer whatever the peer count).
     shard_size: int | None = None
@@ -123,7 +124,7 @@ class SimConfig:
         _require(self.peers >= 1, "peers", self.peers, ">= 1")
         check_width_options(self.width_epochs, self.width_penalty)
         parse_overlap(self.overlap)
-        _require(self.regroup_every >= 1, "regroup_every", self.regroup_every, ">= 1")
+        _require(self.drift_period >= 1, "drift_period", self.drift_period, ">= 1")
         _require(self.shard_size is None or self.shard_size >= 2, "shard_size", self.shard_size,
                  ">= 2 or unset")
         _require(self.wire_dtype in WIRE_DTYPES, "wire_dtype", self.wire_dtype,
@@ -265,9 +266,9 @@ class DaemonConfig:
     overlap: str = option(
         STATIC_OVERLAP, "msfusion: how much neighbouring windows overlap, static or decay:H "
         "(the overlap halves every H rounds); the same on every member")
-    regroup_every: int = option(
-        REGROUP_EVERY, "msfusion: rounds between redraws of each unit group's window rotation; "
-        "the same on every member")
+    drift_period: int = option(
+        DRIFT_PERIOD, "msfusion: rounds in which the first unit group's windows drift once "
+        "around; the r-th group drifts r + 1 times as fast; the same on every member")
     contrastive: bool = option(
         False, "MOON-style model-contrastive term in local training (5/3 of the training FLOPs)")
     contrastive_weight: float = option(1.0, "with contrastive: its weight lambda")
@@ -347,7 +348,7 @@ class DaemonConfig:
         _require(self.wire_dtype in WIRE_DTYPES, "wire_dtype", self.wire_dtype,
                  f"one of {', '.join(WIRE_DTYPES)}")
         parse_overlap(self.overlap)
-        _require(self.regroup_every >= 1, "regroup_every", self.regroup_every, ">= 1")
+        _require(self.drift_period >= 1, "drift_period", self.drift_period, ">= 1")
         self._check_depth()
         self.train_config(TrainConfig())  # checks the contrastive options with early_exits
         check_width_options(self.width_epochs, self.width_penalty)

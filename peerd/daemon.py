@@ -177,7 +177,7 @@ class Daemon:
         self.engine = Engine(
             self.peer_id, self.spec, init_params(self.spec, config.seed), train_split,
             test_split,
-            make_planner(config.method, config.seed, config.overlap, config.regroup_every),
+            make_planner(config.method, config.seed, config.overlap, config.drift_period),
             load_topology(config.topology),
             train, config.seed, config.wire_dtype,
             Staleness(config.staleness_exponent, config.max_staleness),
@@ -185,7 +185,7 @@ class Daemon:
         self.mu, self.depth, self.engine.frozen_blocks = self._capacity(train, train_split)
         self.widths = self._learned_widths(train, train_split)
         self.planner_settings = planner_settings(config.method, config.seed, config.overlap,
-                                                 config.regroup_every)
+                                                 config.drift_period)
         self.fingerprint = cluster_fingerprint(fingerprint(self.spec), self.planner_settings)
         self.expectation = Expectation(PROTOCOL_VERSION, config.cluster, self.fingerprint,
                                        self._expected_tensors)

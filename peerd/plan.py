@@ -6,12 +6,15 @@ member's index in that order is its *position*.
 
 - msfusion: double shifting splitting (DSS). Windows of width ceil(mu_n * K) start spaced
   around the ring of K units in proportion to the members' widths (shift across peers, so the
-  windows cover every unit whenever the widths add up to K) and rotate by zeta units a round
-  (shift across rounds). Each group is also rotated by its own seeded offset, redrawn every
-  regroup period (default 5 rounds; docs/ALGORITHM.md); without it, windows aligned across
-  layers of equal width would only ever train a diagonal band of each weight matrix (DESIGN
-  invariant 3). When the widths add up to more than K, the overlap
-  schedule sets how far apart the windows are spread (docs/ALGORITHM.md, adaptive overlap).
+  windows cover every unit whenever the widths add up to K) and drift around the ring over
+  rounds (shift across rounds). Each group drifts at its own rate: the r-th width group of the
+  model goes once around its ring every R / (r + 1) rounds (R, the drift period, default 64;
+  docs/ALGORITHM.md). Any two groups that share a weight therefore slide past each other by at
+  least 1/R of a ring a round, so every unit of one meets every unit of the other (DESIGN
+  invariant 3), while a window moves only a little each round and what it holds next round
+  is mostly what it or its neighbour holds now. When the widths add up to more than K, the
+  overlap schedule sets how far apart the windows are spread (docs/ALGORITHM.md, adaptive
+  overlap).
 - fedrolex: one rolling window, the same for every member and every layer.
 - heterofl: a static prefix of each group.
 - fd: Federated Dropout, a fresh random subset per member per round.
@@ -38,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from peerd.config import REGROUP_EVERY, STATIC_OVERLAP, parse_overlap
+from peerd.config import DRIFT_PERIOD, STATIC_OVERLAP, parse_overlap
 from peerd.models.base import DEPTH, Plan, UnitGroup
 
 Widths = tuple[tuple[str, int], ...]  # (group, units kept), in the model's group order
@@ -159,15 +162,14 @@ class Planner(ABC):
         plans: Plans = {member.peer_id: {} for member in ordered}
         if not ordered:
             return plans
-        for group in groups.values():
-            if group.name == DEPTH:
-                for member in ordered:
-                    plans[member.peer_id][DEPTH] = torch.arange(depths[member.peer_id]
-                                                                or group.units)
-                continue
+        if DEPTH in groups:
+            for member in ordered:
+                plans[member.peer_id][DEPTH] = torch.arange(depths[member.peer_id]
+                                                            or groups[DEPTH].units)
+        for rank, group in enumerate(width_groups(groups)):
             holders = [m for m in ordered if _keeps(depths[m.peer_id], group)]
             kept = dict(zip((m.peer_id for m in holders),
-                            self.group_plan(round_index, holders, group) if holders else [],
+                            self.group_plan(round_index, holders, group, rank) if holders else [],
                             strict=True))
             for member in ordered:
                 plans[member.peer_id][group.name] = kept.get(
@@ -176,9 +178,10 @@ class Planner(ABC):
 
     @abstractmethod
     def group_plan(
-        self, round_index: int, members: Sequence[Member], group: UnitGroup
+        self, round_index: int, members: Sequence[Member], group: UnitGroup, rank: int
     ) -> list[torch.Tensor]:
-        """Sorted unit indices of one group for each member, in position order."""
+        """Sorted unit indices of one group for each member, in position order; `rank` is the
+        group's place among the model's width groups (table order)."""
 
 
 _LEVEL_DENOMINATOR = 1 << 20  # overlap levels are exact fractions of this
@@ -196,16 +199,14 @@ def overlap_level(schedule: str, round_index: int) -> float:
 class MSFusionPlanner(Planner):
     name = "msfusion"
 
-    def __init__(self, seed: int, zeta: int = 1, decorrelate_groups: bool = True,
-                 overlap: str = STATIC_OVERLAP, regroup_every: int = REGROUP_EVERY) -> None:
+    def __init__(self, seed: int, overlap: str = STATIC_OVERLAP,
+                 drift_period: int = DRIFT_PERIOD) -> None:
         super().__init__(seed)
-        if regroup_every < 1:
-            raise ValueError(f"regroup_every={regroup_every} is invalid: must be >= 1")
-        self.zeta = zeta
-        self.decorrelate_groups = decorrelate_groups
-        # Rounds between redraws of the per-group rotation: a longer period lets the units
-        # paired across layers train together for several rounds (docs/ALGORITHM.md).
-        self.regroup_every = regroup_every
+        if drift_period < 1:
+            raise ValueError(f"drift_period={drift_period} is invalid: must be >= 1")
+        # Rounds in which the first width group drifts once around its ring; the r-th goes
+        # r + 1 times (docs/ALGORITHM.md, drift).
+        self.drift_period = drift_period
         parse_overlap(overlap)  # refuse a bad schedule now, not in some later round
         self.overlap = overlap
 
@@ -223,18 +224,18 @@ class MSFusionPlanner(Planner):
         stride_num = total * _LEVEL_DENOMINATOR - level_num * (total - units)
         return [int(c) * stride_num // (total * _LEVEL_DENOMINATOR) for c in cumulative]
 
-    def group_offset(self, round_index: int, group: UnitGroup) -> int:
-        offset = self.zeta * round_index
-        if self.decorrelate_groups:
-            rng = _rng(self.seed, round_index // self.regroup_every, _stable_hash(group.name))
-            offset += int(rng.integers(group.units))
-        return offset % group.units
+    def group_offset(self, round_index: int, group: UnitGroup, rank: int) -> int:
+        """How far the windows of a group are rotated in a round: a seeded start per group,
+        advanced by (rank + 1) K / R units a round (exact integer floor)."""
+        start = int(_rng(self.seed, _stable_hash(group.name)).integers(group.units))
+        drift = round_index * (rank + 1) * group.units // self.drift_period
+        return (start + drift) % group.units
 
     def group_plan(
-        self, round_index: int, members: Sequence[Member], group: UnitGroup
+        self, round_index: int, members: Sequence[Member], group: UnitGroup, rank: int
     ) -> list[torch.Tensor]:
         widths = [member_width(member, group) for member in members]
-        offset = self.group_offset(round_index, group)
+        offset = self.group_offset(round_index, group, rank)
         starts = self.window_starts(widths, group.units,
                                     overlap_level(self.overlap, round_index))
         return [
@@ -247,7 +248,7 @@ class FedRolexPlanner(Planner):
     name = "fedrolex"
 
     def group_plan(
-        self, round_index: int, members: Sequence[Member], group: UnitGroup
+        self, round_index: int, members: Sequence[Member], group: UnitGroup, rank: int
     ) -> list[torch.Tensor]:
         start = round_index % group.units
         return [_window(start, member_width(m, group), group.units) for m in members]
@@ -257,7 +258,7 @@ class HeteroFLPlanner(Planner):
     name = "heterofl"
 
     def group_plan(
-        self, round_index: int, members: Sequence[Member], group: UnitGroup
+        self, round_index: int, members: Sequence[Member], group: UnitGroup, rank: int
     ) -> list[torch.Tensor]:
         return [torch.arange(member_width(m, group)) for m in members]
 
@@ -266,7 +267,7 @@ class FederatedDropoutPlanner(Planner):
     name = "fd"
 
     def group_plan(
-        self, round_index: int, members: Sequence[Member], group: UnitGroup
+        self, round_index: int, members: Sequence[Member], group: UnitGroup, rank: int
     ) -> list[torch.Tensor]:
         plans = []
         for member in members:
@@ -281,7 +282,7 @@ class FullPlanner(Planner):
     name = "full"
 
     def group_plan(
-        self, round_index: int, members: Sequence[Member], group: UnitGroup
+        self, round_index: int, members: Sequence[Member], group: UnitGroup, rank: int
     ) -> list[torch.Tensor]:
         return [torch.arange(group.units) for _ in members]
 
@@ -295,11 +296,11 @@ PLANNERS: dict[str, type[Planner]] = {
 
 
 def make_planner(method: str, seed: int, overlap: str = STATIC_OVERLAP,
-                 regroup_every: int = REGROUP_EVERY) -> Planner:
-    """The planner of `method`; `overlap` and `regroup_every` are msfusion's overlap schedule
+                 drift_period: int = DRIFT_PERIOD) -> Planner:
+    """The planner of `method`; `overlap` and `drift_period` are msfusion's overlap schedule
     and the period of its per-group rotation."""
     if method == MSFusionPlanner.name:
-        return MSFusionPlanner(seed, overlap=overlap, regroup_every=regroup_every)
+        return MSFusionPlanner(seed, overlap=overlap, drift_period=drift_period)
     try:
         return PLANNERS[method](seed)
     except KeyError:

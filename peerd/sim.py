@@ -54,7 +54,7 @@ def build(config: SimConfig) -> Simulation:
     spec = task.model(data, train.early_exits)
     if DEPTH in spec.groups:
         check_depth(config.depth, train.early_exits, spec.groups[DEPTH].units)
-    planner = make_planner(config.method, config.seed, config.overlap, config.regroup_every)
+    planner = make_planner(config.method, config.seed, config.overlap, config.drift_period)
     topology = load_topology(config.topology)
     initial = init_params(spec, config.seed)
     train_set = _training_set(data, config)

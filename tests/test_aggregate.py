@@ -23,7 +23,6 @@ from peerd.aggregate import (
     outbox,
     staleness_weight,
 )
-from peerd.config import REGROUP_EVERY
 from peerd.models import (
     CNNConfig,
     CNNSpec,
@@ -113,14 +112,15 @@ def make_scenario(spec_name: str, kind: str, seed: int) -> Scenario:
         now = {p: random_plan(spec, generator) for p in peers}
         nxt = {p: random_plan(spec, generator) for p in peers}
     else:
-        widths = [0.125, 0.25, 0.375, 0.5]
+        # Any two widths add up past 1, so neighbours always share entries to merge.
+        widths = [0.5, 0.625, 0.75, 0.875]
         members = [
             Member(p, widths[int(torch.randint(0, 4, (1,), generator=generator))]) for p in peers
         ]
         planner = make_planner(kind, seed)
-        # The last round of a regroup period: the next round's windows are redrawn, so the
-        # receiver's next slice reaches beyond the neighbours' current windows.
-        round_index = (seed + 1) * REGROUP_EVERY - 1
+        # Windows drift every round, so the receiver's next slice reaches beyond the
+        # neighbours' current windows.
+        round_index = 10 * seed + 9
         now = planner.plan(round_index, members, spec.groups)
         nxt = planner.plan(round_index + 1, members, spec.groups)
     weights = {p: float(torch.rand(1, generator=generator)) * 99 + 1 for p in peers}

@@ -38,10 +38,10 @@ def test_each_layer_overrides_the_one_below(tmp_path: Path) -> None:
 
 
 def test_planner_and_contrastive_options_reach_the_daemon(tmp_path: Path) -> None:
-    config_file = write(tmp_path / "peerd.toml", 'overlap = "decay:8"\nregroup_every = 4\n'
+    config_file = write(tmp_path / "peerd.toml", 'overlap = "decay:8"\ndrift_period = 4\n'
                         "contrastive = true\ncontrastive_weight = 0.5\n")
-    config = load_daemon_config(config_file, {"PEERD_REGROUP_EVERY": "6"}, {})
-    assert config.overlap == "decay:8" and config.regroup_every == 6
+    config = load_daemon_config(config_file, {"PEERD_DRIFT_PERIOD": "6"}, {})
+    assert config.overlap == "decay:8" and config.drift_period == 6
     train = config.train_config(TrainConfig(lr=0.01))
     assert train.contrastive and train.contrastive_weight == 0.5 and train.lr == 0.01
 
@@ -71,7 +71,7 @@ def test_environment_parsing() -> None:
         ("deadline_mads = -1\n", "deadline_mads=-1.0 is invalid"),
         ("slowdown = 0.5\n", "slowdown=0.5 is invalid: must be a number >= 1"),
         ("sync = 1\n", "sync = 1 is invalid: must be true or false"),
-        ("regroup_every = 0\n", "regroup_every=0 is invalid: must be >= 1"),
+        ("drift_period = 0\n", "drift_period=0 is invalid: must be >= 1"),
         ('overlap = "decay"\n', "overlap='decay' is invalid: must be static or decay:H"),
         ("contrastive_tau = 0\n", "contrastive_tau=0.0 is invalid: must be a positive number"),
         ("contrastive = true\nearly_exits = true\n",

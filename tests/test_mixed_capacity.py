@@ -19,17 +19,20 @@ from peerd.net.tls import TlsIdentity
 from peerd.status import fetch_status
 
 MIXED = (0.5, 0.25, 0.125)  # cycled over 4 daemons: 0.5, 0.25, 0.125, 0.5
-# Coverage reaches 1.0 at round 11 for seed 0 and the default regroup period (5); peerd sim
-# gives the same plans.
-ROUNDS = 12
+# A short drift period covers every weight in a few rounds: with period 8 and seed 0, coverage
+# reaches 1.0 at round 6 for the mixed widths and at round 5 for the mixed depths below (64,
+# the default, takes 37 and 23 rounds); peerd sim gives the same plans.
+DRIFT_PERIOD = 8
+ROUNDS = 6
 DEPTHS = (2, 1)  # cycled over 3 daemons: both blocks of the digits CNN, the first, both
-DEPTH_ROUNDS = 11  # at mu 0.5, coverage reaches 1.0 at round 11 for seed 0 (the same plans)
+DEPTH_ROUNDS = 5  # at mu 0.5
 
 
 def test_a_mixed_cluster_trains_every_weight(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "peerd.cli", "cluster", "--peers", "4", "--mu",
-         ",".join(map(str, MIXED)), "--rounds", str(ROUNDS), "--quiet", "--no-mdns",
+         ",".join(map(str, MIXED)), "--rounds", str(ROUNDS), "--drift-period",
+         str(DRIFT_PERIOD), "--quiet", "--no-mdns",
          "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr
@@ -109,7 +112,8 @@ def test_a_mixed_depth_cluster_trains_every_block_and_exit(tmp_path: Path) -> No
             statuses.append(depths_in_status(daemons))
 
     config = ClusterConfig(peers=3, mu=(0.5,), depth=DEPTHS, early_exits=True,
-                           rounds=DEPTH_ROUNDS, eval_every=DEPTH_ROUNDS, mdns=False,
+                           rounds=DEPTH_ROUNDS, eval_every=DEPTH_ROUNDS,
+                           drift_period=DRIFT_PERIOD, mdns=False,
                            out=str(tmp_path))
     records = run_cluster(config, after_round, daemons.extend)
     # Every entry of every block and exit head was trained by a peer that holds it.

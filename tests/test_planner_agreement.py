@@ -20,8 +20,8 @@ MODEL = "0123456789abcdef"
 
 
 def test_settings_that_do_not_change_the_plans_do_not_change_the_fingerprint() -> None:
-    def printed(method: str, regroup_every: int) -> str:
-        return cluster_fingerprint(MODEL, planner_settings(method, 0, "static", regroup_every))
+    def printed(method: str, drift_period: int) -> str:
+        return cluster_fingerprint(MODEL, planner_settings(method, 0, "static", drift_period))
 
     assert printed("fedrolex", 1) == printed("fedrolex", 10)
     assert printed("msfusion", 1) != printed("msfusion", 10)
@@ -36,7 +36,7 @@ def test_a_mismatch_names_the_half_that_differs() -> None:
     theirs = cluster_fingerprint(MODEL, planner_settings("msfusion", 0, "decay:5", 1))
     reason = fingerprint_mismatch(theirs, ours)
     assert reason.startswith(f"planner fingerprint {theirs.split('.')[1]}, expected ")
-    assert "method, seed, overlap and regroup_every must be the same" in reason
+    assert "method, seed, overlap and drift_period must be the same" in reason
     other_model = cluster_fingerprint("f" * 16, planner_settings("msfusion", 0, "static", 1))
     assert fingerprint_mismatch(other_model, ours) == (
         f"model fingerprint {'f' * 16}, expected {MODEL} (another task or model)")
@@ -46,7 +46,7 @@ def test_daemons_with_different_regroup_periods_refuse_each_other(
     tmp_path: Path, cluster_ca: ClusterCa
 ) -> None:
     daemons = start_loopback_daemons(tmp_path, 2, ["--rounds", "1", "--sync"], cluster_ca,
-                                     extra_by_position={1: ["--regroup-every", "7"]})
+                                     extra_by_position={1: ["--drift-period", "7"]})
     try:
         deadline = time.monotonic() + 120
         while not all("planner fingerprint" in d.output() for d in daemons):
@@ -54,17 +54,17 @@ def test_daemons_with_different_regroup_periods_refuse_each_other(
             assert all(d.process.poll() is None for d in daemons), [d.output() for d in daemons]
             time.sleep(0.5)
         for daemon in daemons:
-            assert "regroup_every must be the same on every member" in daemon.output()
+            assert "drift_period must be the same on every member" in daemon.output()
             assert not (daemon.state_dir / "rounds.jsonl").exists()
     finally:
         kill_all(daemons)
 
 
 def test_cluster_runs_the_planner_settings_it_is_given(tmp_path: Path) -> None:
-    rounds, settings = 3, {"regroup_every": 2, "overlap": "decay:2"}
+    rounds, settings = 3, {"drift_period": 2, "overlap": "decay:2"}
     result = subprocess.run(
         [sys.executable, "-m", "peerd.cli", "cluster", "--peers", "3", "--rounds", str(rounds),
-         "--sync", "--no-mdns", "--quiet", "--regroup-every", "2", "--overlap", "decay:2",
+         "--sync", "--no-mdns", "--quiet", "--drift-period", "2", "--overlap", "decay:2",
          "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, check=False,
     )

