@@ -132,8 +132,9 @@ def test_a_frozen_block_still_takes_its_neighbours_values_in_merge() -> None:
 
 def test_mixed_depths_in_the_simulator_train_every_weight() -> None:
     """Four peers, depths 2,1,2,1 and widths 0.5,0.25: every weight is trained within a few
-    rounds (coverage 1.0), and the deep peers spend more FLOPs per sample than the shallow."""
-    sim = build(SimConfig(peers=4, rounds=1, mu=(0.5, 0.25), depth=(2, 1),
+    rounds (coverage 1.0; a short drift period of 8), and the deep peers spend more FLOPs per
+    sample than the shallow."""
+    sim = build(SimConfig(peers=4, rounds=1, mu=(0.5, 0.25), depth=(2, 1), drift_period=8,
                           train=TrainConfig(early_exits=True, max_local_steps=1, batch_size=8)))
     for round_index in range(20):
         contexts, stats = run_round(sim, round_index)
