@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from peerd.aggregate import assemble
 from peerd.config import DRIFT_PERIOD, SimConfig
 from peerd.evaluate import evaluate
+from peerd.metrics import evaluate_global
 from peerd.models.base import Plan, full_plan
 from peerd.sim import build, run_round
 from peerd.submodel import Params, entry_mask, extract
@@ -95,7 +95,8 @@ def main() -> None:
             record = {
                 "round": round_index + 1,
                 "train_loss": statistics.fmean(s.loss for s in stats),
-                "assembled": accuracy(assemble(spec, copies, plans)),
+                "assembled": evaluate_global(spec, sim.data, copies, plans,
+                                             TEST_SAMPLES)["global_acc"],
                 "mean_of_copies": accuracy(mean),
                 "peer0_copy": accuracy(sim.engines[0].params),
                 "sub_global_mean": statistics.fmean(subs),
