@@ -15,6 +15,7 @@ import json
 from peerd.plan import MSFusionPlanner
 
 _SEPARATOR = "."
+_SHOWN_CHARS = 40  # of a peer's fingerprint in an error: a hostile one must not flood logs
 
 
 def planner_settings(method: str, seed: int, overlap: str, drift_period: int
@@ -38,7 +39,7 @@ def cluster_fingerprint(model_fingerprint: str, settings: dict[str, object]) -> 
 
 def fingerprint_mismatch(got: str, expected: str) -> str:
     """Why a peer announcing `got` cannot join a peer whose fingerprint is `expected`."""
-    got_model, _, got_planner = got.partition(_SEPARATOR)
+    got_model, _, got_planner = (half[:_SHOWN_CHARS] for half in got.partition(_SEPARATOR))
     expected_model, _, expected_planner = expected.partition(_SEPARATOR)
     if got_model != expected_model:
         return f"model fingerprint {got_model}, expected {expected_model} (another task or model)"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from peerd.bench.accuracy import BASELINE_MUS, BASELINES, MSFUSION_MUS, TABLES
-from peerd.cli import build_parser
+from peerd.cli import build_parser, main
 
 
 def _bench(out: Path, *extra: str) -> dict:
@@ -31,6 +31,8 @@ def test_every_table_has_every_row(quick: tuple[Path, dict]) -> None:
     out, result = quick
     tables = result["tables"]
     assert list(tables) == list(TABLES)
+    assert result["metric"] == "accuracy"
+    assert result["settings"]["partition"] == "dirichlet:0.5"
     expected_a = ([f"msfusion mu {mu}" for mu in MSFUSION_MUS]
                   + [f"{m} mu {mu}" for m in BASELINES for mu in BASELINE_MUS] + ["full"])
     assert list(tables["a"]) == expected_a
@@ -46,8 +48,8 @@ def test_every_table_has_every_row(quick: tuple[Path, dict]) -> None:
         assert (out / f"accuracy-{plot}.png").stat().st_size > 1000
     for rows in tables.values():
         for row in rows.values():
-            assert 0.0 <= row["final_acc"]["median"] <= 1.0
-            assert 0.0 <= row["peer_acc"]["median"] <= 1.0
+            assert 0.0 <= row["final"]["median"] <= 1.0
+            assert 0.0 <= row["own"]["median"] <= 1.0
             assert row["seeds"] == [0]
 
 
@@ -88,10 +90,42 @@ def test_reuse_runs_nothing_again(quick: tuple[Path, dict], capsys) -> None:
     assert again["tables"]["e"] == result["tables"]["e"]
 
 
+def test_kjv_is_scored_by_perplexity_on_whole_books(tmp_path: Path) -> None:
+    """A perplexity target is reached by falling to it: 1000 is below any model's perplexity
+    after a step (about the vocabulary's size, some 60), 1.0 is never reached."""
+    result = _bench(tmp_path, "--task", "kjv", "--peers", "2", "--tables", "sizing,e",
+                    "--target", "1000")
+    assert result["metric"] == "perplexity"
+    assert result["settings"]["partition"] == "natural"
+    for rows in result["tables"].values():
+        for row in rows.values():
+            assert 1.0 < row["final"]["median"] < 1000
+            assert row["reached"] == 1
+    never = _bench(tmp_path, "--task", "kjv", "--peers", "2", "--tables", "e", "--target", "1",
+                   "--reuse")
+    assert all(row["reached"] == 0 for row in never["tables"]["e"].values())
+    assert "| row | final ppl | own ppl |" in (tmp_path / "accuracy.md").read_text()
+
+
 @pytest.mark.parametrize(("flag", "value"), [
-    ("--tables", "a,z"), ("--seeds", "0,x"), ("--target", "1.5"), ("--partition", "zipf"),
+    ("--tables", "a,z"), ("--seeds", "0,x"), ("--target", "-2"), ("--target", "nan"),
+    ("--partition", "zipf"),
 ])
 def test_bad_options_are_named(flag: str, value: str, capsys) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "accuracy", flag, value])
     assert flag.lstrip("-") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("task", "target", "bound"), [
+    ("fmnist", "1.5", "accuracy must be in (0, 1]"),
+    ("kjv", "0.5", "perplexity must be at least 1"),
+])
+def test_a_target_outside_the_tasks_metric_is_named(
+    task: str, target: str, bound: str, tmp_path: Path, capsys,
+) -> None:
+    argv = ["bench", "accuracy", "--quick", "--task", task, "--target", target,
+            "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert f"target={float(target)} is invalid: a target {bound}" in capsys.readouterr().err
+    assert not (tmp_path / "accuracy.json").exists()

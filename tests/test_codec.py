@@ -280,7 +280,12 @@ def test_the_reference_stream_is_valid() -> None:
     [
         ("protocol_version", 2, ["protocol version", "2", "1"]),
         ("cluster", "other", ["cluster", "'other'", "'lab'"]),
-        ("model_fingerprint", "fp-0000", ["model fingerprint", "'fp-0000'", FINGERPRINT]),
+        ("model_fingerprint", "fp-0000", ["model fingerprint fp-0000", f"expected {FINGERPRINT}"]),
+        # The half after the dot digests the planner settings (peerd/agreement.py).
+        ("model_fingerprint", f"{FINGERPRINT}.0badf00d",
+         ["planner fingerprint 0badf00d", "drift_period"]),
+        # A hostile fingerprint is clipped in the message.
+        ("model_fingerprint", "f" * 10_000, ["model fingerprint " + "f" * 40 + ",", FINGERPRINT]),
     ],
 )
 def test_wrong_peer_identity_is_a_failed_precondition(

@@ -1,21 +1,24 @@
 """`peerd bench accuracy`: MSfusion's claims side by side with the baselines, by `peerd sim`.
 
-Every run is one `peerd sim` (peerd/sim.py) of the chosen image task, Dirichlet label skew
-(alpha 0.5 by default), each peer's mean shard `--shard-size` samples (the training set is cut
-to peers x shard_size), `--steps` local SGD steps a round. Runs are keyed by what defines them
+Every run is one `peerd sim` (peerd/sim.py) of the chosen task, each peer's mean shard
+`--shard-size` samples (the training set is cut to peers x shard_size), `--steps` local SGD
+steps a round. Shards are drawn by Dirichlet label skew (alpha 0.5) on the image tasks and by
+whole books (`natural`) on kjv. Image tasks are scored by accuracy (higher is better), kjv by
+perplexity (lower is better): the target, the final figures and the curves use the task's
+metric. Runs are keyed by what defines them
 and kept under OUT/runs/KEY/ (metrics.jsonl and the config that produced them); `--reuse` skips
 a run whose stored config matches and whose metrics hold every round (peerd/bench/stored.py).
 The tables (issue 3):
 
 - sizing: the full-width and the quarter-width model trained centrally (one peer, all the
   cluster's data and steps): the benchmark means something only if the full width wins.
-  `own acc` is the trained model itself on its held-out tenth of the data (`final acc`, the
-  assembled full-width model, is meaningless for a static quarter: 3/4 of it never trains).
-- a: per-peer training FLOPs to the target accuracy (cumulative training FLOPs of the mean peer
-  until the assembled model's accuracy first reaches `--target`), and final accuracy.
+  `own` is the trained model itself on its held-out tenth of the data (`final`, the assembled
+  full-width model, is meaningless for a static quarter: 3/4 of it never trains).
+- a: per-peer training FLOPs to the target (cumulative training FLOPs of the mean peer until
+  the assembled model's metric first reaches `--target`), and the final metric.
 - b: scalability, msfusion at mu 0.25, N = 4, 8, 16, the same shard size per peer.
 - c: ablation of the contrastive term and the overlap schedule (msfusion mu 0.25).
-- d: ring against fully connected: final accuracy and bytes sent per peer per round.
+- d: ring against fully connected: the final metric and bytes sent per peer per round.
 - e: msfusion at mu 0.25 against `full` at equal rounds.
 
 Figures are medians over seeds with the spread (min..max). msfusion rows without an explicit
@@ -36,12 +39,38 @@ import torch
 
 from peerd.bench.processes import partition_arg, positive_int, seeds_arg
 from peerd.bench.stored import run_or_reuse, spread
-from peerd.config import STATIC_OVERLAP, SimConfig, TrainConfig
+from peerd.config import STATIC_OVERLAP, ConfigError, SimConfig, TrainConfig
 from peerd.plots import plot_series
 from peerd.tasks import get_task
 
 TABLES = ("sizing", "a", "b", "c", "d", "e")
-TASK_TARGETS = {"fmnist": 0.70, "digits": 0.80}  # default target accuracy per image task
+
+
+@dataclass(frozen=True)
+class Metric:
+    """What a task's tables are scored by, read from `peerd sim`'s per-round records."""
+
+    name: str
+    short: str  # in column headers
+    global_key: str  # the assembled full-width model
+    peer_key: str  # each peer's own (sub-)model, mean
+    higher_is_better: bool
+
+    def reached(self, value: float, target: float) -> bool:
+        return value >= target if self.higher_is_better else value <= target
+
+    def check_target(self, target: float) -> None:
+        valid = 0 < target <= 1 if self.higher_is_better else target >= 1
+        if not valid:
+            bounds = "in (0, 1]" if self.higher_is_better else "at least 1"
+            raise ConfigError(f"target={target} is invalid: a target {self.name} must be {bounds}")
+
+
+ACCURACY = Metric("accuracy", "acc", "global_acc", "peer_acc_mean", higher_is_better=True)
+PERPLEXITY = Metric("perplexity", "ppl", "global_ppl", "peer_ppl_mean", higher_is_better=False)
+TASK_METRICS = {"fmnist": ACCURACY, "digits": ACCURACY, "kjv": PERPLEXITY}
+TASK_TARGETS = {"fmnist": 0.70, "digits": 0.80, "kjv": 8.0}  # default target per task
+TASK_PARTITIONS = {"fmnist": "dirichlet:0.5", "digits": "dirichlet:0.5", "kjv": "natural"}
 HEADLINE_MU = 0.25
 ADAPTIVE_OVERLAP = "decay:5"  # the schedule the ablation sets against a static overlap
 BASELINES = ("fedrolex", "heterofl", "fd")
@@ -63,6 +92,10 @@ class Settings:
     eval_every: int
     eval_samples: int
     target: float
+
+    @property
+    def metric(self) -> Metric:
+        return TASK_METRICS[self.task]
 
 
 @dataclass(frozen=True)
@@ -99,39 +132,42 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class RunSummary:
+    """One run in the task's metric (accuracy or perplexity)."""
+
     spec: RunSpec
-    final_acc: float  # the assembled full-width model on the global test set
-    final_peer_acc: float  # each peer's own (sub-)model on its held-out split, mean
+    final: float  # the assembled full-width model on the global test set
+    final_own: float  # each peer's own (sub-)model on its held-out split, mean
     flops_to_target: float | None  # per peer; None: never reached
     round_to_target: int | None
     flops_per_sample_peer: float
     flops_per_sample_full: float
     bytes_per_round_peer: float
     coverage: float
-    curve: tuple[tuple[float, float], ...]  # (cumulative per-peer FLOPs, global accuracy)
+    curve: tuple[tuple[float, float], ...]  # (cumulative per-peer FLOPs, global metric)
 
 
-def summarize(spec: RunSpec, records: Sequence[dict], target: float) -> RunSummary:
+def summarize(spec: RunSpec, records: Sequence[dict], metric: Metric, target: float
+              ) -> RunSummary:
     evaluated = [r for r in records if r["global_acc"] is not None]
-    reached = next((r for r in evaluated if r["global_acc"] >= target), None)
+    reached = next((r for r in evaluated if metric.reached(r[metric.global_key], target)), None)
     return RunSummary(
         spec=spec,
-        final_acc=evaluated[-1]["global_acc"],
-        final_peer_acc=evaluated[-1]["peer_acc_mean"],
+        final=evaluated[-1][metric.global_key],
+        final_own=evaluated[-1][metric.peer_key],
         flops_to_target=None if reached is None else reached["train_flops_cum_peer_mean"],
         round_to_target=None if reached is None else reached["round"],
         flops_per_sample_peer=records[-1]["flops_per_sample_peer_mean"],
         flops_per_sample_full=records[-1]["flops_per_sample_full"],
         bytes_per_round_peer=statistics.fmean(r["bytes_sent_peer_mean"] for r in records),
         coverage=records[-1]["coverage"],
-        curve=tuple((r["train_flops_cum_peer_mean"], r["global_acc"]) for r in evaluated),
+        curve=tuple((r["train_flops_cum_peer_mean"], r[metric.global_key]) for r in evaluated),
     )
 
 
 def run_spec(spec: RunSpec, settings: Settings, out: Path, reuse: bool,
              log: Callable[[str], None]) -> RunSummary:
     records = run_or_reuse(spec.sim_config(settings, out / "runs" / spec.key), reuse, log)
-    return summarize(spec, records, settings.target)
+    return summarize(spec, records, settings.metric, settings.target)
 
 
 # ---- which runs each table needs ---------------------------------------------------------------
@@ -178,8 +214,8 @@ def row_figures(runs: Sequence[RunSummary]) -> dict[str, object]:
     reached = [r.flops_to_target for r in runs if r.flops_to_target is not None]
     return {
         "seeds": [r.spec.seed for r in runs],
-        "final_acc": spread([r.final_acc for r in runs]),
-        "peer_acc": spread([r.final_peer_acc for r in runs]),
+        "final": spread([r.final for r in runs]),
+        "own": spread([r.final_own for r in runs]),
         # Median over the seeds that reached the target; how many did is given beside it.
         "flops_to_target": spread(reached) if reached else None,
         "reached": len(reached),
@@ -199,23 +235,25 @@ def _cell(spread: dict[str, float] | None, scale: float = 1.0, digits: int = 3) 
     return f"{median:.{digits}f} ({low:.{digits}f}..{high:.{digits}f})"
 
 
-COLUMNS = {
-    # The quarter-width model's own accuracy is what sizing asks; the assembled full-width
+COLUMNS = {  # "final" and "own" are headed with the task's metric: "final acc", "own ppl"
+    # The quarter-width model's own figure is what sizing asks; the assembled full-width
     # model of a static prefix holds untrained entries.
-    "sizing": ("own acc", "final acc"),
-    "a": ("MFLOPs/sample", "per-peer GFLOPs to target", "reached", "final acc"),
-    "b": ("per-peer GFLOPs to target", "reached", "final acc"),
-    "c": ("final acc", "per-peer GFLOPs to target"),
-    "d": ("final acc", "KiB sent per peer per round"),
-    "e": ("final acc", "own acc"),
+    "sizing": ("own", "final"),
+    "a": ("MFLOPs/sample", "per-peer GFLOPs to target", "reached", "final"),
+    "b": ("per-peer GFLOPs to target", "reached", "final"),
+    "c": ("final", "per-peer GFLOPs to target"),
+    "d": ("final", "KiB sent per peer per round"),
+    "e": ("final", "own"),
 }
 
 
+def _header(name: str, metric: Metric) -> str:
+    return f"{name} {metric.short}" if name in ("final", "own") else name
+
+
 def _column(name: str, row: dict, seeds: int) -> str:
-    if name == "final acc":
-        return _cell(row["final_acc"])
-    if name == "own acc":
-        return _cell(row["peer_acc"])
+    if name in ("final", "own"):
+        return _cell(row[name])
     if name == "MFLOPs/sample":
         return f"{row['flops_per_sample_peer'] / 1e6:.2f}"
     if name == "per-peer GFLOPs to target":
@@ -225,9 +263,10 @@ def _column(name: str, row: dict, seeds: int) -> str:
     return _cell(row["bytes_per_round_peer"], 1024, 1)
 
 
-def markdown_table(table: str, rows: dict[str, dict]) -> str:
+def markdown_table(table: str, rows: dict[str, dict], metric: Metric) -> str:
     columns = COLUMNS[table]
-    lines = ["| row | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = ["| row | " + " | ".join(_header(name, metric) for name in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
     for label, row in rows.items():
         cells = [_column(name, row, len(row["seeds"])) for name in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -257,10 +296,11 @@ def run_accuracy(
                     summaries[spec.key] = run_spec(spec, settings, out, reuse, log)
             rows[label] = row_figures([summaries[spec.key] for spec in specs])
         results[table] = rows
-        markdown += ["", f"### table {table}", "", markdown_table(table, rows)]
+        markdown += ["", f"### table {table}", "", markdown_table(table, rows, settings.metric)]
         _plot(table, rows, {label: summaries[specs[0].key] for label, specs in
                             table_specs(table, settings, seeds).items()}, settings, out)
-    document = {"settings": asdict(settings), "seeds": list(seeds), "tables": results,
+    document = {"settings": asdict(settings), "metric": settings.metric.name,
+                "seeds": list(seeds), "tables": results,
                 "runs": {key: {**asdict(s), "spec": asdict(s.spec)}
                          for key, s in summaries.items()}}
     (out / "accuracy.json").write_text(json.dumps(document, indent=1))
@@ -270,7 +310,7 @@ def run_accuracy(
 
 def _plot(table: str, rows: dict[str, dict], first_seed: dict[str, RunSummary],
           settings: Settings, out: Path) -> None:
-    """a, c, e: accuracy against per-peer FLOPs (first seed); b: FLOPs to target against N."""
+    """a, c, e: the metric against per-peer FLOPs (first seed); b: FLOPs to target against N."""
     title = f"{settings.task}: table {table}"
     if table == "b":
         points = [(float(s.spec.peers), rows[label]["flops_to_target"]["median"] / 1e9)
@@ -281,7 +321,8 @@ def _plot(table: str, rows: dict[str, dict], first_seed: dict[str, RunSummary],
         series = {label: [(flops / 1e9, acc) for flops, acc in s.curve]
                   for label, s in first_seed.items()}
         plot_series(series, out / f"accuracy-{table}.png", title,
-                    "cumulative training GFLOPs per peer", "global accuracy", log_x=True)
+                    "cumulative training GFLOPs per peer", f"global {settings.metric.name}",
+                    log_x=True)
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -296,13 +337,13 @@ def _tables(text: str) -> tuple[str, ...]:
     return chosen
 
 
-def _fraction(text: str) -> float:
+def _target(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"target={text!r} is invalid: must be in (0, 1]")
+    if not value > 0:  # finite and positive; the task's metric bounds it further
+        raise argparse.ArgumentTypeError(f"target={text!r} is invalid: must be a positive number")
     return value
 
 
@@ -328,14 +369,15 @@ def add_accuracy_parser(subparsers: argparse._SubParsersAction) -> None:
                           help="mean training samples per peer (default: 1000; --quick: 24)")
     accuracy.add_argument("--peers", type=positive_int, default=8,
                           help="peers of every table but b (default: %(default)s)")
-    accuracy.add_argument("--partition", type=partition_arg, default="dirichlet:0.5",
-                          help="how shards are drawn (default: %(default)s)")
+    accuracy.add_argument("--partition", type=partition_arg, default=None,
+                          help="how shards are drawn (default: dirichlet:0.5; kjv: natural)")
     accuracy.add_argument("--eval-every", type=positive_int, default=None,
                           help="evaluate the assembled model every K rounds (default: 1)")
     accuracy.add_argument("--eval-samples", type=positive_int, default=None,
                           help="test samples per evaluation (default: 1000; --quick: 60)")
-    accuracy.add_argument("--target", type=_fraction, default=None,
-                          help="target accuracy (default: fmnist 0.7, digits 0.8)")
+    accuracy.add_argument("--target", type=_target, default=None,
+                          help="target accuracy, or perplexity on kjv (default: fmnist 0.7, "
+                               "digits 0.8, kjv perplexity 8)")
     accuracy.add_argument("--threads", type=positive_int, default=1,
                           help="torch threads (default: %(default)s)")
     accuracy.add_argument("--quick", action="store_true",
@@ -355,11 +397,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
         value = getattr(args, name)
         return defaults[name] if value is None else value
 
+    target = TASK_TARGETS[args.task] if args.target is None else args.target
+    TASK_METRICS[args.task].check_target(target)
     return Settings(
         task=args.task, rounds=pick("rounds"), steps=pick("steps"),
-        shard_size=pick("shard_size"), peers=args.peers, partition=args.partition,
-        eval_every=pick("eval_every"), eval_samples=pick("eval_samples"),
-        target=TASK_TARGETS[args.task] if args.target is None else args.target,
+        shard_size=pick("shard_size"), peers=args.peers,
+        partition=TASK_PARTITIONS[args.task] if args.partition is None else args.partition,
+        eval_every=pick("eval_every"), eval_samples=pick("eval_samples"), target=target,
     )
 
 

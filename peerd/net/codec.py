@@ -29,6 +29,7 @@ import torch
 from google.protobuf.message import DecodeError
 from isal.isal_zlib import crc32  # zlib's CRC-32, about 3x faster (BENCHMARKS.md)
 
+from peerd.agreement import fingerprint_mismatch
 from peerd.numerics import all_finite
 from peerd.v1 import peer_pb2
 
@@ -318,13 +319,17 @@ class StreamDecoder:
         for field, got, want in (
             ("protocol version", header.protocol_version, expected.protocol_version),
             ("cluster", header.cluster, expected.cluster),
-            ("model fingerprint", header.model_fingerprint, expected.model_fingerprint),
         ):
             if got != want:
                 raise WireError(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"{field} {_show(got)} does not match this peer's {_show(want)}",
                 )
+        if header.model_fingerprint != expected.model_fingerprint:
+            raise WireError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                fingerprint_mismatch(header.model_fingerprint, expected.model_fingerprint),
+            )
         # The weight scales the sender's values in the merge: a NaN or negative one poisons it.
         if not (math.isfinite(header.weight) and header.weight >= 0):
             raise WireError(
