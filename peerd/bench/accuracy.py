@@ -75,7 +75,7 @@ HEADLINE_MU = 0.25
 ADAPTIVE_OVERLAP = "decay:5"  # the schedule the ablation sets against a static overlap
 BASELINES = ("fedrolex", "heterofl", "fd")
 BASELINE_MUS = (0.125, 0.25, 0.5)
-MSFUSION_MUS = (0.125, 0.25)
+MSFUSION_MUS = (0.125, 0.25, 0.5)
 SCALE_PEERS = (4, 8, 16)
 
 
