@@ -5,9 +5,9 @@ Every run is one `peerd sim` (peerd/sim.py) of the chosen task, each peer's mean
 steps a round. Shards are drawn by Dirichlet label skew (alpha 0.5) on the image tasks and by
 whole books (`natural`) on kjv. Image tasks are scored by accuracy (higher is better), kjv by
 perplexity (lower is better): the target, the final figures and the curves use the task's
-metric. Runs are keyed by what defines them
-and kept under OUT/runs/KEY/ (metrics.jsonl and the config that produced them); `--reuse` skips
-a run whose stored config matches and whose metrics hold every round (peerd/bench/stored.py).
+metric. Runs are keyed by what defines them and kept under OUT/runs/KEY/ (metrics.jsonl and
+the config that produced them); `--reuse` skips a run whose stored config matches and whose
+metrics hold every round (peerd/bench/stored.py).
 The tables (issue 3):
 
 - sizing: the full-width and the quarter-width model trained centrally (one peer, all the
