@@ -44,7 +44,7 @@ def test_every_table_has_every_row(quick: tuple[Path, dict]) -> None:
         assert f"### table {table}" in markdown
         for label in rows:
             assert f"| {label} |" in markdown
-    for plot in ("a", "b", "c", "e"):
+    for plot in ("a", "b", "c", "d", "e"):
         assert (out / f"accuracy-{plot}.png").stat().st_size > 1000
     for rows in tables.values():
         for row in rows.values():

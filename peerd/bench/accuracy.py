@@ -310,14 +310,14 @@ def run_accuracy(
 
 def _plot(table: str, rows: dict[str, dict], first_seed: dict[str, RunSummary],
           settings: Settings, out: Path) -> None:
-    """a, c, e: the metric against per-peer FLOPs (first seed); b: FLOPs to target against N."""
+    """a, c, d, e: the metric against per-peer FLOPs (first seed); b: FLOPs to target against N."""
     title = f"{settings.task}: table {table}"
     if table == "b":
         points = [(float(s.spec.peers), rows[label]["flops_to_target"]["median"] / 1e9)
                   for label, s in first_seed.items() if rows[label]["flops_to_target"]]
         plot_series({"msfusion mu 0.25": points}, out / "accuracy-b.png", title, "peers N",
                     "per-peer GFLOPs to target")
-    elif table in ("a", "c", "e"):
+    elif table != "sizing":  # central runs of two widths: nothing to compare on a curve
         series = {label: [(flops / 1e9, acc) for flops, acc in s.curve]
                   for label, s in first_seed.items()}
         plot_series(series, out / f"accuracy-{table}.png", title,
