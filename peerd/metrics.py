@@ -33,7 +33,10 @@ def evaluate_global(
     spec: ModelSpec, data: TaskData, peer_params: Mapping[str, Params],
     plans: Mapping[str, Plan], eval_samples: int | None,
 ) -> dict[str, float]:
-    """The assembled full-width model on the held-out test set (first `eval_samples`)."""
+    """On the held-out test set (first `eval_samples`): the assembled full-width model
+    (`global_*`) and every peer's own sub-model of the round, averaged over peers
+    (`peer_global_*`). The second is what a method hands a peer: for heterofl and fd at one
+    width, the shared sub-model, whose untrained rest makes the assembled model meaningless."""
     test = data.test
     if eval_samples is not None and eval_samples < len(test):
         test = test.subset(np.arange(eval_samples))
@@ -42,6 +45,12 @@ def evaluate_global(
     figures = {"global_acc": result.accuracy, "global_loss": result.loss}
     if spec.kind == "text":
         figures["global_ppl"] = result.perplexity
+    own = [evaluate(extract(spec, params, plans[peer_id]), spec.kind, test)
+           for peer_id, params in peer_params.items()]
+    figures["peer_global_acc_mean"] = statistics.fmean(e.accuracy for e in own)
+    figures["peer_global_loss_mean"] = statistics.fmean(e.loss for e in own)
+    if spec.kind == "text":
+        figures["peer_global_ppl_mean"] = statistics.fmean(e.perplexity for e in own)
     return figures
 
 
@@ -88,6 +97,7 @@ class MetricsLog:
             "coverage": coverage,
             "global_acc": None,
             "peer_acc_mean": None,
+            "peer_global_acc_mean": None,
             **(evaluation or {}),
             "wall_s": wall_s,
         }
