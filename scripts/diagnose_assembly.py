@@ -11,6 +11,13 @@ sub-model on the global test set (mean and max), the fraction of entries some pe
 round, coverage so far, and how far the peers' copies have drifted apart (the norm of the
 per-entry standard deviation across peers) next to the norm of their mean. Test accuracy is on
 the first 2000 test samples.
+
+Coherence (issue 23): the losses of the assembled model and of the peers' sub-models on the
+global test set; the fraction of weight entries held by exactly one peer and by two or more
+this round (a unit has 2 holders at mu 0.25 on 8 peers, but an entry of a weight joining two
+groups is held only where both of a peer's windows meet); the assembled model restricted to
+the entries some peer held in the last k rounds (k = 1, 8; the rest set to zero); and the
+median rounds since an entry was last held.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from peerd.aggregate import assemble
 from peerd.config import DRIFT_PERIOD, SimConfig
 from peerd.evaluate import evaluate
 from peerd.metrics import evaluate_global
@@ -73,14 +81,25 @@ def main() -> None:
         module = extract(spec, params, plan if plan is not None else full_plan(spec))
         return evaluate(module, spec.kind, test).accuracy
 
+    def loss(params: Params, plan: Plan | None = None) -> float:
+        module = extract(spec, params, plan if plan is not None else full_plan(spec))
+        return evaluate(module, spec.kind, test).loss
+
+    last_held = {name: torch.full(t.shape, -1) for name, t in sim.engines[0].params.items()}
+
     started = time.monotonic()
     with args.out.open("w") as log:
         for round_index in range(args.rounds):
             contexts, stats = run_round(sim, round_index)
+            plans = contexts[0].plans_now
+            holders = {name: sum(entry_mask(spec, plan, name, t.shape).int()
+                                 for plan in plans.values())
+                       for name, t in last_held.items()}
+            for name, count in holders.items():
+                last_held[name][count > 0] = round_index
             if (round_index + 1) % args.every:
                 continue
             copies = {engine.peer_id: engine.params for engine in sim.engines}
-            plans = contexts[0].plans_now
             stacked = {name: torch.stack([c[name] for c in copies.values()])
                        for name in sim.engines[0].params}
             mean = {name: tensor.mean(0) for name, tensor in stacked.items()}
@@ -92,6 +111,15 @@ def main() -> None:
                 held += int(mask.sum())
                 total += tensor.numel()
             subs = [accuracy(e.params, plans[e.peer_id]) for e in sim.engines]
+            assembled = assemble(spec, copies, plans)
+            entries = sum(t.numel() for t in holders.values())
+
+            def restricted(k: int, now: int = round_index, model: Params = assembled) -> float:
+                return accuracy({name: torch.where(last_held[name] > now - k, t,
+                                                   torch.zeros_like(t))
+                                 for name, t in model.items()})
+
+            age = torch.cat([(round_index - t).reshape(-1).float() for t in last_held.values()])
             record = {
                 "round": round_index + 1,
                 "train_loss": statistics.fmean(s.loss for s in stats),
@@ -101,6 +129,16 @@ def main() -> None:
                 "peer0_copy": accuracy(sim.engines[0].params),
                 "sub_global_mean": statistics.fmean(subs),
                 "sub_global_max": max(subs),
+                "assembled_loss": loss(assembled),
+                "sub_global_loss_mean": statistics.fmean(
+                    loss(e.params, plans[e.peer_id]) for e in sim.engines),
+                "entries_one_holder": sum(int((c == 1).sum()) for c in holders.values())
+                / entries,
+                "entries_two_plus": sum(int((c >= 2).sum()) for c in holders.values())
+                / entries,
+                "assembled_recent_1": restricted(1),
+                "assembled_recent_8": restricted(8),
+                "entry_age_median": float(age[age <= round_index].median()),
                 "held_fraction": held / total,
                 "coverage": sim.coverage.fraction,
                 "copy_spread": float(sum(t.std(0).pow(2).sum() for t in stacked.values()) ** 0.5),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from peerd.bench.accuracy import BASELINE_MUS, BASELINES, MSFUSION_MUS, TABLES
+from peerd.bench.accuracy import BASELINE_MUS, BASELINES, MSFUSION_MUS, TABLES, seeds_from
 from peerd.cli import build_parser, main
 
 
@@ -101,6 +101,8 @@ def test_kjv_is_scored_by_perplexity_on_whole_books(tmp_path: Path) -> None:
         for row in rows.values():
             assert 1.0 < row["final"]["median"] < 1000
             assert row["reached"] == 1
+    for row in result["tables"]["e"].values():  # each peer's sub-model on the test books
+        assert 1.0 < row["sub_models"]["median"] < 1000
     never = _bench(tmp_path, "--task", "kjv", "--peers", "2", "--tables", "e", "--target", "1",
                    "--reuse")
     assert all(row["reached"] == 0 for row in never["tables"]["e"].values())
@@ -109,7 +111,7 @@ def test_kjv_is_scored_by_perplexity_on_whole_books(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("flag", "value"), [
     ("--tables", "a,z"), ("--seeds", "0,x"), ("--target", "-2"), ("--target", "nan"),
-    ("--partition", "zipf"),
+    ("--partition", "zipf"), ("--budget-gflops", "0"), ("--budget-gflops", "inf"),
 ])
 def test_bad_options_are_named(flag: str, value: str, capsys) -> None:
     with pytest.raises(SystemExit):
@@ -129,3 +131,54 @@ def test_a_target_outside_the_tasks_metric_is_named(
     assert main(argv) == 2
     assert f"target={float(target)} is invalid: a target {bound}" in capsys.readouterr().err
     assert not (tmp_path / "accuracy.json").exists()
+
+
+# digits --quick on 4 peers: a round costs the mean peer about 0.017 GFLOPs at mu 0.25 and
+# 0.067 at mu 0.5, so this budget is 2 rounds at mu 0.25 and 1 at mu 0.5.
+TINY_BUDGET_GFLOPS = 0.03
+
+
+def test_a_budget_gives_every_row_the_same_per_peer_compute(tmp_path: Path) -> None:
+    """Table f under --budget-gflops: every run stops at the first round whose cumulative
+    per-peer training FLOPs (as peerd sim counts them) reach the budget, so the narrow rows
+    train more rounds; three seeds by default; each method is scored by what it delivers."""
+    result = _bench(tmp_path, "--tables", "f", "--budget-gflops", str(TINY_BUDGET_GFLOPS),
+                    "--seeds", "0,1,2")
+    budget = TINY_BUDGET_GFLOPS * 1e9
+    for key, run in result["runs"].items():
+        records = [json.loads(line) for line in
+                   (tmp_path / "runs" / key / "metrics.jsonl").read_text().splitlines()]
+        spent = [r["train_flops_cum_peer_mean"] for r in records]
+        assert spent[-1] >= budget, key
+        assert len(spent) == 1 or spent[-2] < budget, key
+        assert run["rounds"] == len(records)
+    rows = result["tables"]["f"]
+    assert list(rows) == ["msfusion mu 0.25", "msfusion mu 0.5", "fedrolex mu 0.25",
+                          "heterofl mu 0.25", "fd mu 0.25"]
+    assert rows["msfusion mu 0.25"]["rounds"]["median"] == 2
+    assert rows["msfusion mu 0.5"]["rounds"]["median"] == 1
+    for label, row in rows.items():
+        assert row["seeds"] == [0, 1, 2]
+        delivered = "sub_models" if label.split()[0] in ("heterofl", "fd") else "final"
+        assert row["delivers"] == ("sub-model" if delivered == "sub_models" else "assembled")
+        assert row["delivered"] == row[delivered]
+    markdown = (tmp_path / "accuracy.md").read_text()
+    assert "GFLOPs of training per peer (rounds follow)" in markdown
+    assert "| heterofl mu 0.25 | 0.27 | 2 | sub-model |" in markdown
+
+
+def test_a_budget_excludes_rounds(tmp_path: Path, capsys) -> None:
+    argv = ["bench", "accuracy", "--quick", "--budget-gflops", "1", "--rounds", "3",
+            "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "--rounds and --budget-gflops exclude each other" in capsys.readouterr().err
+    assert not (tmp_path / "accuracy.json").exists()
+
+
+@pytest.mark.parametrize(("extra", "seeds"), [
+    ([], (0, 1)), (["--budget-gflops", "5"], (0, 1, 2)),
+    (["--budget-gflops", "5", "--seeds", "4"], (4,)),
+])
+def test_a_budget_defaults_to_three_seeds(extra: list[str], seeds: tuple[int, ...]) -> None:
+    args = build_parser().parse_args(["bench", "accuracy", *extra])
+    assert seeds_from(args) == seeds

@@ -19,7 +19,20 @@ The tables (issue 3):
 - b: scalability, msfusion at mu 0.25, N = 4, 8, 16, the same shard size per peer.
 - c: ablation of the contrastive term and the overlap schedule (msfusion mu 0.25).
 - d: ring against fully connected: the final metric and bytes sent per peer per round.
-- e: msfusion at mu 0.25 against `full` at equal rounds.
+- e: msfusion at mu 0.25 against `full` at equal rounds (equal per-peer compute with
+  `--budget-gflops`).
+- f: small width at equal per-peer compute (issue 23): msfusion at mu 0.25 and 0.5, heterofl,
+  fedrolex and fd at mu 0.25, each judged by what it delivers.
+
+What a method delivers: msfusion, fedrolex and full hand over the assembled full model;
+heterofl and fd at one width never train the rest of it, so they hand over their shared
+sub-model, scored on the global test set (`peer_global_*` in metrics.jsonl). The tables give
+the delivered figure, which one it is, and both beside it; the target and the curves use the
+delivered figure.
+
+`--budget-gflops G` (issue 23): every row trains until its mean peer's cumulative training
+FLOPs reach G (its rounds follow from its own cost per round, rounds_for_budget), so rows of
+different widths get the same per-peer compute; 3 seeds unless --seeds says otherwise.
 
 Figures are medians over seeds with the spread (min..max). msfusion rows without an explicit
 choice use peerd's defaults for the contrastive term and the overlap schedule. The contrastive
@@ -30,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -40,10 +54,16 @@ import torch
 from peerd.bench.processes import partition_arg, positive_int, seeds_arg
 from peerd.bench.stored import run_or_reuse, spread
 from peerd.config import STATIC_OVERLAP, ConfigError, SimConfig, TrainConfig
+from peerd.engine import TrainStats
+from peerd.losses import ModelContrastive
+from peerd.models.base import plan_units
 from peerd.plots import plot_series
+from peerd.sim import build
+from peerd.submodel import forward_flops_per_sample
 from peerd.tasks import get_task
 
-TABLES = ("sizing", "a", "b", "c", "d", "e")
+TABLES = ("sizing", "a", "b", "c", "d", "e", "f")
+BUDGET_SEEDS = 3
 
 
 @dataclass(frozen=True)
@@ -53,7 +73,8 @@ class Metric:
     name: str
     short: str  # in column headers
     global_key: str  # the assembled full-width model
-    peer_key: str  # each peer's own (sub-)model, mean
+    peer_key: str  # each peer's own (sub-)model on its own split, mean
+    peer_global_key: str  # each peer's own (sub-)model on the global test set, mean
     higher_is_better: bool
 
     def reached(self, value: float, target: float) -> bool:
@@ -66,8 +87,19 @@ class Metric:
             raise ConfigError(f"target={target} is invalid: a target {self.name} must be {bounds}")
 
 
-ACCURACY = Metric("accuracy", "acc", "global_acc", "peer_acc_mean", higher_is_better=True)
-PERPLEXITY = Metric("perplexity", "ppl", "global_ppl", "peer_ppl_mean", higher_is_better=False)
+ACCURACY = Metric("accuracy", "acc", "global_acc", "peer_acc_mean", "peer_global_acc_mean",
+                  higher_is_better=True)
+PERPLEXITY = Metric("perplexity", "ppl", "global_ppl", "peer_ppl_mean", "peer_global_ppl_mean",
+                    higher_is_better=False)
+
+# At one width these never train the rest of the full model: they deliver their sub-model.
+SUB_MODEL_METHODS = ("heterofl", "fd")
+
+
+def deliverable(method: str) -> str:
+    """What a method hands over: "sub-model" (its shared sub-model) or "assembled" (the full
+    model assembled from the peers)."""
+    return "sub-model" if method in SUB_MODEL_METHODS else "assembled"
 
 
 @dataclass(frozen=True)
@@ -105,6 +137,7 @@ class Settings:
     eval_every: int
     eval_samples: int
     target: float
+    budget_gflops: float | None = None  # None: every row trains `rounds` rounds
 
     @property
     def metric(self) -> Metric:
@@ -134,13 +167,50 @@ class RunSpec:
         peers, steps = (1, settings.steps * self.peers) if self.central else (
             self.peers, settings.steps)
         train = replace(task_train, max_local_steps=steps, contrastive=self.contrastive)
-        return SimConfig(
+        config = SimConfig(
             peers=peers, topology=self.topology, method=self.method, mu=(self.mu,),
             task=settings.task, rounds=settings.rounds, seed=self.seed,
             partition="iid" if self.central else settings.partition, out=str(out),
             eval_every=settings.eval_every, eval_samples=settings.eval_samples, train=train,
             overlap=self.overlap, shard_size=settings.shard_size * self.peers // peers,
         )
+        if settings.budget_gflops is None:
+            return config
+        return replace(config, rounds=rounds_for_budget(config, settings.budget_gflops * 1e9))
+
+
+def samples_per_round(shard: int, train: TrainConfig) -> int:
+    """Samples one peer's local training visits in a round (Engine.train: `local_epochs`
+    passes over the shard in batches, at most `max_local_steps` batches in all)."""
+    batches = [min(train.batch_size, shard - start)
+               for start in range(0, shard, train.batch_size)] * train.local_epochs
+    steps = len(batches) if train.max_local_steps is None else train.max_local_steps
+    return sum(batches[:steps])
+
+
+def rounds_for_budget(config: SimConfig, budget_flops: float) -> int:
+    """The rounds after which the mean peer's cumulative training FLOPs (`peerd sim`'s
+    train_flops_cum_peer_mean) first reach `budget_flops`, from each peer's sub-model and
+    shard: the same count `peerd sim` then reports. The contrastive term's frozen forwards
+    start in a peer's second round."""
+    sim = build(config)
+    plans = sim.engines[0].begin_round(0, sim.members).plans_now
+    costs = [(forward_flops_per_sample(sim.spec, plan_units(plans[engine.peer_id])),
+              samples_per_round(len(engine.train_split), config.train))
+             for engine in sim.engines]
+
+    def round_flops(round_index: int) -> float:
+        frozen = (ModelContrastive.frozen_forwards
+                  if config.train.contrastive and round_index > 0 else 0)
+        return statistics.fmean(
+            TrainStats(0.0, samples, 0, forward, frozen).train_flops
+            for forward, samples in costs)
+
+    rounds, spent = 0, 0.0
+    while spent < budget_flops:
+        spent += round_flops(rounds)
+        rounds += 1
+    return rounds
 
 
 @dataclass(frozen=True)
@@ -148,32 +218,47 @@ class RunSummary:
     """One run in the task's metric (accuracy or perplexity)."""
 
     spec: RunSpec
+    rounds: int
     final: float  # the assembled full-width model on the global test set
     final_own: float  # each peer's own (sub-)model on its held-out split, mean
-    flops_to_target: float | None  # per peer; None: never reached
+    # each peer's own (sub-)model on the global test set, mean (None: a run stored before
+    # metrics.jsonl carried it)
+    final_sub_models: float | None
+    delivers: str  # deliverable(method)
+    delivered: float | None  # `final` or `final_sub_models`, whichever the method delivers
+    flops_to_target: float | None  # per peer, by the delivered figure; None: never reached
     round_to_target: int | None
     flops_per_sample_peer: float
     flops_per_sample_full: float
     bytes_per_round_peer: float
     coverage: float
-    curve: tuple[tuple[float, float], ...]  # (cumulative per-peer FLOPs, global metric)
+    curve: tuple[tuple[float, float], ...]  # (cumulative per-peer FLOPs, delivered metric)
 
 
 def summarize(spec: RunSpec, records: Sequence[dict], metric: Metric, target: float
               ) -> RunSummary:
     evaluated = [r for r in records if r["global_acc"] is not None]
-    reached = next((r for r in evaluated if metric.reached(r[metric.global_key], target)), None)
+    delivers = deliverable(spec.method)
+    delivered_key = metric.peer_global_key if delivers == "sub-model" else metric.global_key
+    curve = tuple((r["train_flops_cum_peer_mean"], r[delivered_key]) for r in evaluated
+                  if r.get(delivered_key) is not None)
+    reached = next((r for r in evaluated if r.get(delivered_key) is not None
+                    and metric.reached(r[delivered_key], target)), None)
     return RunSummary(
         spec=spec,
+        rounds=records[-1]["round"],
         final=evaluated[-1][metric.global_key],
         final_own=evaluated[-1][metric.peer_key],
+        final_sub_models=evaluated[-1].get(metric.peer_global_key),
+        delivers=delivers,
+        delivered=evaluated[-1].get(delivered_key),
         flops_to_target=None if reached is None else reached["train_flops_cum_peer_mean"],
         round_to_target=None if reached is None else reached["round"],
         flops_per_sample_peer=records[-1]["flops_per_sample_peer_mean"],
         flops_per_sample_full=records[-1]["flops_per_sample_full"],
         bytes_per_round_peer=statistics.fmean(r["bytes_sent_peer_mean"] for r in records),
         coverage=records[-1]["coverage"],
-        curve=tuple((r["train_flops_cum_peer_mean"], r[metric.global_key]) for r in evaluated),
+        curve=curve,
     )
 
 
@@ -217,18 +302,32 @@ def table_specs(table: str, settings: Settings, seeds: Sequence[int]) -> dict[st
     if table == "e":
         return rows([(f"msfusion mu {HEADLINE_MU}", RunSpec("msfusion", HEADLINE_MU, n, 0)),
                      ("full", RunSpec("full", 1.0, n, 0))])
+    if table == "f":
+        return rows([(f"msfusion mu {mu}", RunSpec("msfusion", mu, n, 0))
+                     for mu in (HEADLINE_MU, 0.5)]
+                    + [(f"{method} mu {HEADLINE_MU}", RunSpec(method, HEADLINE_MU, n, 0))
+                       for method in BASELINES])
     raise ValueError(f"unknown table {table!r}; choose from {', '.join(TABLES)}")
 
 
 # ---- figures -----------------------------------------------------------------------------------
 
 
+def _spread_known(values: Sequence[float | None]) -> dict[str, float] | None:
+    """The spread of the values, or None where a stored run predates the figure."""
+    return None if any(v is None for v in values) else spread(values)
+
+
 def row_figures(runs: Sequence[RunSummary]) -> dict[str, object]:
     reached = [r.flops_to_target for r in runs if r.flops_to_target is not None]
     return {
         "seeds": [r.spec.seed for r in runs],
+        "rounds": spread([r.rounds for r in runs]),
+        "delivers": runs[0].delivers,
+        "delivered": _spread_known([r.delivered for r in runs]),
         "final": spread([r.final for r in runs]),
         "own": spread([r.final_own for r in runs]),
+        "sub_models": _spread_known([r.final_sub_models for r in runs]),
         # Median over the seeds that reached the target; how many did is given beside it.
         "flops_to_target": spread(reached) if reached else None,
         "reached": len(reached),
@@ -239,34 +338,45 @@ def row_figures(runs: Sequence[RunSummary]) -> dict[str, object]:
     }
 
 
-def _cell(spread: dict[str, float] | None, scale: float = 1.0, digits: int = 3) -> str:
+def _cell(spread: dict[str, float] | None, scale: float = 1.0, digits: int = 3,
+          missing: str = "not reached") -> str:
     if spread is None:
-        return "not reached"
+        return missing
     median, low, high = (spread[k] / scale for k in ("median", "min", "max"))
     if low == high:
         return f"{median:.{digits}f}"
     return f"{median:.{digits}f} ({low:.{digits}f}..{high:.{digits}f})"
 
 
-COLUMNS = {  # "final" and "own" are headed with the task's metric: "final acc", "own ppl"
+# "delivered", "final" (the assembled model), "own" (each peer's model on its own split) and
+# "sub-models" (each peer's model on the global test set) are headed with the task's metric.
+METRIC_COLUMNS = ("delivered", "final", "own", "sub-models")
+COLUMNS = {
     # The quarter-width model's own figure is what sizing asks; the assembled full-width
     # model of a static prefix holds untrained entries.
     "sizing": ("own", "final"),
-    "a": ("MFLOPs/sample", "per-peer GFLOPs to target", "reached", "final"),
-    "b": ("per-peer GFLOPs to target", "reached", "final"),
+    "a": ("MFLOPs/sample", "rounds", "delivers", "per-peer GFLOPs to target", "reached",
+          "delivered", "final", "sub-models"),
+    "b": ("per-peer GFLOPs to target", "reached", "final", "sub-models"),
     "c": ("final", "per-peer GFLOPs to target"),
     "d": ("final", "KiB sent per peer per round"),
-    "e": ("final", "own"),
+    "e": ("final", "own", "sub-models", "rounds"),
+    "f": ("MFLOPs/sample", "rounds", "delivers", "delivered", "final", "sub-models",
+          "per-peer GFLOPs to target", "reached"),
 }
 
 
 def _header(name: str, metric: Metric) -> str:
-    return f"{name} {metric.short}" if name in ("final", "own") else name
+    return f"{name} {metric.short}" if name in METRIC_COLUMNS else name
 
 
 def _column(name: str, row: dict, seeds: int) -> str:
-    if name in ("final", "own"):
-        return _cell(row[name])
+    if name in METRIC_COLUMNS:
+        return _cell(row[name.replace("-", "_")], missing="n/a")
+    if name == "delivers":
+        return row["delivers"]
+    if name == "rounds":
+        return _cell(row["rounds"], digits=0)
     if name == "MFLOPs/sample":
         return f"{row['flops_per_sample_peer'] / 1e6:.2f}"
     if name == "per-peer GFLOPs to target":
@@ -298,9 +408,12 @@ def run_accuracy(
     out.mkdir(parents=True, exist_ok=True)
     summaries: dict[str, RunSummary] = {}
     results: dict[str, dict[str, dict]] = {}
+    length = (f"{settings.rounds} rounds" if settings.budget_gflops is None else
+              f"{settings.budget_gflops:g} GFLOPs of training per peer (rounds follow)")
     markdown = [f"task {settings.task}, {settings.peers} peers ({settings.partition}), "
-                f"{settings.rounds} rounds x {settings.steps} steps, shard {settings.shard_size}, "
-                f"target {settings.target}, seeds {', '.join(map(str, seeds))}"]
+                f"{length} x {settings.steps} steps, shard {settings.shard_size}, "
+                f"target {settings.target}, seeds {', '.join(map(str, seeds))}; delivered: "
+                "the assembled model, or for heterofl and fd the shared sub-model on the test set"]
     for table in tables:
         rows: dict[str, dict] = {}
         for label, specs in table_specs(table, settings, seeds).items():
@@ -323,7 +436,8 @@ def run_accuracy(
 
 def _plot(table: str, rows: dict[str, dict], first_seed: dict[str, RunSummary],
           settings: Settings, out: Path) -> None:
-    """a, c, d, e: the metric against per-peer FLOPs (first seed); b: FLOPs to target against N."""
+    """a, c, d, e, f: the delivered metric against per-peer FLOPs (first seed); b: FLOPs to
+    target against N."""
     title = f"{settings.task}: table {table}"
     if table == "b":
         points = [(float(s.spec.peers), rows[label]["flops_to_target"]["median"] / 1e9)
@@ -334,8 +448,8 @@ def _plot(table: str, rows: dict[str, dict], first_seed: dict[str, RunSummary],
         series = {label: [(flops / 1e9, acc) for flops, acc in s.curve]
                   for label, s in first_seed.items()}
         plot_series(series, out / f"accuracy-{table}.png", title,
-                    "cumulative training GFLOPs per peer", f"global {settings.metric.name}",
-                    log_x=True)
+                    "cumulative training GFLOPs per peer",
+                    f"delivered {settings.metric.name} (heterofl, fd: sub-model)", log_x=True)
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -350,14 +464,22 @@ def _tables(text: str) -> tuple[str, ...]:
     return chosen
 
 
-def _target(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:  # finite and positive; the task's metric bounds it further
-        raise argparse.ArgumentTypeError(f"target={text!r} is invalid: must be a positive number")
-    return value
+def _positive_number(option: str, what: str) -> Callable[[str], float]:
+    """An argument type: a finite positive number, named by its option when it is not."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{option}={text!r} is invalid: must be {what}")
+        return value
+    return parse
+
+
+# The task's metric bounds a target further (Metric.check_target).
+_target = _positive_number("target", "a positive number")
+_budget = _positive_number("budget-gflops", "a positive number of GFLOPs")
 
 
 QUICK = {"rounds": 2, "steps": 1, "shard_size": 24, "eval_every": 1, "eval_samples": 60}
@@ -372,8 +494,8 @@ def add_accuracy_parser(subparsers: argparse._SubParsersAction) -> None:
     accuracy.add_argument("--task", choices=sorted(TASK_SCORING), default="fmnist")
     accuracy.add_argument("--tables", type=_tables, default=TABLES,
                           help="comma list of " + ", ".join(TABLES) + " (default: all)")
-    accuracy.add_argument("--seeds", type=seeds_arg, default=(0, 1), metavar="S[,S...]",
-                          help="seeds of every row (default: 0,1)")
+    accuracy.add_argument("--seeds", type=seeds_arg, default=None, metavar="S[,S...]",
+                          help="seeds of every row (default: 0,1; with --budget-gflops 0,1,2)")
     accuracy.add_argument("--rounds", type=positive_int, default=None,
                           help="rounds per run (default: 30; --quick: 2)")
     accuracy.add_argument("--steps", type=positive_int, default=None,
@@ -391,6 +513,10 @@ def add_accuracy_parser(subparsers: argparse._SubParsersAction) -> None:
     accuracy.add_argument("--target", type=_target, default=None,
                           help="target accuracy, or perplexity on kjv (default: fmnist 0.7, "
                                "digits 0.8, kjv perplexity 8)")
+    accuracy.add_argument("--budget-gflops", type=_budget, default=None, metavar="G",
+                          help="train every row until its per-peer training FLOPs reach G "
+                               "GFLOPs (equal compute; rounds follow; seeds 0,1,2 unless "
+                               "--seeds; excludes --rounds)")
     accuracy.add_argument("--threads", type=positive_int, default=1,
                           help="torch threads (default: %(default)s)")
     accuracy.add_argument("--quick", action="store_true",
@@ -413,16 +539,28 @@ def settings_from(args: argparse.Namespace) -> Settings:
     scoring = TASK_SCORING[args.task]
     target = scoring.target if args.target is None else args.target
     scoring.metric.check_target(target)
+    if args.budget_gflops is not None and args.rounds is not None:
+        raise ConfigError("--rounds and --budget-gflops exclude each other: with a budget "
+                          "each row's rounds follow from its cost")
     return Settings(
         task=args.task, rounds=pick("rounds"), steps=pick("steps"),
         shard_size=pick("shard_size"), peers=args.peers,
         partition=scoring.partition if args.partition is None else args.partition,
         eval_every=pick("eval_every"), eval_samples=pick("eval_samples"), target=target,
+        budget_gflops=args.budget_gflops,
     )
+
+
+def seeds_from(args: argparse.Namespace) -> tuple[int, ...]:
+    """--seeds, or the default: two seeds, three under a budget (median and range of three;
+    one process per seed, then a re-cut of all three with --reuse, also works)."""
+    if args.seeds is not None:
+        return args.seeds
+    return tuple(range(BUDGET_SEEDS if args.budget_gflops is not None else 2))
 
 
 def run_accuracy_command(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
-    run_accuracy(settings_from(args), args.tables, args.seeds, args.out, args.reuse)
+    run_accuracy(settings_from(args), args.tables, seeds_from(args), args.out, args.reuse)
     print((args.out / "accuracy.md").read_text())
     return 0
