@@ -1,0 +1,52 @@
+"""How many peers hold each weight entry under msfusion's windows, by N and mu (no training).
+
+Usage: python scripts/window_holders.py [fmnist|kjv|digits] [--round T]
+
+Per (N, mu): the holders of each unit (N mu), and the fractions of all parameter entries held
+by exactly one peer and by two or more in round T (default 0). A unit has N mu holders, but an
+entry of a weight that joins two groups is held only by a peer whose windows of both groups
+contain it; with the windows ordered by ring position in every group (so a unit's co-holders
+are ring neighbours), a peer's blocks of every weight matrix lie on one diagonal band of width
+about 2 mu, whatever N (docs/ALGORITHM.md, small widths).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from peerd.data import load_task_data
+from peerd.plan import Member, make_planner
+from peerd.submodel import entry_mask, init_params
+from peerd.tasks import BLOCK_SIZE, get_task
+
+PEERS = (4, 8, 16, 32)
+MUS = (0.125, 0.25, 0.5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("task", nargs="?", default="fmnist")
+    parser.add_argument("--round", type=int, default=0)
+    args = parser.parse_args()
+    spec = get_task(args.task).model(load_task_data(args.task, None, block_size=BLOCK_SIZE))
+    params = init_params(spec, 0)
+    planner = make_planner("msfusion", 0)
+    print("| N | mu | holders per unit | entries held | by 1 peer | by 2+ peers |")
+    print("|---|---|---|---|---|---|")
+    for peers in PEERS:
+        for mu in MUS:
+            members = [Member(f"peer-{i:02d}", mu) for i in range(peers)]
+            plans = planner.plan(args.round, members, spec.groups)
+            one = several = total = 0
+            for name, tensor in params.items():
+                holders = sum(entry_mask(spec, plan, name, tensor.shape).int()
+                              for plan in plans.values())
+                one += int((holders == 1).sum())
+                several += int((holders >= 2).sum())
+                total += tensor.numel()
+            print(f"| {peers} | {mu} | {peers * mu:g} | {(one + several) / total:.3f} | "
+                  f"{one / total:.3f} | {several / total:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
