@@ -34,8 +34,7 @@ import torch
 
 from peerd.aggregate import assemble
 from peerd.config import DRIFT_PERIOD, SimConfig
-from peerd.evaluate import evaluate
-from peerd.metrics import evaluate_global
+from peerd.evaluate import Evaluation, evaluate
 from peerd.models.base import Plan, full_plan
 from peerd.sim import build, run_round
 from peerd.submodel import Params, entry_mask, extract
@@ -58,6 +57,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--contrastive", action="store_true")
+    parser.add_argument("--test-samples", type=int, default=TEST_SAMPLES)
     return parser.parse_args()
 
 
@@ -75,15 +75,14 @@ def main() -> None:
         seed=args.seed, partition="dirichlet:0.5", out="/tmp/diagnose-assembly",
         drift_period=args.drift_period, topology=args.topology, train=train))
     spec = sim.spec
-    test = sim.data.test.subset(np.arange(min(TEST_SAMPLES, len(sim.data.test))))
+    test = sim.data.test.subset(np.arange(min(args.test_samples, len(sim.data.test))))
+
+    def scored(params: Params, plan: Plan | None = None) -> Evaluation:
+        module = extract(spec, params, plan if plan is not None else full_plan(spec))
+        return evaluate(module, spec.kind, test)
 
     def accuracy(params: Params, plan: Plan | None = None) -> float:
-        module = extract(spec, params, plan if plan is not None else full_plan(spec))
-        return evaluate(module, spec.kind, test).accuracy
-
-    def loss(params: Params, plan: Plan | None = None) -> float:
-        module = extract(spec, params, plan if plan is not None else full_plan(spec))
-        return evaluate(module, spec.kind, test).loss
+        return scored(params, plan).accuracy
 
     last_held = {name: torch.full(t.shape, -1) for name, t in sim.engines[0].params.items()}
 
@@ -110,8 +109,9 @@ def main() -> None:
                     mask |= entry_mask(spec, plan, name, tensor.shape)
                 held += int(mask.sum())
                 total += tensor.numel()
-            subs = [accuracy(e.params, plans[e.peer_id]) for e in sim.engines]
+            subs = [scored(e.params, plans[e.peer_id]) for e in sim.engines]
             assembled = assemble(spec, copies, plans)
+            whole = scored(assembled)
             entries = sum(t.numel() for t in holders.values())
 
             def restricted(k: int, now: int = round_index, model: Params = assembled) -> float:
@@ -123,15 +123,13 @@ def main() -> None:
             record = {
                 "round": round_index + 1,
                 "train_loss": statistics.fmean(s.loss for s in stats),
-                "assembled": evaluate_global(spec, sim.data, copies, plans,
-                                             TEST_SAMPLES)["global_acc"],
+                "assembled": whole.accuracy,  # what peerd sim reports as global_acc
                 "mean_of_copies": accuracy(mean),
                 "peer0_copy": accuracy(sim.engines[0].params),
-                "sub_global_mean": statistics.fmean(subs),
-                "sub_global_max": max(subs),
-                "assembled_loss": loss(assembled),
-                "sub_global_loss_mean": statistics.fmean(
-                    loss(e.params, plans[e.peer_id]) for e in sim.engines),
+                "sub_global_mean": statistics.fmean(e.accuracy for e in subs),
+                "sub_global_max": max(e.accuracy for e in subs),
+                "assembled_loss": whole.loss,
+                "sub_global_loss_mean": statistics.fmean(e.loss for e in subs),
                 "entries_one_holder": sum(int((c == 1).sum()) for c in holders.values())
                 / entries,
                 "entries_two_plus": sum(int((c >= 2).sum()) for c in holders.values())
