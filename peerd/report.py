@@ -8,11 +8,9 @@ sim` out dir (metrics.jsonl alone) gets the assembled model's part only.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
-import sys
 from collections.abc import Callable, Sequence
 from itertools import accumulate
 from pathlib import Path
@@ -255,25 +253,3 @@ def write_report(state_dir: Path, out_dir: Path | None = None) -> str:
     """Write the plots and summary.txt into out_dir (default STATE_DIR/report); returns the
     summary. Raises ReportError for missing or malformed input."""
     return build_report(state_dir, out_dir)[0]
-
-
-def _report(args: argparse.Namespace) -> int:
-    try:
-        summary, paths = build_report(Path(args.state_dir), args.out and Path(args.out))
-    except ReportError as error:
-        print(f"peerd report: error: {error}", file=sys.stderr)
-        return 2
-    print(summary, end="")
-    for path in paths:
-        print(f"wrote {path}")
-    return 0
-
-
-def add_report_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register `report --state-dir DIR [--out DIR]`; args.func(args) returns the exit code."""
-    report = subparsers.add_parser(
-        "report", help="plots and a summary of a daemon's (or a cluster run's) rounds")
-    report.add_argument("--state-dir", required=True, metavar="DIR",
-                        help="a daemon's state dir, or a `peerd cluster` out dir")
-    report.add_argument("--out", metavar="DIR", help="where to write (default STATE_DIR/report)")
-    report.set_defaults(func=_report)
