@@ -120,6 +120,8 @@ CLUSTER_OUT = "runs/cluster"  # ClusterConfig's, as above
 
 
 def _partition(text: str) -> str:
+    if text == SimConfig().partition:
+        return text  # argparse checks the default too: checking it here would load torch
     from peerd.bench.processes import partition_arg
 
     return partition_arg(text)
@@ -526,15 +528,11 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def peerd_command() -> str:
-    """How to run this peerd again from any shell: `peerd` when that is what PATH finds,
-    else the absolute path of the running one (or of its Python, -m peerd.cli)."""
+    """This peerd as a command that runs from any shell, whatever its PATH: the absolute path
+    of the running `peerd` script (or of its Python, with -m peerd.cli)."""
     import shlex
-    import shutil
 
     script = Path(sys.executable).with_name("peerd")
-    found = shutil.which("peerd")
-    if script.is_file() and found is not None and Path(found).resolve() == script.resolve():
-        return "peerd"
     if script.is_file():
         return shlex.quote(str(script.absolute()))
     return f"{shlex.quote(str(Path(sys.executable).absolute()))} -m peerd.cli"

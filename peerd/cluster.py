@@ -54,6 +54,7 @@ POLL_INTERVAL_S = 0.2
 WATCHER_ID = "cluster"
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
+ACTIVITY_CHARS = 45  # a daemon's activity on the live line; longer ones keep their first part
 
 
 @dataclass(frozen=True)
@@ -135,9 +136,11 @@ class DaemonProcess:
         return records[-1]["round"] if records else 0
 
     def activity(self) -> str:
-        """What the daemon last logged, without time stamp and logger: 'waiting for peers...'."""
-        message = self.log_tail(1).partition(": ")[2]
-        return message or "starting"
+        """What the daemon last logged, in short: 'waiting for peers: 1 of 3 members found',
+        'round 2: training (28 steps)', 'round 2 done'."""
+        message = self.log_tail(1).partition(": ")[2]  # after time stamp, level and logger
+        message = message.split(" (", 1)[0].split("; ", 1)[0] if message else "starting"
+        return message if len(message) <= ACTIVITY_CHARS else message.split(": ", 1)[0]
 
 
 def tls_dirs(out: Path, peer_ids: list[str]) -> dict[str, Path]:

@@ -689,6 +689,8 @@ class Daemon:
             view = self.membership.view_at(self.round_index)
             round_started = time.monotonic()
             ctx = self._context(self.round_index)
+            log.info("round %d: training (%d steps)", self.round_index + 1,
+                     self.engine.round_steps())
             stats = await loop.run_in_executor(self._worker, self.engine.train, ctx)
             if self.config.slowdown > 1:
                 # A device this many times slower at training, without using the CPU.

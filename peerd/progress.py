@@ -9,6 +9,7 @@ within a long phase one every few seconds, nothing redrawn.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -17,6 +18,10 @@ from typing import TextIO
 
 from tqdm import tqdm
 
+DEFAULT_COLUMNS = 100
+# tqdm hides bars below a terminal's last row, and takes a terminal that reports no size (a
+# bare pseudo-terminal) to have -1 rows: one bar needs only one row of any terminal.
+TERMINAL_ROWS = 24
 REDRAW_S = 1.0  # a live line's clock moves at least this often
 # Off a terminal a phase that stays the same is repeated this often, so a log shows the
 # command is alive (the tests' bound on silence is 10 s).
@@ -46,7 +51,8 @@ class Console:
         self._clock: threading.Thread | None = None
         if self.enabled and self.live:
             self._bar = tqdm(total=None, file=self.stream, bar_format=STATUS_FORMAT,
-                             dynamic_ncols=True, leave=False, mininterval=0)
+                             ncols=self._columns(), nrows=TERMINAL_ROWS, leave=False,
+                             mininterval=0)
             self._clock = threading.Thread(target=self._tick, name="progress", daemon=True)
             self._clock.start()
 
@@ -115,8 +121,19 @@ class Console:
 
     def _draw(self) -> None:
         assert self._bar is not None
+        # The line is cut to fit: a line that wraps cannot be redrawn in place.
+        self._bar.ncols = self._columns()
         self._bar.set_description_str(f"[{self.elapsed()}] {self._phase}", refresh=False)
         self._bar.refresh()
+
+    def _columns(self) -> int:
+        """The terminal's width, re-read at each redraw (it may be resized); a terminal that
+        reports none (a bare pseudo-terminal) gets 100."""
+        try:
+            columns = os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError):
+            columns = 0
+        return columns - 1 if columns > 1 else DEFAULT_COLUMNS
 
     def _tick(self) -> None:
         while not self._stop.wait(REDRAW_S):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from itertools import accumulate
@@ -10,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from peerd.report import ReportError, add_report_parser, last_run, peer_summary, write_report
+from peerd.cli import main as run_cli
+from peerd.report import ReportError, last_run, peer_summary, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PEER_PLOTS = ("loss_accuracy.png", "bytes.png", "peers.png")
@@ -163,13 +163,6 @@ def test_missing_inputs(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text('{"round": 1}\n')
     with pytest.raises(ReportError, match=r"metrics.jsonl: line 1 lacks train_flops_cum"):
         write_report(tmp_path)
-
-
-def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="peerd")
-    add_report_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
