@@ -9,6 +9,7 @@ terminal's behaviour is what is tested.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import pty
 import re
@@ -79,8 +80,8 @@ def test_parser_names_agree_with_the_code_they_stand_for() -> None:
     from peerd.plan import PLANNERS
     from peerd.tasks import TASKS
 
-    assert cli.METHODS == tuple(sorted(PLANNERS))
-    assert cli.TASK_NAMES == tuple(sorted(TASKS))
+    assert tuple(sorted(PLANNERS)) == cli.METHODS
+    assert tuple(sorted(TASKS)) == cli.TASK_NAMES
     cluster, sim = ClusterConfig(), SimConfig()
     assert (cli.CLUSTER_OUT, sim.peers, sim.rounds, sim.eval_every) == (
         cluster.out, cluster.peers, cluster.rounds, cluster.eval_every)
@@ -189,7 +190,7 @@ class Terminal:
 
     def longest_silence(self) -> float:
         times = [0.0, *(at for at, _ in self.chunks)]
-        return max(b - a for a, b in zip(times, times[1:], strict=False))
+        return max(b - a for a, b in itertools.pairwise(times))
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -321,7 +322,7 @@ def test_a_lone_daemon_says_whom_it_waits_for(tmp_path: Path) -> None:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
     assert waiting[0] <= 5.0, waiting
-    assert max(b - a for a, b in zip(waiting, waiting[1:], strict=False)) <= 10.0, waiting
+    assert max(b - a for a, b in itertools.pairwise(waiting)) <= 10.0, waiting
 
 
 def test_a_lone_daemon_on_a_terminal_shows_it_waits(tmp_path: Path) -> None:
