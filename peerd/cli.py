@@ -356,10 +356,13 @@ def _add_report(report: argparse.ArgumentParser) -> None:
 def _add_compare(compare: argparse.ArgumentParser) -> None:
     compare.add_argument("runs", nargs="+", metavar="DIR",
                          help="`peerd sim` or `peerd cluster` out dirs (each holds metrics.jsonl)")
+    from peerd.scoring import TASK_SCORING
+
+    defaults = ", ".join(f"{task} {scoring.metric.name} {scoring.target}"
+                         for task, scoring in TASK_SCORING.items())
     compare.add_argument("--target", type=float, default=None,
                          help="the metric's target, for the FLOPs-to-target column (default: "
-                              "the task's: accuracy 0.9 for digits, 0.85 fmnist, perplexity "
-                              "20 kjv)")
+                              f"the task's, {defaults})")
     compare.add_argument("--out", default=None, metavar="FILE",
                          help="the plot of their curves (default: compare.png in the first DIR)")
     compare.set_defaults(func=_compare)

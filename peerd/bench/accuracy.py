@@ -39,51 +39,14 @@ import torch
 
 from peerd.bench.processes import partition_arg, positive_int, seeds_arg
 from peerd.bench.stored import run_or_reuse, spread
-from peerd.config import STATIC_OVERLAP, ConfigError, SimConfig, TrainConfig
+from peerd.config import STATIC_OVERLAP, SimConfig, TrainConfig
 from peerd.plots import plot_series
+from peerd.scoring import TASK_SCORING, Metric
 from peerd.tasks import get_task
 
 TABLES = ("sizing", "a", "b", "c", "d", "e")
 
 
-@dataclass(frozen=True)
-class Metric:
-    """What a task's tables are scored by, read from `peerd sim`'s per-round records."""
-
-    name: str
-    short: str  # in column headers
-    global_key: str  # the assembled full-width model
-    peer_key: str  # each peer's own (sub-)model, mean
-    higher_is_better: bool
-
-    def reached(self, value: float, target: float) -> bool:
-        return value >= target if self.higher_is_better else value <= target
-
-    def check_target(self, target: float) -> None:
-        valid = 0 < target <= 1 if self.higher_is_better else target >= 1
-        if not valid:
-            bounds = "in (0, 1]" if self.higher_is_better else "at least 1"
-            raise ConfigError(f"target={target} is invalid: a target {self.name} must be {bounds}")
-
-
-ACCURACY = Metric("accuracy", "acc", "global_acc", "peer_acc_mean", higher_is_better=True)
-PERPLEXITY = Metric("perplexity", "ppl", "global_ppl", "peer_ppl_mean", higher_is_better=False)
-
-
-@dataclass(frozen=True)
-class TaskScoring:
-    """How the benchmark scores one task, and its defaults."""
-
-    metric: Metric
-    target: float
-    partition: str
-
-
-TASK_SCORING = {
-    "fmnist": TaskScoring(ACCURACY, 0.70, "dirichlet:0.5"),
-    "digits": TaskScoring(ACCURACY, 0.80, "dirichlet:0.5"),
-    "kjv": TaskScoring(PERPLEXITY, 8.0, "natural"),  # whole books per shard
-}
 HEADLINE_MU = 0.25
 ADAPTIVE_OVERLAP = "decay:5"  # the schedule the ablation sets against a static overlap
 BASELINES = ("fedrolex", "heterofl", "fd")
