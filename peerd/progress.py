@@ -23,6 +23,7 @@ DEFAULT_COLUMNS = 100
 # bare pseudo-terminal) to have -1 rows: one bar needs only one row of any terminal.
 TERMINAL_ROWS = 24
 REDRAW_S = 1.0  # a live line's clock moves at least this often
+STEP_REDRAW_S = 0.1  # and a step bar at most this often
 # Off a terminal a phase that stays the same is repeated this often, so a log shows the
 # command is alive (the tests' bound on silence is 10 s).
 REPEAT_S = 8.0
@@ -46,6 +47,7 @@ class Console:
         self._phase = ""
         self._total: int | None = None
         self._shown_at = 0.0  # off a terminal: when a line was last printed
+        self._drawn_at = 0.0  # on a terminal: when the live line was last drawn
         self._bar: tqdm | None = None
         self._stop = threading.Event()
         self._clock: threading.Thread | None = None
@@ -103,7 +105,9 @@ class Console:
                     return
                 if self._bar is not None:
                     self._bar.n = done
-                    self._draw()
+                    # Thousands of steps a second would flood a slow terminal.
+                    if done == total or time.monotonic() - self._drawn_at >= STEP_REDRAW_S:
+                        self._draw()
                     return
                 if time.monotonic() - self._shown_at >= REPEAT_S:
                     self._print(f"[{self.elapsed()}] {phase}: {done}/{total} steps")
@@ -125,6 +129,7 @@ class Console:
         self._bar.ncols = self._columns()
         self._bar.set_description_str(f"[{self.elapsed()}] {self._phase}", refresh=False)
         self._bar.refresh()
+        self._drawn_at = time.monotonic()
 
     def _columns(self) -> int:
         """The terminal's width, re-read at each redraw (it may be resized); a terminal that
