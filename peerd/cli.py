@@ -1,4 +1,9 @@
-"""Command-line parsing only: every command hands a typed config to one function elsewhere."""
+"""Command-line parsing only: every command hands a typed config to one function elsewhere.
+
+Start-up is kept short: a command's parser is built, and its modules imported, only for the
+command being run, so `peerd --help`, `--version`, `status`, `ca`, `config`, `report` and
+`compare` never load torch (tests/test_startup.py checks it).
+"""
 
 from __future__ import annotations
 
@@ -11,21 +16,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-import grpc
+from typing import TYPE_CHECKING
 
 from peerd import __version__
-from peerd.bench.accuracy import add_accuracy_parser
-from peerd.bench.capacity import add_capacity_parser
-from peerd.bench.compute import add_compute_parser
-from peerd.bench.exchange import add_exchange_parser
-from peerd.bench.memory import add_memory_parser
-from peerd.bench.processes import partition_arg, positive_int
-from peerd.bench.scale import add_scale_parser
-from peerd.bench.stragglers import add_stragglers_parser
-from peerd.bench.wire import add_wire_parser
-from peerd.ca import DEFAULT_CA_DIR, DEVICE_KEY, init_ca, issue
-from peerd.cluster import ClusterConfig, ClusterError
+from peerd.ca import DEFAULT_CA_DIR, DEVICE_KEY
 from peerd.config import (
     AUTO,
     DEFAULT_CONFIG_FILE,
@@ -47,12 +41,37 @@ from peerd.config import (
     reference_table,
     required_type,
 )
-from peerd.data import DatasetMissing
-from peerd.net.codec import WireError
-from peerd.plan import PLANNERS
-from peerd.progress import ProgressLine
-from peerd.report import add_report_parser
-from peerd.tasks import TASKS, get_task
+from peerd.progress import Console, global_round_line
+
+if TYPE_CHECKING:
+    from peerd.cluster import DaemonProcess
+
+class _Parser(argparse.ArgumentParser):
+    """Errors name the (sub)command they belong to and show its usage line only."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        listed = "command" if self.prog == "peerd" else "option"
+        self.exit(2, f"{self.prog}: error: {message}\n"
+                     f"(`{self.prog} --help` describes every {listed})\n")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.default is argparse.SUPPRESS
+                or isinstance(action, argparse._HelpAction | argparse._VersionAction)):
+            return text
+        if isinstance(action.default, bool) or action.default is None:
+            shown = {True: "on", False: "off", None: "none"}[action.default]
+            return f"{text} (default: {shown})"
+        return f"{text} (default: %(default)s)"
 
 
 def _mu(text: str) -> tuple[float, ...]:
@@ -67,25 +86,6 @@ def _depth(text: str) -> tuple[int, ...]:
         return parse_depth(text)
     except ConfigError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _add_sim(commands: argparse._SubParsersAction) -> None:
-    defaults = SimConfig()
-    sim = commands.add_parser(
-        "sim", help="train N peers in one process over an in-memory transport",
-        description="Run N peers in one process: the algorithm without a network.",
-    )
-    sim.add_argument("--peers", type=int, default=defaults.peers, help="number of peers")
-    _add_learning_options(sim, measured_mu=False)
-    sim.add_argument("--rounds", type=int, default=defaults.rounds)
-    sim.add_argument("--out", default=defaults.out, help="directory for metrics and plots")
-    sim.add_argument("--eval-every", type=int, default=defaults.eval_every,
-                     help="evaluate the assembled model every K rounds")
-    sim.add_argument("--eval-samples", type=int, default=None,
-                     help="global test samples per evaluation (default: the task's)")
-    sim.add_argument("--quiet", action="store_true", help="no progress line")
-    add_msfusion_options(sim)
-    sim.set_defaults(func=_sim)
 
 
 def _overlap(text: str) -> str:
@@ -106,6 +106,42 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    from peerd.bench.processes import positive_int
+
+    return positive_int(text)
+
+
+# The planners' and tasks' names, as peerd.plan.PLANNERS and peerd.tasks.TASKS hold them
+# (tests/test_startup.py checks): importing those loads torch, which parsing must not wait for.
+METHODS = ("fd", "fedrolex", "full", "heterofl", "msfusion")
+TASK_NAMES = ("digits", "fmnist", "kjv")
+CLUSTER_OUT = "runs/cluster"  # ClusterConfig's, as above
+
+
+def _partition(text: str) -> str:
+    if text == SimConfig().partition:
+        return text  # argparse checks the default too: checking it here would load torch
+    from peerd.bench.processes import partition_arg
+
+    return partition_arg(text)
+
+
+def _add_sim(sim: argparse.ArgumentParser) -> None:
+    defaults = SimConfig()
+    sim.add_argument("--peers", type=int, default=defaults.peers, help="number of peers")
+    _add_learning_options(sim, measured_mu=False)
+    sim.add_argument("--rounds", type=int, default=defaults.rounds, help="rounds to run")
+    sim.add_argument("--out", default=defaults.out, help="directory for metrics and plots")
+    sim.add_argument("--eval-every", type=int, default=defaults.eval_every,
+                     help="evaluate the assembled model every K rounds")
+    sim.add_argument("--eval-samples", type=int, default=None,
+                     help="global test samples per evaluation (default: the task's)")
+    sim.add_argument("--quiet", action="store_true", help="print only the final summary")
+    add_msfusion_options(sim)
+    sim.set_defaults(func=_sim)
+
+
 def add_msfusion_options(parser: argparse.ArgumentParser) -> None:
     """The contrastive term and the overlap schedule (docs/ALGORITHM.md)."""
     train = TrainConfig()
@@ -114,22 +150,22 @@ def add_msfusion_options(parser: argparse.ArgumentParser) -> None:
                         help="MOON-style model-contrastive term (default: off)")
     parser.add_argument("--contrastive-weight", type=_positive_float,
                         default=train.contrastive_weight, metavar="LAMBDA",
-                        help="weight of the contrastive term (default: %(default)s)")
+                        help="weight of the contrastive term")
     parser.add_argument("--contrastive-tau", type=_positive_float,
                         default=train.contrastive_tau, metavar="TAU",
-                        help="temperature of the contrastive term (default: %(default)s)")
+                        help="temperature of the contrastive term")
     parser.add_argument("--overlap", type=_overlap, default=SimConfig().overlap,
-                        metavar="static|decay:H",
-                        help="msfusion's overlap schedule (default: %(default)s)")
-    parser.add_argument("--drift-period", type=positive_int, default=SimConfig().drift_period,
+                        metavar="static|decay:H", help="msfusion's overlap schedule")
+    parser.add_argument("--drift-period", type=_positive_int, default=SimConfig().drift_period,
                         metavar="R", help="msfusion: rounds in which the first unit group's "
-                        "windows drift once around; the r-th group drifts r + 1 times as fast "
-                        "(default: %(default)s)")
+                        "windows drift once around; the r-th group drifts r + 1 times as fast")
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The task's training defaults with the contrastive and early-exit options of the command
     line."""
+    from peerd.tasks import get_task
+
     return dataclasses.replace(
         get_task(args.task).train, contrastive=args.contrastive,
         contrastive_weight=args.contrastive_weight, contrastive_tau=args.contrastive_tau,
@@ -145,24 +181,30 @@ def _add_learning_options(parser: argparse.ArgumentParser, measured_mu: bool) ->
     their width (auto)."""
     parser.add_argument("--topology", default="ring",
                         help="ring, full, or the path of a topology TOML file")
-    parser.add_argument("--method", choices=sorted(PLANNERS), default="msfusion")
+    parser.add_argument("--method", choices=METHODS, default="msfusion",
+                        help="msfusion, or a baseline planner")
     if measured_mu:
         parser.add_argument("--mu", type=_mu_or_auto, default=SimConfig().mu,
                             metavar="F[,F...]|auto",
                             help="width ratio: one value, one per daemon (cycled), or auto "
-                                 "(each daemon measures what it affords)")
+                                 "(each daemon measures what it affords) (default: 0.5)")
         parser.add_argument("--memory-budget", default=None, metavar="SIZE",
-                            help="with --mu auto: each daemon's memory budget, e.g. 800M")
+                            help="with --mu auto: each daemon's memory budget, e.g. 800M "
+                                 "(default: what the kernel reports available)")
     else:
         parser.add_argument("--mu", type=_mu, default=SimConfig().mu, metavar="F[,F...]",
-                            help="width ratio: one value, or one per peer (cycled)")
-    parser.add_argument("--task", choices=sorted(TASKS), default="digits")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--partition", type=partition_arg, default="iid",
-                        metavar="iid|dirichlet:ALPHA|natural")
-    parser.add_argument("--data-dir", default=None, help="your own copy of the task's data")
+                            help="width ratio: one value, or one per peer (cycled) "
+                                 "(default: 0.5)")
+    parser.add_argument("--task", choices=TASK_NAMES, default="digits",
+                        help="digits (8x8 CNN), fmnist (28x28 CNN) or kjv (text)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds init, data split, plans and batches")
+    parser.add_argument("--partition", type=_partition, default="iid",
+                        metavar="iid|dirichlet:ALPHA|natural", help="how the data is split")
+    parser.add_argument("--data-dir", default=None,
+                        help="your own copy of the task's data (default: the bundled data)")
     parser.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="float32",
-                        help="precision of exchanged values (default: %(default)s)")
+                        help="precision of exchanged values")
     parser.add_argument("--early-exits", action="store_true",
                         help="an exit head after every block, CE on every exit (and "
                              "self-distillation); needed by --depth")
@@ -172,36 +214,53 @@ def _add_learning_options(parser: argparse.ArgumentParser, measured_mu: bool) ->
     parser.add_argument("--learned-width", action="store_true",
                         help="each peer of mu < 1 learns how many units of each group to keep "
                              "on its own data, within its uniform sub-model's FLOPs")
-    parser.add_argument("--width-epochs", type=positive_int, default=SimConfig().width_epochs,
-                        help="with --learned-width: epochs of unit scoring (default: %(default)s)")
+    parser.add_argument("--width-epochs", type=_positive_int, default=SimConfig().width_epochs,
+                        help="with --learned-width: epochs of unit scoring")
     parser.add_argument("--width-penalty", type=float, default=SimConfig().width_penalty,
-                        help="with --learned-width: weight of the FLOPs budget penalty "
-                             "(default: %(default)s)")
+                        help="with --learned-width: weight of the FLOPs budget penalty")
     distill = parser.add_mutually_exclusive_group()
     distill.add_argument("--distill-temperature", type=float, default=3.0, metavar="T",
                          help="with --early-exits: the deepest exit teaches the others, "
-                              "loss CE + T^2 KL (default: %(default)s)")
+                              "loss CE + T^2 KL")
     distill.add_argument("--no-distill", action="store_true",
                          help="with --early-exits: CE on every exit, no distillation")
 
 
-def _add_start(commands: argparse._SubParsersAction) -> None:
-    start = commands.add_parser(
-        "start", help="run one daemon: discover peers, train slices, exchange them",
-        description="Run one peerd daemon. Daemons on one LAN find each other by mDNS. "
-        f"Options come from the config file (--config, else {DEFAULT_CONFIG_FILE} if present), "
-        "then PEERD_* environment variables, then these flags.",
-    )
-    start.add_argument("--config", default=None, metavar="FILE", help="a TOML config file")
+# The help of a flag that turns off an option that is on by default (the option's own help,
+# in docs/CONFIG.md, describes it on).
+OFF_FLAG_HELP = {
+    "mdns": "do not announce this daemon or browse by mDNS: find peers only by their --peer "
+            "addresses (default: mDNS on)",
+    "distill": "with --early-exits: no self-distillation, CE on every exit only (default: "
+               "distillation on)",
+}
+
+
+def _start_help(name: str, help_text: str, default: object) -> str:
+    """An option's help with its default, unless the text already says it."""
+    if "default" in help_text:
+        return help_text
+    shown = ("unset" if default is None else "none" if default == ()
+             else {True: "on", False: "off"}.get(default, default)  # type: ignore[call-overload]
+             if isinstance(default, bool) else default)
+    return f"{help_text} (default: {shown})".replace("%", "%%")
+
+
+def _add_start(start: argparse.ArgumentParser) -> None:
+    start.add_argument("--config", default=None, metavar="FILE",
+                       help=f"a TOML config file (default: {DEFAULT_CONFIG_FILE} if present)")
     # One flag per DaemonConfig field: given flags override the file and the environment.
     for option_field in daemon_options():
         name, flag = option_field.name, option_flag(option_field)
         kind = required_type(option_type(name))
-        help_text = option_field.metadata["help"]
+        help_text = _start_help(name, option_field.metadata["help"], option_field.default)
         if kind is bool:
-            action = "store_false" if option_field.default else "store_true"
-            start.add_argument(flag, dest=name, action=action, default=argparse.SUPPRESS,
-                               help=help_text)
+            if option_field.default:
+                start.add_argument(flag, dest=name, action="store_false",
+                                   default=argparse.SUPPRESS, help=OFF_FLAG_HELP[name])
+            else:
+                start.add_argument(flag, dest=name, action="store_true",
+                                   default=argparse.SUPPRESS, help=help_text)
         elif kind == tuple[str, ...]:
             start.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS,
                                metavar="HOST:PORT", help=help_text)
@@ -221,68 +280,61 @@ def _option_parser(name: str) -> Callable[[str], object]:
     return parse
 
 
-def _add_config(commands: argparse._SubParsersAction) -> None:
-    config = commands.add_parser(
-        "config", help="show the effective daemon configuration, or the reference table")
-    config.add_argument("--config", default=None, metavar="FILE", help="a TOML config file")
+def _add_config(config: argparse.ArgumentParser) -> None:
+    config.add_argument("--config", default=None, metavar="FILE",
+                        help=f"a TOML config file (default: {DEFAULT_CONFIG_FILE} if present)")
     config.add_argument("--reference", action="store_true",
                         help="print the table of every option (docs/CONFIG.md)")
     config.set_defaults(func=_config)
 
 
-def _add_cluster(commands: argparse._SubParsersAction) -> None:
-    defaults = ClusterConfig()
-    cluster = commands.add_parser(
-        "cluster", help="start N real daemons on loopback and watch them learn",
-        description="Start N peerd daemon processes on this machine (real gRPC, real mDNS on "
-        "127.0.0.1), evaluate the global model assembled from their slices, write metrics.",
-    )
-    cluster.add_argument("--peers", type=int, default=defaults.peers)
+def _add_cluster(cluster: argparse.ArgumentParser) -> None:
+    defaults = SimConfig()
+    cluster.add_argument("--peers", type=int, default=defaults.peers,
+                         help="number of daemon processes")
     _add_learning_options(cluster, measured_mu=True)
-    cluster.add_argument("--rounds", type=int, default=defaults.rounds)
-    cluster.add_argument("--out", default=defaults.out)
-    cluster.add_argument("--eval-every", type=int, default=defaults.eval_every)
-    cluster.add_argument("--eval-samples", type=int, default=None)
+    cluster.add_argument("--rounds", type=int, default=defaults.rounds, help="rounds to run")
+    cluster.add_argument("--out", default=CLUSTER_OUT,
+                         help="directory for metrics, plots, the CA and each daemon's state")
+    cluster.add_argument("--eval-every", type=int, default=defaults.eval_every,
+                         help="evaluate the assembled model every K rounds")
+    cluster.add_argument("--eval-samples", type=int, default=None,
+                         help="global test samples per evaluation (default: the task's)")
     cluster.add_argument("--no-mdns", action="store_true",
-                         help="daemons find each other only by their static addresses")
+                         help="daemons find each other only by their static addresses "
+                              "(default: by mDNS on 127.0.0.1 too)")
     cluster.add_argument("--sync", action="store_true",
                          help="strict synchronous rounds (default: semi-asynchronous, as "
                          "`peerd start`)")
-    cluster.add_argument("--quiet", action="store_true", help="no progress line")
+    cluster.add_argument("--quiet", action="store_true", help="print only the final summary")
     add_msfusion_options(cluster)
     cluster.set_defaults(func=_cluster)
 
 
-def _add_status(commands: argparse._SubParsersAction) -> None:
-    status = commands.add_parser("status", help="one daemon's view of the cluster")
+def _add_status(status: argparse.ArgumentParser) -> None:
     status.add_argument("--addr", default=f"127.0.0.1:{DaemonConfig().port}",
-                        metavar="HOST:PORT")
-    status.add_argument("--json", action="store_true")
+                        metavar="HOST:PORT", help="the daemon to ask")
+    status.add_argument("--json", action="store_true", help="print the reply as JSON")
     # Like `peerd start`: the file, then PEERD_TLS_DIR / PEERD_INSECURE, then these flags.
     status.add_argument("--config", default=None, metavar="FILE",
-                        help="a TOML config file, for tls_dir and insecure")
+                        help="a TOML config file, for tls_dir and insecure "
+                             f"(default: {DEFAULT_CONFIG_FILE} if present)")
     status.add_argument("--tls-dir", dest="tls_dir", default=argparse.SUPPRESS, metavar="DIR",
                         help="call with this device certificate: any of the cluster's will do "
                         f"(default: as `peerd start`, {DaemonConfig().tls_dir})")
     status.add_argument("--insecure", action="store_true", default=argparse.SUPPRESS,
-                        help="call a daemon that runs with --insecure")
+                        help="call a daemon that runs with --insecure (default: TLS)")
     status.set_defaults(func=_status)
 
 
-def _add_ca(commands: argparse._SubParsersAction) -> None:
-    ca = commands.add_parser(
-        "ca", help="the cluster's certificate authority: create it, issue device certificates",
-        description="Daemons accept only peers with a certificate from the cluster's CA, "
-        "whose name is the peer id. Create the CA once, on one trusted machine; issue one "
-        "certificate per device and copy its directory to the device. See docs/SECURITY.md.",
-    )
-    actions = ca.add_subparsers(dest="action", required=True)
+def _add_ca(ca: argparse.ArgumentParser) -> None:
+    actions = ca.add_subparsers(dest="action", required=True, metavar="{init,issue}")
     init = actions.add_parser("init", help="create the cluster CA (once per cluster)")
     init.add_argument("--dir", default=DEFAULT_CA_DIR,
                       help="where the CA's key and certificate go")
     init.add_argument("--force", action="store_true",
                       help="replace an existing CA: every certificate it issued stops working")
-    init.set_defaults(func=_ca_init)
+    init.set_defaults(func=_ca_init, command_parser=init)
     device = actions.add_parser("issue", help="issue the certificate and key of one device")
     device.add_argument("name", metavar="NAME", help="the device's peer id")
     device.add_argument("--dir", default=DEFAULT_CA_DIR, help="the CA's directory")
@@ -290,38 +342,112 @@ def _add_ca(commands: argparse._SubParsersAction) -> None:
                         help="where the device's files go (default: DIR/NAME)")
     device.add_argument("--force", action="store_true",
                         help="replace the key and certificate already in OUTDIR")
-    device.set_defaults(func=_ca_issue)
+    device.set_defaults(func=_ca_issue, command_parser=device)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="peerd", description="Serverless decentralized training of overlapping sub-models."
+def _add_report(report: argparse.ArgumentParser) -> None:
+    report.add_argument("--state-dir", required=True, metavar="DIR",
+                        help="a daemon's state dir, or a `peerd cluster` or `peerd sim` out dir")
+    report.add_argument("--out", metavar="DIR",
+                        help="where to write (default: STATE_DIR/report)")
+    report.set_defaults(func=_report)
+
+
+def _add_compare(compare: argparse.ArgumentParser) -> None:
+    compare.add_argument("runs", nargs="+", metavar="DIR",
+                         help="`peerd sim` or `peerd cluster` out dirs (each holds metrics.jsonl)")
+    from peerd.scoring import TASK_SCORING
+
+    defaults = ", ".join(f"{task} {scoring.metric.name} {scoring.target}"
+                         for task, scoring in TASK_SCORING.items())
+    compare.add_argument("--target", type=float, default=None,
+                         help="the metric's target, for the FLOPs-to-target column (default: "
+                              f"the task's, {defaults})")
+    compare.add_argument("--out", default=None, metavar="FILE",
+                         help="the plot of their curves (default: compare.png in the first DIR)")
+    compare.set_defaults(func=_compare)
+
+
+def _add_bench(bench: argparse.ArgumentParser) -> None:
+    from peerd.bench.accuracy import add_accuracy_parser
+    from peerd.bench.capacity import add_capacity_parser
+    from peerd.bench.compute import add_compute_parser
+    from peerd.bench.exchange import add_exchange_parser
+    from peerd.bench.memory import add_memory_parser
+    from peerd.bench.scale import add_scale_parser
+    from peerd.bench.stragglers import add_stragglers_parser
+    from peerd.bench.wire import add_wire_parser
+
+    benchmarks = bench.add_subparsers(dest="benchmark", required=True)
+    for add in (add_wire_parser, add_exchange_parser, add_compute_parser, add_scale_parser,
+                add_stragglers_parser, add_memory_parser, add_accuracy_parser,
+                add_capacity_parser):
+        add(benchmarks)
+    for parser in benchmarks.choices.values():
+        parser.set_defaults(command_parser=parser)
+
+
+# Every command: its one line of help, its description, and the function that adds its
+# arguments (imports included: only the command being run pays for its modules).
+COMMANDS: dict[str, tuple[str, str | None, Callable[[argparse.ArgumentParser], None]]] = {
+    "sim": ("train N peers in one process over an in-memory transport",
+            "Run N peers in one process: the algorithm without a network.", _add_sim),
+    "start": ("run one daemon: discover peers, train slices, exchange them",
+              "Run one peerd daemon. Daemons on one LAN find each other by mDNS. Options come "
+              f"from the config file (--config, else {DEFAULT_CONFIG_FILE} if present), then "
+              "PEERD_* environment variables, then these flags.", _add_start),
+    "cluster": ("start N real daemons on loopback and watch them learn",
+                "Start N peerd daemon processes on this machine (real gRPC, real mDNS on "
+                "127.0.0.1), evaluate the global model assembled from their slices, write "
+                "metrics.", _add_cluster),
+    "status": ("one daemon's view of the cluster", None, _add_status),
+    "ca": ("the cluster's certificate authority: create it, issue device certificates",
+           "Daemons accept only peers with a certificate from the cluster's CA, whose name is "
+           "the peer id. Create the CA once, on one trusted machine; issue one certificate per "
+           "device and copy its directory to the device. See docs/SECURITY.md.", _add_ca),
+    "config": ("show the effective daemon configuration, or the reference table", None,
+               _add_config),
+    "report": ("plots and a summary of a daemon's (or a cluster or sim run's) rounds", None,
+               _add_report),
+    "compare": ("several sim or cluster runs side by side: a table and one plot", None,
+                _add_compare),
+    "bench": ("measure peerd: see BENCHMARKS.md", None, _add_bench),
+}
+# Their usage lines would list dozens of options: errors show this and point to --help.
+LONG_USAGE = {"sim", "start", "cluster"}
+
+
+def _selected_command(argv: Sequence[str]) -> str | None:
+    """The command named on the line: the first word that is not an option."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def build_parser(command: str | None = None, every: bool = True) -> argparse.ArgumentParser:
+    """The whole parser, or (every False) only `command`'s arguments, the others listed."""
+    parser = _Parser(
+        prog="peerd", description="Serverless decentralized training of overlapping sub-models.",
     )
     parser.add_argument("--version", action="version", version=f"peerd {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    _add_sim(commands)
-    _add_start(commands)
-    _add_cluster(commands)
-    _add_status(commands)
-    _add_ca(commands)
-    _add_config(commands)
-    add_report_parser(commands)
-    bench = commands.add_parser("bench", help="measure peerd: see BENCHMARKS.md")
-    benchmarks = bench.add_subparsers(dest="benchmark", required=True)
-    add_wire_parser(benchmarks)
-    add_exchange_parser(benchmarks)
-    add_compute_parser(benchmarks)
-    add_scale_parser(benchmarks)
-    add_stragglers_parser(benchmarks)
-    add_memory_parser(benchmarks)
-    add_accuracy_parser(benchmarks)
-    add_capacity_parser(benchmarks)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, description, add_arguments) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=description or help_text,
+                                  usage="%(prog)s [OPTIONS]" if name in LONG_USAGE else None)
+        sub.set_defaults(command_parser=sub)
+        if every or name == command:
+            add_arguments(sub)
     return parser
 
 
 def _sim(args: argparse.Namespace) -> int:
-    from peerd.sim import run
+    console = Console(enabled=not args.quiet)
+    try:
+        return _run_sim(args, console)
+    finally:
+        console.close()
 
+
+def _run_sim(args: argparse.Namespace, console: Console) -> int:
+    console.status("loading torch")
     config = SimConfig(
         peers=args.peers, topology=args.topology, method=args.method, mu=args.mu,
         task=args.task, rounds=args.rounds, seed=args.seed, partition=args.partition,
@@ -331,9 +457,10 @@ def _sim(args: argparse.Namespace) -> int:
         learned_width=args.learned_width, width_epochs=args.width_epochs,
         width_penalty=args.width_penalty,
     )
-    progress = ProgressLine(enabled=not args.quiet)
-    records = run(config, _progress_printer(progress, config.rounds))
-    progress.close()
+    from peerd.sim import run
+
+    records = run(config, _round_printer(console, config.rounds), console=console)
+    console.close()
     _print_summary(records, config.rounds, config.out)
     return 0
 
@@ -342,18 +469,8 @@ def _temperature(args: argparse.Namespace) -> float | None:
     return None if args.no_distill else args.distill_temperature
 
 
-def _progress_printer(progress: ProgressLine, rounds: int) -> Callable[[dict], None]:
-    def show(record: dict) -> None:
-        quality = "" if record["global_acc"] is None else f"  global_acc {record['global_acc']:.3f}"
-        if record.get("global_ppl") is not None:
-            quality += f"  ppl {record['global_ppl']:.2f}"
-        progress.update(
-            f"round {record['round']}/{rounds}{quality}  "
-            f"loss {record['train_loss_mean']:.3f}  coverage {record['coverage']:.3f}  "
-            f"{record['bytes_sent_peer_mean'] / 1024:.0f} KiB/peer  {record['wall_s']:.1f} s"
-        )
-
-    return show
+def _round_printer(console: Console, rounds: int) -> Callable[[dict], None]:
+    return lambda record: console.say(global_round_line(record, rounds))
 
 
 def _print_summary(records: list[dict], rounds: int, out: str) -> None:
@@ -361,7 +478,8 @@ def _print_summary(records: list[dict], rounds: int, out: str) -> None:
     summary = f"done: {rounds} rounds, global_acc {final['global_acc']:.4f}"
     if "global_ppl" in final:
         summary += f", global_ppl {final['global_ppl']:.2f}"
-    print(f"{summary}, coverage {final['coverage']:.4f}; metrics in {out}/metrics.jsonl")
+    print(f"{summary}, coverage {final['coverage']:.4f}; metrics in {out}/metrics.jsonl, "
+          f"learning curves in {out}/curves.png")
 
 
 def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
@@ -371,30 +489,75 @@ def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
     return load_daemon_config(args.config, os.environ, flags)
 
 
+class _ConsoleHandler(logging.Handler):
+    """On a terminal the daemon's log goes to the live line: warnings stay, the rest is the
+    current phase."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            self.console.say(f"{record.levelname.lower()}: {text}")
+        else:
+            self.console.status(text)
+
+
 def _start(args: argparse.Namespace) -> int:
+    config = _daemon_config(args)
+    # On a terminal a live line shows what the daemon is doing and a line per round; under
+    # systemd (no terminal) every event is one log line for the journal.
+    interactive = sys.stderr.isatty() and config.log_level == "INFO"
+    console = Console(enabled=interactive)
+    if interactive:
+        logging.basicConfig(level="INFO", handlers=[_ConsoleHandler(console)])
+    else:
+        logging.basicConfig(level=config.log_level, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("peerd.start")
+    log.info("starting: loading torch and the %s data", config.task)
     from peerd.daemon import serve
 
-    config = _daemon_config(args)
-    # In a terminal a live progress line replaces the per-round log lines; under systemd
-    # (no terminal) every event is one log line for the journal.
-    interactive = sys.stderr.isatty() and config.log_level == "INFO"
-    logging.basicConfig(level="WARNING" if interactive else config.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = serve(config, show_progress=interactive)
+    try:
+        summary = serve(config, console if interactive else None)
+    finally:
+        console.close()
     print(f"{summary.peer_id}: {summary.rounds_done} rounds, {summary.members} members, "
           f"train loss {summary.train_loss:.4f}, sent {summary.bytes_sent} B, "
           f"received {summary.bytes_received} B")
     return 0
 
 
-def _cluster(args: argparse.Namespace) -> int:
-    from peerd.cluster import run_cluster
+def peerd_command() -> str:
+    """This peerd as a command that runs from any shell, whatever its PATH: the absolute path
+    of the running `peerd` script (or of its Python, with -m peerd.cli)."""
+    import shlex
 
+    script = Path(sys.executable).with_name("peerd")
+    if script.is_file():
+        return shlex.quote(str(script.absolute()))
+    return f"{shlex.quote(str(Path(sys.executable).absolute()))} -m peerd.cli"
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    console = Console(enabled=not args.quiet)
+    try:
+        return _run_cluster(args, console)
+    finally:
+        console.close()
+
+
+def _run_cluster(args: argparse.Namespace, console: Console) -> int:
     if args.memory_budget is not None:
         parse_size(args.memory_budget, "memory_budget")
         if args.mu != AUTO:
             raise ConfigError("--memory-budget is only used with --mu auto")
     check_depth(args.depth, args.early_exits)
+    console.status("loading torch")
+    from peerd.cluster import ClusterConfig, run_cluster
+
     config = ClusterConfig(
         peers=args.peers, topology=args.topology, method=args.method, mu=args.mu,
         memory_budget=args.memory_budget, task=args.task, rounds=args.rounds, seed=args.seed,
@@ -408,19 +571,20 @@ def _cluster(args: argparse.Namespace) -> int:
         learned_width=args.learned_width, width_epochs=args.width_epochs,
         width_penalty=args.width_penalty,
     )
-    progress = ProgressLine(enabled=not args.quiet)
+    peerd = peerd_command()
 
-    def announce(daemons: list) -> None:
+    def announce(daemons: list[DaemonProcess]) -> None:
+        console.say(f"started {len(daemons)} daemons; while they run, in another terminal:")
         for daemon in daemons:
-            print(f"{daemon.peer_id}: peerd status --addr {daemon.address} "
-                  f"--tls-dir {daemon.tls_dir}   "
-                  f"metrics {daemon.metrics_url}   logs {daemon.state_dir}/daemon.log",
-                  file=sys.stderr)
+            console.say(f"  {daemon.peer_id}: {peerd} status --addr {daemon.address} "
+                        f"--tls-dir {daemon.tls_dir.absolute()}   "
+                        f"metrics {daemon.metrics_url}   "
+                        f"log {daemon.state_dir.absolute()}/daemon.log")
 
-    records = run_cluster(config, _progress_printer(progress, config.rounds), announce)
-    progress.close()
+    records = run_cluster(config, _round_printer(console, config.rounds), announce, console)
+    console.close()
     _print_summary(records, config.rounds, config.out)
-    print(f"plots: peerd report --state-dir {config.out}")
+    print(f"plots of every daemon: {peerd} report --state-dir {Path(config.out).absolute()}")
     return 0
 
 
@@ -445,6 +609,9 @@ def _toml_line(name: str, value: object) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
+    import grpc
+
+    from peerd.net.codec import WireError
     from peerd.net.tls import TlsIdentity
     from peerd.status import show_status
 
@@ -454,20 +621,54 @@ def _status(args: argparse.Namespace) -> int:
         print(show_status(args.addr, args.json, tls))
     except (grpc.aio.AioRpcError, WireError) as error:
         detail = error.details() if isinstance(error, grpc.aio.AioRpcError) else error.detail
-        print(f"peerd: error: no daemon answers at {args.addr}: {detail}", file=sys.stderr)
+        print(f"peerd status: error: no daemon answers at {args.addr}: {detail}",
+              file=sys.stderr)
         return 1
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from peerd.report import ReportError, build_report
+
+    try:
+        summary, paths = build_report(Path(args.state_dir), args.out and Path(args.out))
+    except ReportError as error:
+        print(f"peerd report: error: {error}", file=sys.stderr)
+        return 2
+    print(summary, end="")
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from peerd.compare import compare_runs
+    from peerd.report import ReportError
+
+    try:
+        table, plot = compare_runs([Path(run) for run in args.runs], args.target,
+                                   args.out and Path(args.out))
+    except ReportError as error:
+        print(f"peerd compare: error: {error}", file=sys.stderr)
+        return 2
+    print(table, end="")
+    print(f"wrote {plot}")
+    return 0
+
+
 def _ca_init(args: argparse.Namespace) -> int:
+    from peerd.ca import init_ca
+
     ca_dir = init_ca(Path(args.dir), force=args.force)
     print(f"created the cluster CA in {ca_dir}/: ca.crt (the certificate: public) and ca.key "
           f"(the private key, mode 0600: keep it on this machine only, and back it up)\n"
-          f"next, for each device: peerd ca issue NAME --dir {ca_dir}")
+          f"next, for each device: {peerd_command()} ca issue NAME --dir {ca_dir}")
     return 0
 
 
 def _ca_issue(args: argparse.Namespace) -> int:
+    from peerd.ca import issue
+
     device = issue(Path(args.dir), args.name, Path(args.out) if args.out else None, args.force)
     print(f"issued peer id {device.peer_id}: {', '.join(str(p) for p in device.files)} "
           f"({DEVICE_KEY} has mode 0600)\n"
@@ -478,12 +679,29 @@ def _ca_issue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _known_errors() -> tuple[type[Exception], ...]:
+    """The errors that are the user's to fix: printed as one line, never a traceback."""
+    from peerd.data import DatasetMissing
+
+    errors: list[type[Exception]] = [ConfigError, DatasetMissing, ValueError]
+    if "peerd.cluster" in sys.modules:
+        errors.append(sys.modules["peerd.cluster"].ClusterError)
+    return tuple(errors)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_selected_command(argv), every=False)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        # The subcommand's own usage, not the top level's, for a misspelt option.
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extras)}")
     try:
         return args.func(args)
-    except (ConfigError, DatasetMissing, ValueError, ClusterError) as error:
-        print(f"peerd: error: {error}", file=sys.stderr)
+    except Exception as error:
+        if not isinstance(error, _known_errors()):
+            raise
+        print(f"peerd {args.command}: error: {error}", file=sys.stderr)
         return 2
 
 

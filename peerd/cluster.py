@@ -42,6 +42,7 @@ from peerd.net.client import PeerClients
 from peerd.net.codec import Expectation
 from peerd.net.tls import TlsIdentity
 from peerd.plan import Member, Plans, decode_widths, make_planner, width_group_names
+from peerd.progress import Console
 from peerd.sim import peer_name
 from peerd.state import CHECKPOINT_DIR
 from peerd.submodel import forward_flops_per_sample, init_params
@@ -53,6 +54,7 @@ POLL_INTERVAL_S = 0.2
 WATCHER_ID = "cluster"
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
+ACTIVITY_CHARS = 45  # a daemon's activity on the live line; longer ones keep their first part
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,13 @@ class DaemonProcess:
     def last_round(self) -> int:
         records = self.rounds()
         return records[-1]["round"] if records else 0
+
+    def activity(self) -> str:
+        """What the daemon last logged, in short: 'waiting for peers: 1 of 3 members found',
+        'round 2: training (28 steps)', 'round 2 done'."""
+        message = self.log_tail(1).partition(": ")[2]  # after time stamp, level and logger
+        message = message.split(" (", 1)[0].split("; ", 1)[0] if message else "starting"
+        return message if len(message) <= ACTIVITY_CHARS else message.split(": ", 1)[0]
 
 
 def tls_dirs(out: Path, peer_ids: list[str]) -> dict[str, Path]:
@@ -238,9 +247,10 @@ class ClusterWatcher:
     """Polls the daemons, pulls their parameters at evaluation rounds, writes the metrics."""
 
     def __init__(self, config: ClusterConfig, daemons: list[DaemonProcess],
-                 tls: TlsIdentity) -> None:
+                 tls: TlsIdentity, console: Console | None = None) -> None:
         self.config = config
         self.daemons = daemons
+        self.console = console
         task = get_task(config.task)
         self.data = load_task_data(config.task, config.data_dir, block_size=BLOCK_SIZE)
         self.spec = task.model(self.data, config.early_exits)
@@ -271,6 +281,8 @@ class ClusterWatcher:
         widths: dict[str, peer_pb2.Capacity] = {}
         while pending:
             self.check_alive()
+            self._status("starting the daemons: " + "; ".join(
+                f"{d.peer_id} {d.activity()}" for d in self.daemons))
             if time.monotonic() > deadline:
                 raise ClusterError(f"{pending[0].peer_id} did not answer within "
                                    f"{START_TIMEOUT_S:.0f} s:\n{pending[0].log_tail()}")
@@ -298,9 +310,15 @@ class ClusterWatcher:
             behind = [d for d in self.daemons if d.last_round() < rounds]
             if not behind:
                 return
+            self._status(f"round {rounds}/{self.config.rounds}: " + "; ".join(
+                f"{d.peer_id} {d.activity()}" for d in behind))
             if not self.config.sync and await self._all_past(behind, rounds):
                 return
             await asyncio.sleep(POLL_INTERVAL_S)
+
+    def _status(self, text: str) -> None:
+        if self.console is not None:
+            self.console.status(text)
 
     async def _all_past(self, daemons: list[DaemonProcess], rounds: int) -> bool:
         """Has each of these daemons run a round and is it now in one after round `rounds`?"""
@@ -356,6 +374,7 @@ class ClusterWatcher:
             self.coverage.record(plans.values())
             evaluation = None
             if rounds % self.config.eval_every == 0 or rounds == self.config.rounds:
+                self._status(f"round {rounds}/{self.config.rounds}: evaluating the global model")
                 evaluation = await self.evaluate(rounds, plans)
             record = log.record(rounds, self.peer_rounds(rounds), self.coverage.fraction,
                                 evaluation, time.monotonic() - started)
@@ -367,15 +386,22 @@ class ClusterWatcher:
 def run_cluster(
     config: ClusterConfig, on_round: Callable[[dict], None] | None = None,
     on_start: Callable[[list[DaemonProcess]], None] | None = None,
+    console: Console | None = None,
 ) -> list[dict]:
+    """`console` shows what the daemons are doing until each round is in."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    if console is not None:
+        console.status(f"creating the cluster CA and {config.peers + 1} certificates in "
+                       f"{out / 'ca'}")
     tls = tls_dirs(out, [peer_name(position) for position in range(config.peers)])
     daemons = launch(config, out, tls)
     if on_start is not None:
         on_start(daemons)
     try:
-        watcher = ClusterWatcher(config, daemons, TlsIdentity.load(tls[WATCHER_ID]))
+        if console is not None:
+            console.status(f"loading the {config.task} data to evaluate the global model")
+        watcher = ClusterWatcher(config, daemons, TlsIdentity.load(tls[WATCHER_ID]), console)
         identity = {
             "task": config.task, "method": config.method, "topology": config.topology,
             "peers": config.peers, "seed": config.seed,

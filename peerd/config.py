@@ -255,8 +255,8 @@ class DaemonConfig:
     distill_temperature: float = option(
         3.0, "with early_exits: temperature T of self-distillation, loss CE + T^2 KL")
     distill: bool = option(
-        True, "with early_exits: the deepest exit teaches the others (flag: --no-distill turns "
-        "it off: CE on every exit only)", "--no-distill")
+        True, "with early_exits: the deepest exit teaches the others (off: CE on every exit "
+        "only)", "--no-distill")
     learned_width: bool = option(
         False, "with mu < 1: learn how many units of each group to keep on the local data "
         "(Co-S2P), within the FLOPs of the uniform mu sub-model; announced with the capacity")
@@ -277,8 +277,8 @@ class DaemonConfig:
     port: int = option(7470, "gRPC port (0: any free port)")
     peers: tuple[str, ...] = option(
         (), "a peer's HOST:PORT, for networks without multicast (repeatable)", "--peer")
-    mdns: bool = option(True, "announce and browse by mDNS (flag: --no-mdns turns it off)",
-                        "--no-mdns")
+    mdns: bool = option(True, "announce this daemon and find peers by mDNS (off: peers are "
+                        "found only by their --peer addresses)", "--no-mdns")
     mdns_interface: str | None = option(None, "IPv4 address of the interface mDNS uses")
     cluster: str = option("default", "cluster name: peers of other clusters are ignored")
     state_dir: str = option("peerd-state",
@@ -291,7 +291,8 @@ class DaemonConfig:
     insecure: bool = option(False, "no TLS: plain-text gRPC, anyone who reaches the port can "
                             "join, push and pull (logs a warning)")
     shard: tuple[int, int] | None = option(
-        None, "I/N: train on the I-th of N shards of the task's bundled data")
+        None, "I/N: train on shard I of N of the task's bundled data, I counting from 0 (three "
+        "devices take 0/3, 1/3 and 2/3)")
     partition: str = option("iid", "how --shard splits the data: iid, dirichlet:ALPHA, natural")
     data_dir: str | None = option(None, "your own copy of the task's data")
     rounds: int | None = option(None, "stop after this round (default: run until stopped)")
@@ -380,7 +381,7 @@ class DaemonConfig:
                  f"one of {', '.join(LOG_LEVELS)}")
         if self.shard is not None:
             index, count = self.shard
-            _require(0 <= index < count, "shard", f"{index}/{count}", "I/N with 0 <= I < N")
+            _require(0 <= index < count, "shard", f"{index}/{count}", SHARD_NUMBERING)
 
 
     def _check_depth(self) -> None:
@@ -410,14 +411,17 @@ class DaemonConfig:
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+SHARD_NUMBERING = "I/N, shard I of N with I counting from 0 (three devices: 0/3, 1/3 and 2/3)"
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """'I/N': the I-th (from 0) of N deterministic shards of the task's bundled data."""
     try:
         index_text, count_text = text.split("/")
         index, count = int(index_text), int(count_text)
     except ValueError:
-        raise ConfigError(f"shard={text!r} is invalid: write I/N, e.g. 0/4") from None
-    _require(0 <= index < count, "shard", text, "I/N with 0 <= I < N")
+        raise ConfigError(f"shard={text!r} is invalid: must be {SHARD_NUMBERING}") from None
+    _require(0 <= index < count, "shard", text, SHARD_NUMBERING)
     return index, count
 
 
@@ -463,6 +467,8 @@ def parse_option_text(name: str, text: str) -> object:
         return None
     if kind == WIDTH:
         return parse_width(text)
+    if required == tuple[int, int]:
+        return parse_shard(text)  # its error says how shards are numbered
     try:
         if required is bool:
             if text.lower() not in _TRUE + _FALSE:
@@ -470,8 +476,6 @@ def parse_option_text(name: str, text: str) -> object:
             return text.lower() in _TRUE
         if required == tuple[str, ...]:
             return tuple(part.strip() for part in text.split(",") if part.strip())
-        if required == tuple[int, int]:
-            return parse_shard(text)
         return required(text)
     except (ValueError, ConfigError):
         raise ConfigError(f"{name}={text!r} is invalid: must be {_describe(kind)}") from None

@@ -66,7 +66,7 @@ from peerd.plan import (
     make_planner,
     width_group_names,
 )
-from peerd.progress import ProgressLine
+from peerd.progress import Console, round_line, step_display
 from peerd.state import (
     ROUNDS_LOG,
     Checkpoint,
@@ -90,6 +90,9 @@ log = logging.getLogger("peerd.daemon")
 # peer finished several rounds ago.
 SNAPSHOTS_KEPT = 16
 HANDSHAKE_INTERVAL_S = 0.5
+# While waiting for the first view the daemon says who it has found this often (a person at
+# the terminal must never wonder whether it hangs).
+WAITING_REPORT_S = 5.0
 SERVER_GRACE_S = 5.0
 COLLECT_POLL_S = 0.25
 # Codes a receiver never answers on purpose: the connection failed or broke mid-call (gRPC
@@ -211,6 +214,7 @@ class Daemon:
         self._arrived = asyncio.Event()
         self._snapshots: dict[int, tuple[dict[str, torch.Tensor], Plan]] = {}
         self._stopping = asyncio.Event()
+        self._unanswered: set[str] = set()  # addresses whose last handshake failed
         self.notifier = Notifier.from_environment()
         self.exporter: Exporter | None = None
         if config.metrics_port is not None:
@@ -501,7 +505,10 @@ class Daemon:
                 self.admit(await self.clients.handshake(candidate.address, self.hello(),
                                                         expected))
             except (grpc.aio.AioRpcError, WireError) as error:
+                self._unanswered.add(candidate.address)
                 log.debug("handshake with %s failed: %s", candidate.address, error)
+            else:
+                self._unanswered.discard(candidate.address)
 
         while True:
             # All at once: a slow or dead peer must not delay hearing from the others (silence
@@ -516,7 +523,11 @@ class Daemon:
     async def _wait_for_view(self) -> View | None:
         """The first view: agreed with the others, or entered by joining a running one."""
         assert self.membership is not None
+        next_report = time.monotonic()
         while not self._stopping.is_set():
+            if time.monotonic() >= next_report:
+                log.info("%s", self._waiting_line())
+                next_report = time.monotonic() + WAITING_REPORT_S
             view = self.membership.try_commit(self.round_index)
             if view is not None:
                 first_round = self.membership.first_round
@@ -541,6 +552,16 @@ class Daemon:
                 return joined
             await asyncio.sleep(0.1)
         return None
+
+    def _waiting_line(self) -> str:
+        """Who has been found so far and who does not answer, for the operator."""
+        assert self.membership is not None
+        found = self.membership.candidate_ids()
+        line = (f"waiting for peers: {len(found)} of {self.config.min_peers} members found "
+                f"({', '.join(found)})")
+        if self._unanswered:
+            line += f"; no answer yet from {', '.join(sorted(self._unanswered))}"
+        return line
 
     async def _enter_at(self, round_index: int, running: View) -> None:
         """A joiner starts from the members' parameters after round `round_index - 1`:
@@ -668,6 +689,8 @@ class Daemon:
             view = self.membership.view_at(self.round_index)
             round_started = time.monotonic()
             ctx = self._context(self.round_index)
+            log.info("round %d: training (%d steps)", self.round_index + 1,
+                     self.engine.round_steps())
             stats = await loop.run_in_executor(self._worker, self.engine.train, ctx)
             if self.config.slowdown > 1:
                 # A device this many times slower at training, without using the CPU.
@@ -929,29 +952,17 @@ class Daemon:
         })
 
 
-def serve(config: DaemonConfig, show_progress: bool = False) -> RunSummary:
-    """Run one daemon to completion on uvloop (`peerd start`); `show_progress` keeps a live
-    line with the last round's figures on stderr."""
+def serve(config: DaemonConfig, console: Console | None = None) -> RunSummary:
+    """Run one daemon to completion on uvloop (`peerd start`); on a terminal `console` shows
+    each round's training steps and a line per finished round."""
     import uvloop
 
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     keep_freed_memory()
     daemon = Daemon(config)
-    progress = ProgressLine(enabled=show_progress)
-    started = time.monotonic()
-
-    def show(record: dict) -> None:
-        progress.update(
-            f"round {record['round']}  loss {record['train_loss']:.4f}  "
-            f"local acc {record['local_acc']:.3f}  members {record['members']}  "
-            f"{record['samples'] / record['round_s']:.0f} samples/s  "
-            f"sent {record['bytes_sent_cum'] / 2**20:.1f} MiB  "
-            f"{time.monotonic() - started:.0f} s"
-        )
-
-    daemon.on_round = show
-    try:
-        return uvloop.run(daemon.run())
-    finally:
-        progress.close()
+    if console is not None:
+        daemon.on_round = lambda record: console.say(round_line(record))
+        show_steps = step_display(console, lambda: f"round {daemon.round_index + 1}: training")
+        daemon.engine.on_step = show_steps
+    return uvloop.run(daemon.run())

@@ -7,6 +7,7 @@ function of its parameters, its data, the seed and the round.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -140,6 +141,8 @@ class Engine:
         self.frozen_blocks = frozen_blocks
         # The parameters right after the last round's local training (contrastive term only).
         self.after_training: Params | None = None
+        # Called with (steps done, steps this round) after every local step: progress display.
+        self.on_step: Callable[[int, int], None] | None = None
 
     @property
     def weight(self) -> float:
@@ -179,6 +182,7 @@ class Engine:
         optimizer = sgd(module, config)
         objective = self._contrastive_objective(plan)
         loss_sum, samples, steps = 0.0, 0, 0
+        total_steps = self.round_steps()
         for epoch in range(config.local_epochs):
             order = self._batch_order(ctx.round_index * config.local_epochs + epoch)
             for start in range(0, len(order), config.batch_size):
@@ -191,6 +195,8 @@ class Engine:
                 loss_sum += loss * len(batch)
                 samples += len(batch)
                 steps += 1
+                if self.on_step is not None:
+                    self.on_step(steps, total_steps)
         write_back(self.spec, self.params, plan, module)
         if config.contrastive:
             self.after_training = {name: t.clone() for name, t in self.params.items()}
@@ -199,6 +205,12 @@ class Engine:
             forward_flops_per_sample=forward_flops_per_sample(self.spec, plan_units(plan)),
             frozen_forwards=0 if objective is None else ModelContrastive.frozen_forwards,
         )
+
+    def round_steps(self) -> int:
+        """Local steps a round takes: every batch of every local epoch, up to the cap."""
+        config = self.train_config
+        steps = config.local_epochs * math.ceil(len(self.train_split) / config.batch_size)
+        return steps if config.max_local_steps is None else min(steps, config.max_local_steps)
 
     def _contrastive_objective(self, plan: Plan) -> ModelContrastive | None:
         """The contrastive term's objective: this round's plan cut from the post-aggregation

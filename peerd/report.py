@@ -8,17 +8,16 @@ sim` out dir (metrics.jsonl alone) gets the assembled model's part only.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
-import sys
 from collections.abc import Callable, Sequence
-from itertools import accumulate
+from itertools import accumulate, pairwise
 from pathlib import Path
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from peerd.plots import plot_curves
 
@@ -57,25 +56,44 @@ def read_jsonl(path: Path, fields: Sequence[str]) -> list[dict]:
     return records
 
 
-def last_run(records: list[dict]) -> list[dict]:
-    """The records of the file's last daemon run.
+def split_runs(records: list[dict]) -> list[list[dict]]:
+    """The file's daemon runs, in order.
 
-    The daemon appends and never resumes: a restarted (or rejoining) daemon starts again at
-    round 1 or its join round with zeroed byte totals, so a new run begins wherever the round
-    number or a cumulative byte total stops increasing.
+    The daemon appends and never rewrites: a restarted (or rejoining) daemon starts again at
+    round 1, its checkpoint's round or its join round with zeroed byte totals, so a new run
+    begins wherever the round number or a cumulative byte total stops increasing.
     """
-    start = 0
-    for index in range(1, len(records)):
-        before, now = records[index - 1], records[index]
+    runs = [[records[0]]] if records else []
+    for before, now in pairwise(records):
         if (now["round"] <= before["round"]
                 or now["bytes_sent_cum"] < before["bytes_sent_cum"]
                 or now["bytes_received_cum"] < before["bytes_received_cum"]):
-            start = index
-    return records[start:]
+            runs.append([now])
+        else:
+            runs[-1].append(now)
+    return runs
+
+
+def last_run(records: list[dict]) -> list[dict]:
+    """The records of the file's last daemon run (split_runs)."""
+    return split_runs(records)[-1]
+
+
+def history(records: list[dict]) -> list[dict]:
+    """The last run and the runs before it that it continues (the daemon was down, then
+    resumed or rejoined at a later round): what the plots show, gaps included. A run that
+    starts over from an earlier round ends the history before it."""
+    runs = split_runs(records)
+    kept = [runs[-1]]
+    for run in reversed(runs[:-1]):
+        if run[-1]["round"] >= kept[0][0]["round"]:
+            break
+        kept.insert(0, run)
+    return [record for run in kept for record in run]
 
 
 def load_peers(state_dir: Path) -> tuple[dict[str, list[dict]], list[str]]:
-    """Per peer its last run's records, plus the cluster peer dirs that have no rounds yet.
+    """Per peer its history's records, plus the cluster peer dirs that have no rounds yet.
 
     Next to a metrics.jsonl the peers may be missing altogether: a `peerd sim` out dir, which
     gets only the global part of the report.
@@ -84,7 +102,7 @@ def load_peers(state_dir: Path) -> tuple[dict[str, list[dict]], list[str]]:
         raise ReportError(f"{state_dir}: no such directory")
     own = state_dir / ROUNDS_FILE
     if own.exists() or not (state_dir / METRICS_FILE).exists():
-        records = last_run(read_jsonl(own, ROUND_FIELDS))
+        records = history(read_jsonl(own, ROUND_FIELDS))
         return {records[-1].get("peer_id", state_dir.name): records}, []
     peers, without = {}, []
     for peer_dir in sorted(p for p in state_dir.glob("peer-*") if p.is_dir()):
@@ -92,7 +110,7 @@ def load_peers(state_dir: Path) -> tuple[dict[str, list[dict]], list[str]]:
         # A daemon writes its file at its first completed round; a peer that died before
         # that must not hide the others.
         if path.exists():
-            peers[peer_dir.name] = last_run(read_jsonl(path, ROUND_FIELDS))
+            peers[peer_dir.name] = history(read_jsonl(path, ROUND_FIELDS))
         else:
             without.append(peer_dir.name)
     return peers, without
@@ -155,17 +173,78 @@ def global_summary(records: list[dict]) -> list[str]:
     return lines
 
 
+def with_gaps(records: Sequence[dict], x: Sequence[float], y: Sequence[float]
+              ) -> tuple[list[float], list[float]]:
+    """The points (x, y) of the records, with a NaN point wherever rounds are missing (the
+    daemon was down, or skipped rounds to catch up): matplotlib breaks the line there instead
+    of drawing one straight across."""
+    xs: list[float] = []
+    ys: list[float] = []
+    for index, record in enumerate(records):
+        if index and record["round"] != records[index - 1]["round"] + 1:
+            xs.append(math.nan)
+            ys.append(math.nan)
+        xs.append(x[index])
+        ys.append(y[index])
+    return xs, ys
+
+
 def _series(axis: Axes, peers: dict[str, list[dict]], x: Callable[[list[dict]], Sequence],
             y: Callable[[list[dict]], Sequence], xlabel: str, ylabel: str) -> None:
     for peer_id, records in peers.items():
-        axis.plot(x(records), y(records), marker=".", label=peer_id)
+        axis.plot(*with_gaps(records, x(records), y(records)), marker=".", label=peer_id)
     axis.set_xlabel(xlabel)
     axis.set_ylabel(ylabel)
     axis.grid(alpha=0.3)
     if x is _rounds:  # no round 2.5 ticks
-        axis.xaxis.get_major_locator().set_params(integer=True)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     if 1 < len(peers) <= MAX_LEGEND_PEERS:
         axis.legend(fontsize="small")
+
+
+def membership_changes(records: Sequence[dict]) -> tuple[list[tuple[int, int]],
+                                                         list[tuple[int, int]]]:
+    """(round, members) where this daemon's view grew (a member joined) and where it shrank
+    (one left or was dropped), from one round to the next."""
+    joins, leaves = [], []
+    for before, now in pairwise(records):
+        if "members" not in before or "members" not in now:
+            continue
+        if now["members"] > before["members"]:
+            joins.append((now["round"], now["members"]))
+        elif now["members"] < before["members"]:
+            leaves.append((now["round"], now["members"]))
+    return joins, leaves
+
+
+def down_spans(records: Sequence[dict]) -> list[tuple[int, int]]:
+    """(last round before, first round after) of each stretch of rounds this daemon missed."""
+    return [(before["round"], now["round"]) for before, now in pairwise(records)
+            if now["round"] > before["round"] + 1]
+
+
+def plot_members(axis: Axes, peers: dict[str, list[dict]]) -> None:
+    """Members of each daemon's view by round, joins and leaves marked, missed rounds shaded;
+    the axis starts at 0 members."""
+    _series(axis, peers, _rounds, _field("members"), "round", "members of the view")
+    marks = {"member joined": ("^", "tab:green", 0), "member left": ("v", "tab:red", 1)}
+    for records in peers.values():
+        changes = membership_changes(records)
+        for label, (marker, colour, which) in marks.items():
+            if changes[which]:
+                rounds, members = zip(*changes[which], strict=True)
+                axis.scatter(rounds, members, marker=marker, color=colour, s=80, zorder=3,
+                             label=label)
+        for before, after in down_spans(records):
+            axis.axvspan(before, after, color="grey", alpha=0.2, label="rounds missed")
+    top = max((r.get("members") or 0 for records in peers.values() for r in records),
+              default=1)
+    axis.set_ylim(0, top + 1)
+    axis.yaxis.set_major_locator(MaxNLocator(integer=True))
+    handles, labels = axis.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))  # one entry per kind of mark
+    if len(unique) > 1 and len(peers) <= MAX_LEGEND_PEERS:
+        axis.legend(unique.values(), unique.keys(), fontsize="small")
 
 
 def _rounds(records: list[dict]) -> list[int]:
@@ -174,6 +253,12 @@ def _rounds(records: list[dict]) -> list[int]:
 
 def _flops(records: list[dict]) -> list[int]:
     return list(accumulate(r["train_flops"] for r in records))
+
+
+def _bytes_per_round(field: str) -> Callable[[list[dict]], list[int]]:
+    """Per-round increments of a cumulative byte total, which starts again at 0 each run."""
+    return lambda records: [value for run in split_runs(records)
+                            for value in per_round([r[field] for r in run])]
 
 
 def _field(name: str) -> Callable[[list[dict]], list[float]]:
@@ -206,15 +291,12 @@ def plot_peers(peers: dict[str, list[dict]], out_dir: Path, title: str) -> list[
     for axis, field, label in ((sent_axis, "bytes_sent_cum", "bytes sent per round"),
                                (received_axis, "bytes_received_cum",
                                 "bytes received per round")):
-        _series(axis, peers, _rounds, lambda records, f=field: per_round([r[f] for r in records]),
-                "round", label)
+        _series(axis, peers, _rounds, _bytes_per_round(field), "round", label)
     traffic = out_dir / "bytes.png"
     _save(figure, traffic, title)
 
     figure = Figure(figsize=(6, 4))
-    axis = figure.subplots()
-    _series(axis, peers, _rounds, _field("members"), "round", "members of the view")
-    axis.yaxis.get_major_locator().set_params(integer=True)
+    plot_members(figure.subplots(), peers)
     membership = out_dir / "peers.png"
     _save(figure, membership, title)
     return [loss_accuracy, traffic, membership]
@@ -238,7 +320,7 @@ def build_report(state_dir: Path, out_dir: Path | None = None) -> tuple[str, lis
     paths = plot_peers(peers, out_dir, title) if peers else []
     lines = []
     for peer_id, records in peers.items():
-        lines += peer_summary(peer_id, records)
+        lines += peer_summary(peer_id, last_run(records))
     lines += [f"{peer_id}: no rounds" for peer_id in without]
     if metrics is not None:
         plot_curves(metrics, out_dir / "global.png", title)
@@ -255,25 +337,3 @@ def write_report(state_dir: Path, out_dir: Path | None = None) -> str:
     """Write the plots and summary.txt into out_dir (default STATE_DIR/report); returns the
     summary. Raises ReportError for missing or malformed input."""
     return build_report(state_dir, out_dir)[0]
-
-
-def _report(args: argparse.Namespace) -> int:
-    try:
-        summary, paths = build_report(Path(args.state_dir), args.out and Path(args.out))
-    except ReportError as error:
-        print(f"peerd report: error: {error}", file=sys.stderr)
-        return 2
-    print(summary, end="")
-    for path in paths:
-        print(f"wrote {path}")
-    return 0
-
-
-def add_report_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register `report --state-dir DIR [--out DIR]`; args.func(args) returns the exit code."""
-    report = subparsers.add_parser(
-        "report", help="plots and a summary of a daemon's (or a cluster run's) rounds")
-    report.add_argument("--state-dir", required=True, metavar="DIR",
-                        help="a daemon's state dir, or a `peerd cluster` out dir")
-    report.add_argument("--out", metavar="DIR", help="where to write (default STATE_DIR/report)")
-    report.set_defaults(func=_report)

@@ -24,6 +24,7 @@ from peerd.engine import Engine, RoundContext, TrainStats
 from peerd.metrics import MetricsLog, PeerRound, evaluate_global, local_figures, run_title
 from peerd.models.base import DEPTH, ModelSpec, full_units
 from peerd.plan import Member, make_planner
+from peerd.progress import Console, step_display
 from peerd.submodel import forward_flops_per_sample, init_params
 from peerd.tasks import BLOCK_SIZE, get_task
 from peerd.topology import load_topology
@@ -47,8 +48,10 @@ class Simulation:
     eval_samples: int | None
 
 
-def build(config: SimConfig) -> Simulation:
+def build(config: SimConfig, console: Console | None = None) -> Simulation:
     task = get_task(config.task)
+    if console is not None:
+        console.status(f"loading the {config.task} data")
     data = load_task_data(config.task, config.data_dir, block_size=BLOCK_SIZE)
     train = config.train if config.train is not None else task.train
     spec = task.model(data, train.early_exits)
@@ -66,6 +69,8 @@ def build(config: SimConfig) -> Simulation:
         mu, depth = config.peer_mu(position), config.peer_depth(position)
         widths = None
         if config.learned_width and mu < 1:
+            if console is not None:
+                console.status(f"{peer_id}: learning its widths on its data")
             widths = learn_widths(spec, initial, train_set.subset(local_train), train, mu, depth,
                                   WidthConfig(config.width_epochs, config.width_penalty),
                                   config.seed + position)
@@ -118,10 +123,24 @@ def evaluate_round(
     return {**figures, **local_figures(sim.spec, local), "peer_acc": peer_acc}
 
 
+def _show_steps(sim: Simulation, console: Console, current_round: Callable[[], int]) -> None:
+    """Each engine's training steps as a bar named by round and peer."""
+    for position, engine in enumerate(sim.engines):
+        def phase(engine: Engine = engine, position: int = position) -> str:
+            return (f"round {current_round()}/{sim.config.rounds}: training "
+                    f"{engine.peer_id} ({position + 1} of {len(sim.engines)})")
+
+        engine.on_step = step_display(console, phase)
+
+
 def run(config: SimConfig, on_round: Callable[[dict], None] | None = None,
-        plot: bool = True) -> list[dict]:
-    """Runs every round; `plot` False leaves out OUT/curves.png (benchmarks plot their own)."""
-    sim = build(config)
+        plot: bool = True, console: Console | None = None) -> list[dict]:
+    """Runs every round; `plot` False leaves out OUT/curves.png (benchmarks plot their own);
+    `console` shows each phase and each peer's training steps."""
+    sim = build(config, console)
+    rounds_started = [0]
+    if console is not None:
+        _show_steps(sim, console, lambda: rounds_started[0])
     identity = {
         "task": config.task, "method": config.method, "topology": config.topology,
         "peers": config.peers, "mu": statistics.fmean(m.mu for m in sim.members),
@@ -136,6 +155,7 @@ def run(config: SimConfig, on_round: Callable[[dict], None] | None = None,
     train_flops_cum = [0] * len(sim.engines)
     started = time.monotonic()
     for round_index in range(config.rounds):
+        rounds_started[0] = round_index + 1
         contexts, stats = run_round(sim, round_index)
         peers = []
         for position, (engine, stat) in enumerate(zip(sim.engines, stats, strict=True)):
@@ -146,6 +166,8 @@ def run(config: SimConfig, on_round: Callable[[dict], None] | None = None,
         last = round_index + 1 == config.rounds
         evaluation = None
         if (round_index + 1) % config.eval_every == 0 or last:
+            if console is not None:
+                console.status(f"round {round_index + 1}/{config.rounds}: evaluating")
             evaluation = evaluate_round(sim, contexts)
         record = log.record(round_index + 1, peers, sim.coverage.fraction, evaluation,
                             time.monotonic() - started)

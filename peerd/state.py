@@ -23,11 +23,12 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_bytes
+# torch and safetensors load where tensors are read or written: `peerd ca` (which uses this
+# module's file helpers) must start in well under a second.
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("peerd.state")
 
@@ -86,6 +87,8 @@ def load_or_create_peer_id(state_dir: Path, requested: str | None = None) -> str
 
 def save_parameters(state_dir: Path, params: dict[str, torch.Tensor], meta: dict) -> None:
     """Parameters and their metadata (round, view, seed) as safetensors + JSON."""
+    from safetensors.torch import save as safetensors_bytes
+
     atomic_write_bytes(state_dir / "params.safetensors", safetensors_bytes(
         {name: tensor.contiguous() for name, tensor in params.items()}))
     atomic_write_bytes(state_dir / "state.json", json.dumps(meta, indent=2).encode())
@@ -134,6 +137,8 @@ def save_checkpoint(state_dir: Path, round_index: int, params: Mapping[str, torc
                     meta: Mapping[str, object], keep: int) -> int:
     """Write the checkpoint after `round_index` rounds and keep the newest `keep`; returns the
     parameter bytes written."""
+    from safetensors.torch import save as safetensors_bytes
+
     record_path, params_path = _paths(state_dir, round_index)
     record_path.parent.mkdir(parents=True, exist_ok=True)
     data = safetensors_bytes({name: tensor.contiguous() for name, tensor in params.items()})
@@ -163,6 +168,10 @@ def read_checkpoint(state_dir: Path, round_index: int,
                     shapes: Mapping[str, tuple[int, ...]]) -> Checkpoint:
     """The checkpoint after `round_index` rounds, checked end to end; CheckpointError says
     what is wrong with it."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load as safetensors_load
+
     record_path, params_path = _paths(state_dir, round_index)
     try:
         record = json.loads(record_path.read_bytes())

@@ -33,3 +33,4 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 # constraints.txt pins the CPU build of torch for every dependency resolution.
 .venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".${extras}"
+bash scripts/next_steps.sh .venv

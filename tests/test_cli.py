@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +70,7 @@ def test_cluster_command_runs_daemons_and_writes_sim_metrics(tmp_path: Path) -> 
         capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert "peer-01: peerd status --addr 127.0.0.1:" in result.stderr
+    assert re.search(r"peer-01: /\S+/peerd status --addr 127\.0\.0\.1:", result.stderr)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2]
     assert all(0.0 <= r["global_acc"] <= 1.0 and r["peers"] == 2 for r in records)

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from itertools import accumulate
 from pathlib import Path
 
 import pytest
+from matplotlib.figure import Figure
 
-from peerd.report import ReportError, add_report_parser, last_run, peer_summary, write_report
+from peerd.cli import main as run_cli
+from peerd.report import (
+    ReportError,
+    _bytes_per_round,
+    down_spans,
+    last_run,
+    load_peers,
+    membership_changes,
+    peer_summary,
+    plot_members,
+    with_gaps,
+    write_report,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PEER_PLOTS = ("loss_accuracy.png", "bytes.png", "peers.png")
@@ -165,13 +177,6 @@ def test_missing_inputs(tmp_path: Path) -> None:
         write_report(tmp_path)
 
 
-def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="peerd")
-    add_report_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_jsonl(tmp_path / "state" / "rounds.jsonl", rounds())
     out = tmp_path / "plots"
@@ -183,3 +188,36 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
     assert run_cli(["report", "--state-dir", str(tmp_path / "empty")]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_down_time_is_a_gap_and_joins_and_leaves_are_marked(tmp_path: Path) -> None:
+    # peer-01 ran rounds 1-2, was down, and rejoined at round 5 with its byte totals from 0.
+    down = rounds("peer-01")[:2] + rounds("peer-01", first_round=5)[:2]
+    write_jsonl(tmp_path / "peer-00" / "rounds.jsonl", rounds())
+    write_jsonl(tmp_path / "peer-01" / "rounds.jsonl", down)
+    write_jsonl(tmp_path / "metrics.jsonl", [
+        {"round": n, "train_flops_cum_peer_mean": n * TRAIN_FLOPS, "global_acc": 0.1 * n,
+         "train_loss_mean": 2.0 / n} for n in range(1, 7)])
+    peers, _ = load_peers(tmp_path)
+    assert [r["round"] for r in peers["peer-01"]] == [1, 2, 5, 6]  # both runs are plotted
+    assert down_spans(peers["peer-01"]) == [(2, 5)]
+    xs, ys = with_gaps(peers["peer-01"], [1, 2, 5, 6], [10.0, 11.0, 12.0, 13.0])
+    assert xs[:2] == [1, 2] and math.isnan(xs[2]) and math.isnan(ys[2]) and xs[3:] == [5, 6]
+    assert membership_changes(rounds()) == ([(4, 4)], [])
+    assert membership_changes(rounds()[3:] + rounds()[:1]) == ([], [(1, 3)])
+
+    figure = Figure()
+    axis = figure.subplots()
+    plot_members(axis, peers)
+    lines = {line.get_label(): line for line in axis.get_lines()}
+    x_down = list(lines["peer-01"].get_xdata())
+    assert math.isnan(x_down[2]) and [x_down[i] for i in (0, 1, 3, 4)] == [1, 2, 5, 6]
+    assert axis.get_ylim() == (0.0, 5.0)  # from 0 members, above the largest view (4)
+    assert {"member joined", "rounds missed", "peer-00", "peer-01"} <= set(
+        axis.get_legend_handles_labels()[1])
+    assert all(float(tick).is_integer() for tick in axis.get_xticks())
+
+    write_report(tmp_path)  # and the whole report draws it
+    assert_png(tmp_path / "report" / "peers.png")
+    # bytes per round start again at 0 with the rejoined run: its first round sent 1000 B.
+    assert _bytes_per_round("bytes_sent_cum")(peers["peer-01"]) == [1000, 1200, 1000, 1200]
