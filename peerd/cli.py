@@ -414,10 +414,14 @@ def _cluster(args: argparse.Namespace) -> int:
         for daemon in daemons:
             print(f"{daemon.peer_id}: peerd status --addr {daemon.address} "
                   f"--tls-dir {daemon.tls_dir}   "
-                  f"metrics {daemon.metrics_url}   logs {daemon.state_dir}/daemon.log",
-                  file=sys.stderr)
+                  f"page {daemon.page_url}   metrics {daemon.metrics_url}   "
+                  f"logs {daemon.state_dir}/daemon.log", file=sys.stderr)
 
-    records = run_cluster(config, _progress_printer(progress, config.rounds), announce)
+    def announce_page(url: str) -> None:
+        print(f"cluster page: {url}", file=sys.stderr)
+
+    records = run_cluster(config, _progress_printer(progress, config.rounds), announce,
+                          announce_page)
     progress.close()
     _print_summary(records, config.rounds, config.out)
     print(f"plots: peerd report --state-dir {config.out}")
