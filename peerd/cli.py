@@ -578,10 +578,14 @@ def _run_cluster(args: argparse.Namespace, console: Console) -> int:
         for daemon in daemons:
             console.say(f"  {daemon.peer_id}: {peerd} status --addr {daemon.address} "
                         f"--tls-dir {daemon.tls_dir.absolute()}   "
-                        f"metrics {daemon.metrics_url}   "
+                        f"page {daemon.page_url}   metrics {daemon.metrics_url}   "
                         f"log {daemon.state_dir.absolute()}/daemon.log")
 
-    records = run_cluster(config, _round_printer(console, config.rounds), announce, console)
+    def announce_page(url: str) -> None:
+        console.say(f"cluster page: {url}")
+
+    records = run_cluster(config, _round_printer(console, config.rounds), announce, console,
+                          announce_page)
     console.close()
     _print_summary(records, config.rounds, config.out)
     print(f"plots of every daemon: {peerd} report --state-dir {Path(config.out).absolute()}")

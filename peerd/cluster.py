@@ -47,7 +47,10 @@ from peerd.sim import peer_name
 from peerd.state import CHECKPOINT_DIR
 from peerd.submodel import forward_flops_per_sample, init_params
 from peerd.tasks import BLOCK_SIZE, get_task
+from peerd.topology import load_topology
 from peerd.v1 import peer_pb2
+from peerd.web.cluster_page import ClusterFacts, ClusterPage, WatchedDaemon
+from peerd.web.daemon_page import metric_name
 
 POLL_INTERVAL_S = 0.2
 # The watcher's own certificate: its pulls claim this name.
@@ -141,6 +144,11 @@ class DaemonProcess:
         message = self.log_tail(1).partition(": ")[2]  # after time stamp, level and logger
         message = message.split(" (", 1)[0].split("; ", 1)[0] if message else "starting"
         return message if len(message) <= ACTIVITY_CHARS else message.split(": ", 1)[0]
+
+    @property
+    def page_url(self) -> str:
+        """The daemon's live page (docs/WEB.md), on its metrics port."""
+        return self.metrics_url.removesuffix("metrics")
 
 
 def tls_dirs(out: Path, peer_ids: list[str]) -> dict[str, Path]:
@@ -363,7 +371,26 @@ class ClusterWatcher:
                                      last["bytes_sent_cum"]))
         return figures
 
-    async def run(self, log: MetricsLog, on_round: Callable[[dict], None] | None) -> None:
+    def page(self) -> ClusterPage:
+        """The cluster's own page: its daemons' pages merged, with the assembled model."""
+        config = self.config
+        facts = ClusterFacts(f"local-{os.getpid()}", load_topology(config.topology).name,
+                             config.method, config.task, metric_name(self.spec), config.rounds)
+        return ClusterPage(facts, [WatchedDaemon(d.peer_id, d.page_url, d.state_dir)
+                                   for d in self.daemons], Path(config.out) / "metrics.jsonl")
+
+    async def run(self, log: MetricsLog, on_round: Callable[[dict], None] | None,
+                  on_page: Callable[[str], None] | None = None) -> None:
+        page = self.page()
+        port = await page.start("127.0.0.1", 0)
+        if on_page is not None:
+            on_page(f"http://127.0.0.1:{port}/")
+        try:
+            await self._watch(log, on_round)
+        finally:
+            await page.stop()
+
+    async def _watch(self, log: MetricsLog, on_round: Callable[[dict], None] | None) -> None:
         await self.wait_ready()
         # As the simulator records it: the mean width, known once the daemons report theirs.
         log.identity["mu"] = statistics.fmean(m.mu for m in self.members)
@@ -387,6 +414,7 @@ def run_cluster(
     config: ClusterConfig, on_round: Callable[[dict], None] | None = None,
     on_start: Callable[[list[DaemonProcess]], None] | None = None,
     console: Console | None = None,
+    on_page: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """`console` shows what the daemons are doing until each round is in."""
     out = Path(config.out)
@@ -408,7 +436,7 @@ def run_cluster(
         }
         log = MetricsLog(out, identity, forward_flops_per_sample(watcher.spec,
                                                                  full_units(watcher.spec)))
-        asyncio.run(watcher.run(log, on_round))
+        asyncio.run(watcher.run(log, on_round, on_page))
         log.close(run_title(config.method, [m.mu for m in watcher.members], config.task,
                             config.peers))
     finally:

@@ -329,7 +329,11 @@ class DaemonConfig:
         "daemon sleeps after training); leave at 1")
     checkpoints_kept: int = option(
         3, "checkpoints kept in state_dir/checkpoints, one per round (0: none written)")
-    metrics_port: int | None = option(None, "port of the Prometheus endpoint (default: off)")
+    metrics_port: int | None = option(
+        None, "port of the HTTP endpoint: Prometheus /metrics, the live page / and its JSON API "
+        "/api/ (docs/WEB.md; default: off)")
+    metrics_host: str | None = option(
+        None, "address the metrics port listens on (default: host, the gRPC address)")
     log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR")
     linger_s: float = option(0.0, "seconds to keep serving pulls after the last round",
                              "--linger")

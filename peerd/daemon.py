@@ -82,6 +82,7 @@ from peerd.tasks import BLOCK_SIZE, get_task
 from peerd.topology import load_topology
 from peerd.transport import SliceMessage
 from peerd.v1 import peer_pb2
+from peerd.web.daemon_page import DaemonPage
 from peerd.width import WidthConfig, learn_widths
 
 log = logging.getLogger("peerd.daemon")
@@ -436,10 +437,15 @@ class Daemon:
                                      frozen_blocks=self.engine.frozen_blocks,
                                      width_groups=width_group_names(self.spec.groups))
         await server.start()
-        if self.exporter is not None:
-            metrics_port = self.exporter.start(self.config.host, self.config.metrics_port)
-            log.info("metrics on http://%s:%d/metrics", advertised_host(self.config),
-                     metrics_port)
+        page = None
+        if self.config.metrics_port is not None:
+            page = DaemonPage(self)
+            metrics_host = self.config.metrics_host or self.config.host
+            metrics_port = await page.start(metrics_host, self.config.metrics_port)
+            shown = advertised_host(self.config) if metrics_host in ("0.0.0.0", "") \
+                else metrics_host
+            log.info("metrics on http://%s:%d/metrics", shown, metrics_port)
+            log.info("page on http://%s:%d/", shown, metrics_port)
         discovery = DiscoveryManager(self._discovery_sources(address, port))
         await discovery.start()
         log.info("peer %s serving on %s (cluster %s, fingerprint %s: %s, %s)", self.peer_id,
@@ -472,8 +478,8 @@ class Daemon:
             await server.stop(SERVER_GRACE_S)
             self._worker.shutdown(wait=True)
             self._save()
-            if self.exporter is not None:
-                self.exporter.stop()
+            if page is not None:
+                await page.stop()
             self.notifier.close()
         return RunSummary(self.peer_id, self.rounds_done, self.last_loss,
                           len(self.membership.view.members) if self.membership.view else 1,

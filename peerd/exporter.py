@@ -2,14 +2,13 @@
 
 Every metric lives in the exporter's own CollectorRegistry, never prometheus_client's global
 one, so several daemons (or tests) in one process do not collide and the process's default
-collectors (GC, platform) stay out of a peer's page. The HTTP server is prometheus_client's,
-run in a daemon thread so it never holds the process open.
+collectors (GC, platform) stay out of a peer's page. The HTTP server that serves `render()` at
+/metrics is the daemon's page server (peerd/web/), on the daemon's event loop.
 """
 
 from __future__ import annotations
 
 import threading
-from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
@@ -18,7 +17,6 @@ from prometheus_client import (
     Histogram,
     Info,
     generate_latest,
-    start_http_server,
 )
 
 # Rounds take from a fraction of a second (digits on loopback) to minutes (text on a LAN).
@@ -81,8 +79,6 @@ class Exporter:
         self._lock = threading.Lock()
         self._sent_seen = 0
         self._received_seen = 0
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
 
     def observe_round(self, record: dict) -> None:
         """Take one rounds.jsonl record (see Daemon._record_round)."""
@@ -111,23 +107,6 @@ class Exporter:
 
     def observe_staleness(self, rounds: int) -> None:
         self.staleness.observe(rounds)
-
-    def start(self, host: str, port: int) -> int:
-        """Serve /metrics on host:port (0: any free port); returns the bound port."""
-        if self._server is not None:
-            raise RuntimeError("metrics endpoint already started")
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        return int(self._server.server_address[1])
-
-    def stop(self) -> None:
-        """Stop serving and release the port; a no-op when not started."""
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        assert self._thread is not None
-        self._thread.join()
-        self._server = self._thread = None
 
     def render(self) -> bytes:
         """The exposition text a scrape would get."""

@@ -10,8 +10,9 @@ extras=""
 system_packages=(dataset-fashion-mnist iproute2)
 if [[ "${1:-}" == "--test" ]]; then
     extras="[test]"
-    # systemd-analyze checks deploy/peerd.service; nft makes a test link lossy.
-    system_packages+=(systemd nftables)
+    # systemd-analyze checks deploy/peerd.service; nft makes a test link lossy; headless
+    # Chromium and its WebDriver open the daemon's page in a browser test.
+    system_packages+=(systemd nftables chromium chromium-driver)
 fi
 
 missing=()

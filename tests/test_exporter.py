@@ -1,10 +1,9 @@
-"""The Prometheus endpoint: exact values after observed rounds, over HTTP and without a server."""
+"""The Prometheus metrics: exact values after observed rounds (served over HTTP: test_web.py)."""
 
 from __future__ import annotations
 
 import math
 import threading
-import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -81,36 +80,6 @@ def test_render_without_server() -> None:
     assert "# HELP peerd_rounds_total Training rounds completed by this peer" in text
     # Its own registry: none of the process-wide default collectors.
     assert "python_gc" not in text and "process_" not in text
-
-
-def test_scrape_over_http_and_stop_frees_port() -> None:
-    exporter = observed()
-    port = exporter.start("127.0.0.1", 0)
-    try:
-        assert port > 0
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-            assert reply.status == 200
-            check(samples(reply.read().decode()))
-        exporter.observe_round(record(4, 5000, 3100, 0.1))
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-            after = samples(reply.read().decode())
-        assert after[("peerd_rounds_total", frozenset())] == 4.0
-        assert after[("peerd_bytes_sent_total", frozenset())] == 5000.0
-        with pytest.raises(RuntimeError, match="already started"):
-            exporter.start("127.0.0.1", 0)
-    finally:
-        exporter.stop()
-    with pytest.raises(OSError):
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
-    exporter.stop()  # a second stop is harmless
-    # The port is free again: a restarted daemon's endpoint can take it and serve its own page.
-    successor = Exporter("peer-00", "lab", "abc123", 0.5)
-    assert successor.start("127.0.0.1", port) == port
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-            assert samples(reply.read().decode())[("peerd_rounds_total", frozenset())] == 0.0
-    finally:
-        successor.stop()
 
 
 def test_before_the_first_round() -> None:
