@@ -24,7 +24,7 @@ from peerd.bench.processes import partition_arg, positive_int
 from peerd.bench.scale import add_scale_parser
 from peerd.bench.stragglers import add_stragglers_parser
 from peerd.bench.wire import add_wire_parser
-from peerd.ca import DEFAULT_CA_DIR, DEVICE_KEY, init_ca, issue
+from peerd.ca import DEFAULT_CA_DIR, DEVICE_KEY, DEVICE_ROLE, ROLES, init_ca, issue
 from peerd.cluster import ClusterConfig, ClusterError
 from peerd.config import (
     AUTO,
@@ -290,6 +290,9 @@ def _add_ca(commands: argparse._SubParsersAction) -> None:
                         help="where the device's files go (default: DIR/NAME)")
     device.add_argument("--force", action="store_true",
                         help="replace the key and certificate already in OUTDIR")
+    device.add_argument("--role", choices=ROLES, default=DEVICE_ROLE,
+                        help="device: a member that trains (default); observer: may call "
+                        "Status only (peerd status); reader: Status and Pull, never joins")
     device.set_defaults(func=_ca_issue)
 
 
@@ -468,7 +471,8 @@ def _ca_init(args: argparse.Namespace) -> int:
 
 
 def _ca_issue(args: argparse.Namespace) -> int:
-    device = issue(Path(args.dir), args.name, Path(args.out) if args.out else None, args.force)
+    device = issue(Path(args.dir), args.name, Path(args.out) if args.out else None, args.force,
+                   args.role)
     print(f"issued peer id {device.peer_id}: {', '.join(str(p) for p in device.files)} "
           f"({DEVICE_KEY} has mode 0600)\n"
           f"copy these three files, keeping their names, to the device {device.peer_id}: "

@@ -45,6 +45,7 @@ from peerd.models.base import DEPTH, Plan, fingerprint
 from peerd.net import GRPC_OPTIONS, PROTOCOL_VERSION
 from peerd.net.client import PeerClients
 from peerd.net.codec import DecodedStream, Expectation, WireError
+from peerd.net.control import check_hello
 from peerd.net.discovery import (
     Candidate,
     Discovery,
@@ -164,7 +165,7 @@ class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         # First: a missing certificate is reported before seconds of data loading.
-        self.tls = None if config.insecure else TlsIdentity.load(config.tls_dir)
+        self.tls = None if config.insecure else TlsIdentity.load_device(config.tls_dir)
         self.state_dir = Path(config.state_dir)
         self.peer_id = own_peer_id(config, self.tls)
         task = get_task(config.task)
@@ -293,6 +294,7 @@ class Daemon:
             except ValueError as error:
                 raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"capacity widths: {error}") from None
+        check_hello(hello, self.membership, self.round_index)
         self.membership.observe(hello, self.round_index)
         self.membership.tick(self.round_index)
 
@@ -461,6 +463,10 @@ class Daemon:
                     await asyncio.wait_for(self._stopping.wait(), self.config.linger_s)
         finally:
             self.notifier.stopping()
+            if self._stopping.is_set():
+                # Stopped mid-run: the members drop this peer at once instead of waiting.
+                self.membership.stopping = True
+                await self.clients.say_goodbye(self.membership, self.hello())
             for task in (handshakes, watchdog):
                 if task is not None:
                     task.cancel()
