@@ -5,6 +5,12 @@ a certificate whose name (subject CN and its one DNS subject alternative name) i
 signed by that CA and usable as both TLS server and client certificate, plus a copy of the CA
 certificate to check its peers against. Keys are ECDSA P-256; private keys are written with
 mode 0600. See docs/SECURITY.md.
+
+A certificate carries a *role* (its subject's organizational unit): a `device` may join the
+cluster, push slices and pull parameters as a member; an `observer` (an operator's
+`peerd status`) may call Status only; a `reader` (the evaluator of `peerd cluster`) may call
+Status and pull parameters, never join. Certificates issued before roles existed carry none and
+are devices.
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ DEVICE_KEY = "device.key"
 DEVICE_FILES = (CA_CERT, DEVICE_CERT, DEVICE_KEY)
 CA_VALID_DAYS = 3650
 DEVICE_VALID_DAYS = 825
+DEVICE_ROLE = "device"
+OBSERVER_ROLE = "observer"
+READER_ROLE = "reader"
+ROLES = (DEVICE_ROLE, OBSERVER_ROLE, READER_ROLE)
 # Certificates are valid from a little before their creation: boards' clocks drift.
 BACKDATE = datetime.timedelta(hours=1)
 
@@ -114,11 +124,13 @@ def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey
 
 
 def issue(ca_dir: Path, peer_id: str, out_dir: Path | None = None,
-          force: bool = False) -> IssuedDevice:
-    """A device certificate and key for `peer_id`, signed by the CA in `ca_dir`, written with
-    a copy of the CA certificate to `out_dir` (default: CA_DIR/PEER_ID): that directory is what
-    the device's `--tls-dir` points at."""
+          force: bool = False, role: str = DEVICE_ROLE) -> IssuedDevice:
+    """A certificate and key for `peer_id` with `role`, signed by the CA in `ca_dir`, written
+    with a copy of the CA certificate to `out_dir` (default: CA_DIR/PEER_ID): that directory is
+    what the device's `--tls-dir` points at."""
     check_peer_id(peer_id)
+    if role not in ROLES:
+        raise CaError(f"role {role!r} is not one of {', '.join(ROLES)}")
     ca_certificate, ca_key = _load_ca(ca_dir)
     directory = out_dir if out_dir is not None else ca_dir / peer_id
     if (directory / DEVICE_KEY).exists() and not force:
@@ -130,7 +142,8 @@ def issue(ca_dir: Path, peer_id: str, out_dir: Path | None = None,
     not_before, not_after = _validity(DEVICE_VALID_DAYS)
     certificate = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, peer_id)]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, peer_id),
+                                 x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role)]))
         .issuer_name(ca_certificate.subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before).not_valid_after(not_after)
@@ -139,8 +152,10 @@ def issue(ca_dir: Path, peer_id: str, out_dir: Path | None = None,
             digital_signature=True, content_commitment=False, key_encipherment=False,
             data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
             encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        # Only a device serves: the others' certificates are refused as server certificates.
+        .add_extension(x509.ExtendedKeyUsage(
+            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            if role == DEVICE_ROLE else [ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(peer_id)]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
             ca_key.public_key()), critical=False)
@@ -159,6 +174,17 @@ def certificate_name(certificate: x509.Certificate) -> str:
         raise CaError(f"the certificate has {len(names)} common names; a device certificate "
                       f"has exactly one, its peer id")
     return str(names[0].value)
+
+
+def certificate_role(certificate: x509.Certificate) -> str:
+    """The role a certificate carries (its subject's organizational unit); device without one."""
+    units = certificate.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    if not units:
+        return DEVICE_ROLE
+    role = str(units[0].value)
+    if len(units) != 1 or role not in ROLES:
+        raise CaError(f"the certificate's role {role!r} is not one of {', '.join(ROLES)}")
+    return role
 
 
 def check_issued_by(certificate: x509.Certificate, ca_certificate: x509.Certificate) -> None:

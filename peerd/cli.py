@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from peerd import __version__
-from peerd.ca import DEFAULT_CA_DIR, DEVICE_KEY
+from peerd.ca import DEFAULT_CA_DIR, DEVICE_KEY, DEVICE_ROLE, ROLES
 from peerd.config import (
     AUTO,
     DEFAULT_CONFIG_FILE,
@@ -342,6 +342,9 @@ def _add_ca(ca: argparse.ArgumentParser) -> None:
                         help="where the device's files go (default: DIR/NAME)")
     device.add_argument("--force", action="store_true",
                         help="replace the key and certificate already in OUTDIR")
+    device.add_argument("--role", choices=ROLES, default=DEVICE_ROLE,
+                        help="device: a member that trains (default); observer: may call "
+                        "Status only (peerd status); reader: Status and Pull, never joins")
     device.set_defaults(func=_ca_issue, command_parser=device)
 
 
@@ -673,7 +676,8 @@ def _ca_init(args: argparse.Namespace) -> int:
 def _ca_issue(args: argparse.Namespace) -> int:
     from peerd.ca import issue
 
-    device = issue(Path(args.dir), args.name, Path(args.out) if args.out else None, args.force)
+    device = issue(Path(args.dir), args.name, Path(args.out) if args.out else None, args.force,
+                   args.role)
     print(f"issued peer id {device.peer_id}: {', '.join(str(p) for p in device.files)} "
           f"({DEVICE_KEY} has mode 0600)\n"
           f"copy these three files, keeping their names, to the device {device.peer_id}: "

@@ -31,7 +31,7 @@ import grpc
 import torch
 
 from peerd.agreement import cluster_fingerprint, planner_settings
-from peerd.ca import CA_CERT, init_ca, issue
+from peerd.ca import CA_CERT, DEVICE_ROLE, READER_ROLE, init_ca, issue
 from peerd.config import AUTO, DRIFT_PERIOD, STATIC_OVERLAP
 from peerd.coverage import CoverageTracker
 from peerd.data import load_task_data
@@ -157,7 +157,9 @@ def tls_dirs(out: Path, peer_ids: list[str]) -> dict[str, Path]:
     ca_dir = out / "ca"
     if not (ca_dir / CA_CERT).exists():
         init_ca(ca_dir, "peerd local cluster CA", force=True)
-    return {peer_id: issue(ca_dir, peer_id, force=True).directory
+    # The watcher pulls every daemon's parameters to evaluate the global model: a reader.
+    return {peer_id: issue(ca_dir, peer_id, force=True,
+                           role=READER_ROLE if peer_id == WATCHER_ID else DEVICE_ROLE).directory
             for peer_id in [*peer_ids, WATCHER_ID]}
 
 

@@ -45,6 +45,7 @@ from peerd.models.base import DEPTH, Plan, fingerprint
 from peerd.net import GRPC_OPTIONS, PROTOCOL_VERSION
 from peerd.net.client import PeerClients
 from peerd.net.codec import DecodedStream, Expectation, WireError
+from peerd.net.control import check_hello
 from peerd.net.discovery import (
     Candidate,
     Discovery,
@@ -53,6 +54,7 @@ from peerd.net.discovery import (
     PeerRecord,
     StaticDiscovery,
 )
+from peerd.net.limits import bind, prepare_server_limits
 from peerd.net.membership import Membership, View
 from peerd.net.rpc import add_peer_service
 from peerd.net.service import PeerService
@@ -167,7 +169,7 @@ class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         # First: a missing certificate is reported before seconds of data loading.
-        self.tls = None if config.insecure else TlsIdentity.load(config.tls_dir)
+        self.tls = None if config.insecure else TlsIdentity.load_device(config.tls_dir)
         self.state_dir = Path(config.state_dir)
         self.peer_id = own_peer_id(config, self.tls)
         task = get_task(config.task)
@@ -297,6 +299,7 @@ class Daemon:
             except ValueError as error:
                 raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"capacity widths: {error}") from None
+        check_hello(hello, self.membership, self.round_index)
         self.membership.observe(hello, self.round_index)
         self.membership.tick(self.round_index)
 
@@ -418,18 +421,23 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._begin_stopping)
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        if self.config.rounds is not None and self.round_index >= self.config.rounds:
+            log.info("the checkpoint in %s already holds round %d of %d: nothing left to do",
+                     self.state_dir, self.round_index, self.config.rounds)
+            return self._summary()
+        # Limits first, then the port: a second daemon on it stops here, before mDNS.
+        server = grpc.aio.server(options=GRPC_OPTIONS + prepare_server_limits())
         service = PeerService(self, self.exporter.observe_rejected if self.exporter else None)
         add_peer_service(server, service)
-        bind = f"{self.config.host}:{self.config.port}"
+        bind_address = f"{self.config.host}:{self.config.port}"
         if self.tls is None:
             log.warning("running without TLS (--insecure): anyone who reaches %s can join the "
-                        "cluster, push slices into this model and pull its parameters", bind)
-            port = server.add_insecure_port(bind)
+                        "cluster, push slices into this model and pull its parameters",
+                        bind_address)
+            port = bind(server.add_insecure_port, bind_address)
         else:
-            port = server.add_secure_port(bind, self.tls.server_credentials())
-        if port == 0:
-            raise OSError(f"cannot listen on {bind}")
+            credentials = self.tls.server_credentials()
+            port = bind(lambda where: server.add_secure_port(where, credentials), bind_address)
         address = f"{advertised_host(self.config)}:{port}"
         self.membership = Membership(Member(self.peer_id, self.mu, self.depth, self.widths),
                                      address, self.config.min_peers,
@@ -465,6 +473,10 @@ class Daemon:
                     await asyncio.wait_for(self._stopping.wait(), self.config.linger_s)
         finally:
             self.notifier.stopping()
+            if self._stopping.is_set():
+                # Stopped mid-run: the members drop this peer at once instead of waiting.
+                self.membership.stopping = True
+                await self.clients.say_goodbye(self.membership, self.hello())
             for task in (handshakes, watchdog):
                 if task is not None:
                     task.cancel()
@@ -481,8 +493,12 @@ class Daemon:
             if page is not None:
                 await page.stop()
             self.notifier.close()
+        return self._summary()
+
+    def _summary(self) -> RunSummary:
+        view = self.membership.view if self.membership is not None else None
         return RunSummary(self.peer_id, self.rounds_done, self.last_loss,
-                          len(self.membership.view.members) if self.membership.view else 1,
+                          len(view.members) if view is not None else 1,
                           self.bytes_sent, self.bytes_received)
 
     def _begin_stopping(self) -> None:
@@ -653,11 +669,20 @@ class Daemon:
             self.round_index = first_round
         rewind(self.state_dir, first_round)
 
-    def _checkpoint(self, round_index: int, meta: dict) -> float:
-        """Worker: write the checkpoint after `round_index` rounds; returns its seconds."""
+    def _checkpoint(self, round_index: int, meta: dict) -> float | None:
+        """Worker: write the checkpoint after `round_index` rounds; returns its seconds, or
+        None when it failed (a full disk, no descriptor left): the run goes on and the next
+        round writes the next one."""
         started = time.perf_counter()
-        size = save_checkpoint(self.state_dir, round_index, self.engine.params, meta,
-                               self.config.checkpoints_kept)
+        try:
+            size = save_checkpoint(self.state_dir, round_index, self.engine.params, meta,
+                                   self.config.checkpoints_kept)
+        except OSError as error:
+            log.warning("checkpoint after round %d failed, retried after the next round: %s",
+                        round_index, error)
+            if self.exporter is not None:
+                self.exporter.observe_checkpoint_failure()
+            return None
         elapsed = time.perf_counter() - started
         # The first one at INFO: what a checkpoint costs on this board, once per start.
         log.log(logging.DEBUG if self._checkpointed else logging.INFO,

@@ -64,6 +64,9 @@ class Exporter:
         self.rejected = Counter("peerd_rejected_messages",
                                 "Incoming messages refused, by RPC and gRPC status code",
                                 labelnames=("rpc", "code"), registry=registry)
+        self.checkpoint_failures = Counter(
+            "peerd_checkpoint_failures", "Checkpoints that could not be written (I/O errors)",
+            registry=registry)
         # NaN until the first round: a 0 loss would read as a perfect model, not a missing one.
         for gauge in (self.train_loss, self.local_accuracy, self.local_loss):
             gauge.set(float("nan"))
@@ -100,6 +103,9 @@ class Exporter:
 
     def observe_rejected(self, rpc: str, code: str) -> None:
         self.rejected.labels(rpc=rpc, code=code).inc()
+
+    def observe_checkpoint_failure(self) -> None:
+        self.checkpoint_failures.inc()
 
     def set_membership(self, members: int, known: int) -> None:
         self.members.set(members)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -64,10 +66,12 @@ class RunningDaemon:
 def start_loopback_daemons(
     root: Path, count: int, extra: list[str], ca: ClusterCa | None, static: bool = True,
     extra_by_position: Mapping[int, list[str]] | None = None,
+    descriptor_limit_by_position: Mapping[int, int] | None = None,
 ) -> list[RunningDaemon]:
     """`count` daemons on 127.0.0.1, each given the others' addresses, mDNS off; with
     certificates from `ca`, or with --insecure when it is None; `extra_by_position` adds
-    flags for some of them."""
+    flags for some of them, `descriptor_limit_by_position` starts some under a file descriptor
+    limit (soft and hard: the daemon cannot raise it)."""
     ports = free_ports(count)
     addresses = [f"127.0.0.1:{port}" for port in ports]
     daemons = []
@@ -85,10 +89,18 @@ def start_loopback_daemons(
                 if other != addresses[position]:
                     args += ["--peer", other]
         with open(state_dir / "out.log", "w") as log:
+            limit = (descriptor_limit_by_position or {}).get(position)
             process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL)
+                                       stdin=subprocess.DEVNULL,
+                                       preexec_fn=None if limit is None else
+                                       functools.partial(limit_descriptors, limit))
         daemons.append(RunningDaemon(peer_id, addresses[position], state_dir, process))
     return daemons
+
+
+def limit_descriptors(limit: int) -> None:
+    """In a child before exec: at most `limit` open files, soft and hard."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 
 def wait_all(daemons: list[RunningDaemon], timeout_s: float = 180.0) -> list[int]:

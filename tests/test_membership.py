@@ -861,3 +861,39 @@ def test_a_leave_during_an_accepted_join_falls_after_the_join_round() -> None:
         assert n.membership.view_at(9).ids == ("peer-00", "peer-01", "peer-02", "peer-09")
         assert n.membership.view_at(10).ids == ("peer-00", "peer-01", "peer-09")
         assert [r for r, _ in n.membership.views] == [0, 9, 10]
+
+
+def test_a_goodbye_is_decided_at_once_even_by_a_lone_survivor_without_the_lowest_id() -> None:
+    """A pair: peer-00 (the lowest id, the quorum's tie-breaker) stops cleanly. peer-01 alone
+    is no quorum after a silence, but the goodbye consents to the leave: decided within the
+    same handshake, with no silence to wait for."""
+    clock, (a, b) = clocked(2, rounds=(7, 7))
+    clock.now += 1.0
+    a.membership.stopping = True
+    assert a.hello().leaving
+    b.sees(a)
+    tick([b])
+    assert leave_tickets(b) == {"peer-00": (8, True)}
+    assert b.membership.view_at(8).ids == ("peer-01",)
+    assert b.membership.view_at(7).ids == ("peer-00", "peer-01")  # the round under way
+    assert not has_quorum({"peer-01"}, ("peer-00", "peer-01"))  # silence alone would not do
+
+
+def test_a_member_heard_in_the_view_that_comes_back_without_one_has_restarted() -> None:
+    clock, (a, b, c) = clocked(3, rounds=(5, 5, 5))
+    clock.now += 1.0
+    exchange([a, b, c])  # everyone heard as a member of the view since it was set
+    restarted = Node(Membership(Member("peer-02", 0.5), "10.0.0.3:50051", 3,
+                                dead_after_s=DEAD_AFTER, clock=clock), round=3)
+    clock.now += 0.5
+    for n in (a, b):
+        n.sees(restarted)
+    tick([a, b])
+    exchange([a, b])
+    tick([a, b])
+    assert clock.now - 1000.0 < DEAD_AFTER  # well before silence would have dropped it
+    for n in (a, b):
+        assert leave_tickets(n) == {"peer-02": (6, True)}
+        assert n.membership.view_at(6).ids == ("peer-00", "peer-01")
+    restarted.sees(a, b)
+    assert restarted.membership.try_commit() is None  # it joins instead (tickets for it)

@@ -20,7 +20,16 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from daemons import ClusterCa, kill_all, start_loopback_daemons, wait_all
 
-from peerd.ca import CA_CERT, CA_KEY, DEVICE_CERT, DEVICE_KEY, init_ca
+from peerd.ca import (
+    CA_CERT,
+    CA_KEY,
+    DEVICE_CERT,
+    DEVICE_KEY,
+    OBSERVER_ROLE,
+    READER_ROLE,
+    init_ca,
+    issue,
+)
 from peerd.cli import main
 from peerd.config import DaemonConfig
 from peerd.daemon import own_peer_id
@@ -35,6 +44,7 @@ from peerd.v1 import peer_pb2, peer_pb2_grpc
 CLUSTER = "tls-test"
 FINGERPRINT = "f" * 16
 RECEIVER = "receiver"
+MEMBER = "peer-a"
 SPEC = {"w": (torch.float32, (8,))}
 Outcomes = dict[str, tuple[grpc.StatusCode, str]]
 
@@ -55,9 +65,11 @@ class MergingHost:
         self.expectation = Expectation(PROTOCOL_VERSION, CLUSTER, FINGERPRINT, lambda _: SPEC)
 
     def hello(self) -> peer_pb2.Hello:
+        # A view with MEMBER: members pull parameters, other devices may not.
         return peer_pb2.Hello(protocol_version=PROTOCOL_VERSION, cluster=CLUSTER,
                               peer_id=self.introduces_itself_as or self.name,
-                              model_fingerprint=FINGERPRINT)
+                              model_fingerprint=FINGERPRINT, view_id="0" * 16,
+                              members=sorted([MEMBER, self.name]))
 
     def admit(self, hello: peer_pb2.Hello) -> None:
         self.admitted.append(hello.peer_id)
@@ -401,3 +413,73 @@ def test_insecure_daemons_still_train_together_and_warn(tmp_path: Path) -> None:
     for daemon in daemons:
         assert "WARNING peerd.daemon: running without TLS (--insecure)" in daemon.output()
         assert daemon.rounds()[-1]["bytes_received_cum"] > 0
+
+
+# ---- roles --------------------------------------------------------------------------------------
+
+def role_identity(ca: ClusterCa, name: str, role: str) -> TlsIdentity:
+    """A certificate for `name` with `role`, issued once into its own directory."""
+    directory = ca.directory / f"{name}-{role}"
+    if not (directory / DEVICE_KEY).exists():
+        issue(ca.directory, name, directory, role=role)
+    return TlsIdentity.load(directory)
+
+
+async def calls_with(identity: TlsIdentity, served: Served) -> Outcomes:
+    """Status plus every claim-carrying call, by `identity` speaking for itself."""
+    clients = PeerClients(identity)
+    try:
+        outcomes = await try_every_claim(clients.stub(served.address, RECEIVER), identity.name)
+        try:
+            await clients.status(served.address, RECEIVER)
+            outcomes["Status"] = (grpc.StatusCode.OK, "")
+        except grpc.aio.AioRpcError as error:
+            outcomes["Status"] = (error.code(), error.details() or "")
+        return outcomes
+    finally:
+        await clients.close()
+
+
+async def test_an_observer_reads_status_and_nothing_else(receiver: Served,
+                                                         cluster_ca: ClusterCa) -> None:
+    before = receiver.host.params["w"].clone()
+    observer = role_identity(cluster_ca, "operator", OBSERVER_ROLE)
+    assert observer.role == OBSERVER_ROLE
+    outcomes = await calls_with(observer, receiver)
+    assert outcomes["Status"] == (grpc.StatusCode.OK, "")
+    for rpc in ("Handshake", "PushSlices", "Pull"):
+        code, details = outcomes[rpc]
+        assert code == grpc.StatusCode.PERMISSION_DENIED, (rpc, code, details)
+        assert f"{rpc} needs a device" in details and "certificate is observer" in details
+    assert sorted(receiver.rejected) == sorted(
+        (rpc, "PERMISSION_DENIED") for rpc in ("Handshake", "PushSlices", "Pull"))
+    assert_untouched(receiver, before)
+
+
+async def test_only_members_and_readers_pull(receiver: Served, cluster_ca: ClusterCa) -> None:
+    stranger = await calls_with(cluster_ca.identity("peer-z"), receiver)
+    assert stranger["Pull"][0] == grpc.StatusCode.PERMISSION_DENIED
+    assert "peer-z is neither a member" in stranger["Pull"][1]
+    member = await calls_with(cluster_ca.identity(MEMBER), receiver)
+    assert member["Pull"] == (grpc.StatusCode.OK, "")
+    reader = await calls_with(role_identity(cluster_ca, "evaluator", READER_ROLE), receiver)
+    assert {rpc: code for rpc, (code, _) in reader.items()} == {
+        "Handshake": grpc.StatusCode.PERMISSION_DENIED,
+        "PushSlices": grpc.StatusCode.PERMISSION_DENIED,
+        "Pull": grpc.StatusCode.OK, "Status": grpc.StatusCode.OK}
+
+
+def test_ca_issue_role_and_a_daemon_refuses_a_non_device_certificate(
+        tmp_path: Path, cluster_ca: ClusterCa, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "watch"
+    assert main(["ca", "issue", "watch", "--dir", str(cluster_ca.directory), "--out", str(out),
+                 "--role", "observer"]) == 0
+    certificate = x509.load_pem_x509_certificate((out / DEVICE_CERT).read_bytes())
+    assert certificate.subject.get_attributes_for_oid(
+        NameOID.ORGANIZATIONAL_UNIT_NAME)[0].value == "observer"
+    usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usages) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    with pytest.raises(TlsError, match="is an observer certificate: a daemon needs a device"):
+        TlsIdentity.load_device(out)
+    assert main(["start", "--tls-dir", str(out), "--state-dir", str(tmp_path / "state")]) == 2
+    assert "a daemon needs a device certificate" in capsys.readouterr().err

@@ -19,11 +19,13 @@ from peerd.net.codec import (
     WireError,
     encode_frames_off_loop,
 )
+from peerd.net.membership import Membership
 from peerd.net.rpc import peer_stub
 from peerd.net.tls import TARGET_NAME_OPTION, TlsIdentity, probe_peer_name
 from peerd.v1 import peer_pb2, peer_pb2_grpc
 
 HANDSHAKE_TIMEOUT_S = 3.0
+GOODBYE_TIMEOUT_S = 2.0
 STATUS_TIMEOUT_S = 5.0
 
 
@@ -85,6 +87,19 @@ class PeerClients:
                             f"{address} holds the certificate of {name} but introduces itself "
                             f"as {reply.peer_id}")
         return reply
+
+    async def say_goodbye(self, membership: Membership, hello: peer_pb2.Hello) -> None:
+        """One last handshake with every fellow member, carrying `hello` (leaving set); at most
+        GOODBYE_TIMEOUT_S in all: a member that does not answer learns it from silence."""
+        view = membership.view
+        fellows = [membership.known[p] for p in (view.ids if view else ())
+                   if p in membership.known]
+        if not fellows:
+            return
+        calls = [self.stub(peer.address, peer.peer_id).Handshake(hello,
+                                                                  timeout=GOODBYE_TIMEOUT_S)
+                 for peer in fellows]
+        await asyncio.gather(*calls, return_exceptions=True)
 
     async def status(self, address: str, peer_id: str | None = None) -> peer_pb2.StatusReply:
         name = await self._expected_name(address, peer_id)

@@ -38,6 +38,12 @@ contains it) for `dead_after_s` is dropped by the survivors, without a coordinat
 3. a member does not start a round at or after its own ticket's round while the leave is
    undecided, so nobody has started round L when it is decided, and every survivor drops the
    member from round L on. Nobody waits for the slices of a member it proposes to drop.
+Saying goodbye: a member that stops cleanly says so in its last handshakes (`leaving`), and a
+member that comes back with no view after it was heard in this one has restarted; either way
+it is *gone*: the others propose to drop it at once instead of after `dead_after_s`, and its
+goodbye counts as its consent towards the quorum (it cannot be on the far side of a partition
+that goes on without the others). It rejoins, like any new peer, once the leave is decided.
+
 A member is out when a fellow member reports the leave of it decided, or a view since it
 entered that lacks it; also when its own proposal stays undecided for GIVE_UP_AFTER times
 `dead_after_s` (the others still hear that member: this one is the odd one out, e.g. after a
@@ -76,6 +82,10 @@ RESUME_WINDOW_ROUNDS = 2
 # How far ahead of the furthest member a joiner asks to enter: rounds for its request to
 # reach every member before any of them starts that round.
 JOIN_MARGIN_ROUNDS = 3
+
+# A peer outside every view of this one, silent this long, is forgotten: strangers that said
+# Hello once do not stay in `known` for good.
+FORGET_AFTER_S = 12 * STALE_AFTER_S
 
 
 def proposed_join_round(peer_id: str, furthest_round: int) -> int:
@@ -177,6 +187,10 @@ class Membership:
     frozen_blocks: int = 0  # this peer's, announced with its capacity
     # The model's sliceable groups in table order: what a peer's learned widths count.
     width_groups: tuple[str, ...] = ()
+    stopping: bool = False  # this peer says goodbye in its handshakes
+    gone: set[str] = field(default_factory=set)  # members that said goodbye or restarted
+    # member: joiner -> when this peer began waiting at the joiner's round for its decision
+    join_waits: dict[str, float] = field(default_factory=dict)
 
     def capacity(self) -> peer_pb2.Capacity:
         return peer_pb2.Capacity(mu=self.me.mu, depth=self.me.depth or 0,
@@ -232,8 +246,21 @@ class Membership:
             peer.bytes_sent, peer.bytes_received = previous.bytes_sent, previous.bytes_received
             if not is_member:
                 peer.last_member_seen = previous.last_member_seen
+        gone = hello.leaving or self._restarted(previous, hello)
+        if gone and hello.peer_id in self._view_ids():
+            if hello.peer_id not in self.gone:
+                log.info("%s %s: dropping it without waiting for silence", hello.peer_id,
+                         "says goodbye" if hello.leaving else "has restarted")
+            self.gone.add(hello.peer_id)
         self.known[hello.peer_id] = peer
         self._consider_join_request(peer, my_round)
+
+    def _restarted(self, previous: KnownPeer | None, hello: peer_pb2.Hello) -> bool:
+        """A member heard in the current view since it was set now reports no view at all:
+        it restarted (or left the run). Right after a view is set nothing is inferred: its
+        members commit it a handshake apart."""
+        return (previous is not None and not hello.view_id and self.view_since > 0
+                and previous.last_member_seen >= self.view_since)
 
     def silent_for(self, peer_id: str) -> float:
         """Seconds since any handshake with this peer (infinite if never heard from)."""
@@ -332,11 +359,17 @@ class Membership:
             peer = self.known[joiner]
             confirmed = peer.join_round == round_index and peer.join_confirmed
             if peer.join_round == round_index and not confirmed:
-                if self.clock() - peer.last_seen < self.dead_after_s:
+                # A joiner that keeps answering but never decides holds this round for at
+                # most `dead_after_s`, like a silent one.
+                waiting_since = self.join_waits.setdefault(joiner, self.clock())
+                now = self.clock()
+                if (now - peer.last_seen < self.dead_after_s
+                        and now - waiting_since < self.dead_after_s):
                     return False
                 confirmed = any(joiner in self.known[p].confirmed_joins
                                 for p in self._view_ids() if p in self.known)
             del self.tickets[joiner]
+            self.join_waits.pop(joiner, None)
             if confirmed and self.view is not None:
                 self._change_from(round_index, add=self.member(joiner))
         return True
@@ -419,12 +452,16 @@ class Membership:
                 continue
             peer = self.known.get(member)
             seen = max(peer.last_member_seen if peer else 0.0, self.view_since)
-            if now - seen >= self.dead_after_s:
+            if member in self.gone:
+                self.leaves[member] = LeaveTicket(floor, proposed_at=now)
+                log.info("proposing to drop %s from round %d: it is gone", member, floor)
+            elif now - seen >= self.dead_after_s:
                 self.leaves[member] = LeaveTicket(floor, proposed_at=now)
                 log.warning("proposing to drop %s from round %d: not heard from as a member "
                             "for %.1f s", member, floor, now - seen)
         self._decide_leaves(my_round)
         self._forget_leaves(my_round)
+        self._forget_strangers()
         stuck = [p for p, t in self.leaves.items()
                  if not t.decided and now - t.proposed_at >= GIVE_UP_AFTER * self.dead_after_s]
         if stuck and not self.out_of_step:
@@ -448,8 +485,10 @@ class Membership:
         pending = {p for p, ticket in self.leaves.items() if not ticket.decided}
         survivors = self._survivors()
         view_ids = set(self._view_ids())
-        quorum = has_quorum({self.me.peer_id, *(peer.peer_id for peer in survivors)},
-                            self._view_ids())
+        # A member that said goodbye consents to its own leave.
+        consenting = {self.me.peer_id, *(peer.peer_id for peer in survivors),
+                      *(self.gone & view_ids)}
+        quorum = has_quorum(consenting, self._view_ids())
         for member in sorted(pending):
             ticket = self.leaves[member]
             reports = [peer.leaves.get(member) for peer in survivors]
@@ -460,6 +499,7 @@ class Membership:
 
     def _apply_leave(self, member: str, first_round: int, my_round: int) -> None:
         self.leaves[member] = LeaveTicket(first_round, decided=True)
+        self.gone.discard(member)
         log.info("decided: %s leaves the view from round %d", member, first_round)
         if first_round < my_round:
             # Cannot happen while every survivor follows the rule; should it, this peer's views
@@ -491,6 +531,16 @@ class Membership:
             if all(p in self.known and self.known[p].round > ticket.round for p in others):
                 del self.leaves[member]
 
+    def _forget_strangers(self) -> None:
+        """Forget peers outside every view of this one, without a ticket here, silent for
+        FORGET_AFTER_S."""
+        now = self.clock()
+        in_views = {p for _, view in self.views for p in view.ids}
+        for peer_id, peer in list(self.known.items()):
+            if (peer_id not in in_views and peer_id not in self.tickets
+                    and now - peer.last_seen >= FORGET_AFTER_S):
+                del self.known[peer_id]
+
     def settle_leaves(self, round_index: int) -> bool:
         """At the start of a round: False while a leave that may take effect at this round is
         undecided (the caller waits; the view of the round is not known yet)."""
@@ -500,6 +550,8 @@ class Membership:
         """Forget the run this peer was dropped from: it joins again like a new peer."""
         self.views = []
         self.tickets = {}
+        self.join_waits = {}
+        self.gone = set()
         self.leaves = {}
         self.join_round = 0
         self.join_confirmed = False
@@ -523,4 +575,5 @@ class Membership:
             view_round=self.views[-1][0] if self.views else 0,
             leaves=[peer_pb2.LeaveTicket(peer_id=p, round=t.round, decided=t.decided)
                     for p, t in sorted(self.leaves.items())],
+            leaving=self.stopping,
         )

@@ -6,7 +6,10 @@ a message naming the problem, counted, and nothing from it reaches the model.
 
 On a TLS connection every message that claims a peer id (a Hello's `peer_id`, a pushed stream's
 `sender`, a pull's `requester`) must claim the name of the client's certificate: a member of
-the cluster cannot speak for another.
+the cluster cannot speak for another. The certificate's role limits what it may call
+(peerd/ca.py): Status is open to every certificate of the cluster; Handshake and PushSlices
+need a device certificate; Pull needs a device certificate of a member (or of a joiner this
+peer accepted), or a reader certificate.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import grpc
 import torch
 
 from peerd.agreement import fingerprint_mismatch
+from peerd.ca import DEVICE_ROLE, READER_ROLE
 from peerd.net.codec import (
     CHECK_POOL,
     DecodedStream,
@@ -29,7 +33,7 @@ from peerd.net.codec import (
     WireError,
     encode_frames_off_loop,
 )
-from peerd.net.tls import client_certificate_name, is_tls
+from peerd.net.tls import client_certificate_name, client_certificate_role, is_tls
 from peerd.v1 import peer_pb2, peer_pb2_grpc
 
 log = logging.getLogger("peerd.service")
@@ -97,10 +101,35 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                             f"the client's certificate names {name!r} but the message claims "
                             f"to come from {claimed!r}")
 
+    @staticmethod
+    def _check_role(context: grpc.aio.ServicerContext, rpc: str, allowed: tuple[str, ...]
+                    ) -> str | None:
+        """Refuses a client certificate whose role may not call `rpc`; returns the role (None
+        without TLS: there is no certificate to read one from)."""
+        if not is_tls(context):
+            return None
+        role = client_certificate_role(context)
+        if role not in allowed:
+            raise WireError(grpc.StatusCode.PERMISSION_DENIED,
+                            f"{rpc} needs a {' or '.join(allowed)} certificate; the client's "
+                            f"certificate is {role or 'of no known role'}")
+        return role
+
+    def _check_may_pull(self, requester: str) -> None:
+        """A device pulls only as a member of this peer's view or a joiner it accepted."""
+        hello = self.host.hello()
+        members = set(hello.members) if hello.view_id else set()
+        joiners = {ticket.peer_id for ticket in hello.accepted_joins}
+        if requester not in members | joiners:
+            raise WireError(grpc.StatusCode.PERMISSION_DENIED,
+                            f"{requester} is neither a member of this peer's view nor a joiner "
+                            f"it accepted: only those pull parameters")
+
     async def Handshake(
         self, request: peer_pb2.Hello, context: grpc.aio.ServicerContext
     ) -> peer_pb2.Hello:
         try:
+            self._check_role(context, "Handshake", (DEVICE_ROLE,))
             self._check_claim(context, request.peer_id)
             self._check_identity(request.protocol_version, request.cluster,
                                  request.model_fingerprint)
@@ -115,6 +144,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
     ) -> peer_pb2.PushAck:
         decoder = StreamDecoder(self.host.expectation, check_pool=CHECK_POOL)
         try:
+            self._check_role(context, "PushSlices", (DEVICE_ROLE,))
             async for frame in request_iterator:
                 # Chunks arrive as bare memoryviews; the decoder refuses a second start.
                 if isinstance(frame, peer_pb2.SliceFrame) and frame.WhichOneof("body") == "start":
@@ -131,7 +161,10 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         self, request: peer_pb2.PullRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Frame]:
         try:
+            role = self._check_role(context, "Pull", (DEVICE_ROLE, READER_ROLE))
             self._check_claim(context, request.requester)
+            if role == DEVICE_ROLE:
+                self._check_may_pull(request.requester)
             self._check_identity(request.protocol_version, request.cluster,
                                  request.model_fingerprint)
             header, tensors = self.host.snapshot(request)

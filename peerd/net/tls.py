@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +27,10 @@ from peerd.ca import (
     DEVICE_CERT,
     DEVICE_FILES,
     DEVICE_KEY,
+    DEVICE_ROLE,
     CaError,
     certificate_name,
+    certificate_role,
     check_issued_by,
     key_matches,
 )
@@ -51,13 +54,15 @@ def how_to_create(tls_dir: Path) -> str:
 @dataclass(frozen=True)
 class TlsIdentity:
     """A device's TLS material, checked to fit together: its certificate was issued by the CA,
-    its key matches it, and it is valid now. `name` is the certificate's peer id."""
+    its key matches it, and it is valid now. `name` is the certificate's peer id, `role` what
+    it may call (peerd/ca.py)."""
 
     directory: Path
     name: str
     ca_pem: bytes
     cert_pem: bytes
     key_pem: bytes
+    role: str = DEVICE_ROLE
 
     @classmethod
     def load(cls, tls_dir: str | Path) -> TlsIdentity:
@@ -75,6 +80,7 @@ class TlsIdentity:
             ca_certificate = x509.load_pem_x509_certificate(ca_pem)
             certificate = x509.load_pem_x509_certificate(cert_pem)
             name = certificate_name(certificate)
+            role = certificate_role(certificate)
             check_issued_by(certificate, ca_certificate)
             if not key_matches(certificate, key_pem):
                 raise CaError(f"{directory / DEVICE_KEY} is not the key of "
@@ -87,7 +93,17 @@ class TlsIdentity:
                            f"{certificate.not_valid_before_utc:%Y-%m-%d %H:%M} to "
                            f"{certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not now "
                            f"(check this device's clock, or issue a new certificate)")
-        return cls(directory, name, ca_pem, cert_pem, key_pem)
+        return cls(directory, name, ca_pem, cert_pem, key_pem, role)
+
+    @classmethod
+    def load_device(cls, tls_dir: str | Path) -> TlsIdentity:
+        """Load the identity a daemon serves with: a device certificate."""
+        identity = cls.load(tls_dir)
+        if identity.role != DEVICE_ROLE:
+            raise TlsError(f"{identity.directory / DEVICE_CERT} is an {identity.role} "
+                           f"certificate: a daemon needs a device certificate (peerd ca issue "
+                           f"{identity.name} --role device)")
+        return identity
 
     def server_credentials(self) -> grpc.ServerCredentials:
         """Serve with this certificate; accept only clients with a certificate from the CA."""
@@ -140,6 +156,23 @@ def client_certificate_name(context: grpc.aio.ServicerContext) -> str | None:
     verified against the CA; None on a connection without TLS or without a client certificate."""
     names = context.auth_context().get("x509_common_name", [])
     return names[0].decode() if len(names) == 1 else None
+
+
+@functools.lru_cache(maxsize=256)
+def _role_of(pem: bytes) -> str:
+    return certificate_role(x509.load_pem_x509_certificate(pem))
+
+
+def client_certificate_role(context: grpc.aio.ServicerContext) -> str | None:
+    """The role of the certificate the client of this call presented (verified by gRPC against
+    the CA); None without TLS. A certificate whose role cannot be read has none (None)."""
+    certificates = context.auth_context().get("x509_pem_cert", [])
+    if len(certificates) != 1:
+        return None
+    try:
+        return _role_of(certificates[0])
+    except ValueError:
+        return None
 
 
 def is_tls(context: grpc.aio.ServicerContext) -> bool:

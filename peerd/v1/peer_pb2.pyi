@@ -19,7 +19,7 @@ class Capacity(_message.Message):
     def __init__(self, mu: _Optional[float] = ..., depth: _Optional[int] = ..., frozen_blocks: _Optional[int] = ..., widths: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "cluster", "peer_id", "model_fingerprint", "capacity", "address", "round", "members", "view_id", "join_round", "join_confirmed", "accepted_joins", "view_round", "leaves")
+    __slots__ = ("protocol_version", "cluster", "peer_id", "model_fingerprint", "capacity", "address", "round", "members", "view_id", "join_round", "join_confirmed", "accepted_joins", "view_round", "leaves", "leaving")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class Hello(_message.Message):
     ACCEPTED_JOINS_FIELD_NUMBER: _ClassVar[int]
     VIEW_ROUND_FIELD_NUMBER: _ClassVar[int]
     LEAVES_FIELD_NUMBER: _ClassVar[int]
+    LEAVING_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     cluster: str
     peer_id: str
@@ -48,7 +49,8 @@ class Hello(_message.Message):
     accepted_joins: _containers.RepeatedCompositeFieldContainer[JoinTicket]
     view_round: int
     leaves: _containers.RepeatedCompositeFieldContainer[LeaveTicket]
-    def __init__(self, protocol_version: _Optional[int] = ..., cluster: _Optional[str] = ..., peer_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., address: _Optional[str] = ..., round: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., view_id: _Optional[str] = ..., join_round: _Optional[int] = ..., join_confirmed: _Optional[bool] = ..., accepted_joins: _Optional[_Iterable[_Union[JoinTicket, _Mapping]]] = ..., view_round: _Optional[int] = ..., leaves: _Optional[_Iterable[_Union[LeaveTicket, _Mapping]]] = ...) -> None: ...
+    leaving: bool
+    def __init__(self, protocol_version: _Optional[int] = ..., cluster: _Optional[str] = ..., peer_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., address: _Optional[str] = ..., round: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., view_id: _Optional[str] = ..., join_round: _Optional[int] = ..., join_confirmed: _Optional[bool] = ..., accepted_joins: _Optional[_Iterable[_Union[JoinTicket, _Mapping]]] = ..., view_round: _Optional[int] = ..., leaves: _Optional[_Iterable[_Union[LeaveTicket, _Mapping]]] = ..., leaving: _Optional[bool] = ...) -> None: ...
 
 class JoinTicket(_message.Message):
     __slots__ = ("peer_id", "round", "confirmed")
