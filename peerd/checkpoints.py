@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from peerd.plan import Member
 from peerd.state import Checkpoint, load_checkpoint, rewind, save_checkpoint, save_parameters
-from peerd.submodel import Params
+from peerd.submodel import Params, copy_into
 
 if TYPE_CHECKING:
     from peerd.driver import RoundDriver
@@ -66,14 +66,8 @@ class Checkpoints:
             "view": [view_entry(m) for m in members]})
 
 
-def copy_params(params: Params, checkpoint: Checkpoint) -> None:
-    """Worker: the checkpoint's parameters into the model's."""
-    for name, tensor in params.items():
-        tensor.copy_(checkpoint.params[name])
-
-
 def resume(driver: RoundDriver, checkpoint: Checkpoint) -> None:
-    """Take a checkpoint's counters (its parameters: copy_params); its round is where this
+    """Take a checkpoint's counters (its parameters: copy_into); its round is where this
     peer asks to start (the first view starts at the lowest such round among its members).
     On the event loop, or before it runs."""
     record = checkpoint.record
@@ -105,3 +99,15 @@ def checkpoint_to_enter(checkpoints: Checkpoints, params: Params, first_round: i
                         first_round, checkpoint.path)
     rewind(checkpoints.state_dir, first_round)
     return checkpoint
+
+
+async def enter_at(driver: RoundDriver, checkpoints: Checkpoints, first_round: int) -> None:
+    """The first view starts at `first_round`: take the checkpoint for it where this peer's
+    own is for another round (see checkpoint_to_enter), and start there."""
+    params = driver.engine.params
+    checkpoint = await driver.offload(checkpoint_to_enter, checkpoints, params, first_round,
+                                      driver.round_index)
+    if checkpoint is not None:
+        await driver.offload(copy_into, params, checkpoint.params)
+        resume(driver, checkpoint)
+    driver.round_index = first_round

@@ -16,7 +16,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,16 +29,16 @@ import torch
 from peerd.agreement import cluster_fingerprint, describe_settings, planner_settings
 from peerd.allocator import keep_freed_memory
 from peerd.ca import DEVICE_CERT
-from peerd.checkpoints import Checkpoints, checkpoint_to_enter, copy_params, resume
+from peerd.checkpoints import Checkpoints, enter_at, resume
 from peerd.config import DaemonConfig
-from peerd.driver import RoundDriver, RoundOutcome, RoundRules
+from peerd.driver import RoundDriver, RoundOutcome, RoundRules, round_record
 from peerd.engine import RoundContext
 from peerd.exporter import Exporter
 from peerd.looplag import LoopLag
-from peerd.models.base import DEPTH, fingerprint
+from peerd.models.base import fingerprint
 from peerd.net import GRPC_OPTIONS, PROTOCOL_VERSION
 from peerd.net.client import PeerClients
-from peerd.net.codec import DecodedStream, Expectation, WireError
+from peerd.net.codec import WireError
 from peerd.net.discovery import (
     Candidate,
     Discovery,
@@ -47,6 +47,7 @@ from peerd.net.discovery import (
     PeerRecord,
     StaticDiscovery,
 )
+from peerd.net.host import DaemonHost
 from peerd.net.membership import Membership, View
 from peerd.net.roster import MembershipRoster
 from peerd.net.rpc import add_peer_service
@@ -54,12 +55,12 @@ from peerd.net.service import PeerService
 from peerd.net.slices import GrpcSlices
 from peerd.net.tls import TlsError, TlsIdentity
 from peerd.peer import SNAPSHOTS_KEPT, build_peer
-from peerd.plan import Member, check_widths, decode_widths, encode_widths, width_group_names
+from peerd.plan import encode_widths, width_group_names
 from peerd.progress import ProgressLine
 from peerd.state import ROUNDS_LOG, load_or_create_peer_id, rewind
+from peerd.submodel import copy_into
 from peerd.systemd import Notifier, watchdog_loop
 from peerd.transport import SliceMessage
-from peerd.v1 import peer_pb2
 
 log = logging.getLogger("peerd.daemon")
 
@@ -120,12 +121,9 @@ class Daemon:
         self.peer_id = own_peer_id(config, self.tls)
         peer = build_peer(config, 0 if config.shard is None else config.shard[0], self.peer_id)
         self.engine, self.me, self.spec = peer.engine, peer.member, peer.spec
-        self.blocks = self.spec.groups[DEPTH].units if DEPTH in self.spec.groups else None
         self.planner_settings = planner_settings(config.method, config.seed, config.overlap,
                                                  config.drift_period)
         self.fingerprint = cluster_fingerprint(fingerprint(self.spec), self.planner_settings)
-        self.expectation = Expectation(PROTOCOL_VERSION, config.cluster, self.fingerprint,
-                                       self._expected_tensors)
         self.checkpoints = Checkpoints(
             self.state_dir, {"peer_id": self.peer_id, "task": config.task,
                              "method": config.method, "seed": config.seed,
@@ -149,6 +147,8 @@ class Daemon:
             stopping=self._stopping)
         self.slices = GrpcSlices(self.driver, self.membership, self.clients, config.cluster,
                                  self.fingerprint)
+        self.host = DaemonHost(self.spec, config.cluster, self.fingerprint, self.membership,
+                               self.driver, self.slices)
         self.notifier = Notifier.from_environment()
         self.exporter: Exporter | None = None
         if config.metrics_port is not None:
@@ -159,7 +159,7 @@ class Daemon:
         resumed = self.checkpoints.load(self.engine.params, None)
         if resumed is not None:
             log.info("resuming after round %d from %s", resumed.round, resumed.path)
-            copy_params(self.engine.params, resumed)
+            copy_into(self.engine.params, resumed.params)
             resume(self.driver, resumed)
 
     async def _offload(self, function: Callable[..., T], *args: Any) -> T:
@@ -172,72 +172,6 @@ class Daemon:
     async def push(self, ctx: RoundContext, message: SliceMessage) -> int:
         return await self.slices.push(ctx, message)
 
-    # ---- what peers ask of us (PeerHost) ----------------------------------------------------
-
-    def hello(self) -> peer_pb2.Hello:
-        return self.membership.hello(PROTOCOL_VERSION, self.config.cluster, self.fingerprint,
-                                     self.driver.round_index)
-
-    def admit(self, hello: peer_pb2.Hello) -> None:
-        if self.membership.claims_elsewhere(hello.peer_id, hello.address):
-            raise WireError(grpc.StatusCode.ALREADY_EXISTS,
-                            f"peer id {hello.peer_id} is already taken by another address")
-        if not 0 < hello.capacity.mu <= 1:
-            raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"capacity mu={hello.capacity.mu} is outside (0, 1]")
-        depth = hello.capacity.depth
-        if depth and (self.blocks is None or depth > self.blocks):
-            raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"capacity depth={depth} does not fit this model "
-                            f"({self.blocks or 'no early exits'} blocks)")
-        if hello.capacity.widths:
-            try:
-                check_widths(Member(hello.peer_id, hello.capacity.mu, depth or None,
-                                    decode_widths(width_group_names(self.spec.groups),
-                                                  hello.capacity.widths)),
-                             self.spec.groups)
-            except ValueError as error:
-                raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"capacity widths: {error}") from None
-        self.membership.observe(hello, self.driver.round_index)
-        self.membership.tick(self.driver.round_index)
-
-    def _expected_tensors(
-        self, header: peer_pb2.StreamHeader
-    ) -> Mapping[str, tuple[torch.dtype, tuple[int, ...]]]:
-        return self.slices.expected_tensors(header)
-
-    def accept_slice(self, decoded: DecodedStream) -> None:
-        self.slices.accept(decoded)
-
-    def snapshot(
-        self, request: peer_pb2.PullRequest
-    ) -> tuple[peer_pb2.StreamHeader, Mapping[str, torch.Tensor]]:
-        return self.slices.snapshot(request)
-
-    def status(self) -> peer_pb2.StatusReply:
-        view, driver = self.membership.view, self.driver
-        positions = {peer: i for i, peer in enumerate(view.ids)} if view else {}
-        current = self.membership.view_at(driver.round_index)
-        neighbours = set(driver.context(driver.round_index).neighbours) if current else set()
-        peers = [
-            peer_pb2.PeerStatus(
-                peer_id=peer.peer_id, address=peer.address,
-                capacity=peer_pb2.Capacity(mu=peer.mu, depth=peer.depth or 0,
-                                           frozen_blocks=peer.frozen_blocks,
-                                           widths=list(peer.widths)),
-                position=positions.get(peer.peer_id, -1), round=peer.round,
-                last_seen_unix=peer.last_seen, bytes_sent=peer.bytes_sent,
-                bytes_received=peer.bytes_received, neighbour=peer.peer_id in neighbours,
-            )
-            for peer in sorted(self.membership.known.values(), key=lambda p: p.peer_id)
-        ]
-        return peer_pb2.StatusReply(
-            self=self.hello(), peers=peers, bytes_sent=driver.bytes_sent,
-            bytes_received=driver.bytes_received, train_loss=driver.last_loss,
-            rounds_done=driver.rounds_done,
-        )
-
     # ---- lifecycle ---------------------------------------------------------------------------
 
     async def run(self) -> RunSummary:
@@ -246,7 +180,7 @@ class Daemon:
             loop.add_signal_handler(signum, self._begin_stopping)
         server = grpc.aio.server(options=GRPC_OPTIONS)
         add_peer_service(server, PeerService(
-            self, self.exporter.observe_rejected if self.exporter else None))
+            self.host, self.exporter.observe_rejected if self.exporter else None))
         bind = f"{self.config.host}:{self.config.port}"
         if self.tls is None:
             log.warning("running without TLS (--insecure): anyone who reaches %s can join the "
@@ -325,8 +259,8 @@ class Daemon:
             # An mDNS record's peer id is only a hint: the TLS handshake proves it.
             expected = candidate.record.peer_id if candidate.record else None
             try:
-                self.admit(await self.clients.handshake(candidate.address, self.hello(),
-                                                        expected))
+                self.host.admit(await self.clients.handshake(
+                    candidate.address, self.host.hello(), expected))
             except (grpc.aio.AioRpcError, WireError) as error:
                 log.debug("handshake with %s failed: %s", candidate.address, error)
 
@@ -349,13 +283,7 @@ class Daemon:
                 first_round = self.membership.first_round
                 log.info("view %s committed from round %d: %s", view.view_id, first_round,
                          ", ".join(view.ids))
-                checkpoint = await self._offload(checkpoint_to_enter, self.checkpoints,
-                                                 self.engine.params, first_round,
-                                                 driver.round_index)
-                if checkpoint is not None:
-                    await self._offload(copy_params, self.engine.params, checkpoint)
-                    resume(driver, checkpoint)
-                driver.round_index = first_round
+                await enter_at(driver, self.checkpoints, first_round)
                 return view
             running = self.membership.running_view()
             joined = self.membership.advance_join() if running is not None else None
@@ -367,16 +295,7 @@ class Daemon:
                     return None
                 log.info("joining view %s at round %d as %s", joined.view_id, round_index,
                          ", ".join(joined.ids))
-                start = await self.slices.pull_start(round_index, running,
-                                                     self.config.dead_after_s)
-                if start is None and not self._stopping.is_set():
-                    log.warning("no member's parameters after round %d could be pulled: this "
-                                "peer starts round %d from its own", round_index - 1,
-                                round_index)
-                if start is not None:
-                    for name, tensor in self.engine.params.items():
-                        tensor.copy_(start[name])
-                driver.round_index = round_index
+                await self.slices.join(round_index, running, self.config.dead_after_s)
                 await self._offload(rewind, self.state_dir, round_index)
                 return joined
             await asyncio.sleep(0.1)
@@ -403,6 +322,7 @@ class Daemon:
                 driver.round_index = roster.catch_up(driver.round_index)
             if not await roster.settle(driver.round_index):
                 return roster.dropped()
+            self.loop_lag.take()  # from here: the lag during this round
             outcome = await driver.run_round()
             if outcome is None:
                 return roster.dropped()
@@ -412,23 +332,10 @@ class Daemon:
         return False
 
     def _record_round(self, outcome: RoundOutcome, wall_s: float) -> None:
-        ctx, stats, local, driver = outcome.ctx, outcome.stats, outcome.local, self.driver
-        assert local is not None
-        lag = self.loop_lag.take()
-        record = {
-            "round": ctx.round_index + 1, "peer_id": self.peer_id, "train_loss": stats.loss,
-            "local_acc": local.accuracy, "local_loss": local.loss, "local_ppl": local.perplexity,
-            "samples": stats.samples,
-            "forward_flops_per_sample": stats.forward_flops_per_sample,
-            "train_flops": stats.train_flops, "bytes_sent_cum": driver.bytes_sent,
-            "bytes_received_cum": driver.bytes_received, "neighbours": list(ctx.neighbours),
-            "members": len(ctx.members), "round_s": outcome.round_s, "wall_s": wall_s,
-            "checkpoint_s": outcome.checkpoint_s, "merged_without": outcome.merged_without,
-            "late_merged_staleness": outcome.late_staleness,
-            "loop_lag_p99_s": lag.p99_s, "loop_lag_max_s": lag.max_s,
-        }
+        record = round_record(outcome, self.driver, wall_s, self.loop_lag.take())
         with open(self.state_dir / ROUNDS_LOG, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        ctx = outcome.ctx
         if self.exporter is not None:
             for rounds_late in [0] * outcome.on_time + outcome.late_staleness:
                 self.exporter.observe_staleness(rounds_late)
@@ -436,9 +343,10 @@ class Daemon:
             self.exporter.set_membership(len(ctx.members), len(self.membership.known))
         if self.on_round is not None:
             self.on_round(record)
-        log.info("round %d done: loss %.4f, %d neighbours, %.2f s, sent %d B", ctx.round_index + 1,
-                 stats.loss, len(ctx.neighbours), outcome.round_s, driver.bytes_sent)
-        self.notifier.status(f"round {ctx.round_index + 1} done: loss {stats.loss:.4f}, "
+        log.info("round %d done: loss %.4f, %d neighbours, %.2f s, sent %d B", record["round"],
+                 record["train_loss"], len(ctx.neighbours), outcome.round_s,
+                 self.driver.bytes_sent)
+        self.notifier.status(f"round {record['round']} done: loss {record['train_loss']:.4f}, "
                              f"{len(ctx.members)} members")
 
 

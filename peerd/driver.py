@@ -31,9 +31,10 @@ from peerd.checkpoints import view_entry
 from peerd.deadline import ArrivalDelays
 from peerd.engine import Engine, LateSlice, RoundContext, TrainStats
 from peerd.evaluate import Evaluation
+from peerd.looplag import LagFigures
 from peerd.models.base import Plan
 from peerd.plan import Member
-from peerd.submodel import Params
+from peerd.submodel import Params, clone_params
 from peerd.transport import SliceMessage, SliceTransport
 
 log = logging.getLogger("peerd.driver")
@@ -127,10 +128,6 @@ class _Round:
 
     ctx: RoundContext
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
-
-
-def clone_params(params: Params) -> Params:
-    return {name: tensor.clone() for name, tensor in params.items()}
 
 
 class RoundDriver:
@@ -385,3 +382,21 @@ class RoundDriver:
         return {"view": [view_entry(m) for m in members], "rounds_done": self.rounds_done,
                 "train_loss": self.last_loss, "bytes_sent": self.bytes_sent,
                 "bytes_received": self.bytes_received}
+
+
+def round_record(outcome: RoundOutcome, driver: RoundDriver, wall_s: float,
+                 lag: LagFigures) -> dict:
+    """A daemon's line in rounds.jsonl for one round."""
+    ctx, stats, local = outcome.ctx, outcome.stats, outcome.local
+    assert local is not None, "a daemon's driver evaluates every round"
+    return {
+        "round": ctx.round_index + 1, "peer_id": driver.peer_id, "train_loss": stats.loss,
+        "local_acc": local.accuracy, "local_loss": local.loss, "local_ppl": local.perplexity,
+        "samples": stats.samples, "forward_flops_per_sample": stats.forward_flops_per_sample,
+        "train_flops": stats.train_flops, "bytes_sent_cum": driver.bytes_sent,
+        "bytes_received_cum": driver.bytes_received, "neighbours": list(ctx.neighbours),
+        "members": len(ctx.members), "round_s": outcome.round_s, "wall_s": wall_s,
+        "checkpoint_s": outcome.checkpoint_s, "merged_without": outcome.merged_without,
+        "late_merged_staleness": outcome.late_staleness,
+        "loop_lag_p99_s": lag.p99_s, "loop_lag_max_s": lag.max_s,
+    }

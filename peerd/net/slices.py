@@ -27,7 +27,7 @@ from peerd.net import PROTOCOL_VERSION
 from peerd.net.client import PeerClients
 from peerd.net.codec import DecodedStream, Expectation, WireError
 from peerd.net.membership import Membership, View
-from peerd.submodel import Params
+from peerd.submodel import Params, copy_into
 from peerd.transport import SliceMessage
 from peerd.v1 import peer_pb2
 
@@ -179,6 +179,18 @@ class GrpcSlices:
         header = self._header(request.requester, rounds, view.view_id if view else "",
                               self.driver.engine.weight, plan)
         return header, params
+
+    async def join(self, round_index: int, running: View, dead_after_s: float) -> None:
+        """A joiner starts round `round_index` from the members' parameters after the round
+        before it (its own where none could be pulled)."""
+        driver = self.driver
+        start = await self.pull_start(round_index, running, dead_after_s)
+        if start is None and not driver.stopping.is_set():
+            log.warning("no member's parameters after round %d could be pulled: this peer "
+                        "starts round %d from its own", round_index - 1, round_index)
+        if start is not None:
+            await driver.offload(copy_into, driver.engine.params, start)
+        driver.round_index = round_index
 
     async def pull_start(self, round_index: int, running: View,
                          dead_after_s: float) -> Params | None:
