@@ -246,8 +246,10 @@ class Engine:
             for name, tensor in self.params.items()
         }
 
-    def check_message(self, ctx: RoundContext, message: SliceMessage) -> None:
-        """Refuse a message that does not fit this round's plans, before anything is merged."""
+    def check_message(self, ctx: RoundContext, message: SliceMessage,
+                      expected_counts: dict[str, int] | None = None) -> None:
+        """Refuse a message that does not fit this round's plans, before anything is merged;
+        `expected_counts` saves computing the sender's counts again."""
         if message.receiver != self.peer_id or message.round_index != ctx.round_index:
             raise ValueError(
                 f"message from {message.sender} is for {message.receiver} round "
@@ -259,7 +261,8 @@ class Engine:
             raise ValueError(f"message from {message.sender}: weight {message.weight} invalid")
         if set(message.values) != set(self.params):
             raise ValueError(f"message from {message.sender}: wrong parameter names")
-        expected_counts = self.expected_counts(ctx, message.sender)
+        if expected_counts is None:
+            expected_counts = self.expected_counts(ctx, message.sender)
         for name, values in message.values.items():
             expected = expected_counts[name]
             if values.dtype != self.wire_dtype:
@@ -283,10 +286,19 @@ class Engine:
         is merged. Returns the staleness of each late slice merged."""
         for message in messages:
             self.check_message(ctx, message)
-        usable = [s for s in late
-                  if 1 <= ctx.round_index - s.ctx.round_index <= self.staleness.max_rounds]
-        for stale in usable:
+        for stale in self._usable(ctx, late):
             self.check_message(stale.ctx, stale.message)
+        return self.merge_checked(ctx, messages, late)
+
+    def _usable(self, ctx: RoundContext, late: Sequence[LateSlice]) -> list[LateSlice]:
+        return [s for s in late
+                if 1 <= ctx.round_index - s.ctx.round_index <= self.staleness.max_rounds]
+
+    def merge_checked(self, ctx: RoundContext, messages: Sequence[SliceMessage],
+                      late: Sequence[LateSlice] = ()) -> list[int]:
+        """`merge` of messages already checked against their round's plans (the round driver
+        checks each slice once, when it arrives)."""
+        usable = self._usable(ctx, late)
         arrivals = [
             Arrival(ctx.plans_now[m.sender], m.weight, m.values)
             for m in sorted(messages, key=lambda m: m.sender)

@@ -1,13 +1,14 @@
-"""Many engines in one process over an in-memory transport: the algorithm without a network.
+"""Many peers in one process over an in-memory transport: the algorithm without a network.
 
-Each round: every engine plans and trains, sends its neighbours their slices, merges what it
-received; then the full model is assembled from the peers (mean over this round's holders) and
-evaluated on the held-out test set. One JSON line of metrics per round goes to
-OUT/metrics.jsonl and the learning curve to OUT/curves.png.
+Each round: every peer's round driver (the daemon's too) plans and trains, sends its neighbours
+their slices, merges what it received; then the full model is assembled from the peers (mean
+over this round's holders) and evaluated on the held-out test set. One JSON line of metrics per
+round goes to OUT/metrics.jsonl and the learning curve to OUT/curves.png.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import statistics
 import time
@@ -15,21 +16,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from peerd.config import ConfigError, SimConfig, check_depth
+from peerd.config import SimConfig
 from peerd.coverage import CoverageTracker
-from peerd.data import Split, TaskData, load_task_data, local_train_test, partition
+from peerd.data import TaskData
+from peerd.driver import RoundDriver, RoundOutcome, StaticRoster
 from peerd.engine import Engine, RoundContext, TrainStats
 from peerd.metrics import MetricsLog, PeerRound, evaluate_global, local_figures, run_title
-from peerd.models.base import DEPTH, ModelSpec, full_units
-from peerd.plan import Member, make_planner
+from peerd.models.base import ModelSpec, full_units
+from peerd.peer import build_peer, load_data
+from peerd.plan import Member
 from peerd.progress import Console, step_display
 from peerd.submodel import forward_flops_per_sample, init_params
-from peerd.tasks import BLOCK_SIZE, get_task
-from peerd.topology import load_topology
+from peerd.tasks import get_task
 from peerd.transport import InMemoryTransport
-from peerd.width import WidthConfig, learn_widths
 
 
 def peer_name(position: int) -> str:
@@ -41,74 +40,50 @@ class Simulation:
     config: SimConfig
     data: TaskData
     spec: ModelSpec
-    engines: list[Engine]
+    drivers: list[RoundDriver]
     members: list[Member]
     transport: InMemoryTransport
     coverage: CoverageTracker
     eval_samples: int | None
 
+    @property
+    def engines(self) -> list[Engine]:
+        return [driver.engine for driver in self.drivers]
+
 
 def build(config: SimConfig, console: Console | None = None) -> Simulation:
-    task = get_task(config.task)
     if console is not None:
         console.status(f"loading the {config.task} data")
-    data = load_task_data(config.task, config.data_dir, block_size=BLOCK_SIZE)
-    train = config.train if config.train is not None else task.train
-    spec = task.model(data, train.early_exits)
-    if DEPTH in spec.groups:
-        check_depth(config.depth, train.early_exits, spec.groups[DEPTH].units)
-    planner = make_planner(config.method, config.seed, config.overlap, config.drift_period)
-    topology = load_topology(config.topology)
-    initial = init_params(spec, config.seed)
-    train_set = _training_set(data, config)
-    shards = partition(train_set, config.peers, config.partition, config.seed)
-    members, engines = [], []
-    for position, shard in enumerate(shards):
-        peer_id = peer_name(position)
-        local_train, local_test = local_train_test(shard, config.seed + position)
-        mu, depth = config.peer_mu(position), config.peer_depth(position)
-        widths = None
-        if config.learned_width and mu < 1:
-            if console is not None:
-                console.status(f"{peer_id}: learning its widths on its data")
-            widths = learn_widths(spec, initial, train_set.subset(local_train), train, mu, depth,
-                                  WidthConfig(config.width_epochs, config.width_penalty),
-                                  config.seed + position)
-        members.append(Member(peer_id, mu, depth, widths))
-        engines.append(Engine(
-            peer_id, spec, {name: t.clone() for name, t in initial.items()},
-            train_set.subset(local_train), train_set.subset(local_test), planner, topology,
-            train, config.seed, config.wire_dtype,
-        ))
+    data = load_data(config)
+    peers = [build_peer(config, position, peer_name(position), data)
+             for position in range(config.peers)]
+    members = [peer.member for peer in peers]
+    roster = StaticRoster(tuple(members))
+    transport = InMemoryTransport()
+    drivers = [RoundDriver(peer.engine, roster, transport) for peer in peers]
+    for driver in drivers:
+        transport.connect(driver.peer_id, driver.accept)
+    spec = peers[0].spec
+    task = get_task(config.task)
     eval_samples = config.eval_samples if config.eval_samples is not None else task.eval_samples
-    return Simulation(config, data, spec, engines, members, InMemoryTransport(),
-                      CoverageTracker(spec, initial), eval_samples)
-
-
-def _training_set(data: TaskData, config: SimConfig) -> Split:
-    """All the task's training data, or a seeded peers x shard_size of it."""
-    if config.shard_size is None:
-        return data.train
-    wanted = config.peers * config.shard_size
-    if wanted > len(data.train):
-        raise ConfigError(
-            f"shard_size={config.shard_size} is invalid: {config.peers} peers x "
-            f"{config.shard_size} exceeds the {len(data.train)} training samples of "
-            f"{config.task}")
-    order = np.random.default_rng(config.seed).permutation(len(data.train))
-    return data.train.subset(np.sort(order[:wanted]))
+    return Simulation(config, data, spec, drivers, members, transport,
+                      CoverageTracker(spec, init_params(spec, config.seed)), eval_samples)
 
 
 def run_round(sim: Simulation, round_index: int) -> tuple[list[RoundContext], list[TrainStats]]:
-    contexts = [engine.begin_round(round_index, sim.members) for engine in sim.engines]
-    stats = [engine.train(ctx) for engine, ctx in zip(sim.engines, contexts, strict=True)]
+    """Every peer's round `round_index`, each through the round driver, over the in-memory
+    transport."""
+
+    async def every_peer() -> list[RoundOutcome | None]:
+        for driver in sim.drivers:
+            driver.round_index = round_index
+        return await asyncio.gather(*(driver.run_round() for driver in sim.drivers))
+
+    outcomes = [outcome for outcome in asyncio.run(every_peer()) if outcome is not None]
+    assert len(outcomes) == len(sim.drivers), "a simulated round is never abandoned"
+    contexts = [outcome.ctx for outcome in outcomes]
     sim.coverage.record(contexts[0].plans_now.values())
-    for engine, ctx in zip(sim.engines, contexts, strict=True):
-        for message in engine.outbox(ctx):
-            sim.transport.send(message)
-    for engine, ctx in zip(sim.engines, contexts, strict=True):
-        engine.merge(ctx, sim.transport.receive(engine.peer_id, round_index))
-    return contexts, stats
+    return contexts, [outcome.stats for outcome in outcomes]
 
 
 def evaluate_round(

@@ -29,6 +29,16 @@ def init_params(spec: ModelSpec, seed: int) -> Params:
     return {name: p.detach().clone() for name, p in module.named_parameters()}
 
 
+def clone_params(params: Params) -> Params:
+    return {name: tensor.clone() for name, tensor in params.items()}
+
+
+def copy_into(params: Params, values: Params) -> None:
+    """`values` into `params`, in place."""
+    for name, tensor in params.items():
+        tensor.copy_(values[name])
+
+
 def entry_indices(group: UnitGroup, units: torch.Tensor) -> torch.Tensor:
     """Entry positions along an axis for the given units (a unit spans `group.span` entries)."""
     if group.span == 1:

@@ -1,4 +1,5 @@
-"""How slices travel between engines: the interface the simulator and the daemon both drive.
+"""How slices travel between peers: the interface the round driver sends through, and its
+in-memory implementation (the gRPC one is peerd/net/slices.py).
 
 The in-memory transport delivers within one process and counts the payload bytes each peer
 sends and receives, which is what the wire must carry (values only: both sides derive the
@@ -8,10 +9,14 @@ entry set from the plans).
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from peerd.engine import RoundContext
 
 
 @dataclass(frozen=True)
@@ -26,10 +31,15 @@ class SliceMessage:
         return sum(v.numel() * v.element_size() for v in self.values.values())
 
 
-class Transport(Protocol):
-    def send(self, message: SliceMessage) -> None: ...
+class SliceTransport(Protocol):
+    async def push(self, ctx: RoundContext, message: SliceMessage) -> int:
+        """Deliver one slice of round `ctx`; the payload bytes the receiver acknowledged (0 when
+        it was not delivered: the failure is the transport's to log)."""
+        ...
 
-    def receive(self, receiver: str, round_index: int) -> list[SliceMessage]: ...
+
+# A receiver's inbox: (message, payload bytes) -> queued, or an exception refusing it.
+Accept = Callable[[SliceMessage, int], None]
 
 
 class InMemoryTransport:
@@ -37,6 +47,15 @@ class InMemoryTransport:
         self._mailboxes: dict[tuple[str, int], list[SliceMessage]] = defaultdict(list)
         self.bytes_sent: Counter[str] = Counter()
         self.bytes_received: Counter[str] = Counter()
+        self._receivers: dict[str, Accept] = {}
+
+    def connect(self, peer_id: str, accept: Accept) -> None:
+        """Slices for `peer_id` go to `accept` (a round driver's inbox) instead of a mailbox."""
+        self._receivers[peer_id] = accept
+
+    async def push(self, ctx: RoundContext, message: SliceMessage) -> int:
+        self.send(message)
+        return message.payload_bytes()
 
     def send(self, message: SliceMessage) -> None:
         # Copies, as a wire would: the receiver must never alias the sender's tensors.
@@ -44,9 +63,13 @@ class InMemoryTransport:
             message.sender, message.receiver, message.round_index, message.weight,
             {name: value.clone() for name, value in message.values.items()},
         )
-        self._mailboxes[(message.receiver, message.round_index)].append(copied)
         self.bytes_sent[message.sender] += message.payload_bytes()
         self.bytes_received[message.receiver] += message.payload_bytes()
+        accept = self._receivers.get(message.receiver)
+        if accept is None:
+            self._mailboxes[(message.receiver, message.round_index)].append(copied)
+        else:
+            accept(copied, copied.payload_bytes())
 
     def receive(self, receiver: str, round_index: int) -> list[SliceMessage]:
         return sorted(self._mailboxes.pop((receiver, round_index), []), key=lambda m: m.sender)

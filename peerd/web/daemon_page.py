@@ -92,7 +92,7 @@ class DaemonPage:
 
     async def status(self) -> dict[str, Any]:
         # The reply is taken on the loop (the daemon's state is the loop's); the rest runs off it.
-        reply = self.daemon.status()
+        reply = self.daemon.host.status()
         return await asyncio.to_thread(self._describe, reply, time.time())
 
     def _describe(self, reply: peer_pb2.StatusReply, now: float) -> dict[str, Any]:

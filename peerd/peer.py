@@ -1,0 +1,146 @@
+"""One peer's set-up, the same in `peerd sim` and `peerd start`: its data, model, capacity and
+engine, from the configuration and the peer's position.
+
+The simulator builds every position of one process; a daemon builds the position of its shard.
+Both take the same steps with the same seeds (the split of position I is seeded with seed + I,
+learned widths too), which is what lets a synchronous run of daemons equal the simulator bit
+for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from peerd.capacity import measure_capacity
+from peerd.config import (
+    AUTO,
+    ConfigError,
+    DaemonConfig,
+    SimConfig,
+    TrainConfig,
+    check_depth,
+    parse_size,
+)
+from peerd.data import Split, TaskData, load_task_data, local_train_test, partition
+from peerd.engine import Engine, Staleness
+from peerd.models.base import DEPTH, ModelSpec
+from peerd.plan import Member, make_planner
+from peerd.submodel import init_params
+from peerd.tasks import BLOCK_SIZE, get_task
+from peerd.topology import load_topology
+from peerd.width import WidthConfig, learn_widths
+
+log = logging.getLogger("peerd.peer")
+
+# Besides its parameters a daemon holds the round snapshots it serves to pulls and, at most, a
+# full set each of outgoing and incoming slices (what `mu auto` must leave room for).
+SNAPSHOTS_KEPT = 16
+HELD_COPIES = SNAPSHOTS_KEPT + 2
+
+
+@dataclass(frozen=True)
+class Peer:
+    """What a peer trains with: its engine (parameters, data, planner, topology) and its
+    capacity as the other members see it."""
+
+    engine: Engine
+    member: Member
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.engine.spec
+
+
+@dataclass(frozen=True)
+class _Options:
+    """What set-up reads from either configuration (one shape for `sim` and `start`)."""
+
+    train: TrainConfig
+    shard_count: int | None  # None: the whole training set is this peer's
+    mu: float | str
+    depth: int | None
+    frozen_blocks: int
+    staleness: Staleness
+
+
+def _options(config: SimConfig | DaemonConfig, train_defaults: TrainConfig,
+             position: int) -> _Options:
+    if isinstance(config, SimConfig):
+        return _Options(
+            config.train if config.train is not None else train_defaults, config.peers,
+            config.peer_mu(position), config.peer_depth(position), 0, Staleness())
+    return _Options(
+        config.train_config(train_defaults),
+        None if config.shard is None else config.shard[1], config.mu, config.depth,
+        config.frozen_blocks, Staleness(config.staleness_exponent, config.max_staleness))
+
+
+def training_set(data: TaskData, config: SimConfig | DaemonConfig) -> Split:
+    """All the task's training data, or (sim with shard_size) a seeded peers x shard_size of it."""
+    shard_size = config.shard_size if isinstance(config, SimConfig) else None
+    if shard_size is None:
+        return data.train
+    wanted = config.peers * shard_size
+    if wanted > len(data.train):
+        raise ConfigError(
+            f"shard_size={shard_size} is invalid: {config.peers} peers x {shard_size} exceeds "
+            f"the {len(data.train)} training samples of {config.task}")
+    order = np.random.default_rng(config.seed).permutation(len(data.train))
+    return data.train.subset(np.sort(order[:wanted]))
+
+
+def load_data(config: SimConfig | DaemonConfig) -> TaskData:
+    return load_task_data(config.task, config.data_dir, block_size=BLOCK_SIZE)
+
+
+def build_peer(config: SimConfig | DaemonConfig, position: int, peer_id: str,
+               data: TaskData | None = None) -> Peer:
+    """The peer at `position` (its shard of the data and its seeds) named `peer_id`; `data`
+    saves loading the task again when one process builds many peers."""
+    task = get_task(config.task)
+    data = data if data is not None else load_data(config)
+    options = _options(config, task.train, position)
+    spec = task.model(data, options.train.early_exits)
+    blocks = spec.groups[DEPTH].units if DEPTH in spec.groups else None
+    depths = config.depth if isinstance(config, SimConfig) else (
+        None if config.depth is None else (config.depth,))
+    check_depth(depths, options.train.early_exits, blocks)
+    train_set = training_set(data, config)
+    if options.shard_count is None:
+        local_train, local_test = local_train_test(np.arange(len(train_set)), config.seed)
+    else:
+        shard = partition(train_set, options.shard_count, config.partition, config.seed)[position]
+        # The split of position I is seeded with seed + I, in the simulator and in a daemon.
+        local_train, local_test = local_train_test(shard, config.seed + position)
+    train_split = train_set.subset(local_train)
+    engine = Engine(
+        peer_id, spec, init_params(spec, config.seed), train_split, train_set.subset(local_test),
+        make_planner(config.method, config.seed, config.overlap, config.drift_period),
+        load_topology(config.topology), options.train, config.seed, config.wire_dtype,
+        options.staleness, options.frozen_blocks,
+    )
+    mu, depth = options.mu, options.depth
+    if mu == AUTO:
+        assert isinstance(config, DaemonConfig)
+        mu, depth, engine.frozen_blocks = _measured_capacity(config, engine, options.train)
+    widths = None
+    if config.learned_width and mu < 1:
+        widths = learn_widths(spec, engine.params, train_split, options.train, mu, depth,
+                              WidthConfig(config.width_epochs, config.width_penalty),
+                              config.seed + position)
+        log.info("learned widths: %s", ", ".join(f"{name} {units}" for name, units in widths))
+    return Peer(engine, Member(peer_id, float(mu), depth, widths))
+
+
+def _measured_capacity(config: DaemonConfig, engine: Engine, train: TrainConfig
+                       ) -> tuple[float, int | None, int]:
+    """With mu auto: (mu, depth, frozen blocks) this device affords, measured by a probe (depth
+    and frozen blocks only for a model with early exits)."""
+    budget = None if config.memory_budget is None else parse_size(config.memory_budget)
+    choice = measure_capacity(engine.spec, engine.params, engine.train_split, train, budget,
+                              config.round_target_s, held_copies=HELD_COPIES)
+    log.info("mu auto: %s", choice.describe())
+    return choice.mu, choice.depth, choice.frozen
