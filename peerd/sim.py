@@ -13,7 +13,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from peerd.config import SimConfig
@@ -45,6 +45,8 @@ class Simulation:
     transport: InMemoryTransport
     coverage: CoverageTracker
     eval_samples: int | None
+    # One loop for every round: the drivers' events belong to the loop they first waited on.
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
 
     @property
     def engines(self) -> list[Engine]:
@@ -79,7 +81,8 @@ def run_round(sim: Simulation, round_index: int) -> tuple[list[RoundContext], li
             driver.round_index = round_index
         return await asyncio.gather(*(driver.run_round() for driver in sim.drivers))
 
-    outcomes = [outcome for outcome in asyncio.run(every_peer()) if outcome is not None]
+    outcomes = [outcome for outcome in sim.loop.run_until_complete(every_peer())
+                if outcome is not None]
     assert len(outcomes) == len(sim.drivers), "a simulated round is never abandoned"
     contexts = [outcome.ctx for outcome in outcomes]
     sim.coverage.record(contexts[0].plans_now.values())
@@ -148,5 +151,6 @@ def run(config: SimConfig, on_round: Callable[[dict], None] | None = None,
                             time.monotonic() - started)
         if on_round is not None:
             on_round(record)
+    sim.loop.close()
     log.close(run_title(config.method, config.mu, config.task, config.peers) if plot else None)
     return log.records
