@@ -62,6 +62,8 @@ class TrainConfig:
     contrastive: bool = False
     contrastive_weight: float = 1.0
     contrastive_tau: float = 0.5
+    # CE(logits + log local label prior) in local training (docs/ALGORITHM.md, small widths).
+    balanced_softmax: bool = False
 
     def __post_init__(self) -> None:
         _require(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a positive number")
@@ -91,6 +93,9 @@ class TrainConfig:
             # would have to choose an exit (docs/ALGORITHM.md: not combined yet).
             raise ConfigError("contrastive=True is invalid with early_exits=True: the "
                               "contrastive term is not combined with early exits")
+        if self.balanced_softmax and (self.contrastive or self.early_exits):
+            raise ConfigError("balanced_softmax=True is invalid with contrastive or "
+                              "early_exits: it is measured alone (docs/ALGORITHM.md)")
 
 
 @dataclass(frozen=True)

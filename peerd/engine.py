@@ -20,7 +20,7 @@ from peerd.aggregate import Arrival, exchange_count, merge, outbox, staleness_we
 from peerd.config import TrainConfig
 from peerd.data import Split
 from peerd.evaluate import Evaluation, evaluate
-from peerd.losses import ModelContrastive, early_exit_loss, task_loss
+from peerd.losses import BalancedSoftmax, ModelContrastive, early_exit_loss, task_loss
 from peerd.models.base import ModelSpec, Plan, plan_depth, plan_units
 from peerd.numerics import all_finite
 from peerd.plan import Member, Planner, Plans
@@ -181,6 +181,8 @@ class Engine:
             freeze_shallowest(self.spec, module, self.frozen_blocks)
         optimizer = sgd(module, config)
         objective = self._contrastive_objective(plan)
+        if config.balanced_softmax:  # issue 23: the local label prior taken out of the logits
+            objective = BalancedSoftmax(self.spec.kind, self.train_split.targets)
         loss_sum, samples, steps = 0.0, 0, 0
         total_steps = self.round_steps()
         for epoch in range(config.local_epochs):
@@ -203,7 +205,7 @@ class Engine:
         return TrainStats(
             loss=loss_sum / max(samples, 1), samples=samples, steps=steps,
             forward_flops_per_sample=forward_flops_per_sample(self.spec, plan_units(plan)),
-            frozen_forwards=0 if objective is None else ModelContrastive.frozen_forwards,
+            frozen_forwards=0 if objective is None else objective.frozen_forwards,
         )
 
     def round_steps(self) -> int:

@@ -45,6 +45,37 @@ def early_exit_loss(kind: str, exit_logits: Sequence[torch.Tensor], targets: tor
     return loss
 
 
+# ---- balanced softmax (logit adjustment by the local label prior) ------------------------------
+
+
+def log_label_prior(targets: torch.Tensor, classes: int) -> torch.Tensor:
+    """log p(class) over a peer's training targets (every position for text), each class
+    counted once more than it occurs so that an absent class has a finite, small prior."""
+    counts = torch.bincount(targets.flatten(), minlength=classes).to(torch.float32) + 1.0
+    return torch.log(counts / counts.sum())
+
+
+class BalancedSoftmax:
+    """The training objective CE(logits + log prior) with the peer's own label prior (balanced
+    softmax, Ren et al. 2020; logit adjustment, Menon et al. 2021): the model fits p(x | class)
+    instead of the peer's skewed p(class), so the units and head rows a peer trains stop
+    pushing down the classes it never sees. Evaluation uses the raw logits."""
+
+    frozen_forwards = 0  # no forwards besides the trained module's
+
+    def __init__(self, kind: str, targets: torch.Tensor) -> None:
+        self.kind = kind
+        self.targets = targets
+        self.log_prior: torch.Tensor | None = None  # the class count comes with the logits
+
+    def __call__(self, module: torch.nn.Module, inputs: torch.Tensor,
+                 targets: torch.Tensor) -> torch.Tensor:
+        logits = module(inputs)
+        if self.log_prior is None:
+            self.log_prior = log_label_prior(self.targets, logits.shape[-1])
+        return task_loss(self.kind, logits + self.log_prior, targets)
+
+
 # ---- model-contrastive term (MOON-style) -------------------------------------------------------
 
 

@@ -89,6 +89,7 @@ class Settings:
     eval_samples: int
     target: float
     budget_gflops: float | None = None  # None: every row trains `rounds` rounds
+    balanced_softmax: bool = False  # every row's local loss (TrainConfig.balanced_softmax)
 
     @property
     def metric(self) -> Metric:
@@ -117,7 +118,8 @@ class RunSpec:
         task_train = get_task(settings.task).train
         peers, steps = (1, settings.steps * self.peers) if self.central else (
             self.peers, settings.steps)
-        train = replace(task_train, max_local_steps=steps, contrastive=self.contrastive)
+        train = replace(task_train, max_local_steps=steps, contrastive=self.contrastive,
+                        balanced_softmax=settings.balanced_softmax)
         config = SimConfig(
             peers=peers, topology=self.topology, method=self.method, mu=(self.mu,),
             task=settings.task, rounds=settings.rounds, seed=self.seed,
@@ -215,7 +217,8 @@ def summarize(spec: RunSpec, records: Sequence[dict], metric: Metric, target: fl
 
 def run_spec(spec: RunSpec, settings: Settings, out: Path, reuse: bool,
              log: Callable[[str], None]) -> RunSummary:
-    records = run_or_reuse(spec.sim_config(settings, out / "runs" / spec.key), reuse, log)
+    key = spec.key + ("-balanced" if settings.balanced_softmax else "")
+    records = run_or_reuse(spec.sim_config(settings, out / "runs" / key), reuse, log)
     return summarize(spec, records, settings.metric, settings.target)
 
 
@@ -468,6 +471,10 @@ def add_accuracy_parser(subparsers: argparse._SubParsersAction) -> None:
                           help="train every row until its per-peer training FLOPs reach G "
                                "GFLOPs (equal compute; rounds follow; seeds 0,1,2 unless "
                                "--seeds; excludes --rounds)")
+    accuracy.add_argument("--balanced-softmax", action="store_true",
+                          help="every row trains with the balanced softmax (the peer's label "
+                               "prior taken out of its logits; not with table c's contrastive "
+                               "rows)")
     accuracy.add_argument("--threads", type=positive_int, default=1,
                           help="torch threads (default: %(default)s)")
     accuracy.add_argument("--quick", action="store_true",
@@ -498,7 +505,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         shard_size=pick("shard_size"), peers=args.peers,
         partition=scoring.partition if args.partition is None else args.partition,
         eval_every=pick("eval_every"), eval_samples=pick("eval_samples"), target=target,
-        budget_gflops=args.budget_gflops,
+        budget_gflops=args.budget_gflops, balanced_softmax=args.balanced_softmax,
     )
 
 
