@@ -196,8 +196,7 @@ function renderMembers(status) {
       row.append(cell);
     }
     row.append(stateCell);
-    row.append(element("td", { class: "num" }, bytes(member.bytes_sent)));
-    row.append(element("td", { class: "num" }, bytes(member.bytes_received)));
+    row.append(element("td", { class: "num" }, `${bytes(member.bytes_sent)} / ${bytes(member.bytes_received)}`));
     body.append(row);
   }
 }
