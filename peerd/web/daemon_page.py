@@ -75,7 +75,8 @@ class DaemonPage:
         self.warnings = RecentWarnings()
         self.view_changes = ViewChanges()
         self.server = WebServer(self)
-        self._derive_lock = threading.Lock()  # Windows' counts: one request at a time
+        # Coverage counts and view notes: one request at a time (requests run off the loop).
+        self._derive_lock = threading.Lock()
 
     async def start(self, host: str, port: int) -> int:
         bound = await self.server.start(host, port)
@@ -96,6 +97,10 @@ class DaemonPage:
         return await asyncio.to_thread(self._describe, reply, time.time())
 
     def _describe(self, reply: peer_pb2.StatusReply, now: float) -> dict[str, Any]:
+        with self._derive_lock:
+            return self._derive(reply, now)
+
+    def _derive(self, reply: peer_pb2.StatusReply, now: float) -> dict[str, Any]:
         config, spec = self.daemon.config, self.daemon.spec
         me = reply.self
         facts = reply_members(reply, now)
@@ -105,9 +110,7 @@ class DaemonPage:
         view = [fact for fact in facts if fact.position >= 0]
         for note in self.view_changes.notes((fact.peer_id for fact in view), me.round):
             self.warnings.note(note, "view")
-        with self._derive_lock:
-            windows = self.windows.describe([fact.member(spec.groups) for fact in view],
-                                            me.round)
+        windows = self.windows.describe([fact.member(spec.groups) for fact in view], me.round)
         return {
             "kind": "daemon", "peer_id": me.peer_id, "cluster": me.cluster,
             "topology": self.topology.name, "method": config.method, "task": config.task,

@@ -189,7 +189,7 @@ class ViewChanges:
 
 class RecentWarnings(logging.Handler):
     """The last warnings logged under a logger (refused messages, failed pushes, members
-    dropped), plus notes added directly; a bounded list."""
+    dropped), plus notes added directly; a bounded list, safe from any thread."""
 
     def __init__(self, kept: int = WARNINGS_KEPT) -> None:
         super().__init__(logging.WARNING)
@@ -200,9 +200,11 @@ class RecentWarnings(logging.Handler):
                              "source": record.name, "message": record.getMessage()})
 
     def note(self, message: str, source: str) -> None:
-        self.entries.append({"time_unix": time.time(), "level": "NOTE", "source": source,
-                             "message": message})
+        with self.lock:  # the handler's own, which logging holds around emit()
+            self.entries.append({"time_unix": time.time(), "level": "NOTE", "source": source,
+                                 "message": message})
 
     def latest(self) -> list[dict]:
         """Newest first."""
-        return list(reversed(self.entries))
+        with self.lock:
+            return list(reversed(self.entries))
