@@ -65,7 +65,7 @@ class FixedSource:
     async def rounds(self, peer_id: str | None, since: int) -> dict[str, Any]:
         if peer_id not in (None, "peer-00"):
             raise NotServed(f"no series {peer_id}")
-        return await rounds_reply(self.records, "peer-00", since)
+        return rounds_reply(self.records, "peer-00", since)
 
     def metrics(self) -> bytes | None:
         return self.exporter.render()

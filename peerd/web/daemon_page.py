@@ -7,9 +7,7 @@ planner and topology are built here from the configuration, as every peer builds
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,12 +37,12 @@ from peerd.web.server import NotServed, WebServer
 WATCHED_LOGGER = "peerd"
 
 
-async def rounds_reply(records: RecordsFile, series: str, since: int) -> dict[str, Any]:
+def rounds_reply(records: RecordsFile, series: str, since: int) -> dict[str, Any]:
     """/api/rounds: a series' records after round `since`, and its last round (smaller than
-    `since` when the log was rewound: the page then reads it again from the start)."""
-    after, last_round = await asyncio.to_thread(
-        lambda: (records.after(since), records.last_round()))
-    return {"peer_id": series, "since": since, "records": after, "last_round": last_round}
+    `since` when the log was rewound: the page then reads it again from the start). Reads the
+    file: call it off the event loop."""
+    return {"peer_id": series, "since": since, "records": records.after(since),
+            "last_round": records.last_round()}
 
 
 class DaemonFacts(Protocol):
@@ -75,8 +73,6 @@ class DaemonPage:
         self.warnings = RecentWarnings()
         self.view_changes = ViewChanges()
         self.server = WebServer(self)
-        # Coverage counts and view notes: one request at a time (requests run off the loop).
-        self._derive_lock = threading.Lock()
 
     async def start(self, host: str, port: int) -> int:
         bound = await self.server.start(host, port)
@@ -94,13 +90,10 @@ class DaemonPage:
     async def status(self) -> dict[str, Any]:
         # The reply is taken on the loop (the daemon's state is the loop's); the rest runs off it.
         reply = self.daemon.status()
-        return await asyncio.to_thread(self._describe, reply, time.time())
+        return await self.server.off_loop(self._describe, reply, time.time())
 
     def _describe(self, reply: peer_pb2.StatusReply, now: float) -> dict[str, Any]:
-        with self._derive_lock:
-            return self._derive(reply, now)
-
-    def _derive(self, reply: peer_pb2.StatusReply, now: float) -> dict[str, Any]:
+        """On the server's one worker thread: requests are described one at a time."""
         config, spec = self.daemon.config, self.daemon.spec
         me = reply.self
         facts = reply_members(reply, now)
@@ -126,4 +119,4 @@ class DaemonPage:
         if peer_id not in (None, self.daemon.peer_id):
             raise NotServed(f"this daemon keeps only its own rounds ({self.daemon.peer_id}), "
                             f"not {peer_id}'s")
-        return await rounds_reply(self.records, self.daemon.peer_id, since)
+        return await self.server.off_loop(rounds_reply, self.records, self.daemon.peer_id, since)
