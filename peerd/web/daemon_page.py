@@ -33,6 +33,8 @@ from peerd.web.facts import (
 from peerd.web.records import RecordsFile
 from peerd.web.server import NotServed, WebServer
 
+log = logging.getLogger("peerd.web")
+
 # Warnings of the whole daemon: its loggers all sit under this one.
 WATCHED_LOGGER = "peerd"
 
@@ -74,10 +76,19 @@ class DaemonPage:
         self.view_changes = ViewChanges()
         self.server = WebServer(self)
 
-    async def start(self, host: str, port: int) -> int:
-        bound = await self.server.start(host, port)
+    async def start(self, advertised_host: str) -> int:
+        """Serve on --metrics-host (default: --host) and --metrics-port; returns the bound
+        port. `advertised_host` is what peers dial, shown when listening on every address."""
+        config = self.daemon.config
+        host = config.metrics_host or config.host
+        port = await self.server.start(host, config.metrics_port or 0)
         logging.getLogger(WATCHED_LOGGER).addHandler(self.warnings)
-        return bound
+        shown = advertised_host if host in ("0.0.0.0", "") else host
+        if ":" in shown:  # an IPv6 address, bracketed in a URL
+            shown = f"[{shown}]"
+        log.info("metrics on http://%s:%d/metrics", shown, port)
+        log.info("page on http://%s:%d/", shown, port)
+        return port
 
     async def stop(self) -> None:
         logging.getLogger(WATCHED_LOGGER).removeHandler(self.warnings)
