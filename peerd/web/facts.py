@@ -150,10 +150,12 @@ class Windows:
         self.counted_through = max(end, start)
 
     def describe(self, members: Sequence[Member], round_index: int) -> dict:
-        """The windows of `round_index` and the coverage so far, for /api/status."""
-        if members:
-            self.count(members, round_index)
-        plans = self.planner.plan(round_index, members, self.groups) if members else {}
+        """The windows of `round_index` and the coverage so far, for /api/status (no groups
+        before there are members)."""
+        if not members:
+            return {"round": round_index, "counted_through": self.counted_through, "groups": []}
+        self.count(members, round_index)
+        plans = self.planner.plan(round_index, members, self.groups)
         groups = []
         for group in width_groups(self.groups):
             held = self.held[group.name]
