@@ -215,12 +215,7 @@ class Daemon:
         page = None
         if self.config.metrics_port is not None:
             page = DaemonPage(self)
-            metrics_host = self.config.metrics_host or self.config.host
-            metrics_port = await page.start(metrics_host, self.config.metrics_port)
-            shown = advertised_host(self.config) if metrics_host in ("0.0.0.0", "") \
-                else metrics_host
-            log.info("metrics on http://%s:%d/metrics", shown, metrics_port)
-            log.info("page on http://%s:%d/", shown, metrics_port)
+            await page.start(advertised_host(self.config))
         discovery = DiscoveryManager(self._discovery_sources(address, port))
         await discovery.start()
         log.info("peer %s serving on %s (cluster %s, fingerprint %s: %s, %s)", self.peer_id,

@@ -71,6 +71,9 @@ def test_cluster_command_runs_daemons_and_writes_sim_metrics(tmp_path: Path) -> 
     )
     assert result.returncode == 0, result.stderr
     assert re.search(r"peer-01: /\S+/peerd status --addr 127\.0\.0\.1:", result.stderr)
+    # Each daemon's page and the cluster's own (docs/WEB.md).
+    assert len(re.findall(r"peer-0\d: .* page http://127\.0\.0\.1:\d+/ ", result.stderr)) == 2
+    assert re.search(r"^cluster page: http://127\.0\.0\.1:\d+/$", result.stderr, re.MULTILINE)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2]
     assert all(0.0 <= r["global_acc"] <= 1.0 and r["peers"] == 2 for r in records)

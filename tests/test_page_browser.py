@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -98,10 +100,14 @@ def line(shown: dict, chart: str, series: str) -> dict:
 def test_page_of_three_daemons_matches_status_and_rounds(tmp_path: Path, cluster_ca: ClusterCa,
                                                          browser) -> None:
     metrics_ports = free_ports(3)
+    # The third daemon's page listens on another loopback address than its gRPC port.
+    hosts = ["127.0.0.1", "127.0.0.1", "127.0.0.2"]
+    pages = [f"http://{host}:{port}/" for host, port in zip(hosts, metrics_ports, strict=True)]
     daemons = start_loopback_daemons(
         tmp_path, 3, ["--sync", "--rounds", str(ROUNDS), "--linger", "120", "--mu", str(MU)],
-        cluster_ca, extra_by_position={i: ["--metrics-port", str(port)]
-                                       for i, port in enumerate(metrics_ports)})
+        cluster_ca, extra_by_position={
+            i: ["--metrics-port", str(port), "--metrics-host", host]
+            for i, (port, host) in enumerate(zip(metrics_ports, hosts, strict=True))})
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -116,8 +122,11 @@ def test_page_of_three_daemons_matches_status_and_rounds(tmp_path: Path, cluster
         expected = {status["self"]["peer_id"]: int(status["self"]["round"]),
                     **{p["peer_id"]: int(p["round"]) for p in status["peers"]}}
         assert expected == {d.peer_id: ROUNDS for d in daemons}
+        assert f"page on {pages[2]}" in daemons[2].output()
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_ports[2]}/api/status", timeout=5)
 
-        open_page(browser, f"http://127.0.0.1:{metrics_ports[0]}/")
+        open_page(browser, pages[0])
         shown = snapshot(browser)
         print(f"page load to first drawing with data: {shown['firstRenderMs']:.0f} ms")
         assert shown["firstRenderMs"] < LOAD_LIMIT_MS
@@ -148,16 +157,15 @@ def test_page_of_three_daemons_matches_status_and_rounds(tmp_path: Path, cluster
 
         # The cluster's own page merges the three.
         page = ClusterPage(ClusterFacts("test", "ring", "msfusion", "digits", "accuracy", ROUNDS),
-                           [WatchedDaemon(d.peer_id, f"http://127.0.0.1:{port}/", d.state_dir)
-                            for d, port in zip(daemons, metrics_ports, strict=True)],
+                           [WatchedDaemon(d.peer_id, url, d.state_dir)
+                            for d, url in zip(daemons, pages, strict=True)],
                            tmp_path / "metrics.jsonl")
         port = asyncio.run_coroutine_threadsafe(page.start("127.0.0.1", 0), loop).result(10)
         try:
             open_page(browser, f"http://127.0.0.1:{port}/")
             shown = snapshot(browser)
             assert shown_rounds(shown) == expected
-            assert [m["link"] for m in shown["members"]] == [
-                f"http://127.0.0.1:{p}/" for p in metrics_ports]
+            assert [m["link"] for m in shown["members"]] == pages
             assert shown["legend"] == [*expected, "assembled"]
             for daemon in daemons:
                 assert line(shown, "train_loss", daemon.peer_id)["last"] == pytest.approx(

@@ -65,7 +65,7 @@ class FixedSource:
     async def rounds(self, peer_id: str | None, since: int) -> dict[str, Any]:
         if peer_id not in (None, "peer-00"):
             raise NotServed(f"no series {peer_id}")
-        return await rounds_reply(self.records, "peer-00", since)
+        return rounds_reply(self.records, "peer-00", since)
 
     def metrics(self) -> bytes | None:
         return self.exporter.render()
@@ -288,6 +288,7 @@ def test_windows_match_the_planner_and_count_coverage() -> None:
             assert units == expected and window["width"] == len(expected)
         assert sum(group["held_rounds"]) == sum(w["width"] for w in group["windows"])
     assert windows.describe(members, 6)["counted_through"] == 7
+    assert windows.describe([], 6)["groups"] == []
     assert sum(windows.held["hidden"]) == 2 * (6 + 3 + 6)
     assert unit_runs(np.array([0, 1, 2, 7, 9, 10])) == [[0, 3], [7, 1], [9, 2]]
     assert topology_edges(load_topology("ring"), ["a", "b", "c", "d"]) == [

@@ -123,4 +123,4 @@ class ClusterPage:
         if series not in self.records:
             raise NotServed(f"no series {series!r} here; the series are "
                             f"{', '.join(self.records)}")
-        return await rounds_reply(self.records[series], series, since)
+        return await self.server.off_loop(rounds_reply, self.records[series], series, since)

@@ -7,9 +7,7 @@ planner and topology are built here from the configuration, as every peer builds
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,16 +33,18 @@ from peerd.web.facts import (
 from peerd.web.records import RecordsFile
 from peerd.web.server import NotServed, WebServer
 
+log = logging.getLogger("peerd.web")
+
 # Warnings of the whole daemon: its loggers all sit under this one.
 WATCHED_LOGGER = "peerd"
 
 
-async def rounds_reply(records: RecordsFile, series: str, since: int) -> dict[str, Any]:
+def rounds_reply(records: RecordsFile, series: str, since: int) -> dict[str, Any]:
     """/api/rounds: a series' records after round `since`, and its last round (smaller than
-    `since` when the log was rewound: the page then reads it again from the start)."""
-    after, last_round = await asyncio.to_thread(
-        lambda: (records.after(since), records.last_round()))
-    return {"peer_id": series, "since": since, "records": after, "last_round": last_round}
+    `since` when the log was rewound: the page then reads it again from the start). Reads the
+    file: call it off the event loop."""
+    return {"peer_id": series, "since": since, "records": records.after(since),
+            "last_round": records.last_round()}
 
 
 class DaemonFacts(Protocol):
@@ -75,12 +75,20 @@ class DaemonPage:
         self.warnings = RecentWarnings()
         self.view_changes = ViewChanges()
         self.server = WebServer(self)
-        self._derive_lock = threading.Lock()  # Windows' counts: one request at a time
 
-    async def start(self, host: str, port: int) -> int:
-        bound = await self.server.start(host, port)
+    async def start(self, advertised_host: str) -> int:
+        """Serve on --metrics-host (default: --host) and --metrics-port; returns the bound
+        port. `advertised_host` is what peers dial, shown when listening on every address."""
+        config = self.daemon.config
+        host = config.metrics_host or config.host
+        port = await self.server.start(host, config.metrics_port or 0)
         logging.getLogger(WATCHED_LOGGER).addHandler(self.warnings)
-        return bound
+        shown = advertised_host if host in ("0.0.0.0", "") else host
+        if ":" in shown:  # an IPv6 address, bracketed in a URL
+            shown = f"[{shown}]"
+        log.info("metrics on http://%s:%d/metrics", shown, port)
+        log.info("page on http://%s:%d/", shown, port)
+        return port
 
     async def stop(self) -> None:
         logging.getLogger(WATCHED_LOGGER).removeHandler(self.warnings)
@@ -93,9 +101,10 @@ class DaemonPage:
     async def status(self) -> dict[str, Any]:
         # The reply is taken on the loop (the daemon's state is the loop's); the rest runs off it.
         reply = self.daemon.host.status()
-        return await asyncio.to_thread(self._describe, reply, time.time())
+        return await self.server.off_loop(self._describe, reply, time.time())
 
     def _describe(self, reply: peer_pb2.StatusReply, now: float) -> dict[str, Any]:
+        """On the server's one worker thread: requests are described one at a time."""
         config, spec = self.daemon.config, self.daemon.spec
         me = reply.self
         facts = reply_members(reply, now)
@@ -105,9 +114,7 @@ class DaemonPage:
         view = [fact for fact in facts if fact.position >= 0]
         for note in self.view_changes.notes((fact.peer_id for fact in view), me.round):
             self.warnings.note(note, "view")
-        with self._derive_lock:
-            windows = self.windows.describe([fact.member(spec.groups) for fact in view],
-                                            me.round)
+        windows = self.windows.describe([fact.member(spec.groups) for fact in view], me.round)
         return {
             "kind": "daemon", "peer_id": me.peer_id, "cluster": me.cluster,
             "topology": self.topology.name, "method": config.method, "task": config.task,
@@ -123,4 +130,4 @@ class DaemonPage:
         if peer_id not in (None, self.daemon.peer_id):
             raise NotServed(f"this daemon keeps only its own rounds ({self.daemon.peer_id}), "
                             f"not {peer_id}'s")
-        return await rounds_reply(self.records, self.daemon.peer_id, since)
+        return await self.server.off_loop(rounds_reply, self.records, self.daemon.peer_id, since)

@@ -150,10 +150,12 @@ class Windows:
         self.counted_through = max(end, start)
 
     def describe(self, members: Sequence[Member], round_index: int) -> dict:
-        """The windows of `round_index` and the coverage so far, for /api/status."""
-        if members:
-            self.count(members, round_index)
-        plans = self.planner.plan(round_index, members, self.groups) if members else {}
+        """The windows of `round_index` and the coverage so far, for /api/status (no groups
+        before there are members)."""
+        if not members:
+            return {"round": round_index, "counted_through": self.counted_through, "groups": []}
+        self.count(members, round_index)
+        plans = self.planner.plan(round_index, members, self.groups)
         groups = []
         for group in width_groups(self.groups):
             held = self.held[group.name]
@@ -189,7 +191,7 @@ class ViewChanges:
 
 class RecentWarnings(logging.Handler):
     """The last warnings logged under a logger (refused messages, failed pushes, members
-    dropped), plus notes added directly; a bounded list."""
+    dropped), plus notes added directly; a bounded list, safe from any thread."""
 
     def __init__(self, kept: int = WARNINGS_KEPT) -> None:
         super().__init__(logging.WARNING)
@@ -200,9 +202,11 @@ class RecentWarnings(logging.Handler):
                              "source": record.name, "message": record.getMessage()})
 
     def note(self, message: str, source: str) -> None:
-        self.entries.append({"time_unix": time.time(), "level": "NOTE", "source": source,
-                             "message": message})
+        with self.lock:  # the handler's own, which logging holds around emit()
+            self.entries.append({"time_unix": time.time(), "level": "NOTE", "source": source,
+                                 "message": message})
 
     def latest(self) -> list[dict]:
         """Newest first."""
-        return list(reversed(self.entries))
+        with self.lock:
+            return list(reversed(self.entries))

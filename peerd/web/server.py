@@ -16,8 +16,9 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -32,6 +33,9 @@ SHUTDOWN_GRACE_S = 1.0
 ASSETS = {"index.html": "text/html", "page.js": "text/javascript", "page.css": "text/css"}
 # Browsers may keep the assets a while; the API is always fresh.
 ASSET_CACHE = "max-age=60"
+
+
+T = TypeVar("T")
 
 
 class NotServed(LookupError):
@@ -59,9 +63,13 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def json_response(body: dict[str, Any]) -> web.Response:
-    return web.Response(text=json.dumps(_finite(body), separators=(",", ":")),
-                        content_type="application/json", headers={"Cache-Control": "no-store"})
+def encode_json(body: dict[str, Any]) -> str:
+    return json.dumps(_finite(body), separators=(",", ":"))
+
+
+def json_response(text: str) -> web.Response:
+    return web.Response(text=text, content_type="application/json",
+                        headers={"Cache-Control": "no-store"})
 
 
 def _since(request: web.Request) -> int:
@@ -76,7 +84,11 @@ def _since(request: web.Request) -> int:
     return since
 
 
-def build_app(source: PageSource) -> web.Application:
+OffLoop = Callable[..., Awaitable[Any]]
+
+
+def build_app(source: PageSource, off_loop: OffLoop) -> web.Application:
+    """The routes; `off_loop(function, *args)` runs CPU work away from the event loop."""
     # Bodies are never read; the cap stops aiohttp buffering one should a handler ever try.
     app = web.Application(client_max_size=1024)
     static = resources.files("peerd.web") / "static"
@@ -96,14 +108,14 @@ def build_app(source: PageSource) -> web.Application:
         return web.Response(body=text, headers={"Content-Type": "text/plain; version=0.0.4"})
 
     async def status(request: web.Request) -> web.Response:
-        return json_response(await source.status())
+        return json_response(await off_loop(encode_json, await source.status()))
 
     async def rounds(request: web.Request) -> web.Response:
         try:
-            return json_response(await source.rounds(request.query.get("peer"),
-                                                     _since(request)))
+            body = await source.rounds(request.query.get("peer"), _since(request))
         except NotServed as error:
             raise web.HTTPNotFound(text=str(error)) from None
+        return json_response(await off_loop(encode_json, body))
 
     app.router.add_get("/", asset("index.html"))
     for name in ("page.js", "page.css"):
@@ -133,13 +145,20 @@ class WebServer:
         self._refusal_logged_at = -math.inf
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
+        # File reads and JSON building run off the loop on one thread: requests queue there
+        # instead of each taking a thread (and, in glibc, a malloc arena) of their own.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="web")
+
+    async def off_loop(self, function: Callable[..., T], *args: Any) -> T:
+        """Run `function(*args)` on the server's worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, function, *args)
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0: any free port); returns the bound port."""
         if self._runner is not None:
             raise RuntimeError("web server already started")
         # access_log off: a poll a second per open page would flood the journal.
-        runner = web.AppRunner(build_app(self.source), access_log=None,
+        runner = web.AppRunner(build_app(self.source, self.off_loop), access_log=None,
                                keepalive_timeout=self.idle_timeout_s,
                                shutdown_timeout=SHUTDOWN_GRACE_S)
         await runner.setup()
@@ -179,4 +198,5 @@ class WebServer:
         self._server.close()
         await self._runner.cleanup()  # closes the open connections
         await self._server.wait_closed()
+        self._worker.shutdown(wait=True)
         self._runner = self._server = None

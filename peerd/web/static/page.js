@@ -196,8 +196,7 @@ function renderMembers(status) {
       row.append(cell);
     }
     row.append(stateCell);
-    row.append(element("td", { class: "num" }, bytes(member.bytes_sent)));
-    row.append(element("td", { class: "num" }, bytes(member.bytes_received)));
+    row.append(element("td", { class: "num" }, `${bytes(member.bytes_sent)} / ${bytes(member.bytes_received)}`));
     body.append(row);
   }
 }
@@ -208,6 +207,10 @@ function renderWindows(status) {
   const holder = document.getElementById("windows");
   const wanted = windows.groups.map((g) => g.name);
   for (const old of [...holder.children]) if (!wanted.includes(old.dataset.group)) old.remove();
+  if (!windows.groups.length) {
+    holder.append(element("p", { class: "muted" }, "no view committed yet: no windows"));
+    return;
+  }
   for (const group of windows.groups) {
     let box = holder.querySelector(`.group[data-group="${CSS.escape(group.name)}"]`);
     if (!box) {
