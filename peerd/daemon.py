@@ -236,6 +236,7 @@ class Daemon:
         if config.mu != AUTO:
             return float(config.mu), config.depth, config.frozen_blocks
         budget = None if config.memory_budget is None else parse_size(config.memory_budget)
+        log.info("mu auto: measuring what this device affords (a few training steps per width)")
         # Besides its parameters a daemon holds the round snapshots it serves to pulls and,
         # at most, a full set each of outgoing and incoming slices.
         choice = measure_capacity(self.spec, self.engine.params, train_split, train, budget,
@@ -250,6 +251,7 @@ class Daemon:
         if not config.learned_width or self.mu >= 1:
             return None
         index = 0 if config.shard is None else config.shard[0]
+        log.info("learning this peer's widths on its data (%d epochs)", config.width_epochs)
         widths = learn_widths(self.spec, self.engine.params, train_split, train, self.mu,
                               self.depth, WidthConfig(config.width_epochs, config.width_penalty),
                               config.seed + index)
