@@ -236,7 +236,7 @@ class Daemon:
         if config.mu != AUTO:
             return float(config.mu), config.depth, config.frozen_blocks
         budget = None if config.memory_budget is None else parse_size(config.memory_budget)
-        log.info("mu auto: measuring what this device affords (a few training steps per width)")
+        log.info("mu auto: measuring what this device affords (a probe of every candidate width)")
         # Besides its parameters a daemon holds the round snapshots it serves to pulls and,
         # at most, a full set each of outgoing and incoming slices.
         choice = measure_capacity(self.spec, self.engine.params, train_split, train, budget,
