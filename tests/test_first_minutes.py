@@ -348,3 +348,26 @@ def test_a_lone_daemon_on_a_terminal_shows_it_waits(tmp_path: Path) -> None:
     assert terminal.chunks[0][0] < 3.0
     assert "waiting for peers: 1 of 2 members found" in terminal.text()
     assert terminal.longest_silence() <= 2.0  # the live line's clock moves every second
+
+
+def test_off_a_terminal_progress_is_plain_lines() -> None:
+    """A pipe or the journal gets one time-stamped line per phase, nothing redrawn."""
+    import io
+
+    from peerd.progress import Console
+
+    stream = io.StringIO()
+    console = Console(stream=stream, live=False)
+    console.status("loading the digits data")
+    console.status("loading the digits data")  # unchanged, within REPEAT_S: not repeated
+    advance = console.steps("round 1/2: training peer-00 (1 of 2)", 56)
+    for done in range(1, 57):
+        advance(done)  # within REPEAT_S of the phase's line: no line per step
+    console.say("round 1/2: global accuracy 0.500")
+    console.close()
+    assert stream.getvalue().splitlines() == [
+        "[0 s] loading the digits data",
+        "[0 s] round 1/2: training peer-00 (1 of 2): 56 steps",
+        "round 1/2: global accuracy 0.500",
+    ]
+    assert "\r" not in stream.getvalue() and "\x1b" not in stream.getvalue()
