@@ -268,7 +268,8 @@ def _add_start(start: argparse.ArgumentParser) -> None:
                                metavar="HOST:PORT", help=help_text)
         else:
             start.add_argument(flag, dest=name, type=_option_parser(name),
-                               default=argparse.SUPPRESS, help=help_text)
+                               default=argparse.SUPPRESS, help=help_text,
+                               metavar="I/N" if kind == tuple[int, int] else None)
     start.set_defaults(func=_start)
 
 
