@@ -2,7 +2,7 @@
 
 Start-up is kept short: a command's parser is built, and its modules imported, only for the
 command being run, so `peerd --help`, `--version`, `status`, `ca`, `config`, `report` and
-`compare` never load torch (tests/test_startup.py checks it).
+`compare` never load torch (tests/test_first_minutes.py checks it).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from peerd.progress import Console, global_round_line
 
 if TYPE_CHECKING:
     from peerd.cluster import DaemonProcess
+
 
 class _Parser(argparse.ArgumentParser):
     """Errors name the (sub)command they belong to and show its usage line only."""
@@ -113,7 +114,8 @@ def _positive_int(text: str) -> int:
 
 
 # The planners' and tasks' names, as peerd.plan.PLANNERS and peerd.tasks.TASKS hold them
-# (tests/test_startup.py checks): importing those loads torch, which parsing must not wait for.
+# (tests/test_first_minutes.py checks): importing those loads torch, which parsing must not
+# wait for.
 METHODS = ("fd", "fedrolex", "full", "heterofl", "msfusion")
 TASK_NAMES = ("digits", "fmnist", "kjv")
 CLUSTER_OUT = "runs/cluster"  # ClusterConfig's, as above
@@ -266,7 +268,8 @@ def _add_start(start: argparse.ArgumentParser) -> None:
                                metavar="HOST:PORT", help=help_text)
         else:
             start.add_argument(flag, dest=name, type=_option_parser(name),
-                               default=argparse.SUPPRESS, help=help_text)
+                               default=argparse.SUPPRESS, help=help_text,
+                               metavar="I/N" if kind == tuple[int, int] else None)
     start.set_defaults(func=_start)
 
 

@@ -430,7 +430,8 @@ def run_cluster(
         on_start(daemons)
     try:
         if console is not None:
-            console.status(f"loading the {config.task} data to evaluate the global model")
+            console.status(f"the daemons are starting (each loads torch and its data); loading "
+                           f"the {config.task} data here to evaluate the global model")
         watcher = ClusterWatcher(config, daemons, TlsIdentity.load(tls[WATCHER_ID]), console)
         identity = {
             "task": config.task, "method": config.method, "topology": config.topology,

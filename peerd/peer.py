@@ -128,6 +128,7 @@ def build_peer(config: SimConfig | DaemonConfig, position: int, peer_id: str,
         mu, depth, engine.frozen_blocks = _measured_capacity(config, engine, options.train)
     widths = None
     if config.learned_width and mu < 1:
+        log.info("%s: learning its widths on its data (%d epochs)", peer_id, config.width_epochs)
         widths = learn_widths(spec, engine.params, train_split, options.train, mu, depth,
                               WidthConfig(config.width_epochs, config.width_penalty),
                               config.seed + position)
@@ -140,6 +141,7 @@ def _measured_capacity(config: DaemonConfig, engine: Engine, train: TrainConfig
     """With mu auto: (mu, depth, frozen blocks) this device affords, measured by a probe (depth
     and frozen blocks only for a model with early exits)."""
     budget = None if config.memory_budget is None else parse_size(config.memory_budget)
+    log.info("mu auto: measuring what this device affords (a probe of every candidate width)")
     choice = measure_capacity(engine.spec, engine.params, engine.train_split, train, budget,
                               config.round_target_s, held_copies=HELD_COPIES)
     log.info("mu auto: %s", choice.describe())

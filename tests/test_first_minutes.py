@@ -299,8 +299,20 @@ def test_install_scripts_commands_run_in_a_fresh_shell(tmp_path: Path) -> None:
         assert "peerd" in result.stdout
 
 
+def _torch_import_s() -> float:
+    """Seconds a fresh process needs to import torch on this machine, now."""
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True, timeout=120)
+    return time.monotonic() - started
+
+
 def test_a_lone_daemon_says_whom_it_waits_for(tmp_path: Path) -> None:
-    """Off a terminal (systemd, a pipe) as log lines: within 5 s, then at least every 10 s."""
+    """Off a terminal (systemd, a pipe) as log lines: within 5 s, then at least every 10 s.
+
+    A daemon cannot wait for peers before torch is loaded (about 2 s idle here): on a loaded
+    machine, where that alone takes longer, the bound is the import's time plus 3 s.
+    """
+    bound = max(5.0, _torch_import_s() + 3.0)
     process = subprocess.Popen(
         [sys.executable, "-m", "peerd.cli", "start", "--insecure", "--no-mdns", "--port", "0",
          "--min-peers", "3", "--threads", "1", "--state-dir", str(tmp_path / "state"),
@@ -321,7 +333,7 @@ def test_a_lone_daemon_says_whom_it_waits_for(tmp_path: Path) -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
-    assert waiting[0] <= 5.0, waiting
+    assert waiting[0] <= bound, (waiting, bound)
     assert max(b - a for a, b in itertools.pairwise(waiting)) <= 10.0, waiting
 
 
@@ -336,3 +348,26 @@ def test_a_lone_daemon_on_a_terminal_shows_it_waits(tmp_path: Path) -> None:
     assert terminal.chunks[0][0] < 3.0
     assert "waiting for peers: 1 of 2 members found" in terminal.text()
     assert terminal.longest_silence() <= 2.0  # the live line's clock moves every second
+
+
+def test_off_a_terminal_progress_is_plain_lines() -> None:
+    """A pipe or the journal gets one time-stamped line per phase, nothing redrawn."""
+    import io
+
+    from peerd.progress import Console
+
+    stream = io.StringIO()
+    console = Console(stream=stream, live=False)
+    console.status("loading the digits data")
+    console.status("loading the digits data")  # unchanged, within REPEAT_S: not repeated
+    advance = console.steps("round 1/2: training peer-00 (1 of 2)", 56)
+    for done in range(1, 57):
+        advance(done)  # within REPEAT_S of the phase's line: no line per step
+    console.say("round 1/2: global accuracy 0.500")
+    console.close()
+    assert stream.getvalue().splitlines() == [
+        "[0 s] loading the digits data",
+        "[0 s] round 1/2: training peer-00 (1 of 2): 56 steps",
+        "round 1/2: global accuracy 0.500",
+    ]
+    assert "\r" not in stream.getvalue() and "\x1b" not in stream.getvalue()
