@@ -54,13 +54,18 @@ def closed_by_server(sockets: list[socket.socket]) -> int:
     return closed
 
 
-def test_idle_connections_beyond_the_descriptor_limit_stop_no_round(
+def test_idle_connections_and_failing_checkpoints_stop_no_round(
         tmp_path: Path, cluster_ca: ClusterCa) -> None:
     daemons = start_loopback_daemons(tmp_path, 2, ["--rounds", str(FLOOD_ROUNDS)], cluster_ca,
                                      descriptor_limit_by_position={0: DESCRIPTOR_LIMIT})
     flood: list[socket.socket] = []
     try:
         daemons[0].wait_rounds(1)
+        # Meanwhile the other daemon's checkpoint folder becomes a file: every later
+        # checkpoint write there fails with an OSError.
+        checkpoints = daemons[1].state_dir / "checkpoints"
+        checkpoints.rename(daemons[1].state_dir / "checkpoints.moved")
+        checkpoints.write_text("not a folder")
         flood = open_idle_connections(daemons[0].address, IDLE_CONNECTIONS)
         # Beyond the cap the server closes a connection at once; the rest when their TLS
         # handshake has stalled for HANDSHAKE_TIMEOUT_S.
@@ -80,9 +85,13 @@ def test_idle_connections_beyond_the_descriptor_limit_stop_no_round(
         assert [r["round"] for r in daemon.rounds()] == list(range(1, FLOOD_ROUNDS + 1))
     assert f"serving at most {cap} connections at once" in daemons[0].output()
     assert "Too many open files" not in daemons[0].output()
+    # A checkpoint that cannot be written is a warning, and the next round tries again.
+    failed = [r["round"] for r in daemons[1].rounds() if r["checkpoint_s"] is None]
+    assert failed and failed[-1] == FLOOD_ROUNDS
+    assert daemons[1].output().count("failed, retried after the next round") == len(failed)
 
 
-def test_a_second_daemon_on_a_served_port_exits_naming_it(tmp_path: Path) -> None:
+def test_a_served_port_is_owned_and_a_finished_run_is_not_served_again(tmp_path: Path) -> None:
     daemons = start_loopback_daemons(tmp_path, 2, ["--rounds", "1", "--linger", "60"], None)
     try:
         daemons[0].wait_rounds(1)
@@ -99,23 +108,13 @@ def test_a_second_daemon_on_a_served_port_exits_naming_it(tmp_path: Path) -> Non
         assert daemons[0].process.poll() is None
     finally:
         kill_all(daemons)
-
-
-def test_a_daemon_restarted_after_its_last_round_exits_at_once(tmp_path: Path) -> None:
-    daemons = start_loopback_daemons(tmp_path, 2, ["--rounds", "1"], None)
-    try:
-        assert wait_all(daemons) == [0, 0], [d.output() for d in daemons]
-    finally:
-        kill_all(daemons)
+    # Started again on its state dir, whose checkpoint holds the run's last round.
     started = time.monotonic()
-    again = subprocess.run(
-        [sys.executable, "-m", "peerd.cli", "start", "--insecure", "--no-mdns", "--host",
-         "127.0.0.1", "--port", "0", "--peer-id", daemons[0].peer_id, "--state-dir",
-         str(daemons[0].state_dir), "--shard", "0/2", "--min-peers", "2", "--threads", "1",
-         "--rounds", "1"],
-        capture_output=True, text=True, timeout=120, check=False)
+    again = subprocess.run(daemons[0].process.args, capture_output=True, text=True,
+                           timeout=120, check=False)
     assert again.returncode == 0, again.stderr
     assert "already holds round 1 of 1: nothing left to do" in again.stderr
+    assert "serving on" not in again.stderr
     assert time.monotonic() - started < 60
     assert len(daemons[0].rounds()) == 1
 

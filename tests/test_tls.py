@@ -5,6 +5,7 @@ the peer it means, `peerd ca` writes files that fit together, and daemons train 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import stat
 import subprocess
@@ -221,10 +222,13 @@ async def test_a_client_without_certificate_or_without_tls_is_refused(
     assert_untouched(receiver, before)
 
 
-async def test_a_member_cannot_speak_for_another(receiver: Served,
-                                                 cluster_ca: ClusterCa) -> None:
+async def test_a_member_cannot_speak_for_another(receiver: Served, cluster_ca: ClusterCa,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
     before = receiver.host.params["w"].clone()
-    outcomes = await member_claims(cluster_ca, receiver, "peer-b", "peer-a")
+    with caplog.at_level(logging.WARNING, logger="peerd.service"):
+        outcomes = await member_claims(cluster_ca, receiver, "peer-b", "peer-a")
+    # Three refusals from one host: each counted, one logged (at most one per interval).
+    assert len([r for r in caplog.records if r.name == "peerd.service"]) == 1
     for rpc, (code, details) in outcomes.items():
         assert code == grpc.StatusCode.PERMISSION_DENIED, (rpc, code, details)
         assert "'peer-b'" in details and "'peer-a'" in details, details

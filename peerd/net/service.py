@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol
 
@@ -37,6 +38,12 @@ from peerd.net.tls import client_certificate_name, client_certificate_role, is_t
 from peerd.v1 import peer_pb2, peer_pb2_grpc
 
 log = logging.getLogger("peerd.service")
+
+# A refused call is counted every time but logged at most once per interval per client host:
+# a scan or a misbehaving peer must not flood the journal.
+REFUSAL_LOG_INTERVAL_S = 10.0
+# Hosts remembered for that; beyond, the oldest are forgotten (a flood of source addresses).
+REFUSAL_LOG_HOSTS = 1024
 
 
 class PeerHost(Protocol):
@@ -65,6 +72,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
     ) -> None:
         self.host = host
         self.on_reject = on_reject  # (rpc, status code name), e.g. for the metrics endpoint
+        self._refusals_logged: dict[str, tuple[float, int]] = {}  # host -> (when, unlogged)
 
     async def _refuse(self, context: grpc.aio.ServicerContext, rpc: str, error: WireError) -> None:
         if error.code == grpc.StatusCode.UNAVAILABLE:
@@ -73,8 +81,22 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         else:
             if self.on_reject is not None:
                 self.on_reject(rpc, error.code.name)
-            log.warning("refused %s from %s: %s", rpc, context.peer(), error.detail)
+            self._log_refusal(rpc, context.peer(), error.detail)
         await context.abort(error.code, error.detail)
+
+    def _log_refusal(self, rpc: str, peer: str, detail: str) -> None:
+        host = peer.rsplit(":", 1)[0]  # "ipv4:10.0.0.7:50123" -> "ipv4:10.0.0.7"
+        now = time.monotonic()
+        last, unlogged = self._refusals_logged.get(host, (-REFUSAL_LOG_INTERVAL_S, 0))
+        if now - last < REFUSAL_LOG_INTERVAL_S:
+            self._refusals_logged[host] = (last, unlogged + 1)
+            return
+        self._refusals_logged.pop(host, None)
+        if len(self._refusals_logged) >= REFUSAL_LOG_HOSTS:
+            del self._refusals_logged[next(iter(self._refusals_logged))]
+        self._refusals_logged[host] = (now, 0)
+        more = f" (and {unlogged} more refusals from {host} not logged)" if unlogged else ""
+        log.warning("refused %s from %s: %s%s", rpc, peer, detail, more)
 
     def _check_identity(self, protocol_version: int, cluster: str, fingerprint: str) -> None:
         expected = self.host.expectation
