@@ -374,6 +374,14 @@ def _add_compare(compare: argparse.ArgumentParser) -> None:
     compare.set_defaults(func=_compare)
 
 
+def _add_export(export: argparse.ArgumentParser) -> None:
+    export.add_argument("--from", dest="run_dir", required=True, metavar="DIR",
+                        help="a `peerd sim` or `peerd cluster` out dir")
+    export.add_argument("--out", required=True, metavar="FILE",
+                        help="where to write the model (a .safetensors file)")
+    export.set_defaults(func=_export)
+
+
 def _add_bench(bench: argparse.ArgumentParser) -> None:
     from peerd.bench.accuracy import add_accuracy_parser
     from peerd.bench.capacity import add_capacity_parser
@@ -417,6 +425,11 @@ COMMANDS: dict[str, tuple[str, str | None, Callable[[argparse.ArgumentParser], N
                _add_report),
     "compare": ("several sim or cluster runs side by side: a table and one plot", None,
                 _add_compare),
+    "export": ("the trained global model of a sim or cluster run, as a safetensors file",
+               "Write the assembled full model of DIR's last evaluation (the one whose "
+               "global_acc metrics.jsonl reports last): its whole state_dict, which the model's "
+               "class loads with load_state_dict(safetensors.torch.load_file(FILE), "
+               "strict=True).", _add_export),
     "bench": ("measure peerd: see BENCHMARKS.md", None, _add_bench),
 }
 # Their usage lines would list dozens of options: errors show this and point to --help.
@@ -663,6 +676,16 @@ def _compare(args: argparse.Namespace) -> int:
         return 2
     print(table, end="")
     print(f"wrote {plot}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from peerd.global_model import export_model
+
+    exported = export_model(Path(args.run_dir), Path(args.out))
+    acc = "" if exported.global_acc is None else f", global_acc {exported.global_acc:.4f}"
+    print(f"wrote {exported.path}: the {exported.task} model after round "
+          f"{exported.round_number}{acc}; {exported.tensors} tensors, {exported.values} values")
     return 0
 
 
