@@ -121,6 +121,15 @@ TASK_NAMES = ("digits", "fmnist", "kjv")
 CLUSTER_OUT = "runs/cluster"  # ClusterConfig's, as above
 
 
+def _task(text: str) -> str:
+    """A built-in task's name or a reference to a user's (loaded later, with torch)."""
+    if text in TASK_NAMES or ":" in text:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"invalid choice: {text!r} (choose from {', '.join(TASK_NAMES)}, or FILE.py:FUNCTION "
+        f"or package.module:FUNCTION returning a peerd.Task)")
+
+
 def _partition(text: str) -> str:
     if text == SimConfig().partition:
         return text  # argparse checks the default too: checking it here would load torch
@@ -197,8 +206,11 @@ def _add_learning_options(parser: argparse.ArgumentParser, measured_mu: bool) ->
         parser.add_argument("--mu", type=_mu, default=SimConfig().mu, metavar="F[,F...]",
                             help="width ratio: one value, or one per peer (cycled) "
                                  "(default: 0.5)")
-    parser.add_argument("--task", choices=TASK_NAMES, default="digits",
-                        help="digits (8x8 CNN), fmnist (28x28 CNN) or kjv (text)")
+    parser.add_argument("--task", type=_task, default="digits",
+                        metavar="digits|fmnist|kjv|FILE.py:FUNCTION",
+                        help="digits (8x8 CNN), fmnist (28x28 CNN), kjv (text), or your own: "
+                             "FILE.py:FUNCTION or package.module:FUNCTION returning a "
+                             "peerd.Task")
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds init, data split, plans and batches")
     parser.add_argument("--partition", type=_partition, default="iid",

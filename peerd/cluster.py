@@ -35,7 +35,6 @@ from peerd.agreement import cluster_fingerprint, planner_settings
 from peerd.ca import CA_CERT, DEVICE_ROLE, READER_ROLE, init_ca, issue
 from peerd.config import AUTO, DRIFT_PERIOD, STATIC_OVERLAP
 from peerd.coverage import CoverageTracker
-from peerd.data import load_task_data
 from peerd.metrics import MetricsLog, PeerRound, evaluate_global, run_title
 from peerd.models.base import fingerprint, full_units
 from peerd.net import PROTOCOL_VERSION
@@ -47,7 +46,7 @@ from peerd.progress import Console
 from peerd.sim import peer_name
 from peerd.state import CHECKPOINT_DIR
 from peerd.submodel import forward_flops_per_sample, init_params
-from peerd.tasks import BLOCK_SIZE, get_task
+from peerd.tasks import get_task
 from peerd.topology import load_topology
 from peerd.v1 import peer_pb2
 from peerd.web.cluster_page import ClusterFacts, ClusterPage, WatchedDaemon
@@ -263,7 +262,7 @@ class ClusterWatcher:
         self.daemons = daemons
         self.console = console
         task = get_task(config.task)
-        self.data = load_task_data(config.task, config.data_dir, block_size=BLOCK_SIZE)
+        self.data = task.load_data(config.data_dir)
         self.spec = task.model(self.data, config.early_exits)
         self.eval_samples = config.eval_samples if config.eval_samples else task.eval_samples
         initial = init_params(self.spec, config.seed)
