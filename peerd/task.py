@@ -118,6 +118,7 @@ def check_task(task: Task, where: str) -> None:
 def check_model_matches(task: Task) -> ModelSpec:
     """The declaration, once its full-width module has exactly the factory's parameters."""
     import torch
+    from torch import nn
 
     from peerd.models.base import full_units
 
@@ -132,6 +133,11 @@ def check_model_matches(task: Task) -> ModelSpec:
                            if declared.get(name) != built.get(name))
         raise TaskError(f"task {task.name!r}: model() and slicing disagree on parameters "
                         f"{', '.join(differing[:5])} (name or shape)")
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            raise TaskError(f"task {task.name!r}: module {name} ({type(module).__name__}) keeps "
+                            f"running statistics, which peerd does not average yet: use "
+                            f"GroupNorm or LayerNorm, or track_running_stats=False")
     for name, parameter in model.named_parameters():
         if not bool(torch.isfinite(parameter).all()):
             raise TaskError(f"task {task.name!r}: model() parameter {name} is not finite")

@@ -4,6 +4,8 @@ loads strictly into the user's own model, and a bad task gets a one-line error n
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,15 +37,31 @@ def test_a_users_task_trains_and_exports_what_it_scored(
     capsys.readouterr()
     round_number, reported = last_global_acc(out)
     assert round_number == 2
-    # The user's side: their own factory, a strict load, their own test set and argmax.
+    assert _user_accuracy(exported) == reported
+
+
+def _user_accuracy(exported: Path) -> float:
+    """The user's side: their own factory, a strict load, their own test set and argmax."""
     task = _example_task()
     model = task.model()
     model.load_state_dict(load_file(str(exported)), strict=True)
     model.eval()
     inputs, targets = task.test.tensors
     with torch.no_grad():
-        accuracy = float((model(inputs).argmax(dim=-1) == targets).sum()) / len(targets)
-    assert accuracy == reported
+        return float((model(inputs).argmax(dim=-1) == targets).sum()) / len(targets)
+
+
+@pytest.mark.slow
+def test_a_users_task_trains_in_a_cluster_of_daemons(tmp_path: Path) -> None:
+    """Real daemon processes load the task from the file themselves (about a minute)."""
+    out, exported = tmp_path / "cluster", tmp_path / "own.safetensors"
+    result = subprocess.run(
+        [sys.executable, "-m", "peerd.cli", "cluster", "--task", f"{EXAMPLE}:task",
+         "--peers", "2", "--rounds", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr
+    assert main(["export", "--from", str(out), "--out", str(exported)]) == 0
+    assert _user_accuracy(exported) == last_global_acc(out)[1]
 
 
 BODY = """
@@ -90,6 +108,12 @@ def nan_model():
     return make(model=not_finite)
 
 
+def batch_norm():
+    model = full(SPEC)
+    model.stem.append(torch.nn.BatchNorm2d(4, affine=False))
+    return make(model=lambda: model)
+
+
 def custom_loss():
     return make(loss=lambda model, batch: model(batch[0]).sum())
 """
@@ -106,6 +130,7 @@ def custom_loss():
         ("{file}:mismatched", "model() and slicing disagree on parameters"),
         ("{file}:nan_model", "is not finite"),
         ("{file}:custom_loss", "a custom loss is not supported yet"),
+        ("{file}:batch_norm", "keeps running statistics, which peerd does not average yet"),
         ("mnist", "invalid choice: 'mnist'"),
     ],
 )
