@@ -1,3 +1,6 @@
 """peerd: serverless decentralized training of overlapping sub-models on a LAN."""
 
+from peerd.task import Task
+
 __version__ = "0.1.0"
+__all__ = ["Task", "__version__"]

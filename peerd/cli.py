@@ -121,6 +121,15 @@ TASK_NAMES = ("digits", "fmnist", "kjv")
 CLUSTER_OUT = "runs/cluster"  # ClusterConfig's, as above
 
 
+def _task(text: str) -> str:
+    """A built-in task's name or a reference to a user's (loaded later, with torch)."""
+    if text in TASK_NAMES or ":" in text:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"invalid choice: {text!r} (choose from {', '.join(TASK_NAMES)}, or FILE.py:FUNCTION "
+        f"or package.module:FUNCTION returning a peerd.Task)")
+
+
 def _partition(text: str) -> str:
     if text == SimConfig().partition:
         return text  # argparse checks the default too: checking it here would load torch
@@ -197,8 +206,11 @@ def _add_learning_options(parser: argparse.ArgumentParser, measured_mu: bool) ->
         parser.add_argument("--mu", type=_mu, default=SimConfig().mu, metavar="F[,F...]",
                             help="width ratio: one value, or one per peer (cycled) "
                                  "(default: 0.5)")
-    parser.add_argument("--task", choices=TASK_NAMES, default="digits",
-                        help="digits (8x8 CNN), fmnist (28x28 CNN) or kjv (text)")
+    parser.add_argument("--task", type=_task, default="digits",
+                        metavar="digits|fmnist|kjv|FILE.py:FUNCTION",
+                        help="digits (8x8 CNN), fmnist (28x28 CNN), kjv (text), or your own: "
+                             "FILE.py:FUNCTION or package.module:FUNCTION returning a "
+                             "peerd.Task")
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds init, data split, plans and batches")
     parser.add_argument("--partition", type=_partition, default="iid",
@@ -374,6 +386,14 @@ def _add_compare(compare: argparse.ArgumentParser) -> None:
     compare.set_defaults(func=_compare)
 
 
+def _add_export(export: argparse.ArgumentParser) -> None:
+    export.add_argument("--from", dest="run_dir", required=True, metavar="DIR",
+                        help="a `peerd sim` or `peerd cluster` out dir")
+    export.add_argument("--out", required=True, metavar="FILE",
+                        help="where to write the model (a .safetensors file)")
+    export.set_defaults(func=_export)
+
+
 def _add_bench(bench: argparse.ArgumentParser) -> None:
     from peerd.bench.accuracy import add_accuracy_parser
     from peerd.bench.capacity import add_capacity_parser
@@ -417,6 +437,11 @@ COMMANDS: dict[str, tuple[str, str | None, Callable[[argparse.ArgumentParser], N
                _add_report),
     "compare": ("several sim or cluster runs side by side: a table and one plot", None,
                 _add_compare),
+    "export": ("the trained global model of a sim or cluster run, as a safetensors file",
+               "Write the assembled full model of DIR's last evaluation (the one whose "
+               "global_acc metrics.jsonl reports last): its whole state_dict, which the model's "
+               "class loads with load_state_dict(safetensors.torch.load_file(FILE), "
+               "strict=True).", _add_export),
     "bench": ("measure peerd: see BENCHMARKS.md", None, _add_bench),
 }
 # Their usage lines would list dozens of options: errors show this and point to --help.
@@ -663,6 +688,16 @@ def _compare(args: argparse.Namespace) -> int:
         return 2
     print(table, end="")
     print(f"wrote {plot}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from peerd.global_model import export_model
+
+    exported = export_model(Path(args.run_dir), Path(args.out))
+    acc = "" if exported.global_acc is None else f", global_acc {exported.global_acc:.4f}"
+    print(f"wrote {exported.path}: the {exported.task} model after round "
+          f"{exported.round_number}{acc}; {exported.tensors} tensors, {exported.values} values")
     return 0
 
 

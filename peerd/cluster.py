@@ -29,12 +29,12 @@ from pathlib import Path
 
 import grpc
 import torch
+from torch import nn
 
 from peerd.agreement import cluster_fingerprint, planner_settings
 from peerd.ca import CA_CERT, DEVICE_ROLE, READER_ROLE, init_ca, issue
 from peerd.config import AUTO, DRIFT_PERIOD, STATIC_OVERLAP
 from peerd.coverage import CoverageTracker
-from peerd.data import load_task_data
 from peerd.metrics import MetricsLog, PeerRound, evaluate_global, run_title
 from peerd.models.base import fingerprint, full_units
 from peerd.net import PROTOCOL_VERSION
@@ -46,7 +46,7 @@ from peerd.progress import Console
 from peerd.sim import peer_name
 from peerd.state import CHECKPOINT_DIR
 from peerd.submodel import forward_flops_per_sample, init_params
-from peerd.tasks import BLOCK_SIZE, get_task
+from peerd.tasks import get_task
 from peerd.topology import load_topology
 from peerd.v1 import peer_pb2
 from peerd.web.cluster_page import ClusterFacts, ClusterPage, WatchedDaemon
@@ -262,7 +262,7 @@ class ClusterWatcher:
         self.daemons = daemons
         self.console = console
         task = get_task(config.task)
-        self.data = load_task_data(config.task, config.data_dir, block_size=BLOCK_SIZE)
+        self.data = task.load_data(config.data_dir)
         self.spec = task.model(self.data, config.early_exits)
         self.eval_samples = config.eval_samples if config.eval_samples else task.eval_samples
         initial = init_params(self.spec, config.seed)
@@ -341,9 +341,10 @@ class ClusterWatcher:
                 return False
         return True
 
-    async def evaluate(self, rounds: int, plans: Plans) -> dict[str, float]:
+    async def evaluate(self, rounds: int, plans: Plans) -> tuple[dict[str, float], nn.Module]:
         """The global model after `rounds` rounds, assembled with the plans of its last round
-        (computed here, like every peer does, never taken from the wire)."""
+        (computed here, like every peer does, never taken from the wire): its figures and the
+        model itself."""
         local = [d.rounds_through(rounds)[-1] for d in self.daemons]
 
         def request(round_number: int) -> peer_pb2.PullRequest:
@@ -357,11 +358,12 @@ class ClusterWatcher:
             for d, record in zip(self.daemons, local, strict=True)))
         params = {d.peer_id: stream.tensors for d, stream in zip(self.daemons, pulled,
                                                                  strict=True)}
-        figures = evaluate_global(self.spec, self.data, params, plans, self.eval_samples)
+        figures, model = evaluate_global(self.spec, self.data, params, plans,
+                                         self.eval_samples)
         figures["peer_acc_mean"] = statistics.fmean(r["local_acc"] for r in local)
         if self.spec.kind == "text":
             figures["peer_ppl_mean"] = statistics.fmean(r["local_ppl"] for r in local)
-        return figures
+        return figures, model
 
     def peer_rounds(self, rounds: int) -> list[PeerRound]:
         figures = []
@@ -401,12 +403,12 @@ class ClusterWatcher:
             await self.wait_rounds(rounds)
             plans = self.planner.plan(rounds - 1, self.members, self.spec.groups)
             self.coverage.record(plans.values())
-            evaluation = None
+            evaluation, model = None, None
             if rounds % self.config.eval_every == 0 or rounds == self.config.rounds:
                 self._status(f"round {rounds}/{self.config.rounds}: evaluating the global model")
-                evaluation = await self.evaluate(rounds, plans)
+                evaluation, model = await self.evaluate(rounds, plans)
             record = log.record(rounds, self.peer_rounds(rounds), self.coverage.fraction,
-                                evaluation, time.monotonic() - started)
+                                evaluation, time.monotonic() - started, model)
             if on_round is not None:
                 on_round(record)
         await self.clients.close()

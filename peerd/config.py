@@ -238,7 +238,8 @@ class DaemonConfig:
     """One daemon (`peerd start`): every option, in the order of the reference table."""
 
     topology: str = option("ring", "who exchanges slices with whom: ring, full, or a TOML path")
-    task: str = option("digits", "the task: digits, fmnist or kjv; the same on every member")
+    task: str = option("digits", "the task: digits, fmnist, kjv, or a user's FILE.py:FUNCTION "
+                       "(docs/MODELS.md); the same on every member")
     mu: float | str = option(
         0.5, "width ratio of this peer's slice, in (0, 1]; auto: the widest of 0.5, 0.25, "
         "0.125, 0.0625 that fits memory_budget (and round_target) by a probe at start")

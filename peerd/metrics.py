@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 
 from peerd.aggregate import assemble
 from peerd.data import TaskData
 from peerd.evaluate import Evaluation, evaluate
+from peerd.global_model import save_global_model
 from peerd.models.base import ModelSpec, Plan, full_plan
 from peerd.plots import plot_curves
 from peerd.submodel import Params, extract
@@ -32,16 +34,17 @@ class PeerRound:
 def evaluate_global(
     spec: ModelSpec, data: TaskData, peer_params: Mapping[str, Params],
     plans: Mapping[str, Plan], eval_samples: int | None,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], nn.Module]:
     """On the held-out test set (first `eval_samples`): the assembled full-width model
     (`global_*`) and every peer's own sub-model of the round, averaged over peers
     (`peer_global_*`). The second is what a method hands a peer: for heterofl and fd at one
-    width, the shared sub-model, whose untrained rest makes the assembled model meaningless."""
+    width, the shared sub-model, whose untrained rest makes the assembled model meaningless.
+    Returns the figures and the assembled model they score (what `peerd export` hands out)."""
     test = data.test
     if eval_samples is not None and eval_samples < len(test):
         test = test.subset(np.arange(eval_samples))
-    assembled = assemble(spec, peer_params, plans)
-    result = evaluate(extract(spec, assembled, full_plan(spec)), spec.kind, test)
+    assembled = extract(spec, assemble(spec, peer_params, plans), full_plan(spec))
+    result = evaluate(assembled, spec.kind, test)
     figures = {"global_acc": result.accuracy, "global_loss": result.loss}
     if spec.kind == "text":
         figures["global_ppl"] = result.perplexity
@@ -51,7 +54,7 @@ def evaluate_global(
     figures["peer_global_loss_mean"] = statistics.fmean(e.loss for e in own)
     if spec.kind == "text":
         figures["peer_global_ppl_mean"] = statistics.fmean(e.perplexity for e in own)
-    return figures
+    return figures, assembled
 
 
 def local_figures(spec: ModelSpec, local: Sequence[Evaluation]) -> dict[str, float]:
@@ -64,7 +67,8 @@ def local_figures(spec: ModelSpec, local: Sequence[Evaluation]) -> dict[str, flo
 
 
 class MetricsLog:
-    """Writes OUT/metrics.jsonl, one record per round, and OUT/curves.png at the end."""
+    """Writes OUT/metrics.jsonl, one record per round, OUT/model.safetensors at every
+    evaluation, and OUT/curves.png at the end."""
 
     def __init__(self, out: Path, identity: dict, flops_per_sample_full: int) -> None:
         out.mkdir(parents=True, exist_ok=True)
@@ -78,7 +82,13 @@ class MetricsLog:
     def record(
         self, round_number: int, peers: Sequence[PeerRound], coverage: float,
         evaluation: Mapping[str, float | list[float]] | None, wall_s: float,
+        model: nn.Module | None = None,
     ) -> dict:
+        """`model`: the assembled model `evaluation` scored, saved before the record is
+        written, so that the last evaluated record never names a model not yet on disk."""
+        if model is not None and evaluation is not None:
+            save_global_model(self.out, model, round_number, dict(evaluation),
+                              str(self.identity.get("task")))
         sent = [p.bytes_sent_cum for p in peers]
         before = self._bytes_before or [0] * len(peers)
         self._bytes_before = sent

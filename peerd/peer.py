@@ -24,12 +24,12 @@ from peerd.config import (
     check_depth,
     parse_size,
 )
-from peerd.data import Split, TaskData, load_task_data, local_train_test, partition
+from peerd.data import Split, TaskData, local_train_test, partition
 from peerd.engine import Engine, Staleness
 from peerd.models.base import DEPTH, ModelSpec
 from peerd.plan import Member, make_planner
 from peerd.submodel import init_params
-from peerd.tasks import BLOCK_SIZE, get_task
+from peerd.tasks import get_task
 from peerd.topology import load_topology
 from peerd.width import WidthConfig, learn_widths
 
@@ -93,7 +93,7 @@ def training_set(data: TaskData, config: SimConfig | DaemonConfig) -> Split:
 
 
 def load_data(config: SimConfig | DaemonConfig) -> TaskData:
-    return load_task_data(config.task, config.data_dir, block_size=BLOCK_SIZE)
+    return get_task(config.task).load_data(config.data_dir)
 
 
 def build_peer(config: SimConfig | DaemonConfig, position: int, peer_id: str,

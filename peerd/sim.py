@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from torch import nn
+
 from peerd.config import SimConfig
 from peerd.coverage import CoverageTracker
 from peerd.data import TaskData
@@ -91,14 +93,15 @@ def run_round(sim: Simulation, round_index: int) -> tuple[list[RoundContext], li
 
 def evaluate_round(
     sim: Simulation, contexts: list[RoundContext],
-) -> dict[str, float | list[float]]:
+) -> tuple[dict[str, float | list[float]], nn.Module]:
+    """The round's figures and the assembled model they score."""
     peer_params = {engine.peer_id: engine.params for engine in sim.engines}
-    figures = evaluate_global(sim.spec, sim.data, peer_params, contexts[0].plans_now,
-                              sim.eval_samples)
+    figures, model = evaluate_global(sim.spec, sim.data, peer_params, contexts[0].plans_now,
+                                     sim.eval_samples)
     local = [e.evaluate_local(ctx) for e, ctx in zip(sim.engines, contexts, strict=True)]
     # Each peer's own accuracy by position, so that mixed-width runs can be split by width.
     peer_acc = [e.accuracy for e in local]
-    return {**figures, **local_figures(sim.spec, local), "peer_acc": peer_acc}
+    return {**figures, **local_figures(sim.spec, local), "peer_acc": peer_acc}, model
 
 
 def _show_steps(sim: Simulation, console: Console, current_round: Callable[[], int]) -> None:
@@ -142,13 +145,13 @@ def run(config: SimConfig, on_round: Callable[[dict], None] | None = None,
                                    train_flops_cum[position],
                                    sim.transport.bytes_sent[engine.peer_id]))
         last = round_index + 1 == config.rounds
-        evaluation = None
+        evaluation, model = None, None
         if (round_index + 1) % config.eval_every == 0 or last:
             if console is not None:
                 console.status(f"round {round_index + 1}/{config.rounds}: evaluating")
-            evaluation = evaluate_round(sim, contexts)
+            evaluation, model = evaluate_round(sim, contexts)
         record = log.record(round_index + 1, peers, sim.coverage.fraction, evaluation,
-                            time.monotonic() - started)
+                            time.monotonic() - started, model)
         if on_round is not None:
             on_round(record)
     sim.loop.close()

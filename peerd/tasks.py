@@ -1,13 +1,19 @@
-"""The built-in tasks: which data, which model and which training defaults go together."""
+"""The tasks peerd trains: which data, which model and which training defaults go together.
+
+The built-in ones by name; a user's `peerd.Task` by reference (`FILE.py:FUNCTION` or
+`package.module:FUNCTION`, peerd/task.py), loaded once per process."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache, partial
+from pathlib import Path
 
-from peerd.config import TrainConfig
-from peerd.data import TaskData
+from peerd.config import ConfigError, TrainConfig
+from peerd.data import TaskData, load_task_data
 from peerd.models import CNNConfig, CNNSpec, ModelSpec, TransformerConfig, TransformerSpec
+from peerd.task import check_model_matches, is_task_reference, load_task, task_data
 
 BLOCK_SIZE = 64
 
@@ -19,6 +25,7 @@ class Task:
     model: Callable[..., ModelSpec]  # (data, early_exits=False)
     train: TrainConfig
     eval_samples: int | None  # global test samples per evaluation (None: all)
+    load_data: Callable[[str | Path | None], TaskData]  # (data_dir)
 
 
 def _digits_model(data: TaskData, early_exits: bool = False) -> ModelSpec:
@@ -42,18 +49,49 @@ TASKS: dict[str, Task] = {
     task.name: task
     for task in (
         Task("digits", "scikit-learn's 8x8 digits, ResNet-style CNN", _digits_model,
-             TrainConfig(lr=0.05, batch_size=32, local_epochs=4), None),
+             TrainConfig(lr=0.05, batch_size=32, local_epochs=4), None,
+             partial(load_task_data, "digits")),
         Task("fmnist", "Fashion-MNIST 28x28, ResNet-style CNN", _fmnist_model,
-             TrainConfig(lr=0.05, batch_size=64, local_epochs=1, max_local_steps=50), 2000),
+             TrainConfig(lr=0.05, batch_size=64, local_epochs=1, max_local_steps=50), 2000,
+             partial(load_task_data, "fmnist")),
         Task("kjv", "King James Bible, character-level transformer LM", _kjv_model,
              TrainConfig(lr=0.05, momentum=0.9, weight_decay=0.0, batch_size=32,
-                         max_local_steps=20, grad_clip=1.0), 256),
+                         max_local_steps=20, grad_clip=1.0), 256,
+             partial(load_task_data, "kjv", block_size=BLOCK_SIZE)),
     )
 }
 
 
 def get_task(name: str) -> Task:
+    """A built-in task by name, or a user's by `FILE.py:FUNCTION` / `package.module:FUNCTION`."""
+    if is_task_reference(name):
+        return _user_task(name)
     try:
         return TASKS[name]
     except KeyError:
         raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}") from None
+
+
+@lru_cache(maxsize=8)
+def _user_task(reference: str) -> Task:
+    """A user's peerd.Task as peerd trains it: its declaration, data and training defaults."""
+    user = load_task(reference)
+    spec = check_model_matches(user)
+    data = task_data(user)
+
+    def model(data: TaskData, early_exits: bool = False) -> ModelSpec:
+        if early_exits:
+            raise ConfigError(f"task {user.name!r}: --early-exits is not supported for a "
+                              f"user's task yet")
+        return spec
+
+    def load_data(data_dir: str | Path | None) -> TaskData:
+        if data_dir is not None:
+            raise ConfigError(f"task {user.name!r} brings its own data: drop --data-dir")
+        return data
+
+    defaults = TrainConfig()
+    train = replace(defaults, lr=user.lr or defaults.lr,
+                    batch_size=user.batch_size or defaults.batch_size,
+                    max_local_steps=user.local_steps)
+    return Task(user.name, f"{reference} ({user.name})", model, train, None, load_data)

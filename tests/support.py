@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from peerd.models import ModelSpec, Plan
 
@@ -25,3 +29,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def digits_user_accuracy(state_path: Path) -> float:
+    """What a user does with an exported digits model: the task's model class, a strict load,
+    argmax accuracy over the global test set (digits evaluates all of it)."""
+    from peerd.data import load_task_data
+    from peerd.models.base import full_units
+    from peerd.tasks import get_task
+
+    data = load_task_data("digits")
+    spec = get_task("digits").model(data)
+    model = spec.build(full_units(spec))
+    model.load_state_dict(load_file(str(state_path)), strict=True)
+    model.eval()
+    with torch.no_grad():
+        predictions = model(data.test.inputs).argmax(dim=-1)
+    return float((predictions == data.test.targets).sum()) / len(data.test.targets)
+
+
+def last_global_acc(run_dir: Path) -> tuple[int, float]:
+    """metrics.jsonl's last evaluated round and its global_acc."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r for r in records if r["global_acc"] is not None]
+    return evaluated[-1]["round"], evaluated[-1]["global_acc"]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import digits_user_accuracy, last_global_acc
 
 from peerd.cli import main
 
@@ -79,3 +80,7 @@ def test_cluster_command_runs_daemons_and_writes_sim_metrics(tmp_path: Path) -> 
     assert all(0.0 <= r["global_acc"] <= 1.0 and r["peers"] == 2 for r in records)
     assert records[-1]["bytes_sent_cum_peer_mean"] > 0
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # The assembled model the watcher scored last, exported, scores the same in the user's hands.
+    exported = tmp_path / "exported" / "model.safetensors"
+    assert main(["export", "--from", str(tmp_path), "--out", str(exported)]) == 0
+    assert digits_user_accuracy(exported) == last_global_acc(tmp_path)[1]

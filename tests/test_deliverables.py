@@ -31,7 +31,7 @@ def test_heterofl_at_one_width_is_judged_by_its_shared_sub_model(tmp_path: Path)
     sim = build(_digits("heterofl", 0.25, 6, tmp_path))
     for round_index in range(6):
         contexts, _ = run_round(sim, round_index)
-    figures = evaluate_round(sim, contexts)
+    figures, _ = evaluate_round(sim, contexts)
     plans = contexts[0].plans_now
     first = sim.engines[0]
     for engine in sim.engines[1:]:
@@ -50,7 +50,7 @@ def test_peer_global_is_the_mean_of_each_peers_sub_model(tmp_path: Path) -> None
     sim = build(_digits("msfusion", 0.5, 2, tmp_path, topology="ring"))
     for round_index in range(2):
         contexts, _ = run_round(sim, round_index)
-    figures = evaluate_round(sim, contexts)
+    figures, _ = evaluate_round(sim, contexts)
     plans = contexts[0].plans_now
     test = sim.data.test.subset(np.arange(TEST_SAMPLES))
     own = [evaluate(extract(sim.spec, e.params, plans[e.peer_id]), "image", test)

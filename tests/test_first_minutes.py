@@ -44,6 +44,7 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
     ["--help"], ["--version"], [], ["status", "--help"], ["ca", "--help"], ["config", "--help"],
     ["config"], ["config", "--reference"], ["report", "--help"], ["compare", "--help"],
     ["sim", "--help"], ["cluster", "--help"], ["start", "--help"], ["start", "--shard", "3/3"],
+    ["export", "--help"],
     ["ca", "init", "--dir", "{tmp}/ca"],
 ])
 def test_commands_that_do_not_train_load_no_torch(argv: list[str], tmp_path: Path) -> None:
@@ -117,7 +118,7 @@ def test_every_flag_has_help_that_shows_its_default() -> None:
     # bench's flags belong to the benchmarks (BENCHMARKS.md documents their runs).
     parser = cli.build_parser()
     leaves = [p for p in _leaf_parsers(parser) if not p.prog.startswith("peerd bench")]
-    assert len(leaves) == 9
+    assert len(leaves) == 10
     for leaf in leaves:
         text = leaf.format_help()
         for action in leaf._actions:

@@ -1,0 +1,173 @@
+"""`peerd.Task`, the public API: a user's model and data, and `--task FILE.py:FUNCTION`.
+
+A task names a model factory, train and test datasets of (input, target) items and a metric.
+This first part trains models that declare their own slicing with peerd's table (a ModelSpec,
+as peerd/models/ does): `slicing=` is required, and the factory's module must have exactly the
+parameters (names and shapes) of the declaration's full-width model, so that `peerd export`'s
+file loads strictly into it. A custom loss, a custom metric, a task-level partition and
+automatic slicing are refused by name until they are built (issue 22).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+
+    from peerd.data import Split, TaskData
+    from peerd.models.base import ModelSpec
+
+METRICS = ("accuracy", "perplexity")
+
+
+class TaskError(ValueError):
+    """A task that cannot be loaded or trained; the message names the part at fault."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Task:
+    """What peerd trains: built with keywords, returned by the FUNCTION of `--task`."""
+
+    name: str
+    model: Callable[[], nn.Module]  # the full model, as the user's own code builds it
+    train: Dataset  # items (input, target); a TensorDataset works
+    test: Dataset  # the held-out set the global model is scored on
+    loss: Callable[[nn.Module, Any], torch.Tensor] | None = None  # None: cross-entropy
+    metric: str | Callable[[nn.Module, Any], tuple[float, int]] = "accuracy"
+    batch_size: int | None = None  # None: peerd's default (TrainConfig)
+    local_steps: int | None = None  # cap on a round's local steps; None: one epoch
+    lr: float | None = None
+    partition: str | Callable[..., Any] | None = None
+    slicing: ModelSpec | None = None  # peerd's table of unit groups and axes for `model`
+
+
+def is_task_reference(text: str) -> bool:
+    """`FILE.py:FUNCTION` or `package.module:FUNCTION`, not a built-in task's name."""
+    return ":" in text
+
+
+def _module_of(location: str, reference: str) -> Any:
+    if location.endswith(".py"):
+        path = Path(location).expanduser()
+        if not path.is_file():
+            raise TaskError(f"--task {reference}: no such file: {path}")
+        spec = importlib.util.spec_from_file_location(f"peerd_user_task_{path.stem}", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(location)
+    except ModuleNotFoundError as error:
+        raise TaskError(f"--task {reference}: no module named {error.name!r}") from None
+
+
+def load_task(reference: str) -> Task:
+    """Call `FUNCTION` of FILE.py or package.module and check that it returned a usable Task."""
+    location, _, function_name = reference.rpartition(":")
+    if not location or not function_name.isidentifier():
+        raise TaskError(f"--task {reference}: give FILE.py:FUNCTION or package.module:FUNCTION")
+    module = _module_of(location, reference)
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise TaskError(f"--task {reference}: {location} has no function {function_name!r}")
+    task = function()
+    if not isinstance(task, Task):
+        raise TaskError(f"--task {reference}: {function_name}() returned "
+                        f"{type(task).__name__}, not a peerd.Task")
+    check_task(task, reference)
+    return task
+
+
+def check_task(task: Task, where: str) -> None:
+    """What this part of the API supports, refused by name otherwise."""
+    unsupported = {
+        "loss": task.loss is not None, "partition": task.partition is not None,
+        "metric": not isinstance(task.metric, str),
+        "slicing": task.slicing is None,
+    }
+    reasons = {
+        "loss": "a custom loss is not supported yet: leave loss unset (cross-entropy)",
+        "partition": "a task-level partition is not supported yet: pass --partition",
+        "metric": f"a callable metric is not supported yet: give one of {', '.join(METRICS)}",
+        "slicing": "automatic slicing is not built yet: give slicing=, a peerd ModelSpec that "
+                   "declares the model's unit groups and axes (docs/MODELS.md)",
+    }
+    for field_name, refused in unsupported.items():
+        if refused:
+            raise TaskError(f"task {task.name!r} ({where}): {reasons[field_name]}")
+    if task.metric not in METRICS:
+        raise TaskError(f"task {task.name!r}: metric {task.metric!r} is not one of "
+                        f"{', '.join(METRICS)}")
+    wanted_kind = "text" if task.metric == "perplexity" else "image"
+    if task.slicing is not None and task.slicing.kind != wanted_kind:
+        raise TaskError(f"task {task.name!r}: metric {task.metric!r} needs a slicing declaration "
+                        f"of kind {wanted_kind!r}, not {task.slicing.kind!r}")
+
+
+def check_model_matches(task: Task) -> ModelSpec:
+    """The declaration, once its full-width module has exactly the factory's parameters."""
+    import torch
+    from torch import nn
+
+    from peerd.models.base import full_units
+
+    spec = task.slicing
+    assert spec is not None
+    declared = {name: tuple(p.shape)
+                for name, p in spec.build(full_units(spec)).named_parameters()}
+    model = task.model()
+    built = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    if declared != built:
+        differing = sorted(name for name in declared.keys() | built.keys()
+                           if declared.get(name) != built.get(name))
+        raise TaskError(f"task {task.name!r}: model() and slicing disagree on parameters "
+                        f"{', '.join(differing[:5])} (name or shape)")
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            raise TaskError(f"task {task.name!r}: module {name} ({type(module).__name__}) keeps "
+                            f"running statistics, which peerd does not average yet: use "
+                            f"GroupNorm or LayerNorm, or track_running_stats=False")
+    for name, parameter in model.named_parameters():
+        if not bool(torch.isfinite(parameter).all()):
+            raise TaskError(f"task {task.name!r}: model() parameter {name} is not finite")
+    return spec
+
+
+def _split(dataset: Dataset, task: Task, which: str) -> Split:
+    """Every (input, target) item of `dataset`, stacked into one tensor each."""
+    import torch
+
+    from peerd.data import Split
+
+    try:
+        items = [dataset[index] for index in range(len(dataset))]  # type: ignore[arg-type]
+        inputs = torch.stack([item[0] for item in items])
+        targets = torch.stack([torch.as_tensor(item[1]) for item in items]).long()
+    except (TypeError, IndexError, RuntimeError) as error:
+        raise TaskError(f"task {task.name!r}: {which} items must be (input tensor, target) "
+                        f"pairs of one shape: {error}") from None
+    if len(items) == 0:
+        raise TaskError(f"task {task.name!r}: the {which} dataset is empty")
+    return Split(inputs, targets, None)
+
+
+def task_data(task: Task) -> TaskData:
+    """The task's datasets in the shape peerd's data pipeline takes."""
+    from peerd.data import TaskData
+
+    train, test = _split(task.train, task, "train"), _split(task.test, task, "test")
+    kind = "text" if task.metric == "perplexity" else "image"
+    classes = int(max(train.targets.max(), test.targets.max())) + 1
+    return TaskData(task.name, kind, train, test, classes, None,
+                    train.inputs.shape[1] if kind == "text" else None)
