@@ -120,6 +120,9 @@ class Daemon:
         self.state_dir = Path(config.state_dir)
         self.peer_id = own_peer_id(config, self.tls)
         peer = build_peer(config, 0 if config.shard is None else config.shard[0], self.peer_id)
+        # torch.optim imports torch._dynamo on the first optimizer (seconds, holding the GIL):
+        # here, before the loop serves, not on the worker in round 1 (it starved the loop).
+        import torch._dynamo  # noqa: F401
         self.engine, self.me, self.spec = peer.engine, peer.member, peer.spec
         self.planner_settings = planner_settings(config.method, config.seed, config.overlap,
                                                  config.drift_period)
