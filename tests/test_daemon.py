@@ -98,8 +98,8 @@ def test_ring_neighbours_and_bytes_follow_the_outbox_rule(
 # asked it wakes). Bounds from the protocol's clocks, not from this machine's speed: p99 under
 # the collect loop's poll interval (0.25 s) keeps collecting and push retries on their cadence;
 # the longest stall under the handshake interval (0.5 s) never skips a handshake. Measured
-# (BENCHMARKS.md, "Event-loop lag"): p99 0.03 to 0.11 s, max 0.04 to 0.12 s on 2 cores under
-# load 14; before the daemon imported torch._dynamo at start, round 1 stalled 0.4 to 2.1 s.
+# (BENCHMARKS.md, "Event-loop lag"): p99 0.02 to 0.11 s, max 0.03 to 0.12 s on 2 cores under
+# load 11 to 14; before the daemon imported torch._dynamo at start, round 1 stalled 0.4 to 2.1 s.
 LOOP_LAG_P99_BOUND_S = 0.25
 LOOP_LAG_MAX_BOUND_S = 0.5
 
