@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-import ifaddr
 import torch
 
 from peerd.agreement import cluster_fingerprint, describe_settings, planner_settings
@@ -47,7 +46,7 @@ from peerd.net.discovery import (
     PeerRecord,
     StaticDiscovery,
 )
-from peerd.net.host import DaemonHost
+from peerd.net.host import DaemonHost, advertised_host
 from peerd.net.membership import Membership, View
 from peerd.net.roster import MembershipRoster
 from peerd.net.rpc import add_peer_service
@@ -79,20 +78,6 @@ class RunSummary:
     bytes_received: int
 
 
-def advertised_host(config: DaemonConfig) -> str:
-    """The address peers should dial: the bind address, else the mDNS interface, else the
-    first non-loopback IPv4 address of this machine."""
-    if config.host not in ("0.0.0.0", ""):
-        return config.host
-    if config.mdns_interface:
-        return config.mdns_interface
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            if isinstance(ip.ip, str) and not ip.ip.startswith("127."):
-                return ip.ip
-    return "127.0.0.1"
-
-
 def own_peer_id(config: DaemonConfig, tls: TlsIdentity | None) -> str:
     """With TLS the peer id is the certificate's name (peers check every claim against it);
     without, the one given or kept in the state dir."""
@@ -105,11 +90,6 @@ def own_peer_id(config: DaemonConfig, tls: TlsIdentity | None) -> str:
                        f"the certificate's name; drop --peer-id, or issue a certificate for "
                        f"{config.peer_id} (peerd ca issue {config.peer_id})")
     return load_or_create_peer_id(state_dir, tls.name)
-
-
-def round_rules(config: DaemonConfig) -> RoundRules:
-    return RoundRules(config.sync, config.quorum, config.round_timeout_s, config.deadline_mads,
-                      config.deadline_floor_s, config.max_staleness)
 
 
 class Daemon:
@@ -143,8 +123,10 @@ class Daemon:
         self.roster = MembershipRoster(self.membership, self.engine.topology, last_round,
                                        self._stopping)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        rules = RoundRules(config.sync, config.quorum, config.round_timeout_s,
+                           config.deadline_mads, config.deadline_floor_s, config.max_staleness)
         self.driver = RoundDriver(
-            self.engine, self.roster, self, round_rules(config), self._offload, SNAPSHOTS_KEPT,
+            self.engine, self.roster, self, rules, self._offload, SNAPSHOTS_KEPT,
             evaluate_local=True, slowdown=config.slowdown,
             checkpoint=self._checkpoint if config.checkpoints_kept else None,
             stopping=self._stopping)
