@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-import ifaddr
 import torch
 
 from peerd.agreement import cluster_fingerprint, describe_settings, planner_settings
@@ -47,7 +46,7 @@ from peerd.net.discovery import (
     PeerRecord,
     StaticDiscovery,
 )
-from peerd.net.host import DaemonHost
+from peerd.net.host import DaemonHost, advertised_host
 from peerd.net.limits import bind, prepare_server_limits
 from peerd.net.membership import Membership, View
 from peerd.net.roster import MembershipRoster
@@ -84,20 +83,6 @@ class RunSummary:
     bytes_received: int
 
 
-def advertised_host(config: DaemonConfig) -> str:
-    """The address peers should dial: the bind address, else the mDNS interface, else the
-    first non-loopback IPv4 address of this machine."""
-    if config.host not in ("0.0.0.0", ""):
-        return config.host
-    if config.mdns_interface:
-        return config.mdns_interface
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            if isinstance(ip.ip, str) and not ip.ip.startswith("127."):
-                return ip.ip
-    return "127.0.0.1"
-
-
 def own_peer_id(config: DaemonConfig, tls: TlsIdentity | None) -> str:
     """With TLS the peer id is the certificate's name (peers check every claim against it);
     without, the one given or kept in the state dir."""
@@ -112,11 +97,6 @@ def own_peer_id(config: DaemonConfig, tls: TlsIdentity | None) -> str:
     return load_or_create_peer_id(state_dir, tls.name)
 
 
-def round_rules(config: DaemonConfig) -> RoundRules:
-    return RoundRules(config.sync, config.quorum, config.round_timeout_s, config.deadline_mads,
-                      config.deadline_floor_s, config.max_staleness)
-
-
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
@@ -125,6 +105,9 @@ class Daemon:
         self.state_dir = Path(config.state_dir)
         self.peer_id = own_peer_id(config, self.tls)
         peer = build_peer(config, 0 if config.shard is None else config.shard[0], self.peer_id)
+        # torch.optim imports torch._dynamo on the first optimizer (seconds, holding the GIL):
+        # here, before the loop serves, not on the worker in round 1 (it starved the loop).
+        import torch._dynamo  # noqa: F401
         self.engine, self.me, self.spec = peer.engine, peer.member, peer.spec
         self.planner_settings = planner_settings(config.method, config.seed, config.overlap,
                                                  config.drift_period)
@@ -146,8 +129,10 @@ class Daemon:
         self.roster = MembershipRoster(self.membership, self.engine.topology, last_round,
                                        self._stopping)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        rules = RoundRules(config.sync, config.quorum, config.round_timeout_s,
+                           config.deadline_mads, config.deadline_floor_s, config.max_staleness)
         self.driver = RoundDriver(
-            self.engine, self.roster, self, round_rules(config), self._offload, SNAPSHOTS_KEPT,
+            self.engine, self.roster, self, rules, self._offload, SNAPSHOTS_KEPT,
             evaluate_local=True, slowdown=config.slowdown,
             checkpoint=self._checkpoint if config.checkpoints_kept else None,
             stopping=self._stopping)

@@ -95,14 +95,13 @@ def test_ring_neighbours_and_bytes_follow_the_outbox_rule(
 
 
 # The event loop's lag during a round (peerd/looplag.py: a 10 ms sleeper, how much later than
-# asked it wakes). Bounds from the protocol's clocks, not from this machine's speed: the collect
-# loop polls every 0.25 s and handshakes go out every 0.5 s, so a p99 lag under half the poll
-# interval keeps both on time; a member unheard for dead_after (10 s) is dropped, so the longest
-# stall stays under a quarter of that. A blocking step on the loop (a scan of a large slice,
-# a checkpoint written there) breaks the first; a wedged loop the second. BENCHMARKS.md has
-# the figures measured.
-LOOP_LAG_P99_BOUND_S = 0.125
-LOOP_LAG_MAX_BOUND_S = 2.5
+# asked it wakes). Bounds from the protocol's clocks, not from this machine's speed: p99 under
+# the collect loop's poll interval (0.25 s) keeps collecting and push retries on their cadence;
+# the longest stall under the handshake interval (0.5 s) never skips a handshake. Measured
+# (BENCHMARKS.md, "Event-loop lag"): p99 0.02 to 0.11 s, max 0.03 to 0.12 s on 2 cores under
+# load 11 to 14; before the daemon imported torch._dynamo at start, round 1 stalled 0.4 to 2.1 s.
+LOOP_LAG_P99_BOUND_S = 0.25
+LOOP_LAG_MAX_BOUND_S = 0.5
 
 
 def test_the_event_loop_keeps_answering_during_rounds(ring_of_four: list[RunningDaemon]) -> None:

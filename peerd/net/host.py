@@ -1,13 +1,16 @@
-"""What peers ask of a daemon (the `PeerHost` its gRPC service calls): introductions, slices,
-pulls and status, answered from the membership, the round driver and the slice transport."""
+"""A daemon as its peers see it: the address they dial, and what they ask of it (the `PeerHost`
+its gRPC service calls): introductions, slices, pulls and status, answered from the membership,
+the round driver and the slice transport."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 import grpc
+import ifaddr
 import torch
 
+from peerd.config import DaemonConfig
 from peerd.driver import RoundDriver
 from peerd.models.base import DEPTH, ModelSpec
 from peerd.net import PROTOCOL_VERSION
@@ -17,6 +20,20 @@ from peerd.net.membership import Membership
 from peerd.net.slices import GrpcSlices
 from peerd.plan import Member, check_widths, decode_widths, width_group_names
 from peerd.v1 import peer_pb2
+
+
+def advertised_host(config: DaemonConfig) -> str:
+    """The address peers should dial: the bind address, else the mDNS interface, else the
+    first non-loopback IPv4 address of this machine."""
+    if config.host not in ("0.0.0.0", ""):
+        return config.host
+    if config.mdns_interface:
+        return config.mdns_interface
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str) and not ip.ip.startswith("127."):
+                return ip.ip
+    return "127.0.0.1"
 
 
 class DaemonHost:
