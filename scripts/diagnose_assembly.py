@@ -2,7 +2,8 @@
 
 Usage: python scripts/diagnose_assembly.py OUT.jsonl [--task fmnist] [--method msfusion]
            [--mu 0.25] [--seed 0] [--rounds 30] [--every 5] [--drift-period R]
-           [--topology ring] [--lr LR] [--steps N] [--contrastive]
+           [--topology ring] [--lr LR] [--steps N] [--contrastive] [--balanced-softmax]
+           [--test-samples 2000]
 
 8 peers, Dirichlet 0.5, the task's local training unless overridden. Every `--every` rounds it
 prints and appends one JSON line: the assembled model's accuracy (what `peerd sim` reports as
@@ -57,6 +58,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--contrastive", action="store_true")
+    parser.add_argument("--balanced-softmax", action="store_true")
     parser.add_argument("--test-samples", type=int, default=TEST_SAMPLES)
     return parser.parse_args()
 
@@ -69,7 +71,8 @@ def main() -> None:
         train = dataclasses.replace(train, lr=args.lr)
     if args.steps is not None:
         train = dataclasses.replace(train, max_local_steps=args.steps)
-    train = dataclasses.replace(train, contrastive=args.contrastive)
+    train = dataclasses.replace(train, contrastive=args.contrastive,
+                                balanced_softmax=args.balanced_softmax)
     sim = build(SimConfig(
         peers=8, method=args.method, mu=(args.mu,), task=args.task, rounds=args.rounds,
         seed=args.seed, partition="dirichlet:0.5", out="/tmp/diagnose-assembly",
