@@ -284,6 +284,18 @@ def test_cluster_of_the_issue_is_never_silent(tmp_path: Path) -> None:
     _assert_never_silent(terminal)
 
 
+def test_ca_inits_next_command_runs_in_a_fresh_shell(tmp_path: Path) -> None:
+    printed = subprocess.run([sys.executable, "-m", "peerd.cli", "ca", "init", "--dir", "ca"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                             check=True).stdout
+    command = printed.split("next, for each device: ", 1)[1].strip().replace("NAME", "board-1")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = _run_in_fresh_shell(command, elsewhere)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "ca" / "board-1" / "device.key").is_file()
+
+
 def test_install_scripts_commands_run_in_a_fresh_shell(tmp_path: Path) -> None:
     venv = Path(sys.executable).parent.parent
     printed = subprocess.run(["bash", str(ROOT / "scripts" / "next_steps.sh"), str(venv)],
