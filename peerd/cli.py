@@ -707,7 +707,7 @@ def _ca_init(args: argparse.Namespace) -> int:
     ca_dir = init_ca(Path(args.dir), force=args.force)
     print(f"created the cluster CA in {ca_dir}/: ca.crt (the certificate: public) and ca.key "
           f"(the private key, mode 0600: keep it on this machine only, and back it up)\n"
-          f"next, for each device: {peerd_command()} ca issue NAME --dir {ca_dir}")
+          f"next, for each device: {peerd_command()} ca issue NAME --dir {ca_dir.absolute()}")
     return 0
 
 

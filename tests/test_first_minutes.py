@@ -271,7 +271,8 @@ def test_cluster_on_a_terminal_is_never_silent_and_its_commands_run(tmp_path: Pa
     terminal = _cluster_on_terminal(["--peers", "2", "--rounds", "4"], tmp_path, 300)
     _assert_never_silent(terminal)
     text = terminal.text()
-    assert "starting the daemons" in text and "waiting for peers" in text
+    # (A daemon's "waiting for peers" may last less than one poll: the lone-daemon tests.)
+    assert "starting the daemons" in text and "evaluating the global model" in text
     report = next(line for line in text.splitlines() if " report --state-dir " in line)
     result = _run_in_fresh_shell(report.split(": ", 1)[1].strip(), tmp_path)
     assert result.returncode == 0, result.stderr
@@ -282,6 +283,18 @@ def test_cluster_on_a_terminal_is_never_silent_and_its_commands_run(tmp_path: Pa
 def test_cluster_of_the_issue_is_never_silent(tmp_path: Path) -> None:
     terminal = _cluster_on_terminal(["--peers", "3", "--rounds", "4"], tmp_path, 900)
     _assert_never_silent(terminal)
+
+
+def test_ca_inits_next_command_runs_in_a_fresh_shell(tmp_path: Path) -> None:
+    printed = subprocess.run([sys.executable, "-m", "peerd.cli", "ca", "init", "--dir", "ca"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                             check=True).stdout
+    command = printed.split("next, for each device: ", 1)[1].strip().replace("NAME", "board-1")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = _run_in_fresh_shell(command, elsewhere)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "ca" / "board-1" / "device.key").is_file()
 
 
 def test_install_scripts_commands_run_in_a_fresh_shell(tmp_path: Path) -> None:
