@@ -56,7 +56,9 @@ def closed_by_server(sockets: list[socket.socket]) -> int:
 
 def test_idle_connections_and_failing_checkpoints_stop_no_round(
         tmp_path: Path, cluster_ca: ClusterCa) -> None:
-    daemons = start_loopback_daemons(tmp_path, 2, ["--rounds", str(FLOOD_ROUNDS)], cluster_ca,
+    # Slowed training keeps the run longer than the flood on an idle machine as on a busy one.
+    daemons = start_loopback_daemons(tmp_path, 2, ["--rounds", str(FLOOD_ROUNDS),
+                                                   "--slowdown", "4"], cluster_ca,
                                      descriptor_limit_by_position={0: DESCRIPTOR_LIMIT})
     flood: list[socket.socket] = []
     try:
