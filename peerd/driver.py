@@ -135,11 +135,12 @@ class RoundDriver:
         self, engine: Engine, roster: Roster, transport: SliceTransport,
         rules: RoundRules = RoundRules(), offload: Offload = run_inline,
         snapshots_kept: int = 0, evaluate_local: bool = False, slowdown: float = 1.0,
-        checkpoint: Callable[[int, dict], float] | None = None,
+        checkpoint: Callable[[int, dict], float | None] | None = None,
         stopping: asyncio.Event | None = None,
     ) -> None:
         """`snapshots_kept`: parameters after that many recent rounds are kept for pulls;
-        `checkpoint(rounds, meta)` writes one after every round (worker) and returns seconds;
+        `checkpoint(rounds, meta)` writes one after every round (worker) and returns seconds
+        (None: it failed, and the next round writes the next one);
         `slowdown` > 1 makes local training take that many times as long (tests); `stopping`
         set abandons the round in progress."""
         self.engine = engine
