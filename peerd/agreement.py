@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from peerd.plan import MSFusionPlanner
+from peerd.algorithm.plan import MSFusionPlanner
 
 _SEPARATOR = "."
 _SHOWN_CHARS = 40  # of a peer's fingerprint in an error: a hostile one must not flood logs

@@ -40,12 +40,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from peerd.algorithm.engine import sgd, train_step
+from peerd.algorithm.plan import Member, MSFusionPlanner
+from peerd.algorithm.submodel import Params, extract, freeze_shallowest
 from peerd.config import TrainConfig
 from peerd.data import Split
-from peerd.engine import sgd, train_step
 from peerd.models.base import DEPTH, ModelSpec
-from peerd.plan import Member, MSFusionPlanner
-from peerd.submodel import Params, extract, freeze_shallowest
 
 log = logging.getLogger(__name__)
 

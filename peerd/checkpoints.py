@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peerd.plan import Member
+from peerd.algorithm.plan import Member
+from peerd.algorithm.submodel import Params, copy_into
 from peerd.state import Checkpoint, load_checkpoint, rewind, save_checkpoint, save_parameters
-from peerd.submodel import Params, copy_into
 
 if TYPE_CHECKING:
-    from peerd.driver import RoundDriver
+    from peerd.algorithm.driver import RoundDriver
 
 log = logging.getLogger("peerd.checkpoints")
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from peerd import __version__
-from peerd.ca import DEFAULT_CA_DIR, DEVICE_KEY, DEVICE_ROLE, ROLES
 from peerd.config import (
     AUTO,
     DEFAULT_CONFIG_FILE,
@@ -41,7 +40,8 @@ from peerd.config import (
     reference_table,
     required_type,
 )
-from peerd.progress import Console, global_round_line
+from peerd.ops.ca import DEFAULT_CA_DIR, DEVICE_KEY, DEVICE_ROLE, ROLES
+from peerd.ops.progress import Console, global_round_line
 
 if TYPE_CHECKING:
     from peerd.cluster import DaemonProcess
@@ -113,7 +113,7 @@ def _positive_int(text: str) -> int:
     return positive_int(text)
 
 
-# The planners' and tasks' names, as peerd.plan.PLANNERS and peerd.tasks.TASKS hold them
+# The planners' and tasks' names, as peerd.algorithm.plan.PLANNERS and peerd.tasks.TASKS hold them
 # (tests/test_first_minutes.py checks): importing those loads torch, which parsing must not
 # wait for.
 METHODS = ("fd", "fedrolex", "full", "heterofl", "msfusion")
@@ -648,7 +648,7 @@ def _status(args: argparse.Namespace) -> int:
 
     from peerd.net.codec import WireError
     from peerd.net.tls import TlsIdentity
-    from peerd.status import show_status
+    from peerd.ops.status import show_status
 
     config = _daemon_config(args)
     tls = None if config.insecure else TlsIdentity.load(config.tls_dir)
@@ -663,7 +663,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from peerd.report import ReportError, build_report
+    from peerd.ops.report import ReportError, build_report
 
     try:
         summary, paths = build_report(Path(args.state_dir), args.out and Path(args.out))
@@ -677,8 +677,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from peerd.compare import compare_runs
-    from peerd.report import ReportError
+    from peerd.ops.compare import compare_runs
+    from peerd.ops.report import ReportError
 
     try:
         table, plot = compare_runs([Path(run) for run in args.runs], args.target,
@@ -702,7 +702,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _ca_init(args: argparse.Namespace) -> int:
-    from peerd.ca import init_ca
+    from peerd.ops.ca import init_ca
 
     ca_dir = init_ca(Path(args.dir), force=args.force)
     print(f"created the cluster CA in {ca_dir}/: ca.crt (the certificate: public) and ca.key "
@@ -712,7 +712,7 @@ def _ca_init(args: argparse.Namespace) -> int:
 
 
 def _ca_issue(args: argparse.Namespace) -> int:
-    from peerd.ca import issue
+    from peerd.ops.ca import issue
 
     device = issue(Path(args.dir), args.name, Path(args.out) if args.out else None, args.force,
                    args.role)

@@ -32,22 +32,22 @@ import torch
 from torch import nn
 
 from peerd.agreement import cluster_fingerprint, planner_settings
-from peerd.ca import CA_CERT, DEVICE_ROLE, READER_ROLE, init_ca, issue
+from peerd.algorithm.coverage import CoverageTracker
+from peerd.algorithm.plan import Member, Plans, decode_widths, make_planner, width_group_names
+from peerd.algorithm.submodel import forward_flops_per_sample, init_params
+from peerd.algorithm.topology import load_topology
 from peerd.config import AUTO, DRIFT_PERIOD, STATIC_OVERLAP
-from peerd.coverage import CoverageTracker
 from peerd.metrics import MetricsLog, PeerRound, evaluate_global, run_title
 from peerd.models.base import fingerprint, full_units
 from peerd.net import PROTOCOL_VERSION
 from peerd.net.client import PeerClients
 from peerd.net.codec import Expectation
 from peerd.net.tls import TlsIdentity
-from peerd.plan import Member, Plans, decode_widths, make_planner, width_group_names
-from peerd.progress import Console
+from peerd.ops.ca import CA_CERT, DEVICE_ROLE, READER_ROLE, init_ca, issue
+from peerd.ops.progress import Console
 from peerd.sim import peer_name
 from peerd.state import CHECKPOINT_DIR
-from peerd.submodel import forward_flops_per_sample, init_params
 from peerd.tasks import get_task
-from peerd.topology import load_topology
 from peerd.v1 import peer_pb2
 from peerd.web.cluster_page import ClusterFacts, ClusterPage, WatchedDaemon
 from peerd.web.daemon_page import metric_name
@@ -89,7 +89,8 @@ class ClusterConfig:
     contrastive: bool = False
     contrastive_weight: float = 1.0
     contrastive_tau: float = 0.5
-    learned_width: bool = False  # every daemon of mu < 1 learns its widths (peerd/width.py)
+    # Every daemon of mu < 1 learns its widths (peerd/algorithm/width.py).
+    learned_width: bool = False
     width_epochs: int = 10
     width_penalty: float = 0.1
 

@@ -115,12 +115,13 @@ class SimConfig:
     train: TrainConfig | None = None  # None: the task's defaults (peerd/tasks.py), no early exits
     wire_dtype: str = "float32"
     depth: tuple[int, ...] | None = None  # blocks kept, one for all or per peer (cycled)
-    overlap: str = STATIC_OVERLAP  # msfusion's overlap schedule: static or decay:H (peerd/plan.py)
+    # msfusion's overlap schedule: static or decay:H (peerd/algorithm/plan.py).
+    overlap: str = STATIC_OVERLAP
     drift_period: int = DRIFT_PERIOD  # msfusion: rounds per turn of the slowest group's windows
     # Each peer's mean shard: the training set is first cut to a seeded peers x shard_size
     # samples (benchmarks of scale: the same data per peer whatever the peer count).
     shard_size: int | None = None
-    # Data-aware width (peerd/width.py): every peer of mu < 1 learns its widths per group.
+    # Data-aware width (peerd/algorithm/width.py): every peer of mu < 1 learns its widths per group.
     learned_width: bool = False
     width_epochs: int = 10
     width_penalty: float = 0.1
@@ -153,7 +154,8 @@ class SimConfig:
 
 
 def check_width_options(epochs: int, penalty: float) -> None:
-    """Options of data-aware width (peerd/width.py): scoring epochs and the penalty weight."""
+    """Options of data-aware width (peerd/algorithm/width.py): scoring epochs and the penalty
+    weight."""
     _require(type(epochs) is int and epochs >= 1, "width_epochs", epochs, "an integer >= 1")
     _require(penalty > 0 and math.isfinite(penalty), "width_penalty", penalty,
              "a positive number")

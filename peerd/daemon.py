@@ -1,9 +1,9 @@
 """One daemon: discovery + membership + the round driver over the gRPC transport, on one
 asyncio loop.
 
-This module is wiring: the steps of a round are the round driver's (peerd/driver.py), the slices
-travel by peerd/net/slices.py, the view is peerd/net/membership.py's. Training, slicing, merging
-and file writes run on a single worker thread (the engine is not thread-safe and the event loop
+This module is wiring: the steps of a round are the round driver's (peerd/algorithm/driver.py),
+the slices travel by peerd/net/slices.py, the view is peerd/net/membership.py's. Training,
+slicing, merging and file writes run on a single worker thread (the engine is not thread-safe and the event loop
 must never block); the loop keeps answering handshakes, pushes, pulls and status calls
 meanwhile. After every merge the driver writes a checkpoint; a restarted daemon resumes from it.
 """
@@ -26,13 +26,14 @@ import grpc
 import torch
 
 from peerd.agreement import cluster_fingerprint, describe_settings, planner_settings
+from peerd.algorithm.driver import RoundDriver, RoundOutcome, RoundRules, round_record
+from peerd.algorithm.engine import RoundContext
+from peerd.algorithm.plan import encode_widths, width_group_names
+from peerd.algorithm.submodel import copy_into
+from peerd.algorithm.transport import SliceMessage
 from peerd.allocator import keep_freed_memory
-from peerd.ca import DEVICE_CERT
 from peerd.checkpoints import Checkpoints, enter_at, resume
 from peerd.config import DaemonConfig
-from peerd.driver import RoundDriver, RoundOutcome, RoundRules, round_record
-from peerd.engine import RoundContext
-from peerd.exporter import Exporter
 from peerd.looplag import LoopLag
 from peerd.models.base import fingerprint
 from peerd.net import GRPC_OPTIONS, PROTOCOL_VERSION
@@ -54,13 +55,12 @@ from peerd.net.rpc import add_peer_service
 from peerd.net.service import PeerService
 from peerd.net.slices import GrpcSlices
 from peerd.net.tls import TlsError, TlsIdentity
+from peerd.ops.ca import DEVICE_CERT
+from peerd.ops.exporter import Exporter
+from peerd.ops.progress import Console, round_line, step_display
+from peerd.ops.systemd import Notifier, watchdog_loop
 from peerd.peer import SNAPSHOTS_KEPT, build_peer
-from peerd.plan import encode_widths, width_group_names
-from peerd.progress import Console, round_line, step_display
 from peerd.state import ROUNDS_LOG, load_or_create_peer_id, rewind
-from peerd.submodel import copy_into
-from peerd.systemd import Notifier, watchdog_loop
-from peerd.transport import SliceMessage
 from peerd.web.daemon_page import DaemonPage
 
 log = logging.getLogger("peerd.daemon")

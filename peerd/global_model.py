@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from peerd.report import read_jsonl
+from peerd.ops.report import read_jsonl
 
 MODEL_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from peerd.aggregate import assemble
+from peerd.algorithm.aggregate import assemble
+from peerd.algorithm.evaluate import Evaluation, evaluate
+from peerd.algorithm.submodel import Params, extract
 from peerd.data import TaskData
-from peerd.evaluate import Evaluation, evaluate
 from peerd.global_model import save_global_model
 from peerd.models.base import ModelSpec, Plan, full_plan
-from peerd.plots import plot_curves
-from peerd.submodel import Params, extract
+from peerd.ops.plots import plot_curves
 
 
 @dataclass(frozen=True)

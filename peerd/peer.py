@@ -14,6 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from peerd.algorithm.engine import Engine, Staleness
+from peerd.algorithm.plan import Member, make_planner
+from peerd.algorithm.submodel import init_params
+from peerd.algorithm.topology import load_topology
+from peerd.algorithm.width import WidthConfig, learn_widths
 from peerd.capacity import measure_capacity
 from peerd.config import (
     AUTO,
@@ -25,13 +30,8 @@ from peerd.config import (
     parse_size,
 )
 from peerd.data import Split, TaskData, local_train_test, partition
-from peerd.engine import Engine, Staleness
 from peerd.models.base import DEPTH, ModelSpec
-from peerd.plan import Member, make_planner
-from peerd.submodel import init_params
 from peerd.tasks import get_task
-from peerd.topology import load_topology
-from peerd.width import WidthConfig, learn_widths
 
 log = logging.getLogger("peerd.peer")
 

@@ -18,19 +18,19 @@ from pathlib import Path
 
 from torch import nn
 
+from peerd.algorithm.coverage import CoverageTracker
+from peerd.algorithm.driver import RoundDriver, RoundOutcome, StaticRoster
+from peerd.algorithm.engine import Engine, RoundContext, TrainStats
+from peerd.algorithm.plan import Member
+from peerd.algorithm.submodel import forward_flops_per_sample, init_params
+from peerd.algorithm.transport import InMemoryTransport
 from peerd.config import SimConfig
-from peerd.coverage import CoverageTracker
 from peerd.data import TaskData
-from peerd.driver import RoundDriver, RoundOutcome, StaticRoster
-from peerd.engine import Engine, RoundContext, TrainStats
 from peerd.metrics import MetricsLog, PeerRound, evaluate_global, local_figures, run_title
 from peerd.models.base import ModelSpec, full_units
+from peerd.ops.progress import Console, step_display
 from peerd.peer import build_peer, load_data
-from peerd.plan import Member
-from peerd.progress import Console, step_display
-from peerd.submodel import forward_flops_per_sample, init_params
 from peerd.tasks import get_task
-from peerd.transport import InMemoryTransport
 
 
 def peer_name(position: int) -> str:

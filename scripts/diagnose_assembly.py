@@ -33,12 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from peerd.aggregate import assemble
+from peerd.algorithm.aggregate import assemble
+from peerd.algorithm.evaluate import Evaluation, evaluate
+from peerd.algorithm.submodel import Params, entry_mask, extract
 from peerd.config import DRIFT_PERIOD, SimConfig
-from peerd.evaluate import Evaluation, evaluate
 from peerd.models.base import Plan, full_plan
 from peerd.sim import build, run_round
-from peerd.submodel import Params, entry_mask, extract
 from peerd.tasks import get_task
 
 TEST_SAMPLES = 2000

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from daemons import ClusterCa, kill_all, start_loopback_daemons
 
-from peerd.ca import init_ca
+from peerd.ops.ca import init_ca
 
 ROUNDS = 60
 

@@ -1,4 +1,5 @@
-"""Peak resident memory of unit scoring (peerd/width.py) against full-width training, on kjv.
+"""Peak resident memory of unit scoring (peerd/algorithm/width.py) against full-width
+training, on kjv.
 
 Usage: python scripts/learned_width_memory.py score|train
 `score`: one epoch of unit scoring at mu 0.25 over 20 batches of 32 sequences; `train`: 20 SGD
@@ -15,12 +16,12 @@ import sys
 import numpy as np
 import torch
 
+from peerd.algorithm.engine import sgd, train_step
+from peerd.algorithm.submodel import extract, init_params
+from peerd.algorithm.width import WidthConfig, unit_scores
 from peerd.data import load_task_data
-from peerd.engine import sgd, train_step
 from peerd.models.base import full_plan
-from peerd.submodel import extract, init_params
 from peerd.tasks import BLOCK_SIZE, get_task
-from peerd.width import WidthConfig, unit_scores
 
 BATCHES, BATCH = 20, 32
 

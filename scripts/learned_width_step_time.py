@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
+from peerd.algorithm.engine import sgd, train_step
+from peerd.algorithm.plan import Member, MSFusionPlanner
+from peerd.algorithm.submodel import extract, init_params
 from peerd.data import load_task_data
-from peerd.engine import sgd, train_step
-from peerd.plan import Member, MSFusionPlanner
-from peerd.submodel import extract, init_params
 from peerd.tasks import get_task
 
 STEPS, WARMUP, BATCH = 200, 20, 32

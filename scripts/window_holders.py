@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 
+from peerd.algorithm.plan import Member, make_planner
+from peerd.algorithm.submodel import entry_mask, init_params
 from peerd.data import load_task_data
-from peerd.plan import Member, make_planner
-from peerd.submodel import entry_mask, init_params
 from peerd.tasks import BLOCK_SIZE, get_task
 
 PEERS = (4, 8, 16, 32)

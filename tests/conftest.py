@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from daemons import ClusterCa
 
-from peerd.ca import init_ca
+from peerd.ops.ca import init_ca
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from peerd.ca import DEVICE_KEY, issue
 from peerd.cluster import free_ports
 from peerd.net.tls import TlsIdentity
+from peerd.ops.ca import DEVICE_KEY, issue
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Tests of overlap aggregation (peerd.aggregate) against a brute-force per-entry reference.
+"""Tests of overlap aggregation (peerd.algorithm.aggregate) against a brute-force per-entry
+reference.
 
 The reference walks every flat entry of every full tensor in row-major order and decides, from
 the plans' unit index sets alone (position // span in the kept units of the axis's group), who
@@ -15,7 +16,7 @@ import pytest
 import torch
 from support import random_plan
 
-from peerd.aggregate import (
+from peerd.algorithm.aggregate import (
     Arrival,
     assemble,
     exchange_count,
@@ -23,6 +24,9 @@ from peerd.aggregate import (
     outbox,
     staleness_weight,
 )
+from peerd.algorithm.plan import Member, make_planner
+from peerd.algorithm.submodel import entry_mask, init_params
+from peerd.algorithm.transport import InMemoryTransport, SliceMessage
 from peerd.models import (
     CNNConfig,
     CNNSpec,
@@ -32,9 +36,6 @@ from peerd.models import (
     TransformerSpec,
     full_plan,
 )
-from peerd.plan import Member, make_planner
-from peerd.submodel import entry_mask, init_params
-from peerd.transport import InMemoryTransport, SliceMessage
 
 CNN8 = CNNSpec(CNNConfig(image_size=8, stage_widths=(32, 64)))
 TINY_LM = TransformerSpec(

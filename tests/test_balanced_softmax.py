@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from peerd.algorithm.engine import TRAIN_FLOPS_PER_FORWARD
+from peerd.algorithm.losses import BalancedSoftmax, log_label_prior, task_loss
 from peerd.config import ConfigError, SimConfig, TrainConfig
-from peerd.engine import TRAIN_FLOPS_PER_FORWARD
-from peerd.losses import BalancedSoftmax, log_label_prior, task_loss
 from peerd.sim import build, run_round
 
 CLASSES = 4

@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
+from peerd.algorithm.plan import Member
+from peerd.algorithm.submodel import init_params
 from peerd.bench.exchange import MIB, _check_mean, _engine, model_config, peer_ids
 from peerd.bench.processes import BenchError
 from peerd.models.transformer import TransformerSpec
-from peerd.plan import Member
-from peerd.submodel import init_params
 
 
 def test_small_run_reports_the_step_and_the_tcp_floor() -> None:

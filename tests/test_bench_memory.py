@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from peerd.algorithm.submodel import init_params
 from peerd.bench.memory import MemoryResult, MiB, Row, Shape, run_memory, shapes
 from peerd.capacity import probe_width
 from peerd.data import load_task_data
-from peerd.submodel import init_params
 from peerd.tasks import BLOCK_SIZE, get_task
 
 

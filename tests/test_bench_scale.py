@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from peerd.aggregate import exchange_count
+from peerd.algorithm.aggregate import exchange_count
+from peerd.algorithm.plan import Member, make_planner
+from peerd.algorithm.submodel import init_params
 from peerd.bench.scale import _sizes, _topologies, measure
 from peerd.data import load_task_data
-from peerd.plan import Member, make_planner
 from peerd.sim import peer_name
-from peerd.submodel import init_params
 from peerd.tasks import BLOCK_SIZE, get_task
 
 

@@ -9,6 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from peerd.algorithm.engine import Engine, sgd, train_step
+from peerd.algorithm.plan import Member, make_planner
+from peerd.algorithm.submodel import extract, init_params, write_back
+from peerd.algorithm.topology import load_topology
 from peerd.capacity import (
     MU_CHOICES,
     CapacityError,
@@ -24,12 +28,8 @@ from peerd.capacity import (
 )
 from peerd.config import TrainConfig
 from peerd.data import load_task_data
-from peerd.engine import Engine, sgd, train_step
 from peerd.models import CNNConfig, CNNSpec
-from peerd.plan import Member, make_planner
-from peerd.submodel import extract, init_params, write_back
 from peerd.tasks import get_task
-from peerd.topology import load_topology
 
 MiB = 2**20
 

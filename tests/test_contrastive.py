@@ -8,16 +8,16 @@ import math
 import pytest
 import torch
 
+from peerd.algorithm.engine import TRAIN_FLOPS_PER_FORWARD, Engine, sgd, train_step
+from peerd.algorithm.losses import ModelContrastive, contrastive_loss, representation, task_loss
+from peerd.algorithm.plan import Member, make_planner
+from peerd.algorithm.submodel import Params, extract, init_params, write_back
+from peerd.algorithm.topology import load_topology
 from peerd.cli import build_parser
 from peerd.config import ConfigError, TrainConfig
 from peerd.data import load_task_data
-from peerd.engine import TRAIN_FLOPS_PER_FORWARD, Engine, sgd, train_step
-from peerd.losses import ModelContrastive, contrastive_loss, representation, task_loss
 from peerd.models import CNNConfig, CNNSpec, TransformerConfig, TransformerSpec
 from peerd.models.base import full_plan
-from peerd.plan import Member, make_planner
-from peerd.submodel import Params, extract, init_params, write_back
-from peerd.topology import load_topology
 
 SPEC = CNNSpec(CNNConfig(image_size=8, stage_widths=(16, 32)))
 SEED = 5

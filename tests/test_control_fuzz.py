@@ -12,6 +12,7 @@ import random
 import grpc
 import pytest
 
+from peerd.algorithm.plan import Member
 from peerd.net import PROTOCOL_VERSION
 from peerd.net.codec import WireError
 from peerd.net.control import (
@@ -22,7 +23,6 @@ from peerd.net.control import (
     check_hello,
 )
 from peerd.net.membership import JOIN_MARGIN_ROUNDS, Membership
-from peerd.plan import Member
 from peerd.v1 import peer_pb2
 
 HELLOS = 4000

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peerd.deadline import DELAYS_KEPT, ArrivalDelays
+from peerd.algorithm.deadline import DELAYS_KEPT, ArrivalDelays
 
 
 def test_no_estimate_waits_up_to_the_ceiling() -> None:

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from peerd.algorithm.evaluate import evaluate
+from peerd.algorithm.submodel import extract
 from peerd.config import SimConfig, TrainConfig
-from peerd.evaluate import evaluate
 from peerd.sim import build, evaluate_round, run, run_round
-from peerd.submodel import extract
 
 TEST_SAMPLES = 300
 

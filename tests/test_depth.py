@@ -9,11 +9,12 @@ import pytest
 import torch
 from support import one_torch_thread  # noqa: F401 (autouse fixture)
 
-from peerd.aggregate import Arrival, exchange_count, merge, outbox
+from peerd.algorithm.aggregate import Arrival, exchange_count, merge, outbox
+from peerd.algorithm.coverage import CoverageTracker
+from peerd.algorithm.plan import Member, make_planner
+from peerd.algorithm.submodel import extract, forward_flops_per_sample, init_params, write_back
 from peerd.capacity import StepMemory, WidthProbe, choose_mu, depth_shapes, probe_width
-from peerd.coverage import CoverageTracker
 from peerd.data import load_task_data
-from peerd.exporter import Exporter
 from peerd.models import (
     CNNConfig,
     CNNSpec,
@@ -25,9 +26,8 @@ from peerd.models import (
 )
 from peerd.models.base import DEPTH, plan_units
 from peerd.net.discovery import PeerRecord
-from peerd.plan import Member, make_planner
-from peerd.status import format_status
-from peerd.submodel import extract, forward_flops_per_sample, init_params, write_back
+from peerd.ops.exporter import Exporter
+from peerd.ops.status import format_status
 from peerd.tasks import BLOCK_SIZE, get_task
 from peerd.v1 import peer_pb2
 

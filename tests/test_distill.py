@@ -8,6 +8,9 @@ import pytest
 import torch
 from support import one_torch_thread  # noqa: F401 (autouse fixture)
 
+from peerd.algorithm.engine import sgd, train_step
+from peerd.algorithm.losses import early_exit_loss
+from peerd.algorithm.submodel import extract, freeze_shallowest, init_params
 from peerd.capacity import measure_step
 from peerd.config import (
     ConfigError,
@@ -17,11 +20,8 @@ from peerd.config import (
     load_daemon_config,
     parse_depth,
 )
-from peerd.engine import sgd, train_step
-from peerd.losses import early_exit_loss
 from peerd.models import CNNConfig, CNNSpec, full_plan
 from peerd.sim import build, run_round
-from peerd.submodel import extract, freeze_shallowest, init_params
 
 CNN = CNNSpec(CNNConfig(image_size=8, stage_widths=(8, 16), blocks_per_stage=2,
                         early_exits=True))

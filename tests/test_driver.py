@@ -7,11 +7,11 @@ from collections import Counter
 
 import pytest
 
+from peerd.algorithm.driver import SliceRefused
+from peerd.algorithm.engine import Engine
+from peerd.algorithm.transport import SliceMessage
 from peerd.config import SimConfig, TrainConfig
-from peerd.driver import SliceRefused
-from peerd.engine import Engine
 from peerd.sim import build, run_round
-from peerd.transport import SliceMessage
 
 CONFIG = SimConfig(peers=4, rounds=2, topology="full", mu=(0.5,), out="unused",
                    train=TrainConfig(max_local_steps=1))

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peerd.aggregate import exchange_mask
+from peerd.algorithm.aggregate import exchange_mask
+from peerd.algorithm.engine import Engine, LateSlice, Staleness
+from peerd.algorithm.plan import Member, make_planner
+from peerd.algorithm.submodel import init_params
+from peerd.algorithm.topology import load_topology
+from peerd.algorithm.transport import SliceMessage
 from peerd.config import TrainConfig
 from peerd.data import load_task_data
-from peerd.engine import Engine, LateSlice, Staleness
 from peerd.models import CNNConfig, CNNSpec
-from peerd.plan import Member, make_planner
-from peerd.submodel import init_params
-from peerd.topology import load_topology
-from peerd.transport import SliceMessage
 
 SPEC = CNNSpec(CNNConfig(image_size=8, stage_widths=(16, 32)))
 

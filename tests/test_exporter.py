@@ -8,7 +8,7 @@ import threading
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from peerd.exporter import Exporter
+from peerd.ops.exporter import Exporter
 
 
 def record(round_number: int, sent: int, received: int, round_s: float) -> dict:

@@ -76,9 +76,9 @@ def test_ca_issue_loads_no_torch(tmp_path: Path) -> None:
 
 
 def test_parser_names_agree_with_the_code_they_stand_for() -> None:
+    from peerd.algorithm.plan import PLANNERS
     from peerd.cluster import ClusterConfig
     from peerd.config import SimConfig
-    from peerd.plan import PLANNERS
     from peerd.tasks import TASKS
 
     assert tuple(sorted(PLANNERS)) == cli.METHODS
@@ -373,7 +373,7 @@ def test_off_a_terminal_progress_is_plain_lines() -> None:
     """A pipe or the journal gets one time-stamped line per phase, nothing redrawn."""
     import io
 
-    from peerd.progress import Console
+    from peerd.ops.progress import Console
 
     stream = io.StringIO()
     console = Console(stream=stream, live=False)

@@ -14,6 +14,7 @@ import grpc
 from daemons import ClusterCa, kill_all, start_loopback_daemons
 
 from peerd.agreement import cluster_fingerprint, planner_settings
+from peerd.algorithm.width import flops_budget, widths_flops
 from peerd.config import DRIFT_PERIOD, STATIC_OVERLAP, SimConfig
 from peerd.data import load_task_data
 from peerd.models.base import fingerprint
@@ -23,7 +24,6 @@ from peerd.net.codec import WireError
 from peerd.sim import build
 from peerd.tasks import get_task
 from peerd.v1 import peer_pb2
-from peerd.width import flops_budget, widths_flops
 
 MIXED = (0.5, 0.25, 0.125)
 ROUNDS = 2

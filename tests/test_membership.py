@@ -10,6 +10,7 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from peerd.algorithm.plan import Member
 from peerd.net import PROTOCOL_VERSION
 from peerd.net.membership import (
     GIVE_UP_AFTER,
@@ -23,7 +24,6 @@ from peerd.net.membership import (
     proposed_join_round,
     resume_round,
 )
-from peerd.plan import Member
 from peerd.v1 import peer_pb2
 
 CLUSTER = "unit"

@@ -16,7 +16,7 @@ from daemons import RunningDaemon, start_loopback_daemons, wait_all
 
 from peerd.cluster import ClusterConfig, DaemonProcess, run_cluster
 from peerd.net.tls import TlsIdentity
-from peerd.status import fetch_status
+from peerd.ops.status import fetch_status
 
 MIXED = (0.5, 0.25, 0.125)  # cycled over 4 daemons: 0.5, 0.25, 0.125, 0.5
 # A short drift period covers every weight in a few rounds: with period 8 and seed 0, coverage

@@ -1,4 +1,5 @@
-"""Tests of the sliceable models and the sub-model machinery (peerd.models, peerd.submodel).
+"""Tests of the sliceable models and the sub-model machinery (peerd.models,
+peerd.algorithm.submodel).
 
 The specs are small but real: the 8x8 digits CNN, the 28x28 Fashion-MNIST CNN and a tiny
 transformer; the task-sized transformer appears only where FLOP ratios are measured.
@@ -13,6 +14,16 @@ import pytest
 import torch
 from support import random_plan
 
+from peerd.algorithm.plan import Member, make_planner
+from peerd.algorithm.submodel import (
+    entry_indices,
+    entry_mask,
+    extract,
+    forward_flops_per_sample,
+    init_params,
+    parameter_count,
+    write_back,
+)
 from peerd.models import (
     CNNConfig,
     CNNSpec,
@@ -27,16 +38,6 @@ from peerd.models import (
     plan_units,
 )
 from peerd.models.layers import ScaledConv2d, ScaledLinear
-from peerd.plan import Member, make_planner
-from peerd.submodel import (
-    entry_indices,
-    entry_mask,
-    extract,
-    forward_flops_per_sample,
-    init_params,
-    parameter_count,
-    write_back,
-)
 
 CNN8 = CNNSpec(CNNConfig(image_size=8, stage_widths=(32, 64)))
 CNN28 = CNNSpec(CNNConfig(image_size=28, stage_widths=(16, 32, 64), channels_per_unit=2))

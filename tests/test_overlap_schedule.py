@@ -9,13 +9,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from peerd.algorithm.coverage import CoverageTracker
+from peerd.algorithm.plan import Member, MSFusionPlanner, make_planner, overlap_level, window_width
+from peerd.algorithm.submodel import init_params
 from peerd.cli import build_parser
 from peerd.config import ConfigError, SimConfig
-from peerd.coverage import CoverageTracker
 from peerd.models.base import UnitGroup
 from peerd.models.cnn import CNNConfig, CNNSpec
-from peerd.plan import Member, MSFusionPlanner, make_planner, overlap_level, window_width
-from peerd.submodel import init_params
 
 
 def _members(mu_values: list[float]) -> list[Member]:

@@ -1,5 +1,6 @@
-"""Tests of peerd.plan: the planners' contract, DSS coverage and shifting, baselines, and
-DESIGN invariant 3 (every weight entry trains) measured with peerd.coverage on real models."""
+"""Tests of peerd.algorithm.plan: the planners' contract, DSS coverage and shifting, baselines,
+and DESIGN invariant 3 (every weight entry trains) measured with peerd.algorithm.coverage on real
+models."""
 
 from __future__ import annotations
 
@@ -13,12 +14,8 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from peerd.config import DRIFT_PERIOD
-from peerd.coverage import CoverageTracker
-from peerd.models.base import ModelSpec, Plan, UnitGroup
-from peerd.models.cnn import CNNConfig, CNNSpec
-from peerd.models.transformer import TransformerConfig, TransformerSpec
-from peerd.plan import (
+from peerd.algorithm.coverage import CoverageTracker
+from peerd.algorithm.plan import (
     PLANNERS,
     Member,
     MSFusionPlanner,
@@ -28,7 +25,11 @@ from peerd.plan import (
     width_groups,
     window_width,
 )
-from peerd.submodel import Params, init_params
+from peerd.algorithm.submodel import Params, init_params
+from peerd.config import DRIFT_PERIOD
+from peerd.models.base import ModelSpec, Plan, UnitGroup
+from peerd.models.cnn import CNNConfig, CNNSpec
+from peerd.models.transformer import TransformerConfig, TransformerSpec
 
 METHODS = sorted(PLANNERS)
 MU_LEVELS = (0.125, 0.25, 0.5, 1.0)

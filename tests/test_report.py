@@ -11,7 +11,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from peerd.cli import main as run_cli
-from peerd.report import (
+from peerd.ops.report import (
     ReportError,
     _bytes_per_round,
     down_spans,

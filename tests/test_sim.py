@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peerd.aggregate import exchange_mask
+from peerd.algorithm.aggregate import exchange_mask
 from peerd.config import SimConfig, TrainConfig
 from peerd.sim import build, run, run_round
 

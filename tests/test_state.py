@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from peerd.algorithm.submodel import init_params
 from peerd.config import SimConfig, TrainConfig
 from peerd.data import load_task_data
 from peerd.models.base import fingerprint
@@ -26,7 +27,6 @@ from peerd.state import (
     rewind,
     save_checkpoint,
 )
-from peerd.submodel import init_params
 from peerd.tasks import BLOCK_SIZE, get_task
 
 IDENTITY = {"peer_id": "peer-00", "task": "digits", "method": "msfusion", "seed": 0,

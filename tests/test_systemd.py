@@ -20,10 +20,10 @@ import grpc
 import pytest
 from daemons import ClusterCa
 
-from peerd.ca import DEVICE_FILES
 from peerd.config import DaemonConfig, read_environment
 from peerd.net.tls import TARGET_NAME_OPTION
-from peerd.systemd import Notifier, watchdog_loop
+from peerd.ops.ca import DEVICE_FILES
+from peerd.ops.systemd import Notifier, watchdog_loop
 from peerd.v1 import peer_pb2, peer_pb2_grpc
 
 UNIT = Path(__file__).resolve().parent.parent / "deploy" / "peerd.service"
@@ -146,10 +146,10 @@ def test_a_failed_send_is_logged_once_and_never_raised(
     tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
     notifier = Notifier.from_environment({"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")})
-    with caplog.at_level(logging.DEBUG, logger="peerd.systemd"):
+    with caplog.at_level(logging.DEBUG, logger="peerd.ops.systemd"):
         notifier.ready("x")
         notifier.watchdog()
-    levels = [r.levelno for r in caplog.records if r.name == "peerd.systemd"]
+    levels = [r.levelno for r in caplog.records if r.name == "peerd.ops.systemd"]
     assert levels == [logging.WARNING, logging.DEBUG]
 
 

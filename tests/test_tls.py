@@ -21,16 +21,6 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from daemons import ClusterCa, kill_all, start_loopback_daemons, wait_all
 
-from peerd.ca import (
-    CA_CERT,
-    CA_KEY,
-    DEVICE_CERT,
-    DEVICE_KEY,
-    OBSERVER_ROLE,
-    READER_ROLE,
-    init_ca,
-    issue,
-)
 from peerd.cli import main
 from peerd.config import DaemonConfig
 from peerd.daemon import own_peer_id
@@ -40,6 +30,16 @@ from peerd.net.codec import DecodedStream, Expectation, WireError, encode_frames
 from peerd.net.rpc import add_peer_service
 from peerd.net.service import PeerService
 from peerd.net.tls import TARGET_NAME_OPTION, TlsError, TlsIdentity, probe_peer_name
+from peerd.ops.ca import (
+    CA_CERT,
+    CA_KEY,
+    DEVICE_CERT,
+    DEVICE_KEY,
+    OBSERVER_ROLE,
+    READER_ROLE,
+    init_ca,
+    issue,
+)
 from peerd.v1 import peer_pb2, peer_pb2_grpc
 
 CLUSTER = "tls-test"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from peerd.topology import bundled_topologies, load_topology
+from peerd.algorithm.topology import bundled_topologies, load_topology
 
 MEMBERS = ["a", "b", "c", "d", "e"]
 

@@ -18,9 +18,9 @@ import pytest
 from test_exporter import check, observed, samples
 from test_exporter import record as exporter_record
 
+from peerd.algorithm.plan import Member, make_planner
+from peerd.algorithm.topology import load_topology
 from peerd.models.base import UnitGroup
-from peerd.plan import Member, make_planner
-from peerd.topology import load_topology
 from peerd.v1 import peer_pb2
 from peerd.web.daemon_page import rounds_reply
 from peerd.web.facts import (

@@ -1,6 +1,6 @@
-"""Tests of peerd.width (data-aware width, Co-S2P): the gates learn which units matter, the
-derived widths fit the FLOPs budget of the uniform sub-model, plans with learned widths still
-cover every entry, and bad widths from a peer are refused."""
+"""Tests of peerd.algorithm.width (data-aware width, Co-S2P): the gates learn which units
+matter, the derived widths fit the FLOPs budget of the uniform sub-model, plans with learned
+widths still cover every entry, and bad widths from a peer are refused."""
 
 from __future__ import annotations
 
@@ -8,15 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from peerd.config import ConfigError, SimConfig, TrainConfig
-from peerd.coverage import CoverageTracker
-from peerd.data import Split, load_task_data
-from peerd.engine import sgd, train_step
-from peerd.models.base import ModelSpec
-from peerd.models.cnn import CNNConfig, CNNSpec
-from peerd.models.transformer import TransformerConfig, TransformerSpec
-from peerd.net.discovery import TXT_VALUE_LIMIT, PeerRecord
-from peerd.plan import (
+from peerd.algorithm.coverage import CoverageTracker
+from peerd.algorithm.engine import sgd, train_step
+from peerd.algorithm.plan import (
     Member,
     MSFusionPlanner,
     decode_widths,
@@ -25,8 +19,8 @@ from peerd.plan import (
     width_group_names,
     width_groups,
 )
-from peerd.submodel import Params, extract, init_params, parameter_count
-from peerd.width import (
+from peerd.algorithm.submodel import Params, extract, init_params, parameter_count
+from peerd.algorithm.width import (
     WidthConfig,
     _widths_at,
     derive_widths,
@@ -35,6 +29,12 @@ from peerd.width import (
     unit_scores,
     widths_flops,
 )
+from peerd.config import ConfigError, SimConfig, TrainConfig
+from peerd.data import Split, load_task_data
+from peerd.models.base import ModelSpec
+from peerd.models.cnn import CNNConfig, CNNSpec
+from peerd.models.transformer import TransformerConfig, TransformerSpec
+from peerd.net.discovery import TXT_VALUE_LIMIT, PeerRecord
 
 CNN = CNNSpec(CNNConfig(image_size=8, stage_widths=(16, 32)))
 CNN_EXITS = CNNSpec(CNNConfig(image_size=8, stage_widths=(16, 32), early_exits=True))

@@ -36,7 +36,7 @@ different widths get the same per-peer compute; 3 seeds unless --seeds says othe
 
 Figures are medians over seeds with the spread (min..max). msfusion rows without an explicit
 choice use peerd's defaults for the contrastive term and the overlap schedule. The contrastive
-term's two frozen forwards are part of its FLOPs (peerd/engine.py TrainStats).
+term's two frozen forwards are part of its FLOPs (peerd/algorithm/engine.py TrainStats).
 """
 
 from __future__ import annotations
@@ -51,16 +51,16 @@ from pathlib import Path
 
 import torch
 
+from peerd.algorithm.engine import TrainStats
+from peerd.algorithm.losses import ModelContrastive
+from peerd.algorithm.submodel import forward_flops_per_sample
 from peerd.bench.processes import partition_arg, positive_int, seeds_arg
 from peerd.bench.stored import run_or_reuse, spread
 from peerd.config import STATIC_OVERLAP, ConfigError, SimConfig, TrainConfig
-from peerd.engine import TrainStats
-from peerd.losses import ModelContrastive
 from peerd.models.base import plan_units
-from peerd.plots import plot_series
+from peerd.ops.plots import plot_series
 from peerd.scoring import TASK_SCORING, Metric, deliverable
 from peerd.sim import build
-from peerd.submodel import forward_flops_per_sample
 from peerd.tasks import get_task
 
 TABLES = ("sizing", "a", "b", "c", "d", "e", "f")

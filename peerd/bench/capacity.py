@@ -42,14 +42,14 @@ from pathlib import Path
 
 import torch
 
+from peerd.algorithm.plan import Member, make_planner
+from peerd.algorithm.submodel import forward_flops_per_sample
 from peerd.bench.processes import BenchError, positive_int, print_result, seeds_arg
 from peerd.bench.stored import config_json, run_or_reuse, spread
 from peerd.config import SimConfig
 from peerd.data import load_task_data
 from peerd.models.base import DEPTH, ModelSpec, plan_units
-from peerd.plan import Member, make_planner
-from peerd.plots import plot_series
-from peerd.submodel import forward_flops_per_sample
+from peerd.ops.plots import plot_series
 from peerd.tasks import BLOCK_SIZE, get_task
 
 PEERS = 8

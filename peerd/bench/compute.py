@@ -27,14 +27,14 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from peerd.algorithm.engine import sgd, train_step
+from peerd.algorithm.plan import Member, make_planner
+from peerd.algorithm.submodel import extract, forward_flops_per_sample, init_params, parameter_count
 from peerd.bench.processes import positive_int, print_result
 from peerd.capacity import StepMemory, measure_step
 from peerd.config import ConfigError, TrainConfig, parse_mu
 from peerd.data import load_task_data
-from peerd.engine import sgd, train_step
 from peerd.models.base import ModelSpec, plan_units
-from peerd.plan import Member, make_planner
-from peerd.submodel import extract, forward_flops_per_sample, init_params, parameter_count
 from peerd.tasks import BLOCK_SIZE, get_task
 
 TASK_NAMES = ("fmnist", "kjv")

@@ -32,6 +32,11 @@ from multiprocessing.connection import Connection
 import grpc
 import torch
 
+from peerd.algorithm.engine import Engine, RoundContext
+from peerd.algorithm.plan import Member, make_planner
+from peerd.algorithm.submodel import init_params
+from peerd.algorithm.topology import load_topology
+from peerd.algorithm.transport import SliceMessage
 from peerd.bench.processes import (
     START_TIMEOUT_S,
     BenchError,
@@ -42,7 +47,6 @@ from peerd.bench.processes import (
 )
 from peerd.config import TrainConfig
 from peerd.data import Split
-from peerd.engine import Engine, RoundContext
 from peerd.models.base import fingerprint
 from peerd.models.transformer import TransformerConfig, TransformerSpec
 from peerd.net import GRPC_OPTIONS, PROTOCOL_VERSION
@@ -50,10 +54,6 @@ from peerd.net.client import PeerClients
 from peerd.net.codec import DecodedStream, Expectation, TensorSpec, WireError
 from peerd.net.rpc import add_peer_service
 from peerd.net.service import PeerService
-from peerd.plan import Member, make_planner
-from peerd.submodel import init_params
-from peerd.topology import load_topology
-from peerd.transport import SliceMessage
 from peerd.v1 import peer_pb2
 
 MIB = 1 << 20

@@ -25,11 +25,11 @@ from multiprocessing.connection import Connection
 
 import torch
 
+from peerd.algorithm.submodel import init_params
 from peerd.bench.processes import BenchError, positive_int, print_result, spawn_context
 from peerd.capacity import depth_shapes, probe_width
 from peerd.data import load_task_data
 from peerd.models.base import DEPTH
-from peerd.submodel import init_params
 from peerd.tasks import BLOCK_SIZE, get_task
 
 MiB = 2**20

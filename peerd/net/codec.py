@@ -30,7 +30,7 @@ from google.protobuf.message import DecodeError
 from isal.isal_zlib import crc32  # zlib's CRC-32, about 3x faster (BENCHMARKS.md)
 
 from peerd.agreement import fingerprint_mismatch
-from peerd.numerics import all_finite
+from peerd.algorithm.numerics import all_finite
 from peerd.v1 import peer_pb2
 
 # Small enough that a frame stays far below gRPC's 4 MiB default message limit and a stream

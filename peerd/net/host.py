@@ -10,15 +10,15 @@ import grpc
 import ifaddr
 import torch
 
+from peerd.algorithm.driver import RoundDriver
+from peerd.algorithm.plan import Member, check_widths, decode_widths, width_group_names
 from peerd.config import DaemonConfig
-from peerd.driver import RoundDriver
 from peerd.models.base import DEPTH, ModelSpec
 from peerd.net import PROTOCOL_VERSION
 from peerd.net.codec import DecodedStream, Expectation, WireError
 from peerd.net.control import check_hello
 from peerd.net.membership import Membership
 from peerd.net.slices import GrpcSlices
-from peerd.plan import Member, check_widths, decode_widths, width_group_names
 from peerd.v1 import peer_pb2
 
 

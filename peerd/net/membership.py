@@ -59,7 +59,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from peerd.plan import Member, decode_widths, encode_widths
+from peerd.algorithm.plan import Member, decode_widths, encode_widths
 from peerd.v1 import peer_pb2
 
 log = logging.getLogger("peerd.membership")

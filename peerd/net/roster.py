@@ -7,9 +7,9 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+from peerd.algorithm.plan import Member
+from peerd.algorithm.topology import Topology
 from peerd.net.membership import Membership
-from peerd.plan import Member
-from peerd.topology import Topology
 
 log = logging.getLogger("peerd.roster")
 

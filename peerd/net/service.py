@@ -7,7 +7,7 @@ a message naming the problem, counted, and nothing from it reaches the model.
 On a TLS connection every message that claims a peer id (a Hello's `peer_id`, a pushed stream's
 `sender`, a pull's `requester`) must claim the name of the client's certificate: a member of
 the cluster cannot speak for another. The certificate's role limits what it may call
-(peerd/ca.py): Status is open to every certificate of the cluster; Handshake and PushSlices
+(peerd/ops/ca.py): Status is open to every certificate of the cluster; Handshake and PushSlices
 need a device certificate; Pull needs a device certificate of a member (or of a joiner this
 peer accepted), or a reader certificate.
 """
@@ -24,7 +24,6 @@ import grpc
 import torch
 
 from peerd.agreement import fingerprint_mismatch
-from peerd.ca import DEVICE_ROLE, READER_ROLE
 from peerd.net.codec import (
     CHECK_POOL,
     DecodedStream,
@@ -35,6 +34,7 @@ from peerd.net.codec import (
     encode_frames_off_loop,
 )
 from peerd.net.tls import client_certificate_name, client_certificate_role, is_tls
+from peerd.ops.ca import DEVICE_ROLE, READER_ROLE
 from peerd.v1 import peer_pb2, peer_pb2_grpc
 
 log = logging.getLogger("peerd.service")

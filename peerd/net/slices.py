@@ -19,16 +19,16 @@ from collections.abc import Mapping
 import grpc
 import torch
 
-from peerd.aggregate import assemble
-from peerd.driver import RoundDriver, SliceRefused
-from peerd.engine import RoundContext
+from peerd.algorithm.aggregate import assemble
+from peerd.algorithm.driver import RoundDriver, SliceRefused
+from peerd.algorithm.engine import RoundContext
+from peerd.algorithm.submodel import Params, copy_into
+from peerd.algorithm.transport import SliceMessage
 from peerd.models.base import Plan
 from peerd.net import PROTOCOL_VERSION
 from peerd.net.client import PeerClients
 from peerd.net.codec import DecodedStream, Expectation, WireError
 from peerd.net.membership import Membership, View
-from peerd.submodel import Params, copy_into
-from peerd.transport import SliceMessage
 from peerd.v1 import peer_pb2
 
 log = logging.getLogger("peerd.slices")

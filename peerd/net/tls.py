@@ -22,7 +22,8 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 
-from peerd.ca import (
+from peerd.net.discovery import parse_address
+from peerd.ops.ca import (
     CA_CERT,
     DEVICE_CERT,
     DEVICE_FILES,
@@ -34,7 +35,6 @@ from peerd.ca import (
     check_issued_by,
     key_matches,
 )
-from peerd.net.discovery import parse_address
 
 # The gRPC channel option that makes the client check the server certificate against a name
 # other than the host it dials: peers are dialled by IP address, their certificates name peer ids.
@@ -55,7 +55,7 @@ def how_to_create(tls_dir: Path) -> str:
 class TlsIdentity:
     """A device's TLS material, checked to fit together: its certificate was issued by the CA,
     its key matches it, and it is valid now. `name` is the certificate's peer id, `role` what
-    it may call (peerd/ca.py)."""
+    it may call (peerd/ops/ca.py)."""
 
     directory: Path
     name: str

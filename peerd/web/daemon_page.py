@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from peerd.algorithm.plan import make_planner
+from peerd.algorithm.topology import load_topology
 from peerd.config import DaemonConfig
-from peerd.exporter import Exporter
 from peerd.models.base import ModelSpec
-from peerd.plan import make_planner
+from peerd.ops.exporter import Exporter
 from peerd.state import ROUNDS_LOG
-from peerd.topology import load_topology
 from peerd.v1 import peer_pb2
 from peerd.web.facts import (
     STRAGGLER_ROUNDS,

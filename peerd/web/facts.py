@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 from google.protobuf.json_format import MessageToDict
 
+from peerd.algorithm.plan import Member, Planner, decode_widths, width_group_names, width_groups
+from peerd.algorithm.topology import Topology
 from peerd.models.base import UnitGroup
-from peerd.plan import Member, Planner, decode_widths, width_group_names, width_groups
-from peerd.topology import Topology
 from peerd.v1 import peer_pb2
 
 TRAINING, WAITING, LATE, GONE = "training", "waiting", "late", "gone"

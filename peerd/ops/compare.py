@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from peerd.report import METRICS_FIELDS, METRICS_FILE, ReportError, read_jsonl
+from peerd.ops.report import METRICS_FIELDS, METRICS_FILE, ReportError, read_jsonl
 from peerd.scoring import TASK_SCORING, Metric, task_metric
 
 COLUMNS = ("run", "task", "method", "mu", "peers", "rounds", "final", "GFLOPs/peer to target",
@@ -101,7 +101,7 @@ def compare_runs(run_dirs: list[Path], target: float | None = None,
     runs = [run_figures(run_dir, label, metric, target)
             for run_dir, label in zip(run_dirs, labels, strict=True)]
     plot_path = plot_path if plot_path is not None else run_dirs[0] / "compare.png"
-    from peerd.plots import plot_series  # matplotlib: only once there is something to draw
+    from peerd.ops.plots import plot_series  # matplotlib: only once there is something to draw
 
     plot_series({run.label: [(flops / 1e9, value) for flops, value in run.curve]
                  for run in runs}, plot_path,

@@ -20,8 +20,8 @@ member's index in that order is its *position*.
 - fd: Federated Dropout, a fresh random subset per member per round.
 - full: every unit (decentralized FedAvg).
 
-Learned widths (peerd/width.py): a member may carry its own width per group, learned on its
-data (Co-S2P); every method then takes that width instead of ceil(mu * K) for the group, and
+Learned widths (peerd/algorithm/width.py): a member may carry its own width per group, learned
+on its data (Co-S2P); every method then takes that width instead of ceil(mu * K) for the group, and
 msfusion still shifts the windows, so DSS decides which units and the learned width how many.
 
 Depth (models with early exits): a member of depth d keeps blocks 0..d-1, the same in every

@@ -6,8 +6,8 @@ from collections.abc import Iterable
 
 import torch
 
+from peerd.algorithm.submodel import Params, entry_mask
 from peerd.models.base import ModelSpec, Plan
-from peerd.submodel import Params, entry_mask
 
 
 class CoverageTracker:

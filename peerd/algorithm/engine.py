@@ -16,23 +16,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from peerd.aggregate import Arrival, exchange_count, merge, outbox, staleness_weight
-from peerd.config import TrainConfig
-from peerd.data import Split
-from peerd.evaluate import Evaluation, evaluate
-from peerd.losses import BalancedSoftmax, ModelContrastive, early_exit_loss, task_loss
-from peerd.models.base import ModelSpec, Plan, plan_depth, plan_units
-from peerd.numerics import all_finite
-from peerd.plan import Member, Planner, Plans
-from peerd.submodel import (
+from peerd.algorithm.aggregate import Arrival, exchange_count, merge, outbox, staleness_weight
+from peerd.algorithm.evaluate import Evaluation, evaluate
+from peerd.algorithm.losses import BalancedSoftmax, ModelContrastive, early_exit_loss, task_loss
+from peerd.algorithm.numerics import all_finite
+from peerd.algorithm.plan import Member, Planner, Plans
+from peerd.algorithm.submodel import (
     Params,
     extract,
     forward_flops_per_sample,
     freeze_shallowest,
     write_back,
 )
-from peerd.topology import Topology
-from peerd.transport import SliceMessage
+from peerd.algorithm.topology import Topology
+from peerd.algorithm.transport import SliceMessage
+from peerd.config import TrainConfig
+from peerd.data import Split
+from peerd.models.base import ModelSpec, Plan, plan_depth, plan_units
 
 # Forward plus backward costs about three forward passes (backward ~ 2x forward).
 TRAIN_FLOPS_PER_FORWARD = 3

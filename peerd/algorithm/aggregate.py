@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from peerd.algorithm.submodel import Params, axis_masks, entry_mask
 from peerd.models.base import ModelSpec, Plan, holds_param
-from peerd.submodel import Params, axis_masks, entry_mask
 
 Tensors = dict[str, torch.Tensor]
 

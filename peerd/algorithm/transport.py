@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 if TYPE_CHECKING:
-    from peerd.engine import RoundContext
+    from peerd.algorithm.engine import RoundContext
 
 
 @dataclass(frozen=True)

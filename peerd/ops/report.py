@@ -19,7 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from peerd.plots import plot_curves
+from peerd.ops.plots import plot_curves
 
 ROUNDS_FILE = "rounds.jsonl"
 METRICS_FILE = "metrics.jsonl"

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from peerd.algorithm.losses import correct_predictions, task_loss
 from peerd.data import Split
-from peerd.losses import correct_predictions, task_loss
 
 
 @dataclass(frozen=True)

@@ -27,17 +27,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from peerd.algorithm.deadline import ArrivalDelays
+from peerd.algorithm.engine import Engine, LateSlice, RoundContext, TrainStats
+from peerd.algorithm.evaluate import Evaluation
+from peerd.algorithm.plan import Member
+from peerd.algorithm.submodel import Params, clone_params
+from peerd.algorithm.transport import SliceMessage, SliceTransport
 from peerd.checkpoints import view_entry
-from peerd.deadline import ArrivalDelays
-from peerd.engine import Engine, LateSlice, RoundContext, TrainStats
-from peerd.evaluate import Evaluation
 from peerd.looplag import LagFigures
 from peerd.models.base import Plan
-from peerd.plan import Member
-from peerd.submodel import Params, clone_params
-from peerd.transport import SliceMessage, SliceTransport
 
-log = logging.getLogger("peerd.driver")
+log = logging.getLogger("peerd.algorithm.driver")
 
 COLLECT_POLL_S = 0.25
 

@@ -15,7 +15,7 @@ import os
 import socket
 from collections.abc import Mapping
 
-log = logging.getLogger("peerd.systemd")
+log = logging.getLogger("peerd.ops.systemd")
 
 
 class Notifier:

@@ -30,12 +30,17 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from peerd.algorithm.engine import model_loss
+from peerd.algorithm.plan import Member, MSFusionPlanner, Widths, width_groups
+from peerd.algorithm.submodel import (
+    Params,
+    forward_flops_per_sample,
+    slice_params,
+    training_forward,
+)
 from peerd.config import TrainConfig, check_width_options
 from peerd.data import Split
-from peerd.engine import model_loss
 from peerd.models.base import DEPTH, ModelSpec, plan_units
-from peerd.plan import Member, MSFusionPlanner, Widths, width_groups
-from peerd.submodel import Params, forward_flops_per_sample, slice_params, training_forward
 
 
 @dataclass(frozen=True)
