@@ -3,8 +3,8 @@
 Every peer computes every member's plan locally (DESIGN.md, Words: plan), so two peers with
 different planner settings would each expect slices the other never sends. The fingerprint a
 daemon announces (mDNS record, handshake, stream headers, checkpoints) is therefore the model's
-digest joined by a dot to a digest of the planner settings; a mismatch names the half that
-differs.
+digest joined by a dot to a digest of the options declared `agreed` in peerd/config.py (and
+nothing else); a mismatch names the half that differs.
 """
 
 from __future__ import annotations
@@ -12,20 +12,22 @@ from __future__ import annotations
 import hashlib
 import json
 
-from peerd.algorithm.plan import MSFusionPlanner
+from peerd.config import DaemonConfig, PeerOptions
+from peerd.options import option_fields, spec_of
 
 _SEPARATOR = "."
 _SHOWN_CHARS = 40  # of a peer's fingerprint in an error: a hostile one must not flood logs
 
 
-def planner_settings(method: str, seed: int, overlap: str, drift_period: int
-                     ) -> dict[str, object]:
-    """The settings that decide the plans: msfusion's overlap schedule and drift period only
-    matter to msfusion, so peers of other methods may differ on them."""
-    settings: dict[str, object] = {"method": method, "seed": seed}
-    if method == MSFusionPlanner.name:
-        settings.update(overlap=overlap, drift_period=drift_period)
-    return settings
+def agreed_settings(config: PeerOptions) -> dict[str, object]:
+    """The options declared `agreed` (peerd/config.py); one declared for a planner only counts
+    under its method, so peers of other methods may differ on it."""
+    return {f.name: getattr(config, f.name) for f in option_fields(config)
+            if spec_of(f).agreed and spec_of(f).planner in (None, config.method)}
+
+
+def agreed_names(config_class: type = DaemonConfig) -> list[str]:
+    return [f.name for f in option_fields(config_class) if spec_of(f).agreed]
 
 
 def describe_settings(settings: dict[str, object]) -> str:
@@ -43,5 +45,6 @@ def fingerprint_mismatch(got: str, expected: str) -> str:
     expected_model, _, expected_planner = expected.partition(_SEPARATOR)
     if got_model != expected_model:
         return f"model fingerprint {got_model}, expected {expected_model} (another task or model)"
+    names = agreed_names()
     return (f"planner fingerprint {got_planner or '(none)'}, expected {expected_planner}: "
-            "method, seed, overlap and drift_period must be the same on every member")
+            f"{', '.join(names[:-1])} and {names[-1]} must be the same on every member")

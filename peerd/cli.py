@@ -8,10 +8,7 @@ command being run, so `peerd --help`, `--version`, `status`, `ca`, `config`, `re
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -20,28 +17,27 @@ from typing import TYPE_CHECKING
 
 from peerd import __version__
 from peerd.config import (
-    AUTO,
     DEFAULT_CONFIG_FILE,
-    WIRE_DTYPES,
+    ClusterConfig,
     ConfigError,
     DaemonConfig,
     SimConfig,
-    TrainConfig,
-    check_depth,
-    daemon_options,
+    config_lines,
     load_daemon_config,
-    option_flag,
-    option_type,
-    parse_depth,
-    parse_mu,
-    parse_option_text,
-    parse_overlap,
-    parse_size,
     reference_table,
-    required_type,
 )
 from peerd.ops.ca import DEFAULT_CA_DIR, DEVICE_KEY, DEVICE_ROLE, ROLES
 from peerd.ops.progress import Console, global_round_line
+from peerd.options import (
+    field_type,
+    option_default,
+    option_fields,
+    option_flag,
+    parse_text,
+    required_type,
+    shown_default,
+    spec_of,
+)
 
 if TYPE_CHECKING:
     from peerd.cluster import DaemonProcess
@@ -75,224 +71,73 @@ class _HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def _mu(text: str) -> tuple[float, ...]:
-    try:
-        return parse_mu(text)
-    except ConfigError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+def add_option_flags(parser: argparse.ArgumentParser, config_class: type,
+                     layered: bool = False) -> None:
+    """One flag per declared option of `config_class` (peerd/config.py). `layered` (start):
+    a flag not given leaves the option to the config file, the environment and the default."""
+    for option_field in option_fields(config_class):
+        name, flag, spec = option_field.name, option_flag(option_field), spec_of(option_field)
+        default = option_default(option_field)
+        shown = argparse.SUPPRESS if layered else default
+        kind = required_type(field_type(config_class, name))
+        if kind is bool and default:
+            parser.add_argument(flag, dest=name, action="store_false", default=shown,
+                                help=spec.off_help)
+        elif kind is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=shown, help=_help(spec.help, default))
+        elif kind == tuple[str, ...]:
+            parser.add_argument(flag, dest=name, action="append", default=shown,
+                                metavar=spec.metavar, help=_help(spec.help, default))
+        else:
+            parser.add_argument(flag, dest=name, type=_flag_parser(config_class, name),
+                                default=shown, choices=spec.choices, metavar=spec.metavar,
+                                help=_help(spec.help, default))
 
 
-def _depth(text: str) -> tuple[int, ...]:
-    try:
-        return parse_depth(text)
-    except ConfigError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+def _help(help_text: str, default: object) -> str:
+    """An option's help with its default, unless the text already says it."""
+    if "default" in help_text:
+        return help_text.replace("%", "%%")
+    return f"{help_text} (default: {shown_default(default)})".replace("%", "%%")
 
 
-def _overlap(text: str) -> str:
-    try:
-        parse_overlap(text)
-    except ConfigError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
+def _flag_parser(config_class: type, name: str) -> Callable[[str], object]:
+    """A flag's value, checked against the option's rule as soon as it is read."""
+    rule = spec_of(next(f for f in option_fields(config_class) if f.name == name)).rule
+
+    def parse(text: str) -> object:
+        try:
+            value = parse_text(config_class, name, text)
+            if rule is not None and value is not None and not rule.valid(value):
+                raise ConfigError(f"{name}={value!r} is invalid: must be {rule.allowed}")
+        except ConfigError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be a positive number")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    from peerd.bench.processes import positive_int
-
-    return positive_int(text)
-
-
-# The planners' and tasks' names, as peerd.algorithm.plan.PLANNERS and peerd.tasks.TASKS hold them
-# (tests/test_first_minutes.py checks): importing those loads torch, which parsing must not
-# wait for.
-METHODS = ("fd", "fedrolex", "full", "heterofl", "msfusion")
-TASK_NAMES = ("digits", "fmnist", "kjv")
-CLUSTER_OUT = "runs/cluster"  # ClusterConfig's, as above
-
-
-def _task(text: str) -> str:
-    """A built-in task's name or a reference to a user's (loaded later, with torch)."""
-    if text in TASK_NAMES or ":" in text:
-        return text
-    raise argparse.ArgumentTypeError(
-        f"invalid choice: {text!r} (choose from {', '.join(TASK_NAMES)}, or FILE.py:FUNCTION "
-        f"or package.module:FUNCTION returning a peerd.Task)")
-
-
-def _partition(text: str) -> str:
-    if text == SimConfig().partition:
-        return text  # argparse checks the default too: checking it here would load torch
-    from peerd.bench.processes import partition_arg
-
-    return partition_arg(text)
+def config_from_args(config_class: type, args: argparse.Namespace) -> object:
+    """The `sim` or `cluster` configuration its flags give."""
+    values = {f.name: getattr(args, f.name) for f in option_fields(config_class)}
+    if "peers" in values and isinstance(values["peers"], list):
+        values["peers"] = tuple(values["peers"])
+    return config_class(**values)
 
 
 def _add_sim(sim: argparse.ArgumentParser) -> None:
-    defaults = SimConfig()
-    sim.add_argument("--peers", type=int, default=defaults.peers, help="number of peers")
-    _add_learning_options(sim, measured_mu=False)
-    sim.add_argument("--rounds", type=int, default=defaults.rounds, help="rounds to run")
-    sim.add_argument("--out", default=defaults.out, help="directory for metrics and plots")
-    sim.add_argument("--eval-every", type=int, default=defaults.eval_every,
-                     help="evaluate the assembled model every K rounds")
-    sim.add_argument("--eval-samples", type=int, default=None,
-                     help="global test samples per evaluation (default: the task's)")
+    add_option_flags(sim, SimConfig)
     sim.add_argument("--quiet", action="store_true", help="print only the final summary")
-    add_msfusion_options(sim)
     sim.set_defaults(func=_sim)
-
-
-def add_msfusion_options(parser: argparse.ArgumentParser) -> None:
-    """The contrastive term and the overlap schedule (docs/ALGORITHM.md)."""
-    train = TrainConfig()
-    parser.add_argument("--contrastive", action=argparse.BooleanOptionalAction,
-                        default=train.contrastive,
-                        help="MOON-style model-contrastive term (default: off)")
-    parser.add_argument("--contrastive-weight", type=_positive_float,
-                        default=train.contrastive_weight, metavar="LAMBDA",
-                        help="weight of the contrastive term")
-    parser.add_argument("--contrastive-tau", type=_positive_float,
-                        default=train.contrastive_tau, metavar="TAU",
-                        help="temperature of the contrastive term")
-    parser.add_argument("--overlap", type=_overlap, default=SimConfig().overlap,
-                        metavar="static|decay:H", help="msfusion's overlap schedule")
-    parser.add_argument("--drift-period", type=_positive_int, default=SimConfig().drift_period,
-                        metavar="R", help="msfusion: rounds in which the first unit group's "
-                        "windows drift once around; the r-th group drifts r + 1 times as fast")
-
-
-def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The task's training defaults with the contrastive and early-exit options of the command
-    line."""
-    from peerd.tasks import get_task
-
-    return dataclasses.replace(
-        get_task(args.task).train, contrastive=args.contrastive,
-        contrastive_weight=args.contrastive_weight, contrastive_tau=args.contrastive_tau,
-        early_exits=args.early_exits, distill_temperature=_temperature(args))
-
-
-def _mu_or_auto(text: str) -> tuple[float, ...] | str:
-    return AUTO if text.strip().lower() == AUTO else _mu(text)
-
-
-def _add_learning_options(parser: argparse.ArgumentParser, measured_mu: bool) -> None:
-    """The options the simulator and a local cluster share; only real daemons can measure
-    their width (auto)."""
-    parser.add_argument("--topology", default="ring",
-                        help="ring, full, or the path of a topology TOML file")
-    parser.add_argument("--method", choices=METHODS, default="msfusion",
-                        help="msfusion, or a baseline planner")
-    if measured_mu:
-        parser.add_argument("--mu", type=_mu_or_auto, default=SimConfig().mu,
-                            metavar="F[,F...]|auto",
-                            help="width ratio: one value, one per daemon (cycled), or auto "
-                                 "(each daemon measures what it affords) (default: 0.5)")
-        parser.add_argument("--memory-budget", default=None, metavar="SIZE",
-                            help="with --mu auto: each daemon's memory budget, e.g. 800M "
-                                 "(default: what the kernel reports available)")
-    else:
-        parser.add_argument("--mu", type=_mu, default=SimConfig().mu, metavar="F[,F...]",
-                            help="width ratio: one value, or one per peer (cycled) "
-                                 "(default: 0.5)")
-    parser.add_argument("--task", type=_task, default="digits",
-                        metavar="digits|fmnist|kjv|FILE.py:FUNCTION",
-                        help="digits (8x8 CNN), fmnist (28x28 CNN), kjv (text), or your own: "
-                             "FILE.py:FUNCTION or package.module:FUNCTION returning a "
-                             "peerd.Task")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seeds init, data split, plans and batches")
-    parser.add_argument("--partition", type=_partition, default="iid",
-                        metavar="iid|dirichlet:ALPHA|natural", help="how the data is split")
-    parser.add_argument("--data-dir", default=None,
-                        help="your own copy of the task's data (default: the bundled data)")
-    parser.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="float32",
-                        help="precision of exchanged values")
-    parser.add_argument("--early-exits", action="store_true",
-                        help="an exit head after every block, CE on every exit (and "
-                             "self-distillation); needed by --depth")
-    parser.add_argument("--depth", type=_depth, default=None, metavar="N[,N...]",
-                        help="blocks each peer keeps (the shallowest): one value, or one per "
-                             "peer (cycled); default: all")
-    parser.add_argument("--learned-width", action="store_true",
-                        help="each peer of mu < 1 learns how many units of each group to keep "
-                             "on its own data, within its uniform sub-model's FLOPs")
-    parser.add_argument("--width-epochs", type=_positive_int, default=SimConfig().width_epochs,
-                        help="with --learned-width: epochs of unit scoring")
-    parser.add_argument("--width-penalty", type=float, default=SimConfig().width_penalty,
-                        help="with --learned-width: weight of the FLOPs budget penalty")
-    distill = parser.add_mutually_exclusive_group()
-    distill.add_argument("--distill-temperature", type=float, default=3.0, metavar="T",
-                         help="with --early-exits: the deepest exit teaches the others, "
-                              "loss CE + T^2 KL")
-    distill.add_argument("--no-distill", action="store_true",
-                         help="with --early-exits: CE on every exit, no distillation")
-
-
-# The help of a flag that turns off an option that is on by default (the option's own help,
-# in docs/CONFIG.md, describes it on).
-OFF_FLAG_HELP = {
-    "mdns": "do not announce this daemon or browse by mDNS: find peers only by their --peer "
-            "addresses (default: mDNS on)",
-    "distill": "with --early-exits: no self-distillation, CE on every exit only (default: "
-               "distillation on)",
-}
-
-
-def _start_help(name: str, help_text: str, default: object) -> str:
-    """An option's help with its default, unless the text already says it."""
-    if "default" in help_text:
-        return help_text
-    shown = ("unset" if default is None else "none" if default == ()
-             else {True: "on", False: "off"}.get(default, default)  # type: ignore[call-overload]
-             if isinstance(default, bool) else default)
-    return f"{help_text} (default: {shown})".replace("%", "%%")
 
 
 def _add_start(start: argparse.ArgumentParser) -> None:
     start.add_argument("--config", default=None, metavar="FILE",
                        help=f"a TOML config file (default: {DEFAULT_CONFIG_FILE} if present)")
-    # One flag per DaemonConfig field: given flags override the file and the environment.
-    for option_field in daemon_options():
-        name, flag = option_field.name, option_flag(option_field)
-        kind = required_type(option_type(name))
-        help_text = _start_help(name, option_field.metadata["help"], option_field.default)
-        if kind is bool:
-            if option_field.default:
-                start.add_argument(flag, dest=name, action="store_false",
-                                   default=argparse.SUPPRESS, help=OFF_FLAG_HELP[name])
-            else:
-                start.add_argument(flag, dest=name, action="store_true",
-                                   default=argparse.SUPPRESS, help=help_text)
-        elif kind == tuple[str, ...]:
-            start.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS,
-                               metavar="HOST:PORT", help=help_text)
-        else:
-            start.add_argument(flag, dest=name, type=_option_parser(name),
-                               default=argparse.SUPPRESS, help=help_text,
-                               metavar="I/N" if kind == tuple[int, int] else None)
+    # Given flags override the file and the environment.
+    add_option_flags(start, DaemonConfig, layered=True)
     start.set_defaults(func=_start)
-
-
-def _option_parser(name: str) -> Callable[[str], object]:
-    def parse(text: str) -> object:
-        try:
-            return parse_option_text(name, text)
-        except ConfigError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    return parse
 
 
 def _add_config(config: argparse.ArgumentParser) -> None:
@@ -304,25 +149,8 @@ def _add_config(config: argparse.ArgumentParser) -> None:
 
 
 def _add_cluster(cluster: argparse.ArgumentParser) -> None:
-    defaults = SimConfig()
-    cluster.add_argument("--peers", type=int, default=defaults.peers,
-                         help="number of daemon processes")
-    _add_learning_options(cluster, measured_mu=True)
-    cluster.add_argument("--rounds", type=int, default=defaults.rounds, help="rounds to run")
-    cluster.add_argument("--out", default=CLUSTER_OUT,
-                         help="directory for metrics, plots, the CA and each daemon's state")
-    cluster.add_argument("--eval-every", type=int, default=defaults.eval_every,
-                         help="evaluate the assembled model every K rounds")
-    cluster.add_argument("--eval-samples", type=int, default=None,
-                         help="global test samples per evaluation (default: the task's)")
-    cluster.add_argument("--no-mdns", action="store_true",
-                         help="daemons find each other only by their static addresses "
-                              "(default: by mDNS on 127.0.0.1 too)")
-    cluster.add_argument("--sync", action="store_true",
-                         help="strict synchronous rounds (default: semi-asynchronous, as "
-                         "`peerd start`)")
+    add_option_flags(cluster, ClusterConfig)
     cluster.add_argument("--quiet", action="store_true", help="print only the final summary")
-    add_msfusion_options(cluster)
     cluster.set_defaults(func=_cluster)
 
 
@@ -479,25 +307,13 @@ def _sim(args: argparse.Namespace) -> int:
 
 def _run_sim(args: argparse.Namespace, console: Console) -> int:
     console.status("loading torch")
-    config = SimConfig(
-        peers=args.peers, topology=args.topology, method=args.method, mu=args.mu,
-        task=args.task, rounds=args.rounds, seed=args.seed, partition=args.partition,
-        data_dir=args.data_dir, out=args.out, eval_every=args.eval_every,
-        eval_samples=args.eval_samples, wire_dtype=args.wire_dtype, depth=args.depth,
-        train=train_config(args), overlap=args.overlap, drift_period=args.drift_period,
-        learned_width=args.learned_width, width_epochs=args.width_epochs,
-        width_penalty=args.width_penalty,
-    )
+    config = config_from_args(SimConfig, args)
     from peerd.sim import run
 
     records = run(config, _round_printer(console, config.rounds), console=console)
     console.close()
     _print_summary(records, config.rounds, config.out)
     return 0
-
-
-def _temperature(args: argparse.Namespace) -> float | None:
-    return None if args.no_distill else args.distill_temperature
 
 
 def _round_printer(console: Console, rounds: int) -> Callable[[dict], None]:
@@ -514,7 +330,8 @@ def _print_summary(records: list[dict], rounds: int, out: str) -> None:
 
 
 def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
-    flags = {f.name: getattr(args, f.name) for f in daemon_options() if hasattr(args, f.name)}
+    flags = {f.name: getattr(args, f.name) for f in option_fields(DaemonConfig)
+             if hasattr(args, f.name)}
     if "peers" in flags:
         flags["peers"] = tuple(flags["peers"])
     return load_daemon_config(args.config, os.environ, flags)
@@ -581,27 +398,10 @@ def _cluster(args: argparse.Namespace) -> int:
 
 
 def _run_cluster(args: argparse.Namespace, console: Console) -> int:
-    if args.memory_budget is not None:
-        parse_size(args.memory_budget, "memory_budget")
-        if args.mu != AUTO:
-            raise ConfigError("--memory-budget is only used with --mu auto")
-    check_depth(args.depth, args.early_exits)
+    config = config_from_args(ClusterConfig, args)
     console.status("loading torch")
-    from peerd.cluster import ClusterConfig, run_cluster
+    from peerd.cluster import run_cluster
 
-    config = ClusterConfig(
-        peers=args.peers, topology=args.topology, method=args.method, mu=args.mu,
-        memory_budget=args.memory_budget, task=args.task, rounds=args.rounds, seed=args.seed,
-        partition=args.partition,
-        data_dir=args.data_dir, out=args.out, eval_every=args.eval_every,
-        eval_samples=args.eval_samples, mdns=not args.no_mdns, wire_dtype=args.wire_dtype,
-        sync=args.sync, depth=args.depth, early_exits=args.early_exits,
-        distill_temperature=_temperature(args), overlap=args.overlap,
-        drift_period=args.drift_period, contrastive=args.contrastive,
-        contrastive_weight=args.contrastive_weight, contrastive_tau=args.contrastive_tau,
-        learned_width=args.learned_width, width_epochs=args.width_epochs,
-        width_penalty=args.width_penalty,
-    )
     peerd = peerd_command()
 
     def announce(daemons: list[DaemonProcess]) -> None:
@@ -627,20 +427,9 @@ def _config(args: argparse.Namespace) -> int:
     if args.reference:
         print(reference_table(), end="")
         return 0
-    config = _daemon_config(args)
-    for option_field in daemon_options():
-        print(_toml_line(option_field.name, getattr(config, option_field.name)))
+    for line in config_lines(_daemon_config(args)):
+        print(line)
     return 0
-
-
-def _toml_line(name: str, value: object) -> str:
-    """One option as the config file would hold it (an unset one as a comment)."""
-    if value is None:
-        return f"# {name} is unset"
-    if name == "shard":
-        index, count = value  # type: ignore[misc]
-        return f'{name} = "{index}/{count}"'
-    return f"{name} = {json.dumps(list(value) if isinstance(value, tuple) else value)}"
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -31,12 +31,12 @@ import grpc
 import torch
 from torch import nn
 
-from peerd.agreement import cluster_fingerprint, planner_settings
+from peerd.agreement import agreed_settings, cluster_fingerprint
 from peerd.algorithm.coverage import CoverageTracker
-from peerd.algorithm.plan import Member, Plans, decode_widths, make_planner, width_group_names
+from peerd.algorithm.plan import Member, Plans, decode_widths, planner_for, width_group_names
 from peerd.algorithm.submodel import forward_flops_per_sample, init_params
 from peerd.algorithm.topology import load_topology
-from peerd.config import AUTO, DRIFT_PERIOD, STATIC_OVERLAP
+from peerd.config import ENV_PREFIX, ClusterConfig, DaemonConfig, member_options
 from peerd.metrics import MetricsLog, PeerRound, evaluate_global, run_title
 from peerd.models.base import fingerprint, full_units
 from peerd.net import PROTOCOL_VERSION
@@ -45,6 +45,7 @@ from peerd.net.codec import Expectation
 from peerd.net.tls import TlsIdentity
 from peerd.ops.ca import CA_CERT, DEVICE_ROLE, READER_ROLE, init_ca, issue
 from peerd.ops.progress import Console
+from peerd.options import command_line
 from peerd.sim import peer_name
 from peerd.state import CHECKPOINT_DIR
 from peerd.tasks import get_task
@@ -58,41 +59,6 @@ WATCHER_ID = "cluster"
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 ACTIVITY_CHARS = 45  # a daemon's activity on the live line; longer ones keep their first part
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    peers: int = 4
-    topology: str = "ring"
-    method: str = "msfusion"
-    mu: tuple[float, ...] | str = (0.5,)  # one per daemon (cycled), or AUTO
-    memory_budget: str | None = None  # each daemon's, with AUTO
-    task: str = "digits"
-    rounds: int = 30
-    seed: int = 0
-    partition: str = "iid"
-    data_dir: str | None = None
-    out: str = "runs/cluster"
-    eval_every: int = 1
-    eval_samples: int | None = None
-    mdns: bool = True
-    static_peers: bool = True
-    round_timeout_s: float = 120.0
-    wire_dtype: str = "float32"
-    sync: bool = False  # strict rounds (`peerd start --sync`); default semi-asynchronous
-    slowdown: tuple[float, ...] = ()  # benchmarks: training slowdown by position (missing: 1)
-    depth: tuple[int, ...] | None = None  # blocks kept per daemon (cycled); None: all
-    early_exits: bool = False
-    distill_temperature: float | None = 3.0  # with early exits; None: --no-distill
-    overlap: str = STATIC_OVERLAP  # msfusion's overlap schedule
-    drift_period: int = DRIFT_PERIOD  # msfusion: rounds per turn of the slowest group's windows
-    contrastive: bool = False
-    contrastive_weight: float = 1.0
-    contrastive_tau: float = 0.5
-    # Every daemon of mu < 1 learns its widths (peerd/algorithm/width.py).
-    learned_width: bool = False
-    width_epochs: int = 10
-    width_penalty: float = 0.1
 
 
 class ClusterError(RuntimeError):
@@ -164,21 +130,10 @@ def tls_dirs(out: Path, peer_ids: list[str]) -> dict[str, Path]:
             for peer_id in [*peer_ids, WATCHER_ID]}
 
 
-def daemon_mu(config: ClusterConfig, position: int) -> str:
-    """The --mu of the daemon at `position`: AUTO, or the configured widths cycled."""
-    return AUTO if config.mu == AUTO else str(config.mu[position % len(config.mu)])
-
-
-def early_exit_args(config: ClusterConfig, position: int) -> list[str]:
-    """The early-exit flags of the daemon at `position`: its depth (cycled) and distillation."""
-    if not config.early_exits:
-        return []
-    args = ["--early-exits"]
-    if config.depth is not None:
-        args += ["--depth", str(config.depth[position % len(config.depth)])]
-    if config.distill_temperature is None:
-        return [*args, "--no-distill"]
-    return [*args, "--distill-temperature", str(config.distill_temperature)]
+def member_config(config: ClusterConfig, position: int, **wiring: object) -> DaemonConfig:
+    """The daemon at `position`: every option it shares with the cluster (peerd/config.py,
+    per-peer ones cycled), then `wiring`, this process's choice of ports, names and paths."""
+    return DaemonConfig(**{**member_options(config, position), **wiring})
 
 
 def launch(config: ClusterConfig, out: Path, tls: dict[str, Path]) -> list[DaemonProcess]:
@@ -194,45 +149,24 @@ def launch(config: ClusterConfig, out: Path, tls: dict[str, Path]) -> list[Daemo
             (state_dir / stale).unlink(missing_ok=True)
         # A demo cluster starts afresh: a daemon would resume from an earlier run's checkpoints.
         shutil.rmtree(state_dir / CHECKPOINT_DIR, ignore_errors=True)
-        args = [
-            sys.executable, "-m", "peerd.cli", "start", "--peer-id", peer_id,
-            "--host", "127.0.0.1", "--port", str(port), "--topology", config.topology,
-            "--method", config.method, "--mu", daemon_mu(config, position), "--task", config.task,
-            "--seed", str(config.seed), "--shard", f"{position}/{config.peers}",
-            "--partition", config.partition, "--rounds", str(config.rounds),
-            "--min-peers", str(config.peers), "--state-dir", str(state_dir),
-            "--cluster", f"local-{os.getpid()}", "--threads", "1",
-            "--round-timeout", str(config.round_timeout_s), "--linger", "600",
-            "--wire-dtype", config.wire_dtype, "--overlap", config.overlap,
-            "--drift-period", str(config.drift_period),
-            "--metrics-port", str(metrics_port), "--tls-dir", str(tls[peer_id]),
-        ]
-        if config.data_dir:
-            args += ["--data-dir", config.data_dir]
-        if config.memory_budget:
-            args += ["--memory-budget", config.memory_budget]
-        if config.sync:
-            args += ["--sync"]
-        if config.contrastive:
-            args += ["--contrastive", "--contrastive-weight", str(config.contrastive_weight),
-                     "--contrastive-tau", str(config.contrastive_tau)]
-        if position < len(config.slowdown):
-            args += ["--slowdown", str(config.slowdown[position])]
-        args += early_exit_args(config, position)
-        if config.learned_width:
-            args += ["--learned-width", "--width-epochs", str(config.width_epochs),
-                     "--width-penalty", str(config.width_penalty)]
-        if config.mdns:
-            args += ["--mdns-interface", "127.0.0.1"]
-        else:
-            args += ["--no-mdns"]
-        if config.static_peers:
-            for other in addresses:
-                if other != addresses[position]:
-                    args += ["--peer", other]
+        others = tuple(a for a in addresses if a != addresses[position])
+        daemon = member_config(
+            config, position, peer_id=peer_id, host="127.0.0.1", port=port,
+            shard=(position, config.peers), rounds=config.rounds, min_peers=config.peers,
+            state_dir=str(state_dir), cluster=f"local-{os.getpid()}", threads=1,
+            round_timeout_s=config.round_timeout_s, linger_s=600.0,
+            metrics_port=metrics_port, tls_dir=str(tls[peer_id]),
+            slowdown=config.slowdown[position] if position < len(config.slowdown) else 1.0,
+            mdns_interface="127.0.0.1" if config.mdns else None,
+            peers=others if config.static_peers else ())
+        # The command line alone decides: no config file, no PEERD_* variable of this shell.
+        args = [sys.executable, "-m", "peerd.cli", "start", "--config", os.devnull,
+                *command_line(daemon)]
+        environ = {name: value for name, value in os.environ.items()
+                   if not name.startswith(ENV_PREFIX)}
         log_file = open(state_dir / "daemon.log", "w")  # noqa: SIM115 - owned by the child
         process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
+                                   stdin=subprocess.DEVNULL, env=environ)
         log_file.close()
         daemons.append(DaemonProcess(peer_id, addresses[position],
                                      f"http://127.0.0.1:{metrics_port}/metrics", state_dir,
@@ -268,14 +202,13 @@ class ClusterWatcher:
         self.eval_samples = config.eval_samples if config.eval_samples else task.eval_samples
         initial = init_params(self.spec, config.seed)
         shapes = {name: (torch.float32, tuple(t.shape)) for name, t in initial.items()}
-        settings = planner_settings(config.method, config.seed, config.overlap,
-                                    config.drift_period)
+        # What the daemons announce: their options, as `launch` gives them.
+        settings = agreed_settings(member_config(config, 0))
         self.expectation = Expectation(PROTOCOL_VERSION, f"local-{os.getpid()}",
                                        cluster_fingerprint(fingerprint(self.spec), settings),
                                        lambda header: shapes)
         self.clients = PeerClients(tls)
-        self.planner = make_planner(config.method, config.seed, config.overlap,
-                                    config.drift_period)
+        self.planner = planner_for(config)
         self.members: list[Member] = []  # with the widths the daemons report (mu auto)
         self.coverage = CoverageTracker(self.spec, initial)
 

@@ -1,23 +1,56 @@
-"""Typed configuration with validation that names the offending option and its allowed values.
+"""One description of every option of `peerd sim`, `peerd cluster` and `peerd start`.
 
-Defaults come from the task (peerd/tasks.py) and are overridden by what the user passes.
+Each option is declared once, as a field with `option(...)` (peerd/options.py): its default, help,
+flag, parsing, valid values, and whether every member must agree on it. From these fields come
+the three commands' flags (peerd/cli.py), the config file, the PEERD_* variables, `peerd config`,
+docs/CONFIG.md (`peerd config --reference`), the command lines `peerd cluster` starts its
+daemons with, the agreement fingerprint (peerd/agreement.py) and the planner's settings.
+
+Adding an option (docs/CONFIG.md, "Adding an option", works one through):
+1. Declare it in the class whose commands have it:
+   - `PeerOptions`: how a peer learns: `sim`, `cluster` and `start` (and the file, PEERD_*);
+   - `DaemonOptions`: daemons only, but `peerd cluster` passes it to the daemons it starts;
+   - `DaemonConfig`, `SimConfig`, `ClusterConfig`: that command only.
+   `agreed=True` when every member must have the same value (it joins the fingerprint peers
+   compare); `planner="msfusion"` when only that method's planner reads it (the planner's class
+   takes it as a keyword; members of other methods may then differ on it); `rule=` for the
+   values it allows (cross-option rules go in the class's `__post_init__`).
+2. Read it where it is used: `config.NAME`, or the planner's keyword.
+Then regenerate docs/CONFIG.md's table (`peerd config --reference`). That is 2 files.
+
+Defaults of the training hyper-parameters come from the task (peerd/tasks.py).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import Field, dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from types import UnionType
-from typing import Any, get_args, get_origin, get_type_hints
 
-
-class ConfigError(ValueError):
-    """A bad option value; the message names the option and what is allowed."""
-
+from peerd.options import (
+    ConfigError,
+    Rule,
+    at_least,
+    check_options,
+    describe,
+    field_type,
+    non_negative,
+    option,
+    option_default,
+    option_fields,
+    option_flag,
+    positive,
+    read_environment,
+    read_table,
+    require,
+    required_type,
+    shown_default,
+    spec_of,
+)
 
 # Width ratio `auto`: chosen at start from a measured probe (peerd/capacity.py).
 AUTO = "auto"
@@ -66,27 +99,27 @@ class TrainConfig:
     balanced_softmax: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a positive number")
-        _require(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
-        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
-        _require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
-        _require(self.local_epochs >= 1, "local_epochs", self.local_epochs, ">= 1")
-        _require(
+        require(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a positive number")
+        require(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        require(self.local_epochs >= 1, "local_epochs", self.local_epochs, ">= 1")
+        require(
             self.max_local_steps is None or self.max_local_steps >= 1,
             "max_local_steps", self.max_local_steps, ">= 1 or unset",
         )
-        _require(
+        require(
             self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip,
             "a positive number or unset",
         )
-        _require(
+        require(
             self.distill_temperature is None or (
                 self.distill_temperature > 0 and math.isfinite(self.distill_temperature)),
             "distill_temperature", self.distill_temperature, "a positive number or unset",
         )
-        _require(self.contrastive_weight >= 0 and math.isfinite(self.contrastive_weight),
+        require(self.contrastive_weight >= 0 and math.isfinite(self.contrastive_weight),
                  "contrastive_weight", self.contrastive_weight, "a number >= 0")
-        _require(self.contrastive_tau > 0 and math.isfinite(self.contrastive_tau),
+        require(self.contrastive_tau > 0 and math.isfinite(self.contrastive_tau),
                  "contrastive_tau", self.contrastive_tau, "a positive number")
         if self.contrastive and self.early_exits:
             # The contrastive term reads one representation per sample; with early exits it
@@ -98,66 +131,11 @@ class TrainConfig:
                               "early_exits: it is measured alone (docs/ALGORITHM.md)")
 
 
-@dataclass(frozen=True)
-class SimConfig:
-    peers: int = 4
-    topology: str = "ring"
-    method: str = "msfusion"
-    mu: tuple[float, ...] = (0.5,)  # one value for all peers, or one per peer (cycled)
-    task: str = "digits"
-    rounds: int = 30
-    seed: int = 0
-    partition: str = "iid"
-    data_dir: str | None = None
-    out: str = "runs/sim"
-    eval_every: int = 1
-    eval_samples: int | None = None  # global test samples per evaluation; None: the task default
-    train: TrainConfig | None = None  # None: the task's defaults (peerd/tasks.py), no early exits
-    wire_dtype: str = "float32"
-    depth: tuple[int, ...] | None = None  # blocks kept, one for all or per peer (cycled)
-    # msfusion's overlap schedule: static or decay:H (peerd/algorithm/plan.py).
-    overlap: str = STATIC_OVERLAP
-    drift_period: int = DRIFT_PERIOD  # msfusion: rounds per turn of the slowest group's windows
-    # Each peer's mean shard: the training set is first cut to a seeded peers x shard_size
-    # samples (benchmarks of scale: the same data per peer whatever the peer count).
-    shard_size: int | None = None
-    # Data-aware width (peerd/algorithm/width.py): every peer of mu < 1 learns its widths per group.
-    learned_width: bool = False
-    width_epochs: int = 10
-    width_penalty: float = 0.1
-
-    def __post_init__(self) -> None:
-        _require(self.peers >= 1, "peers", self.peers, ">= 1")
-        check_width_options(self.width_epochs, self.width_penalty)
-        parse_overlap(self.overlap)
-        _require(self.drift_period >= 1, "drift_period", self.drift_period, ">= 1")
-        _require(self.shard_size is None or self.shard_size >= 2, "shard_size", self.shard_size,
-                 ">= 2 or unset")
-        _require(self.wire_dtype in WIRE_DTYPES, "wire_dtype", self.wire_dtype,
-                 f"one of {', '.join(WIRE_DTYPES)}")
-        _require(self.rounds >= 1, "rounds", self.rounds, ">= 1")
-        _require(self.eval_every >= 1, "eval_every", self.eval_every, ">= 1")
-        _require(len(self.mu) >= 1, "mu", self.mu, "at least one value")
-        for mu in self.mu:
-            _require(0 < mu <= 1, "mu", mu, "in (0, 1]")
-        _require(
-            self.eval_samples is None or self.eval_samples >= 1,
-            "eval_samples", self.eval_samples, ">= 1",
-        )
-        check_depth(self.depth, self.train is not None and self.train.early_exits)
-
-    def peer_mu(self, position: int) -> float:
-        return self.mu[position % len(self.mu)]
-
-    def peer_depth(self, position: int) -> int | None:
-        return None if self.depth is None else self.depth[position % len(self.depth)]
-
-
 def check_width_options(epochs: int, penalty: float) -> None:
     """Options of data-aware width (peerd/algorithm/width.py): scoring epochs and the penalty
     weight."""
-    _require(type(epochs) is int and epochs >= 1, "width_epochs", epochs, "an integer >= 1")
-    _require(penalty > 0 and math.isfinite(penalty), "width_penalty", penalty,
+    require(type(epochs) is int and epochs >= 1, "width_epochs", epochs, "an integer >= 1")
+    require(penalty > 0 and math.isfinite(penalty), "width_penalty", penalty,
              "a positive number")
 
 
@@ -169,7 +147,7 @@ def check_depth(depths: tuple[int, ...] | None, early_exits: bool,
         return
     for depth in depths:
         allowed = ">= 1" if blocks is None else f"in 1..{blocks} (the model's blocks)"
-        _require(depth >= 1 and (blocks is None or depth <= blocks), "depth", depth, allowed)
+        require(depth >= 1 and (blocks is None or depth <= blocks), "depth", depth, allowed)
     if not early_exits:
         raise ConfigError(f"depth={','.join(map(str, depths))} needs early_exits (--early-exits)"
                           ": a pruned peer trains the exit head of its deepest kept block")
@@ -200,11 +178,6 @@ def parse_overlap(schedule: str) -> float | None:
     return value
 
 
-def _require(condition: bool, option: str, value: object, allowed: str) -> None:
-    if not condition:
-        raise ConfigError(f"{option}={value!r} is invalid: must be {allowed}")
-
-
 def parse_mu(text: str) -> tuple[float, ...]:
     """'0.5' for every peer, or '0.125,0.25,0.5' assigned to peers by position, cycled."""
     try:
@@ -212,11 +185,10 @@ def parse_mu(text: str) -> tuple[float, ...]:
     except ValueError:
         raise ConfigError(f"mu={text!r} is invalid: give a number or a comma list") from None
     for mu in values:
-        _require(0 < mu <= 1, "mu", mu, "in (0, 1]")
+        require(0 < mu <= 1, "mu", mu, "in (0, 1]")
     return values
 
 
-WIDTH = float | str  # a width ratio or AUTO
 
 
 def parse_width(text: str) -> float | str:
@@ -229,66 +201,191 @@ def parse_width(text: str) -> float | str:
     return values[0]
 
 
-def option(default: object, help: str, flag: str | None = None) -> Any:
-    """A daemon option: its default, the help text of the reference table, and its flag when
-    that is not `--` + the name with dashes."""
-    return field(default=default, metadata={"help": help, "flag": flag})
+def parse_widths(text: str) -> tuple[float, ...] | str:
+    """`peerd cluster`'s mu: one width, one per daemon (cycled), or auto."""
+    return AUTO if text.strip().lower() == AUTO else parse_mu(text)
+
+
+def parse_overlap_text(text: str) -> str:
+    parse_overlap(text)
+    return text
+
+
+# The planners' and tasks' names, as peerd.algorithm.plan.PLANNERS and peerd.tasks.TASKS hold them
+# (tests/test_first_minutes.py checks): importing those loads torch, which parsing must not
+# wait for.
+METHODS = ("fd", "fedrolex", "full", "heterofl", "msfusion")
+TASK_NAMES = ("digits", "fmnist", "kjv")
+
+
+def parse_task(text: str) -> str:
+    """A built-in task's name or a reference to a user's (loaded later, with torch)."""
+    if text in TASK_NAMES or ":" in text:
+        return text
+    raise ConfigError(
+        f"invalid choice: {text!r} (choose from {', '.join(TASK_NAMES)}, or FILE.py:FUNCTION "
+        f"or package.module:FUNCTION returning a peerd.Task)")
+
+
+DEFAULT_PARTITION = "iid"
+
+
+def parse_partition_text(text: str) -> str:
+    if text == DEFAULT_PARTITION:
+        return text  # argparse checks the default too: checking it here would load torch
+    from peerd.data.partition import parse_partition
+
+    try:
+        parse_partition(text)
+    except ValueError as error:
+        raise ConfigError(f"partition={text!r} is invalid: {error}") from None
+    return text
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+SHARD_NUMBERING = "I/N, shard I of N with I counting from 0 (three devices: 0/3, 1/3 and 2/3)"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N': the I-th (from 0) of N deterministic shards of the task's bundled data."""
+    try:
+        index_text, count_text = text.split("/")
+        index, count = int(index_text), int(count_text)
+    except ValueError:
+        raise ConfigError(f"shard={text!r} is invalid: must be {SHARD_NUMBERING}") from None
+    require(0 <= index < count, "shard", text, SHARD_NUMBERING)
+    return index, count
+
+
+SAME = "; the same on every member"
 
 
 @dataclass(frozen=True)
-class DaemonConfig:
-    """One daemon (`peerd start`): every option, in the order of the reference table."""
+class PeerOptions:
+    """How a peer learns: options of `peerd sim`, `peerd cluster` and `peerd start`."""
 
     topology: str = option("ring", "who exchanges slices with whom: ring, full, or a TOML path")
-    task: str = option("digits", "the task: digits, fmnist, kjv, or a user's FILE.py:FUNCTION "
-                       "(docs/MODELS.md); the same on every member")
-    mu: float | str = option(
-        0.5, "width ratio of this peer's slice, in (0, 1]; auto: the widest of 0.5, 0.25, "
-        "0.125, 0.0625 that fits memory_budget (and round_target) by a probe at start")
-    memory_budget: str | None = option(
-        None, "with mu auto: memory the whole daemon may use, e.g. 800M or 1.5G (default: "
-        "what it uses at start plus what the kernel reports available)")
-    round_target_s: float | None = option(
-        None, "with mu auto: seconds of local training a round should take at most (soft)",
-        "--round-target")
+    task: str = option(
+        "digits", "the task: digits (8x8 CNN), fmnist (28x28 CNN), kjv (text), or your own: "
+        "FILE.py:FUNCTION or package.module:FUNCTION returning a peerd.Task (docs/MODELS.md)"
+        + SAME, parse=parse_task, metavar="digits|fmnist|kjv|FILE.py:FUNCTION")
+    method: str = option("msfusion", "planner: msfusion, or a baseline: fedrolex, heterofl, fd "
+                         "or full" + SAME, agreed=True, choices=METHODS)
+    seed: int = option(0, "seeds init, data split, plans and batches" + SAME, agreed=True)
+    overlap: str = option(
+        STATIC_OVERLAP, "msfusion: how much neighbouring windows overlap, static or decay:H "
+        "(the overlap halves every H rounds)" + SAME, agreed=True, planner="msfusion",
+        parse=parse_overlap_text, metavar="static|decay:H")
+    drift_period: int = option(
+        DRIFT_PERIOD, "msfusion: rounds in which the first unit group's windows drift once "
+        "around; the r-th group drifts r + 1 times as fast" + SAME, agreed=True,
+        planner="msfusion", rule=at_least(1), metavar="R")
+    partition: str = option(
+        DEFAULT_PARTITION, "how the data is split among peers: iid, dirichlet:ALPHA, natural",
+        parse=parse_partition_text, metavar="iid|dirichlet:ALPHA|natural")
+    data_dir: str | None = option(
+        None, "your own copy of the task's data (default: the bundled data)")
+    wire_dtype: str = option(
+        "float32", "precision of exchanged values: float32, float16 or bfloat16" + SAME,
+        choices=WIRE_DTYPES)
     early_exits: bool = option(
-        False, "an exit head after every block, CE on every exit and self-distillation; the same "
-        "on every member; needed by depth and freeze")
-    depth: int | None = option(
-        None, "blocks this peer keeps, the shallowest (default: all; with mu auto and "
-        "early_exits the probe chooses)")
-    frozen_blocks: int = option(
-        0, "shallowest kept blocks this peer does not train (saves gradients, optimizer state "
-        "and activations; with mu auto and early_exits the probe chooses)", "--freeze")
+        False, "an exit head after every block, CE on every exit and self-distillation" + SAME
+        + "; needed by depth and freeze")
     distill_temperature: float = option(
-        3.0, "with early_exits: temperature T of self-distillation, loss CE + T^2 KL")
+        3.0, "with early_exits: temperature T of self-distillation, loss CE + T^2 KL",
+        rule=positive(), metavar="T")
     distill: bool = option(
         True, "with early_exits: the deepest exit teaches the others (off: CE on every exit "
-        "only)", "--no-distill")
+        "only)", "--no-distill", off_help="with --early-exits: no self-distillation, CE on "
+        "every exit only (default: distillation on)")
+    contrastive: bool = option(
+        False, "MOON-style model-contrastive term in local training (5/3 of the training FLOPs)")
+    contrastive_weight: float = option(1.0, "with contrastive: its weight lambda",
+                                       rule=non_negative(), metavar="LAMBDA")
+    contrastive_tau: float = option(0.5, "with contrastive: its temperature tau",
+                                    rule=positive(), metavar="TAU")
     learned_width: bool = option(
         False, "with mu < 1: learn how many units of each group to keep on the local data "
         "(Co-S2P), within the FLOPs of the uniform mu sub-model; announced with the capacity")
     width_epochs: int = option(10, "with learned_width: epochs of unit scoring at start")
     width_penalty: float = option(0.1, "with learned_width: weight of the FLOPs budget penalty")
-    method: str = option("msfusion", "planner: msfusion, fedrolex, heterofl, fd or full")
-    overlap: str = option(
-        STATIC_OVERLAP, "msfusion: how much neighbouring windows overlap, static or decay:H "
-        "(the overlap halves every H rounds); the same on every member")
-    drift_period: int = option(
-        DRIFT_PERIOD, "msfusion: rounds in which the first unit group's windows drift once "
-        "around; the r-th group drifts r + 1 times as fast; the same on every member")
-    contrastive: bool = option(
-        False, "MOON-style model-contrastive term in local training (5/3 of the training FLOPs)")
-    contrastive_weight: float = option(1.0, "with contrastive: its weight lambda")
-    contrastive_tau: float = option(0.5, "with contrastive: its temperature tau")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        check_width_options(self.width_epochs, self.width_penalty)
+        parse_overlap(self.overlap)
+        self.train_config(TrainConfig())  # checks the contrastive options with early_exits
+
+    def train_config(self, task_defaults: TrainConfig) -> TrainConfig:
+        """The task's training defaults with these early-exit and contrastive options."""
+        return replace(task_defaults, early_exits=self.early_exits,
+                       distill_temperature=self.distill_temperature if self.distill else None,
+                       contrastive=self.contrastive, contrastive_weight=self.contrastive_weight,
+                       contrastive_tau=self.contrastive_tau)
+
+
+def planner_options(config: PeerOptions) -> dict[str, object]:
+    """The options declared for `config.method`'s planner: its class's keyword arguments."""
+    return {f.name: getattr(config, f.name) for f in option_fields(config)
+            if spec_of(f).planner == config.method}
+
+
+@dataclass(frozen=True)
+class DaemonOptions(PeerOptions):
+    """Options of daemons that `peerd cluster` also takes and passes on to its daemons."""
+
+    memory_budget: str | None = option(
+        None, "with mu auto: memory the whole daemon may use, e.g. 800M or 1.5G (default: "
+        "what it uses at start plus what the kernel reports available)", metavar="SIZE")
+    sync: bool = option(
+        False, "strict synchronous rounds: every round waits for every neighbour's slice (as "
+        "`peerd sim` does); default: semi-asynchronous rounds that close at an adaptive "
+        "deadline and merge late slices with a staleness weight")
+    mdns: bool = option(
+        True, "announce this daemon and find peers by mDNS (off: peers are found only by their "
+        "--peer addresses)", "--no-mdns", off_help="do not announce this daemon or browse by "
+        "mDNS: find peers only by their --peer addresses (default: mDNS on)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.memory_budget is not None:
+            parse_size(self.memory_budget, "memory_budget")
+
+    def _auto_only(self, mu: object, names: tuple[str, ...]) -> None:
+        for name in names:
+            if mu != AUTO and getattr(self, name) is not None:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is only used with mu auto "
+                                  f"(mu is {mu})")
+
+
+@dataclass(frozen=True)
+class DaemonConfig(DaemonOptions):
+    """One daemon (`peerd start`): every option, in the order of the reference table."""
+
+    mu: float | str = option(
+        0.5, "width ratio of this peer's slice, in (0, 1]; auto: the widest of 0.5, 0.25, "
+        "0.125, 0.0625 that fits memory_budget (and round_target) by a probe at start",
+        parse=parse_width, metavar="F|auto")
+    round_target_s: float | None = option(
+        None, "with mu auto: seconds of local training a round should take at most (soft)",
+        "--round-target", rule=positive())
+    depth: int | None = option(
+        None, "blocks this peer keeps, the shallowest (default: all; with mu auto and "
+        "early_exits the probe chooses)")
+    frozen_blocks: int = option(
+        0, "shallowest kept blocks this peer does not train (saves gradients, optimizer state "
+        "and activations; with mu auto and early_exits the probe chooses)", "--freeze",
+        rule=at_least(0))
     host: str = option("0.0.0.0", "address gRPC listens on")
-    port: int = option(7470, "gRPC port (0: any free port)")
+    port: int = option(7470, "gRPC port (0: any free port)",
+                       rule=Rule(lambda port: 0 <= port <= 65535, "in 0..65535 (0: any free "
+                                 "port)"))
     peers: tuple[str, ...] = option(
-        (), "a peer's HOST:PORT, for networks without multicast (repeatable)", "--peer")
-    mdns: bool = option(True, "announce this daemon and find peers by mDNS (off: peers are "
-                        "found only by their --peer addresses)", "--no-mdns")
+        (), "a peer's HOST:PORT, for networks without multicast (repeatable)", "--peer",
+        metavar="HOST:PORT")
     mdns_interface: str | None = option(None, "IPv4 address of the interface mDNS uses")
-    cluster: str = option("default", "cluster name: peers of other clusters are ignored")
+    cluster: str = option("default", "cluster name: peers of other clusters are ignored",
+                          rule=Rule(lambda name: 1 <= len(name) <= 64, "1 to 64 characters"))
     state_dir: str = option("peerd-state",
                             "peer id, per-round checkpoints, parameters and per-round log")
     peer_id: str | None = option(
@@ -300,277 +397,284 @@ class DaemonConfig:
                             "join, push and pull (logs a warning)")
     shard: tuple[int, int] | None = option(
         None, "I/N: train on shard I of N of the task's bundled data, I counting from 0 (three "
-        "devices take 0/3, 1/3 and 2/3)")
-    partition: str = option("iid", "how --shard splits the data: iid, dirichlet:ALPHA, natural")
-    data_dir: str | None = option(None, "your own copy of the task's data")
-    rounds: int | None = option(None, "stop after this round (default: run until stopped)")
-    min_peers: int = option(2, "members needed before the first round")
-    seed: int = option(0, "seeds init, data split, plans and batches; the same on every member")
-    wire_dtype: str = option(
-        "float32", "precision of exchanged values: float32, float16 or bfloat16; the same on "
-        "every member")
-    threads: int | None = option(None, "torch threads (default: all cores)")
+        "devices take 0/3, 1/3 and 2/3)", parse=parse_shard, metavar="I/N")
+    rounds: int | None = option(None, "stop after this round (default: run until stopped)",
+                                rule=at_least(1))
+    min_peers: int = option(2, "members needed before the first round", rule=at_least(1))
+    threads: int | None = option(None, "torch threads (default: all cores)", rule=at_least(1))
     round_timeout_s: float = option(300.0, "seconds to wait for the neighbours' slices",
-                                    "--round-timeout")
+                                    "--round-timeout", rule=Rule(lambda s: s > 0, "> 0"))
+    # Handshakes repeat every 0.5 s: a shorter silence is no evidence of anything.
     dead_after_s: float = option(
         10.0, "seconds a member may go unheard before the others drop it from the view",
-        "--dead-after")
-    sync: bool = option(
-        False, "strict synchronous rounds: every round waits for every neighbour's slice (as "
-        "`peerd sim` does); default: semi-asynchronous rounds that close at an adaptive "
-        "deadline and merge late slices with a staleness weight")
+        "--dead-after", rule=at_least(1))
     quorum: float = option(
         0.5, "semi-async: fraction of the neighbours whose slices must be in before the "
-        "deadline may close a round, in [0, 1]")
+        "deadline may close a round, in [0, 1]", rule=Rule(lambda q: 0 <= q <= 1, "in [0, 1]"))
     deadline_mads: float = option(
         4.0, "semi-async: a round waits the median recent arrival delay plus this many median "
-        "absolute deviations", "--deadline-mads")
+        "absolute deviations", "--deadline-mads", rule=non_negative())
     deadline_floor_s: float = option(
         0.25, "semi-async: the shortest deadline in seconds (the longest is --round-timeout)",
         "--deadline-floor")
     staleness_exponent: float = option(
-        0.5, "semi-async: a slice s rounds late is merged with weight (1 + s)^-a, a being this")
+        0.5, "semi-async: a slice s rounds late is merged with weight (1 + s)^-a, a being this",
+        rule=non_negative())
     max_staleness: int = option(
-        4, "semi-async: a slice more than this many rounds late is dropped, never merged")
+        4, "semi-async: a slice more than this many rounds late is dropped, never merged",
+        rule=Rule(lambda rounds: rounds >= 0, ">= 0 (0: late slices are never merged)"))
     slowdown: float = option(
         1.0, "for tests and benchmarks: local training takes this many times as long (the "
-        "daemon sleeps after training); leave at 1")
+        "daemon sleeps after training); leave at 1",
+        rule=Rule(lambda s: s >= 1 and math.isfinite(s), "a number >= 1"))
     checkpoints_kept: int = option(
-        3, "checkpoints kept in state_dir/checkpoints, one per round (0: none written)")
+        3, "checkpoints kept in state_dir/checkpoints, one per round (0: none written)",
+        rule=at_least(0))
     metrics_port: int | None = option(
         None, "port of the HTTP endpoint: Prometheus /metrics, the live page / and its JSON API "
-        "/api/ (docs/WEB.md; default: off)")
+        "/api/ (docs/WEB.md; default: off)",
+        rule=Rule(lambda port: 0 <= port <= 65535, "in 0..65535, or unset for no endpoint"))
     metrics_host: str | None = option(
         None, "address the metrics port listens on (default: host, the gRPC address)")
-    log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR", choices=LOG_LEVELS)
     linger_s: float = option(0.0, "seconds to keep serving pulls after the last round",
-                             "--linger")
+                             "--linger", rule=at_least(0))
 
     def __post_init__(self) -> None:
         if self.mu != AUTO:
-            _require(isinstance(self.mu, int | float) and 0 < self.mu <= 1, "mu", self.mu,
-                     "in (0, 1], or auto")
-        if self.memory_budget is not None:
-            parse_size(self.memory_budget, "memory_budget")
-        _require(self.round_target_s is None or self.round_target_s > 0, "round_target_s",
-                 self.round_target_s, "> 0 or unset")
-        for name in ("memory_budget", "round_target_s"):
-            if self.mu != AUTO and getattr(self, name) is not None:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is only used with mu auto "
-                                  f"(mu is {self.mu})")
-        _require(self.wire_dtype in WIRE_DTYPES, "wire_dtype", self.wire_dtype,
-                 f"one of {', '.join(WIRE_DTYPES)}")
-        parse_overlap(self.overlap)
-        _require(self.drift_period >= 1, "drift_period", self.drift_period, ">= 1")
+            require(isinstance(self.mu, int | float) and 0 < self.mu <= 1, "mu", self.mu,
+                    "in (0, 1], or auto")
+        super().__post_init__()
+        self._auto_only(self.mu, ("memory_budget", "round_target_s"))
         self._check_depth()
-        self.train_config(TrainConfig())  # checks the contrastive options with early_exits
-        check_width_options(self.width_epochs, self.width_penalty)
-        _require(0 <= self.port <= 65535, "port", self.port, "in 0..65535 (0: any free port)")
-        _require(self.min_peers >= 1, "min_peers", self.min_peers, ">= 1")
-        _require(self.rounds is None or self.rounds >= 1, "rounds", self.rounds, ">= 1")
-        _require(bool(self.cluster) and len(self.cluster) <= 64, "cluster", self.cluster,
-                 "1 to 64 characters")
-        _require(self.threads is None or self.threads >= 1, "threads", self.threads, ">= 1")
-        _require(self.round_timeout_s > 0, "round_timeout_s", self.round_timeout_s, "> 0")
-        # Handshakes repeat every 0.5 s: a shorter silence is no evidence of anything.
-        _require(self.dead_after_s >= 1, "dead_after_s", self.dead_after_s, ">= 1")
-        _require(0 <= self.quorum <= 1, "quorum", self.quorum, "in [0, 1]")
-        _require(self.deadline_mads >= 0 and math.isfinite(self.deadline_mads), "deadline_mads",
-                 self.deadline_mads, "a number >= 0")
-        _require(0 < self.deadline_floor_s <= self.round_timeout_s, "deadline_floor_s",
-                 self.deadline_floor_s, f"> 0 and at most round_timeout_s ({self.round_timeout_s})")
-        _require(self.staleness_exponent >= 0 and math.isfinite(self.staleness_exponent),
-                 "staleness_exponent", self.staleness_exponent, "a number >= 0")
-        _require(self.max_staleness >= 0, "max_staleness", self.max_staleness,
-                 ">= 0 (0: late slices are never merged)")
-        _require(self.slowdown >= 1 and math.isfinite(self.slowdown), "slowdown", self.slowdown,
-                 "a number >= 1")
-        _require(self.checkpoints_kept >= 0, "checkpoints_kept", self.checkpoints_kept, ">= 0")
-        _require(self.linger_s >= 0, "linger_s", self.linger_s, ">= 0")
-        _require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port",
-                 self.metrics_port, "in 0..65535, or unset for no endpoint")
-        _require(self.log_level in LOG_LEVELS, "log_level", self.log_level,
-                 f"one of {', '.join(LOG_LEVELS)}")
+        require(0 < self.deadline_floor_s <= self.round_timeout_s, "deadline_floor_s",
+                self.deadline_floor_s, f"> 0 and at most round_timeout_s ({self.round_timeout_s})")
         if self.shard is not None:
             index, count = self.shard
-            _require(0 <= index < count, "shard", f"{index}/{count}", SHARD_NUMBERING)
-
+            require(0 <= index < count, "shard", f"{index}/{count}", SHARD_NUMBERING)
 
     def _check_depth(self) -> None:
         check_depth(None if self.depth is None else (self.depth,), self.early_exits)
-        _require(self.frozen_blocks >= 0, "frozen_blocks", self.frozen_blocks, ">= 0")
         if self.frozen_blocks and not self.early_exits:
             raise ConfigError(f"frozen_blocks={self.frozen_blocks} needs early_exits "
                               "(--early-exits)")
         if self.depth is not None:
-            _require(self.frozen_blocks < self.depth, "frozen_blocks", self.frozen_blocks,
-                     f"less than depth ({self.depth}): at least one block must train")
+            require(self.frozen_blocks < self.depth, "frozen_blocks", self.frozen_blocks,
+                    f"less than depth ({self.depth}): at least one block must train")
         if self.mu == AUTO and self.early_exits:
             for name in ("depth", "frozen_blocks"):
                 if getattr(self, name):
                     raise ConfigError(f"{name}={getattr(self, name)!r}: with mu auto and "
                                       "early_exits the probe chooses depth and frozen blocks")
-        TrainConfig(distill_temperature=self.distill_temperature)  # checks the value
+
+    def peer_mu(self, position: int) -> float | str:
+        return self.mu
+
+    def peer_depth(self, position: int) -> int | None:
+        return self.depth
+
+    @property
+    def shard_count(self) -> int | None:
+        """Shards the training set is cut into (None: all of it is this peer's)."""
+        return None if self.shard is None else self.shard[1]
+
+
+def check_run_options(peers: int, rounds: int, eval_every: int, eval_samples: int | None
+                      ) -> None:
+    """The options of a `sim` or `cluster` run."""
+    require(peers >= 1, "peers", peers, ">= 1")
+    require(rounds >= 1, "rounds", rounds, ">= 1")
+    require(eval_every >= 1, "eval_every", eval_every, ">= 1")
+    require(eval_samples is None or eval_samples >= 1, "eval_samples", eval_samples, ">= 1")
+
+
+@dataclass(frozen=True)
+class SimConfig(PeerOptions):
+    """`peerd sim`: N peers in one process."""
+
+    peers: int = option(4, "number of peers")
+    mu: tuple[float, ...] = option(
+        (0.5,), "width ratio: one value, or one per peer (cycled)", parse=parse_mu,
+        metavar="F[,F...]", per_peer=True)
+    depth: tuple[int, ...] | None = option(
+        None, "blocks each peer keeps (the shallowest): one value, or one per peer (cycled); "
+        "default: all", parse=parse_depth, metavar="N[,N...]", per_peer=True)
+    rounds: int = option(30, "rounds to run")
+    out: str = option("runs/sim", "directory for metrics and plots")
+    eval_every: int = option(1, "evaluate the assembled model every K rounds")
+    eval_samples: int | None = option(
+        None, "global test samples per evaluation (default: the task's)")
+    # The task's training hyper-parameters (peerd/tasks.py) when None; the options above set
+    # its early-exit and contrastive fields.
+    train: TrainConfig | None = None
+    # Each peer's mean shard: the training set is first cut to a seeded peers x shard_size
+    # samples (benchmarks of scale: the same data per peer whatever the peer count).
+    shard_size: int | None = None
+    # The simulator's rounds are synchronous: no slice is late and no block frozen.
+    frozen_blocks = 0
+    staleness_exponent = DaemonConfig.staleness_exponent
+    max_staleness = DaemonConfig.max_staleness
+
+    def __post_init__(self) -> None:
+        check_run_options(self.peers, self.rounds, self.eval_every, self.eval_samples)
+        super().__post_init__()
+        require(self.shard_size is None or self.shard_size >= 2, "shard_size", self.shard_size,
+                ">= 2 or unset")
+        require(len(self.mu) >= 1, "mu", self.mu, "at least one value")
+        for mu in self.mu:
+            require(0 < mu <= 1, "mu", mu, "in (0, 1]")
+        check_depth(self.depth, self.early_exits)
+        if self.train is not None:
+            optioned = PeerOptions.train_config(self, self.train)
+            for name in ("early_exits", "distill_temperature", "contrastive",
+                         "contrastive_weight", "contrastive_tau"):
+                if getattr(self.train, name) != getattr(optioned, name):
+                    raise ConfigError(f"train.{name}={getattr(self.train, name)!r} differs from "
+                                      "the options: set it with the options (early_exits, "
+                                      "distill, distill_temperature, contrastive...)")
 
     def train_config(self, task_defaults: TrainConfig) -> TrainConfig:
-        """The task's training defaults with this daemon's early-exit and contrastive options."""
-        return replace(task_defaults, early_exits=self.early_exits,
-                       distill_temperature=self.distill_temperature if self.distill else None,
-                       contrastive=self.contrastive, contrastive_weight=self.contrastive_weight,
-                       contrastive_tau=self.contrastive_tau)
+        return super().train_config(self.train if self.train is not None else task_defaults)
+
+    def peer_mu(self, position: int) -> float:
+        return self.mu[position % len(self.mu)]
+
+    def peer_depth(self, position: int) -> int | None:
+        return None if self.depth is None else self.depth[position % len(self.depth)]
+
+    @property
+    def shard_count(self) -> int:
+        return self.peers
 
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+@dataclass(frozen=True)
+class ClusterConfig(DaemonOptions):
+    """`peerd cluster`: N daemon processes on loopback. Every option it shares with
+    `DaemonConfig` (the per-peer ones cycled) reaches the daemons' command lines."""
+
+    peers: int = option(4, "number of daemon processes")
+    mu: tuple[float, ...] | str = option(
+        (0.5,), "width ratio: one value, one per daemon (cycled), or auto (each daemon "
+        "measures what it affords)", parse=parse_widths, metavar="F[,F...]|auto",
+        per_peer=True)
+    depth: tuple[int, ...] | None = option(
+        None, "blocks each daemon keeps (the shallowest): one value, or one per daemon "
+        "(cycled); default: all", parse=parse_depth, metavar="N[,N...]", per_peer=True)
+    rounds: int = option(30, "rounds to run")
+    out: str = option("runs/cluster",
+                      "directory for metrics, plots, the CA and each daemon's state")
+    eval_every: int = option(1, "evaluate the assembled model every K rounds")
+    eval_samples: int | None = option(
+        None, "global test samples per evaluation (default: the task's)")
+    static_peers: bool = True  # each daemon also gets the others' addresses (--peer)
+    round_timeout_s: float = 120.0
+    slowdown: tuple[float, ...] = ()  # benchmarks: training slowdown by position (missing: 1)
+
+    def __post_init__(self) -> None:
+        check_run_options(self.peers, self.rounds, self.eval_every, self.eval_samples)
+        super().__post_init__()
+        if self.mu != AUTO:
+            for mu in self.mu:
+                require(0 < mu <= 1, "mu", mu, "in (0, 1]")
+        self._auto_only(self.mu, ("memory_budget",))
+        check_depth(self.depth, self.early_exits)
 
 
-SHARD_NUMBERING = "I/N, shard I of N with I counting from 0 (three devices: 0/3, 1/3 and 2/3)"
+# `peerd cluster`'s own options: the run's, not its daemons'.
+CLUSTER_RUN_OPTIONS = ("peers", "out", "eval_every", "eval_samples")
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """'I/N': the I-th (from 0) of N deterministic shards of the task's bundled data."""
-    try:
-        index_text, count_text = text.split("/")
-        index, count = int(index_text), int(count_text)
-    except ValueError:
-        raise ConfigError(f"shard={text!r} is invalid: must be {SHARD_NUMBERING}") from None
-    _require(0 <= index < count, "shard", text, SHARD_NUMBERING)
-    return index, count
+def member_options(config: ClusterConfig, position: int) -> dict[str, object]:
+    """The options `peerd cluster` gives the daemon at `position`: every option it shares with
+    the daemons, the per-peer ones cycled by position."""
+    values = {}
+    for option_field in option_fields(config):
+        if option_field.name in CLUSTER_RUN_OPTIONS:
+            continue
+        value = getattr(config, option_field.name)
+        if spec_of(option_field).per_peer and isinstance(value, tuple):
+            value = value[position % len(value)]
+        values[option_field.name] = value
+    return values
 
 
 # ---- layered daemon configuration: defaults < file < environment < flags --------------------
 
 DEFAULT_CONFIG_FILE = Path("/etc/peerd/peerd.toml")
 ENV_PREFIX = "PEERD_"
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-def daemon_options() -> list[Field]:
-    return list(fields(DaemonConfig))
-
-
-def option_flag(option_field: Field) -> str:
-    return option_field.metadata["flag"] or "--" + option_field.name.replace("_", "-")
-
-
-def option_type(name: str) -> object:
-    return get_type_hints(DaemonConfig)[name]
-
-
-def _describe(kind: object) -> str:
-    if kind == WIDTH:
-        return "a number or auto"
-    return {
-        str: "text", int: "an integer", float: "a number", bool: "true or false",
-        tuple[str, ...]: "a list of HOST:PORT", tuple[int, int]: "I/N",
-    }[required_type(kind)]
-
-
-def required_type(kind: object) -> object:
-    """The type without `| None`."""
-    arguments = [a for a in get_args(kind) if a is not type(None)]
-    return arguments[0] if get_origin(kind) is UnionType else kind
-
-
-def parse_option_text(name: str, text: str) -> object:
-    """An option's value from text (an environment variable or a flag)."""
-    kind = option_type(name)
-    required = required_type(kind)
-    if text == "" and required is not kind:
-        return None
-    if kind == WIDTH:
-        return parse_width(text)
-    if required == tuple[int, int]:
-        return parse_shard(text)  # its error says how shards are numbered
-    try:
-        if required is bool:
-            if text.lower() not in _TRUE + _FALSE:
-                raise ValueError
-            return text.lower() in _TRUE
-        if required == tuple[str, ...]:
-            return tuple(part.strip() for part in text.split(",") if part.strip())
-        return required(text)
-    except (ValueError, ConfigError):
-        raise ConfigError(f"{name}={text!r} is invalid: must be {_describe(kind)}") from None
-
-
-def _file_value(name: str, value: object, source: str) -> object:
-    """An option's value from TOML, which already carries a type."""
-    kind = option_type(name)
-    required = required_type(kind)
-    if kind == WIDTH:
-        return parse_width(value if isinstance(value, str) else repr(value))
-    valid = (
-        (required is bool and isinstance(value, bool))
-        or (required is int and isinstance(value, int) and not isinstance(value, bool))
-        or (required is float and isinstance(value, int | float) and not isinstance(value, bool))
-        or (required is str and isinstance(value, str))
-        or (required == tuple[str, ...] and isinstance(value, list)
-            and all(isinstance(v, str) for v in value))
-        or (required == tuple[int, int] and isinstance(value, str))
-    )
-    if not valid:
-        raise ConfigError(f"{source}: {name} = {value!r} is invalid: must be {_describe(kind)}")
-    if required == tuple[str, ...]:
-        return tuple(value)
-    if required == tuple[int, int]:
-        return parse_shard(value)
-    return float(value) if required is float else value
-
-
-def read_config_file(path: Path) -> dict[str, object]:
+def read_config_file(path: Path, config_class: type = DaemonConfig) -> dict[str, object]:
     try:
         table = tomllib.loads(path.read_text())
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
-    names = [f.name for f in daemon_options()]
-    unknown = sorted(set(table) - set(names))
-    if unknown:
-        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; allowed: {', '.join(names)}")
-    return {name: _file_value(name, value, str(path)) for name, value in table.items()}
-
-
-def read_environment(environ: Mapping[str, str]) -> dict[str, object]:
-    names = {ENV_PREFIX + f.name.upper(): f.name for f in daemon_options()}
-    values = {}
-    for variable, text in sorted(environ.items()):
-        if not variable.startswith(ENV_PREFIX):
-            continue
-        if variable not in names:
-            raise ConfigError(f"unknown environment variable {variable}; "
-                              f"allowed: {', '.join(names)}")
-        values[names[variable]] = parse_option_text(names[variable], text)
-    return values
+    return read_table(config_class, table, str(path))
 
 
 def load_daemon_config(
-    config_file: str | None, environ: Mapping[str, str], flags: Mapping[str, object]
+    config_file: str | None, environ: Mapping[str, str], flags: Mapping[str, object],
+    config_class: type = DaemonConfig,
 ) -> DaemonConfig:
     """Defaults < the config file (`--config`, else /etc/peerd/peerd.toml if present) <
     PEERD_* environment variables < flags given on the command line."""
     values: dict[str, object] = {}
     if config_file is not None:
-        values.update(read_config_file(Path(config_file)))
+        values.update(read_config_file(Path(config_file), config_class))
     elif DEFAULT_CONFIG_FILE.exists():
-        values.update(read_config_file(DEFAULT_CONFIG_FILE))
-    values.update(read_environment(environ))
+        values.update(read_config_file(DEFAULT_CONFIG_FILE, config_class))
+    values.update(read_environment(config_class, environ, ENV_PREFIX))
     values.update(flags)
-    return DaemonConfig(**values)
+    return config_class(**values)
+
+
+def config_lines(config: object) -> list[str]:
+    """`peerd config`: every option as the config file would hold it (an unset one as a
+    comment)."""
+    lines = []
+    for option_field in option_fields(config):
+        name, value = option_field.name, getattr(config, option_field.name)
+        if value is None:
+            lines.append(f"# {name} is unset")
+        elif required_type(field_type(type(config), name)) == tuple[int, int]:
+            lines.append(f'{name} = "{value[0]}/{value[1]}"')
+        else:
+            shown = list(value) if isinstance(value, tuple) else value
+            lines.append(f"{name} = {json.dumps(shown)}")
+    return lines
+
+
+COMMANDS_OF = (("start", DaemonConfig), ("cluster", ClusterConfig), ("sim", SimConfig))
 
 
 def reference_table() -> str:
-    """docs/CONFIG.md's table, generated from DaemonConfig so that it cannot drift."""
+    """docs/CONFIG.md's table, generated from the declarations so that it cannot drift."""
     lines = [
-        "| option (file key) | flag | environment | default | meaning |",
-        "|---|---|---|---|---|",
+        "| option (file key) | flag | environment | default | commands | agreed | meaning |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for option_field in daemon_options():
-        default = option_field.default
-        shown = "unset" if default is None else ("[]" if default == () else repr(default))
-        lines.append(
-            f"| `{option_field.name}` | `{option_flag(option_field)}` | "
-            f"`{ENV_PREFIX}{option_field.name.upper()}` | {shown} | "
-            f"{option_field.metadata['help']} ({_describe(option_type(option_field.name))}) |"
-        )
+    seen: list[object] = []
+    for _, config_class in COMMANDS_OF:
+        for option_field in option_fields(config_class):
+            if any(option_field is other for other in seen):
+                continue  # inherited: one declaration, one row
+            seen.append(option_field)
+            commands = ", ".join(command for command, other in COMMANDS_OF
+                                 if _declared(other, option_field))
+            in_daemon = _declared(DaemonConfig, option_field)
+            spec = spec_of(option_field)
+            agreed = ("yes" if spec.planner is None else f"with {spec.planner}") \
+                if spec.agreed else ""
+            lines.append(
+                f"| `{option_field.name}` | `{option_flag(option_field)}` | "
+                + (f"`{ENV_PREFIX}{option_field.name.upper()}`" if in_daemon else "")
+                + f" | {shown_default(option_default(option_field))} | {commands} | {agreed} | "
+                f"{spec.help} ({describe(config_class, option_field)}) |")
     return "\n".join(lines) + "\n"
+
+
+def _declared(config_class: type, option_field: object) -> bool:
+    """Does `config_class` have this very declaration (its own or inherited)?"""
+    return any(f is option_field for f in fields(config_class))

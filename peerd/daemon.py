@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import grpc
 import torch
 
-from peerd.agreement import cluster_fingerprint, describe_settings, planner_settings
+from peerd.agreement import agreed_settings, cluster_fingerprint, describe_settings
 from peerd.algorithm.driver import RoundDriver, RoundOutcome, RoundRules, round_record
 from peerd.algorithm.engine import RoundContext
 from peerd.algorithm.plan import encode_widths, width_group_names
@@ -109,9 +109,8 @@ class Daemon:
         # here, before the loop serves, not on the worker in round 1 (it starved the loop).
         import torch._dynamo  # noqa: F401
         self.engine, self.me, self.spec = peer.engine, peer.member, peer.spec
-        self.planner_settings = planner_settings(config.method, config.seed, config.overlap,
-                                                 config.drift_period)
-        self.fingerprint = cluster_fingerprint(fingerprint(self.spec), self.planner_settings)
+        self.agreed_settings = agreed_settings(config)
+        self.fingerprint = cluster_fingerprint(fingerprint(self.spec), self.agreed_settings)
         self.checkpoints = Checkpoints(
             self.state_dir, {"peer_id": self.peer_id, "task": config.task,
                              "method": config.method, "seed": config.seed,
@@ -205,7 +204,7 @@ class Daemon:
         await discovery.start()
         log.info("peer %s serving on %s (cluster %s, fingerprint %s: %s, %s)", self.peer_id,
                  address, self.config.cluster, self.fingerprint,
-                 describe_settings(self.planner_settings),
+                 describe_settings(self.agreed_settings),
                  f"mutual TLS with {self.tls.directory}" if self.tls else "no TLS")
         # Ready only now: peers and `peerd status` can reach this daemon from here on.
         self.notifier.ready(f"serving on {address}, waiting for {self.config.min_peers} "

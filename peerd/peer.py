@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from peerd.algorithm.engine import Engine, Staleness
-from peerd.algorithm.plan import Member, make_planner
+from peerd.algorithm.plan import Member, planner_for
 from peerd.algorithm.submodel import init_params
 from peerd.algorithm.topology import load_topology
 from peerd.algorithm.width import WidthConfig, learn_widths
@@ -54,31 +54,12 @@ class Peer:
         return self.engine.spec
 
 
-@dataclass(frozen=True)
-class _Options:
-    """What set-up reads from either configuration (one shape for `sim` and `start`)."""
-
-    train: TrainConfig
-    shard_count: int | None  # None: the whole training set is this peer's
-    mu: float | str
-    depth: int | None
-    frozen_blocks: int
-    staleness: Staleness
+# Either command's configuration: both answer what set-up asks (peer_mu, peer_depth,
+# shard_count, train_config, frozen_blocks, staleness_*).
+PeerConfig = SimConfig | DaemonConfig
 
 
-def _options(config: SimConfig | DaemonConfig, train_defaults: TrainConfig,
-             position: int) -> _Options:
-    if isinstance(config, SimConfig):
-        return _Options(
-            config.train if config.train is not None else train_defaults, config.peers,
-            config.peer_mu(position), config.peer_depth(position), 0, Staleness())
-    return _Options(
-        config.train_config(train_defaults),
-        None if config.shard is None else config.shard[1], config.mu, config.depth,
-        config.frozen_blocks, Staleness(config.staleness_exponent, config.max_staleness))
-
-
-def training_set(data: TaskData, config: SimConfig | DaemonConfig) -> Split:
+def training_set(data: TaskData, config: PeerConfig) -> Split:
     """All the task's training data, or (sim with shard_size) a seeded peers x shard_size of it."""
     shard_size = config.shard_size if isinstance(config, SimConfig) else None
     if shard_size is None:
@@ -92,44 +73,42 @@ def training_set(data: TaskData, config: SimConfig | DaemonConfig) -> Split:
     return data.train.subset(np.sort(order[:wanted]))
 
 
-def load_data(config: SimConfig | DaemonConfig) -> TaskData:
+def load_data(config: PeerConfig) -> TaskData:
     return get_task(config.task).load_data(config.data_dir)
 
 
-def build_peer(config: SimConfig | DaemonConfig, position: int, peer_id: str,
+def build_peer(config: PeerConfig, position: int, peer_id: str,
                data: TaskData | None = None) -> Peer:
     """The peer at `position` (its shard of the data and its seeds) named `peer_id`; `data`
     saves loading the task again when one process builds many peers."""
     task = get_task(config.task)
     data = data if data is not None else load_data(config)
-    options = _options(config, task.train, position)
-    spec = task.model(data, options.train.early_exits)
+    train = config.train_config(task.train)
+    mu, depth = config.peer_mu(position), config.peer_depth(position)
+    spec = task.model(data, train.early_exits)
     blocks = spec.groups[DEPTH].units if DEPTH in spec.groups else None
-    depths = config.depth if isinstance(config, SimConfig) else (
-        None if config.depth is None else (config.depth,))
-    check_depth(depths, options.train.early_exits, blocks)
+    check_depth(None if depth is None else (depth,), train.early_exits, blocks)
     train_set = training_set(data, config)
-    if options.shard_count is None:
+    if config.shard_count is None:
         local_train, local_test = local_train_test(np.arange(len(train_set)), config.seed)
     else:
-        shard = partition(train_set, options.shard_count, config.partition, config.seed)[position]
+        shard = partition(train_set, config.shard_count, config.partition, config.seed)[position]
         # The split of position I is seeded with seed + I, in the simulator and in a daemon.
         local_train, local_test = local_train_test(shard, config.seed + position)
     train_split = train_set.subset(local_train)
     engine = Engine(
         peer_id, spec, init_params(spec, config.seed), train_split, train_set.subset(local_test),
-        make_planner(config.method, config.seed, config.overlap, config.drift_period),
-        load_topology(config.topology), options.train, config.seed, config.wire_dtype,
-        options.staleness, options.frozen_blocks,
+        planner_for(config), load_topology(config.topology), train, config.seed,
+        config.wire_dtype, Staleness(config.staleness_exponent, config.max_staleness),
+        config.frozen_blocks,
     )
-    mu, depth = options.mu, options.depth
     if mu == AUTO:
         assert isinstance(config, DaemonConfig)
-        mu, depth, engine.frozen_blocks = _measured_capacity(config, engine, options.train)
+        mu, depth, engine.frozen_blocks = _measured_capacity(config, engine, train)
     widths = None
     if config.learned_width and mu < 1:
         log.info("%s: learning its widths on its data (%d epochs)", peer_id, config.width_epochs)
-        widths = learn_widths(spec, engine.params, train_split, options.train, mu, depth,
+        widths = learn_widths(spec, engine.params, train_split, train, mu, depth,
                               WidthConfig(config.width_epochs, config.width_penalty),
                               config.seed + position)
         log.info("learned widths: %s", ", ".join(f"{name} {units}" for name, units in widths))

@@ -89,7 +89,7 @@ def test_decay_round_zero_and_static_are_the_plain_dss_layout() -> None:
     spec = CNNSpec(CNNConfig(image_size=8, stage_widths=(16, 32)))
     members = _members([0.25, 0.5, 0.125, 0.25, 0.25])
     plain = MSFusionPlanner(9).plan(0, members, spec.groups)
-    decaying = make_planner("msfusion", 9, "decay:2").plan(0, members, spec.groups)
+    decaying = make_planner("msfusion", 9, overlap="decay:2").plan(0, members, spec.groups)
     for member in members:
         for name in spec.groups:
             assert torch.equal(plain[member.peer_id][name], decaying[member.peer_id][name])

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from peerd.config import DRIFT_PERIOD, STATIC_OVERLAP, parse_overlap
+from peerd.config import DRIFT_PERIOD, STATIC_OVERLAP, PeerOptions, parse_overlap, planner_options
 from peerd.models.base import DEPTH, Plan, UnitGroup
 
 Widths = tuple[tuple[str, int], ...]  # (group, units kept), in the model's group order
@@ -295,15 +295,18 @@ PLANNERS: dict[str, type[Planner]] = {
 }
 
 
-def make_planner(method: str, seed: int, overlap: str = STATIC_OVERLAP,
-                 drift_period: int = DRIFT_PERIOD) -> Planner:
-    """The planner of `method`; `overlap` and `drift_period` are msfusion's overlap schedule
-    and the period of its per-group rotation."""
-    if method == MSFusionPlanner.name:
-        return MSFusionPlanner(seed, overlap=overlap, drift_period=drift_period)
+def make_planner(method: str, seed: int, **settings: object) -> Planner:
+    """The planner of `method`; `settings` are the options declared for it (peerd/config.py,
+    `planner=`), e.g. msfusion's overlap schedule and drift period."""
     try:
-        return PLANNERS[method](seed)
+        planner_class = PLANNERS[method]
     except KeyError:
         raise ValueError(
             f"unknown method {method!r}; choose one of {', '.join(sorted(PLANNERS))}"
         ) from None
+    return planner_class(seed, **settings)
+
+
+def planner_for(config: PeerOptions) -> Planner:
+    """The planner a configuration runs: its method, seed and the method's declared options."""
+    return make_planner(config.method, config.seed, **planner_options(config))

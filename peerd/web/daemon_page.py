@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from peerd.algorithm.plan import make_planner
+from peerd.algorithm.plan import planner_for
 from peerd.algorithm.topology import load_topology
 from peerd.config import DaemonConfig
 from peerd.models.base import ModelSpec
@@ -69,8 +69,7 @@ class DaemonPage:
         self.daemon = daemon
         config = daemon.config
         self.topology = load_topology(config.topology)
-        self.windows = Windows(make_planner(config.method, config.seed, config.overlap,
-                                            config.drift_period), daemon.spec.groups)
+        self.windows = Windows(planner_for(config), daemon.spec.groups)
         self.records = RecordsFile(daemon.state_dir / ROUNDS_LOG)
         self.warnings = RecentWarnings()
         self.view_changes = ViewChanges()
