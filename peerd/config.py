@@ -530,11 +530,20 @@ class SimConfig(PeerOptions):
                          "contrastive_weight", "contrastive_tau"):
                 if getattr(self.train, name) != getattr(optioned, name):
                     raise ConfigError(f"train.{name}={getattr(self.train, name)!r} differs from "
-                                      "the options: set it with the options (early_exits, "
-                                      "distill, distill_temperature, contrastive...)")
+                                      "the options: pass them too, SimConfig(train=train, "
+                                      "**train_options(train))")
 
     def train_config(self, task_defaults: TrainConfig) -> TrainConfig:
         return super().train_config(self.train if self.train is not None else task_defaults)
+
+
+def train_options(train: TrainConfig) -> dict[str, object]:
+    """The options that give `train`'s early-exit and contrastive fields: what
+    `SimConfig(train=train)` needs besides."""
+    return {"early_exits": train.early_exits, "distill": train.distill_temperature is not None,
+            "distill_temperature": train.distill_temperature or TrainConfig.distill_temperature,
+            "contrastive": train.contrastive, "contrastive_weight": train.contrastive_weight,
+            "contrastive_tau": train.contrastive_tau}
 
     def peer_mu(self, position: int) -> float:
         return self.mu[position % len(self.mu)]

@@ -76,7 +76,8 @@ def main() -> None:
     sim = build(SimConfig(
         peers=8, method=args.method, mu=(args.mu,), task=args.task, rounds=args.rounds,
         seed=args.seed, partition="dirichlet:0.5", out="/tmp/diagnose-assembly",
-        drift_period=args.drift_period, topology=args.topology, train=train))
+        drift_period=args.drift_period, topology=args.topology, contrastive=args.contrastive,
+        train=train))
     spec = sim.spec
     test = sim.data.test.subset(np.arange(min(args.test_samples, len(sim.data.test))))
 

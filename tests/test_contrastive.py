@@ -3,6 +3,7 @@ training and is charged two frozen forwards per sample."""
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import pytest
@@ -169,7 +170,12 @@ def test_bad_contrastive_options_are_named(options: dict, message: str) -> None:
 
 
 def test_cli_flags_reach_the_train_config(capsys: pytest.CaptureFixture[str]) -> None:
-    from peerd.cli import train_config
+    from peerd.cli import config_from_args
+    from peerd.config import SimConfig
+    from peerd.tasks import get_task
+
+    def train_config(args: argparse.Namespace) -> TrainConfig:
+        return config_from_args(SimConfig, args).train_config(get_task(args.task).train)
 
     args = build_parser().parse_args(
         ["sim", "--task", "fmnist", "--contrastive", "--contrastive-weight", "0.25",

@@ -19,12 +19,11 @@ import torch
 from daemons import ClusterCa, RunningDaemon, kill_all, start_loopback_daemons, wait_all
 from safetensors.torch import load_file
 
-from peerd.config import DaemonConfig, SimConfig
+from peerd.config import SimConfig
 from peerd.net import PROTOCOL_VERSION
 from peerd.net.client import PeerClients
 from peerd.net.codec import WireError
 from peerd.sim import Simulation, build, run_round
-from peerd.tasks import get_task
 from peerd.v1 import peer_pb2
 
 ROUNDS = 3
@@ -204,8 +203,7 @@ def test_fully_connected_daemons_talk_to_everyone_with_outbox_bytes(
         assert wait_all(daemons) == [0, 0, 0, 0], [d.output() for d in daemons]
     finally:
         kill_all(daemons)
-    train = DaemonConfig(contrastive=True).train_config(get_task("digits").train)
-    sim = simulate(SimConfig(peers=4, rounds=2, topology="full", mu=(0.25,), train=train,
+    sim = simulate(SimConfig(peers=4, rounds=2, topology="full", mu=(0.25,), contrastive=True,
                              out="unused"))
     assert_equal_bit_for_bit(daemons, sim)
     for daemon in daemons:
@@ -235,9 +233,8 @@ def test_mixed_widths_and_depths_in_float16_equal_the_simulator(
         assert wait_all(daemons) == [0, 0, 0], [d.output() for d in daemons]
     finally:
         kill_all(daemons)
-    train = DaemonConfig(early_exits=True).train_config(get_task("digits").train)
     sim = simulate(SimConfig(peers=3, rounds=2, topology="ring", mu=MIXED_MU, depth=MIXED_DEPTH,
-                             wire_dtype="float16", train=train, out="unused"))
+                             wire_dtype="float16", early_exits=True, out="unused"))
     assert_equal_bit_for_bit(daemons, sim)
     for daemon in daemons:
         rounds = daemon.rounds()

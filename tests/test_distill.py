@@ -111,7 +111,7 @@ def test_frozen_blocks_get_no_gradient_no_optimizer_state_and_save_no_activation
 
 
 def test_a_frozen_block_still_takes_its_neighbours_values_in_merge() -> None:
-    sim = build(SimConfig(peers=2, rounds=1, mu=(1.0,), topology="full",
+    sim = build(SimConfig(peers=2, rounds=1, mu=(1.0,), topology="full", early_exits=True,
                           train=TrainConfig(early_exits=True, max_local_steps=1)))
     frozen, other = sim.engines
     frozen.frozen_blocks = 1
@@ -135,6 +135,7 @@ def test_mixed_depths_in_the_simulator_train_every_weight() -> None:
     rounds (coverage 1.0; a short drift period of 8), and the deep peers spend more FLOPs per
     sample than the shallow."""
     sim = build(SimConfig(peers=4, rounds=1, mu=(0.5, 0.25), depth=(2, 1), drift_period=8,
+                          early_exits=True,
                           train=TrainConfig(early_exits=True, max_local_steps=1, batch_size=8)))
     for round_index in range(20):
         contexts, stats = run_round(sim, round_index)
@@ -153,7 +154,7 @@ def test_mixed_depths_in_the_simulator_train_every_weight() -> None:
     (lambda: parse_depth("2,x"), "depth='2,x' is invalid"),
     (lambda: SimConfig(depth=(2,)), "needs early_exits"),
     (lambda: TrainConfig(distill_temperature=0.0), "distill_temperature=0.0 is invalid"),
-    (lambda: build(SimConfig(depth=(3,), train=TrainConfig(early_exits=True))),
+    (lambda: build(SimConfig(depth=(3,), early_exits=True)),
      r"depth=3 is invalid: must be in 1\.\.2 \(the model's blocks\)"),
     (lambda: DaemonConfig(depth=0, early_exits=True), "depth=0 is invalid: must be >= 1"),
     (lambda: DaemonConfig(depth=1), "depth=1 needs early_exits"),

@@ -77,15 +77,14 @@ def test_ca_issue_loads_no_torch(tmp_path: Path) -> None:
 
 def test_parser_names_agree_with_the_code_they_stand_for() -> None:
     from peerd.algorithm.plan import PLANNERS
-    from peerd.cluster import ClusterConfig
-    from peerd.config import SimConfig
+    from peerd.config import METHODS, TASK_NAMES, ClusterConfig, SimConfig
     from peerd.tasks import TASKS
 
-    assert tuple(sorted(PLANNERS)) == cli.METHODS
-    assert tuple(sorted(TASKS)) == cli.TASK_NAMES
+    assert tuple(sorted(PLANNERS)) == METHODS
+    assert tuple(sorted(TASKS)) == TASK_NAMES
     cluster, sim = ClusterConfig(), SimConfig()
-    assert (cli.CLUSTER_OUT, sim.peers, sim.rounds, sim.eval_every) == (
-        cluster.out, cluster.peers, cluster.rounds, cluster.eval_every)
+    assert (sim.peers, sim.rounds, sim.eval_every) == (
+        cluster.peers, cluster.rounds, cluster.eval_every)
 
 
 def test_digits_read_without_scikit_learn_equal_load_digits() -> None:

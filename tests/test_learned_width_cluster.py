@@ -13,9 +13,9 @@ from pathlib import Path
 import grpc
 from daemons import ClusterCa, kill_all, start_loopback_daemons
 
-from peerd.agreement import cluster_fingerprint, planner_settings
+from peerd.agreement import agreed_settings, cluster_fingerprint
 from peerd.algorithm.width import flops_budget, widths_flops
-from peerd.config import DRIFT_PERIOD, STATIC_OVERLAP, SimConfig
+from peerd.config import DaemonConfig, SimConfig
 from peerd.data import load_task_data
 from peerd.models.base import fingerprint
 from peerd.net import PROTOCOL_VERSION
@@ -64,7 +64,7 @@ def test_widths_that_do_not_fit_the_model_are_refused(tmp_path: Path,
     # The fingerprint a default daemon announces: the model and its planner settings.
     model = cluster_fingerprint(
         fingerprint(get_task("digits").model(load_task_data("digits", None))),
-        planner_settings("msfusion", 0, STATIC_OVERLAP, DRIFT_PERIOD))
+        agreed_settings(DaemonConfig()))
 
     async def introduce(widths: list[int]) -> tuple[grpc.StatusCode, str]:
         hello = peer_pb2.Hello(protocol_version=PROTOCOL_VERSION, cluster="default",

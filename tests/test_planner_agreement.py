@@ -12,11 +12,17 @@ import torch
 from daemons import ClusterCa, kill_all, start_loopback_daemons
 from safetensors.torch import load_file
 
-from peerd.agreement import cluster_fingerprint, fingerprint_mismatch, planner_settings
-from peerd.config import SimConfig
+from peerd.agreement import agreed_settings, cluster_fingerprint, fingerprint_mismatch
+from peerd.config import DaemonConfig, SimConfig
 from peerd.sim import build, run_round
 
 MODEL = "0123456789abcdef"
+
+
+def planner_settings(method: str, seed: int, overlap: str, drift_period: int
+                     ) -> dict[str, object]:
+    return agreed_settings(DaemonConfig(method=method, seed=seed, overlap=overlap,
+                                        drift_period=drift_period))
 
 
 def test_settings_that_do_not_change_the_plans_do_not_change_the_fingerprint() -> None:

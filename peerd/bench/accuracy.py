@@ -125,7 +125,8 @@ class RunSpec:
             task=settings.task, rounds=settings.rounds, seed=self.seed,
             partition="iid" if self.central else settings.partition, out=str(out),
             eval_every=settings.eval_every, eval_samples=settings.eval_samples, train=train,
-            overlap=self.overlap, shard_size=settings.shard_size * self.peers // peers,
+            overlap=self.overlap, contrastive=self.contrastive,
+            shard_size=settings.shard_size * self.peers // peers,
         )
         if settings.budget_gflops is None:
             return config

@@ -46,7 +46,7 @@ from peerd.algorithm.plan import Member, make_planner
 from peerd.algorithm.submodel import forward_flops_per_sample
 from peerd.bench.processes import BenchError, positive_int, print_result, seeds_arg
 from peerd.bench.stored import config_json, run_or_reuse, spread
-from peerd.config import SimConfig
+from peerd.config import SimConfig, train_options
 from peerd.data import load_task_data
 from peerd.models.base import DEPTH, ModelSpec, plan_units
 from peerd.ops.plots import plot_series
@@ -129,6 +129,7 @@ def _run_config(cluster: Cluster, seed: int, rounds: int, task: str, quick: bool
     train = dataclasses.replace(get_task(task).train, **train_fields) if train_fields else None
     config = SimConfig(peers=PEERS, method=METHOD, mu=cluster.mu, task=task, rounds=rounds,
                        seed=seed, partition=PARTITION, train=train,
+                       **(train_options(train) if train is not None else {}),
                        out=str(out / "runs" / f"{cluster.name}-seed{seed}"))
     return dataclasses.replace(config, **variant.overrides)
 
