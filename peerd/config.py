@@ -536,15 +536,6 @@ class SimConfig(PeerOptions):
     def train_config(self, task_defaults: TrainConfig) -> TrainConfig:
         return super().train_config(self.train if self.train is not None else task_defaults)
 
-
-def train_options(train: TrainConfig) -> dict[str, object]:
-    """The options that give `train`'s early-exit and contrastive fields: what
-    `SimConfig(train=train)` needs besides."""
-    return {"early_exits": train.early_exits, "distill": train.distill_temperature is not None,
-            "distill_temperature": train.distill_temperature or TrainConfig.distill_temperature,
-            "contrastive": train.contrastive, "contrastive_weight": train.contrastive_weight,
-            "contrastive_tau": train.contrastive_tau}
-
     def peer_mu(self, position: int) -> float:
         return self.mu[position % len(self.mu)]
 
@@ -554,6 +545,15 @@ def train_options(train: TrainConfig) -> dict[str, object]:
     @property
     def shard_count(self) -> int:
         return self.peers
+
+
+def train_options(train: TrainConfig) -> dict[str, object]:
+    """The options that give `train`'s early-exit and contrastive fields: what
+    `SimConfig(train=train)` needs besides."""
+    return {"early_exits": train.early_exits, "distill": train.distill_temperature is not None,
+            "distill_temperature": train.distill_temperature or TrainConfig.distill_temperature,
+            "contrastive": train.contrastive, "contrastive_weight": train.contrastive_weight,
+            "contrastive_tau": train.contrastive_tau}
 
 
 @dataclass(frozen=True)
