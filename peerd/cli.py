@@ -29,6 +29,7 @@ from peerd.config import (
 from peerd.ops.ca import DEFAULT_CA_DIR, DEVICE_KEY, DEVICE_ROLE, ROLES
 from peerd.ops.progress import Console, global_round_line
 from peerd.options import (
+    check_value,
     field_type,
     option_default,
     option_fields,
@@ -104,13 +105,12 @@ def _help(help_text: str, default: object) -> str:
 
 def _flag_parser(config_class: type, name: str) -> Callable[[str], object]:
     """A flag's value, checked against the option's rule as soon as it is read."""
-    rule = spec_of(next(f for f in option_fields(config_class) if f.name == name)).rule
+    option_field = next(f for f in option_fields(config_class) if f.name == name)
 
     def parse(text: str) -> object:
         try:
             value = parse_text(config_class, name, text)
-            if rule is not None and value is not None and not rule.valid(value):
-                raise ConfigError(f"{name}={value!r} is invalid: must be {rule.allowed}")
+            check_value(option_field, value)
         except ConfigError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
         return value
@@ -120,10 +120,7 @@ def _flag_parser(config_class: type, name: str) -> Callable[[str], object]:
 
 def config_from_args(config_class: type, args: argparse.Namespace) -> object:
     """The `sim` or `cluster` configuration its flags give."""
-    values = {f.name: getattr(args, f.name) for f in option_fields(config_class)}
-    if "peers" in values and isinstance(values["peers"], list):
-        values["peers"] = tuple(values["peers"])
-    return config_class(**values)
+    return config_class(**{f.name: getattr(args, f.name) for f in option_fields(config_class)})
 
 
 def _add_sim(sim: argparse.ArgumentParser) -> None:

@@ -116,12 +116,17 @@ def describe(config_class: type, option_field: Field) -> str:
     }[required_type(field_type(config_class, option_field.name))]
 
 
+def check_value(option_field: Field, value: object) -> None:
+    """The option's rule, on a value that is set."""
+    rule = spec_of(option_field).rule
+    if rule is not None and value is not None:
+        require(rule.valid(value), option_field.name, value, rule.allowed)
+
+
 def check_options(config: object) -> None:
-    """Every declared option's rule, on every value that is set."""
+    """Every declared option's rule."""
     for option_field in option_fields(config):
-        rule, value = spec_of(option_field).rule, getattr(config, option_field.name)
-        if rule is not None and value is not None:
-            require(rule.valid(value), option_field.name, value, rule.allowed)
+        check_value(option_field, getattr(config, option_field.name))
 
 
 def _named(config_class: type, name: str) -> Field:

@@ -3,6 +3,7 @@ peers that disagree on how plans are computed refuse each other with the reason.
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 import time
@@ -13,7 +14,8 @@ from daemons import ClusterCa, kill_all, start_loopback_daemons
 from safetensors.torch import load_file
 
 from peerd.agreement import agreed_settings, cluster_fingerprint, fingerprint_mismatch
-from peerd.config import DaemonConfig, SimConfig
+from peerd.algorithm.plan import PLANNERS
+from peerd.config import DaemonConfig, SimConfig, planner_options
 from peerd.sim import build, run_round
 
 MODEL = "0123456789abcdef"
@@ -86,3 +88,14 @@ def test_cluster_runs_the_planner_settings_it_is_given(tmp_path: Path) -> None:
         assert max(float((saved[n] - t).abs().max()) for n, t in engine.params.items()) <= 1e-6
         other = default.engines[position].params
         assert max(float((saved[n] - t).abs().max()) for n, t in other.items()) > 1e-3
+
+
+def test_each_planner_takes_exactly_the_options_declared_for_it() -> None:
+    """A planner's settings are the options peerd/config.py declares with its method's name:
+    its class takes them as keywords, and the fingerprint covers them under that method only."""
+    for method, planner_class in PLANNERS.items():
+        keywords = set(inspect.signature(planner_class.__init__).parameters) - {"self", "seed"}
+        config = DaemonConfig(method=method)
+        assert keywords == set(planner_options(config)), method
+        assert set(agreed_settings(config)) == {"method", "seed", *keywords}, method
+    assert set(planner_options(DaemonConfig())) == {"overlap", "drift_period"}
