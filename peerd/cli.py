@@ -110,7 +110,8 @@ def _flag_parser(config_class: type, name: str) -> Callable[[str], object]:
     def parse(text: str) -> object:
         try:
             value = parse_text(config_class, name, text)
-            check_value(option_field, value)
+            if spec_of(option_field).choices is None:  # argparse says "invalid choice"
+                check_value(option_field, value)
         except ConfigError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
         return value
