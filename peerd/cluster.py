@@ -1,6 +1,7 @@
 """`peerd cluster`: N real daemon processes on loopback, watched and evaluated from outside.
 
-Each daemon is a separate `peerd start` process with its own state dir, port and data shard;
+Each daemon is a separate `peerd start` process with its own state dir, port and data shard,
+started with the flags of every option the cluster shares with it (peerd/config.py);
 they find each other by mDNS on 127.0.0.1 (and, unless disabled, by their static addresses)
 and exchange slices over gRPC with mutual TLS: a cluster CA in OUT/ca issues every daemon its
 certificate, and this process one of its own (`cluster`). This process never touches their

@@ -16,7 +16,8 @@ Adding an option (docs/CONFIG.md, "Adding an option", works one through):
    takes it as a keyword; members of other methods may then differ on it); `rule=` for the
    values it allows (cross-option rules go in the class's `__post_init__`).
 2. Read it where it is used: `config.NAME`, or the planner's keyword.
-Then regenerate docs/CONFIG.md's table (`peerd config --reference`). That is 2 files.
+That is 2 files edited by hand; docs/CONFIG.md's table is then regenerated
+(`peerd config --reference`).
 
 Defaults of the training hyper-parameters come from the task (peerd/tasks.py).
 """
@@ -360,7 +361,7 @@ class DaemonOptions(PeerOptions):
 
 @dataclass(frozen=True)
 class DaemonConfig(DaemonOptions):
-    """One daemon (`peerd start`): every option, in the order of the reference table."""
+    """One daemon (`peerd start`): the shared options above, then a daemon's own."""
 
     mu: float | str = option(
         0.5, "width ratio of this peer's slice, in (0, 1]; auto: the widest of 0.5, 0.25, "
