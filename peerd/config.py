@@ -45,8 +45,8 @@ from peerd.options import (
     option_fields,
     option_flag,
     positive,
-    read_environment,
     read_table,
+    read_variables,
     require,
     required_type,
     shown_default,
@@ -624,6 +624,12 @@ def read_config_file(path: Path, config_class: type = DaemonConfig) -> dict[str,
     return read_table(config_class, table, str(path))
 
 
+def read_environment(environ: Mapping[str, str], config_class: type = DaemonConfig
+                     ) -> dict[str, object]:
+    """The options PEERD_* variables set; an unknown PEERD_* variable is an error."""
+    return read_variables(config_class, environ, ENV_PREFIX)
+
+
 def load_daemon_config(
     config_file: str | None, environ: Mapping[str, str], flags: Mapping[str, object],
     config_class: type = DaemonConfig,
@@ -635,7 +641,7 @@ def load_daemon_config(
         values.update(read_config_file(Path(config_file), config_class))
     elif DEFAULT_CONFIG_FILE.exists():
         values.update(read_config_file(DEFAULT_CONFIG_FILE, config_class))
-    values.update(read_environment(config_class, environ, ENV_PREFIX))
+    values.update(read_environment(environ, config_class))
     values.update(flags)
     return config_class(**values)
 

@@ -178,8 +178,8 @@ def parse_toml(config_class: type, name: str, value: object, source: str) -> obj
     return float(value) if required is float else value  # type: ignore[arg-type]
 
 
-def read_environment(config_class: type, environ: Mapping[str, str], prefix: str
-                     ) -> dict[str, object]:
+def read_variables(config_class: type, environ: Mapping[str, str], prefix: str
+                   ) -> dict[str, object]:
     """The options set by `prefix` + NAME variables; an unknown such variable is an error."""
     names = {prefix + f.name.upper(): f.name for f in option_fields(config_class)}
     values = {}

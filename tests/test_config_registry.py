@@ -141,3 +141,9 @@ print(fingerprint_mismatch(printed(gossip_fanout=4), printed()))
     assert shown[2:5] == ["True True", "True", "True"]
     assert shown[5] == "{'overlap': 'static', 'drift_period': 64, 'window_jitter': 2}"
     assert "gossip_fanout and window_jitter must be the same on every member" in shown[6]
+
+
+def test_the_worked_example_in_the_docs_is_this_test() -> None:
+    doc = (ROOT / "docs" / "CONFIG.md").read_text()
+    for line in (DECLARATION + PLANNER_DECLARATION).splitlines():
+        assert line.strip() in doc
