@@ -52,6 +52,7 @@ from peerd.options import (
     shown_default,
     spec_of,
 )
+from peerd.partition_spec import parse_partition
 
 # Width ratio `auto`: chosen at start from a measured probe (peerd/capacity.py).
 AUTO = "auto"
@@ -228,14 +229,7 @@ def parse_task(text: str) -> str:
         f"or package.module:FUNCTION returning a peerd.Task)")
 
 
-DEFAULT_PARTITION = "iid"
-
-
 def parse_partition_text(text: str) -> str:
-    if text == DEFAULT_PARTITION:
-        return text  # argparse checks the default too: checking it here would load torch
-    from peerd.data.partition import parse_partition
-
     try:
         parse_partition(text)
     except ValueError as error:
@@ -282,7 +276,7 @@ class PeerOptions:
         "around; the r-th group drifts r + 1 times as fast" + SAME, agreed=True,
         planner="msfusion", rule=at_least(1), metavar="R")
     partition: str = option(
-        DEFAULT_PARTITION, "how the data is split among peers: iid, dirichlet:ALPHA, natural",
+        "iid", "how the data is split among peers: iid, dirichlet:ALPHA, natural",
         parse=parse_partition_text, metavar="iid|dirichlet:ALPHA|natural")
     data_dir: str | None = option(
         None, "your own copy of the task's data (default: the bundled data)")

@@ -46,6 +46,9 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
     ["sim", "--help"], ["cluster", "--help"], ["start", "--help"], ["start", "--shard", "3/3"],
     ["export", "--help"],
     ["ca", "init", "--dir", "{tmp}/ca"],
+    # A partition option is checked as it is read, without the data modules.
+    ["sim", "--partition", "dirichlet:0.5", "--help"],
+    ["start", "--partition", "natural", "--help"],
 ])
 def test_commands_that_do_not_train_load_no_torch(argv: list[str], tmp_path: Path) -> None:
     argv = [word.replace("{tmp}", str(tmp_path)) for word in argv]
