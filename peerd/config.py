@@ -582,6 +582,8 @@ class ClusterConfig(DaemonOptions):
                 require(0 < mu <= 1, "mu", mu, "in (0, 1]")
         self._auto_only(self.mu, ("memory_budget",))
         check_depth(self.depth, self.early_exits)
+        for position in range(self.peers):
+            DaemonConfig(**member_options(self, position))  # what each daemon will check
 
 
 # `peerd cluster`'s own options: the run's, not its daemons'.

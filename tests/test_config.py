@@ -9,13 +9,18 @@ from pathlib import Path
 import pytest
 
 from peerd.config import (
+    ClusterConfig,
     ConfigError,
     DaemonConfig,
+    SimConfig,
     TrainConfig,
     load_daemon_config,
+    member_options,
     parse_size,
     reference_table,
+    train_options,
 )
+from peerd.options import command_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,3 +164,47 @@ def test_mu_auto_from_a_file(tmp_path: Path) -> None:
     assert load_daemon_config(write(tmp_path / "b.toml", "mu = 0.25\n"), {}, {}).mu == 0.25
     with pytest.raises(ConfigError, match="mu='big' is invalid"):
         load_daemon_config(write(tmp_path / "c.toml", 'mu = "big"\n'), {}, {})
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: ClusterConfig(peers=0), "peers=0 is invalid: must be >= 1"),
+    (lambda: ClusterConfig(memory_budget="1G"), "memory_budget='1G' is only used with mu auto"),
+    (lambda: ClusterConfig(mu="auto", memory_budget="lots"), "memory_budget='lots' is invalid"),
+    (lambda: ClusterConfig(depth=(2,)), "depth=2 needs early_exits"),
+    (lambda: ClusterConfig(mu="auto", depth=(2,), early_exits=True),
+     "with mu auto and early_exits the probe chooses"),
+    (lambda: ClusterConfig(drift_period=0), "drift_period=0 is invalid: must be >= 1"),
+    (lambda: SimConfig(train=TrainConfig(early_exits=True)),
+     "train.early_exits=True differs from the options"),
+])
+def test_sim_and_cluster_options_are_checked_like_a_daemons(make, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_a_training_config_with_its_options_is_accepted() -> None:
+    train = TrainConfig(early_exits=True, distill_temperature=None, max_local_steps=2)
+    config = SimConfig(depth=(2, 1), train=train, **train_options(train))
+    assert config.train_config(TrainConfig()) == train
+    assert not config.distill and config.early_exits
+
+
+def test_cluster_gives_each_daemon_its_options() -> None:
+    cluster = ClusterConfig(peers=3, mu=(0.5, 0.25), depth=(2, 1), early_exits=True,
+                            overlap="decay:4", sync=True, mdns=False)
+    daemons = [DaemonConfig(**member_options(cluster, position)) for position in range(3)]
+    assert [(d.mu, d.depth) for d in daemons] == [(0.5, 2), (0.25, 1), (0.5, 2)]
+    assert all(d.overlap == "decay:4" and d.sync and not d.mdns and d.rounds == 30
+               for d in daemons)
+    assert command_line(daemons[1]) == ["--overlap", "decay:4", "--early-exits", "--sync",
+                                        "--no-mdns", "--mu", "0.25", "--depth", "1",
+                                        "--rounds", "30"]
+
+
+def test_a_bad_cluster_option_stops_before_any_daemon_starts(tmp_path: Path) -> None:
+    refused = subprocess.run(
+        [sys.executable, "-m", "peerd.cli", "cluster", "--memory-budget", "1G", "--out",
+         str(tmp_path)], capture_output=True, text=True, timeout=60, check=False)
+    assert refused.returncode == 2
+    assert "memory_budget='1G' is only used with mu auto (mu is (0.5,))" in refused.stderr
+    assert not (tmp_path / "ca").exists()
