@@ -3,9 +3,10 @@ asyncio loop.
 
 This module is wiring: the steps of a round are the round driver's (peerd/algorithm/driver.py),
 the slices travel by peerd/net/slices.py, the view is peerd/net/membership.py's. Training,
-slicing, merging and file writes run on a single worker thread (the engine is not thread-safe and the event loop
-must never block); the loop keeps answering handshakes, pushes, pulls and status calls
-meanwhile. After every merge the driver writes a checkpoint; a restarted daemon resumes from it.
+slicing, merging and file writes run on a single worker thread (the engine is not thread-safe
+and the event loop must never block); the loop keeps answering handshakes, pushes, pulls and
+status calls meanwhile. After every merge the driver writes a checkpoint; a restarted daemon
+resumes from it.
 """
 
 from __future__ import annotations
