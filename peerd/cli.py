@@ -117,7 +117,7 @@ def _positive_int(text: str) -> int:
 # (tests/test_first_minutes.py checks): importing those loads torch, which parsing must not
 # wait for.
 METHODS = ("fd", "fedrolex", "full", "heterofl", "msfusion")
-TASK_NAMES = ("digits", "fmnist", "kjv")
+TASK_NAMES = ("digits", "fmnist", "kjv", "kjv-large")
 CLUSTER_OUT = "runs/cluster"  # ClusterConfig's, as above
 
 

@@ -116,6 +116,8 @@ def build_peer(config: SimConfig | DaemonConfig, position: int, peer_id: str,
         # The split of position I is seeded with seed + I, in the simulator and in a daemon.
         local_train, local_test = local_train_test(shard, config.seed + position)
     train_split = train_set.subset(local_train)
+    if task.local_eval_samples is not None:
+        local_test = local_test[:task.local_eval_samples]
     engine = Engine(
         peer_id, spec, init_params(spec, config.seed), train_split, train_set.subset(local_test),
         make_planner(config.method, config.seed, config.overlap, config.drift_period),

@@ -36,6 +36,7 @@ from peerd.algorithm.transport import SliceMessage, SliceTransport
 from peerd.checkpoints import view_entry
 from peerd.looplag import LagFigures
 from peerd.models.base import Plan
+from peerd.rss import peak_rss_bytes
 
 log = logging.getLogger("peerd.algorithm.driver")
 
@@ -400,4 +401,6 @@ def round_record(outcome: RoundOutcome, driver: RoundDriver, wall_s: float,
         "checkpoint_s": outcome.checkpoint_s, "merged_without": outcome.merged_without,
         "late_merged_staleness": outcome.late_staleness,
         "loop_lag_p99_s": lag.p99_s, "loop_lag_max_s": lag.max_s,
+        "params_full": sum(t.numel() for t in driver.engine.params.values()),
+        "rss_peak_bytes": peak_rss_bytes(),
     }
