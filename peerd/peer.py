@@ -35,10 +35,12 @@ from peerd.tasks import get_task
 
 log = logging.getLogger("peerd.peer")
 
-# Besides its parameters a daemon holds the round snapshots it serves to pulls and, at most, a
-# full set each of outgoing and incoming slices (what `mu auto` must leave room for).
+# Besides its one full copy of the parameters a daemon holds its own slice after each of the
+# last SNAPSHOTS_KEPT rounds (served to pulls) and outgoing and incoming slices: in a ring, two
+# of each in a round, none larger than its own slice this round and next (what `mu auto`
+# leaves room for; more neighbours or late slices add a slice each, see docs/ALGORITHM.md).
 SNAPSHOTS_KEPT = 16
-HELD_COPIES = SNAPSHOTS_KEPT + 2
+HELD_SLICES = SNAPSHOTS_KEPT + 2 + 2 * 2
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,6 @@ def _measured_capacity(config: DaemonConfig, engine: Engine, train: TrainConfig
     budget = None if config.memory_budget is None else parse_size(config.memory_budget)
     log.info("mu auto: measuring what this device affords (a probe of every candidate width)")
     choice = measure_capacity(engine.spec, engine.params, engine.train_split, train, budget,
-                              config.round_target_s, held_copies=HELD_COPIES)
+                              config.round_target_s, held_slices=HELD_SLICES)
     log.info("mu auto: %s", choice.describe())
     return choice.mu, choice.depth, choice.frozen

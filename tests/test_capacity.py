@@ -109,11 +109,11 @@ def test_probes_of_a_real_model_grow_with_the_width() -> None:
     assert all(p.step_s > 0 for p in probes)
     # The probe trains copies: the daemon's parameters are untouched.
     assert all(torch.equal(before[name], params[name]) for name in params)
-    choice = measure_capacity(spec, params, split, task.train, None, None, held_copies=10)
+    choice = measure_capacity(spec, params, split, task.train, None, None, held_slices=10)
     assert choice.mu == 0.5  # this machine has gigabytes to spare for a small CNN
     assert choice.fixed_bytes > resident_bytes() // 2
     with pytest.raises(CapacityError, match="too small"):
-        measure_capacity(spec, params, split, task.train, 1 * MiB, None, held_copies=10)
+        measure_capacity(spec, params, split, task.train, 1 * MiB, None, held_slices=10)
 
 
 def test_memory_of_one_linear_step_is_exact() -> None:

@@ -31,7 +31,7 @@ from peerd.algorithm.deadline import ArrivalDelays
 from peerd.algorithm.engine import Engine, LateSlice, RoundContext, TrainStats
 from peerd.algorithm.evaluate import Evaluation
 from peerd.algorithm.plan import Member
-from peerd.algorithm.submodel import Params, clone_params
+from peerd.algorithm.submodel import Params, slice_params
 from peerd.algorithm.transport import SliceMessage, SliceTransport
 from peerd.checkpoints import view_entry
 from peerd.looplag import LagFigures
@@ -123,6 +123,16 @@ class RoundOutcome:
     local: Evaluation | None
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """This peer's own slice after a round and the plan that cut it: what pulls of that round
+    are served from (assembly takes each entry from the peers that held it). Slice-sized, so
+    that keeping many rounds costs far less than one full copy (invariant 9)."""
+
+    plan: Plan
+    sliced: Params
+
+
 @dataclass
 class _Round:
     """This peer's context of one round and the counts each sender's slice must have."""
@@ -139,7 +149,7 @@ class RoundDriver:
         checkpoint: Callable[[int, dict], float | None] | None = None,
         stopping: asyncio.Event | None = None,
     ) -> None:
-        """`snapshots_kept`: parameters after that many recent rounds are kept for pulls;
+        """`snapshots_kept`: this peer's slices after that many recent rounds are kept for pulls;
         `checkpoint(rounds, meta)` writes one after every round (worker) and returns seconds
         (None: it failed, and the next round writes the next one);
         `slowdown` > 1 makes local training take that many times as long (tests); `stopping`
@@ -159,7 +169,7 @@ class RoundDriver:
         self.last_loss = float("nan")
         self.bytes_sent = 0
         self.bytes_received = 0
-        self.snapshots: dict[int, tuple[Params, Plan]] = {}  # rounds done -> (params, plan)
+        self.snapshots: dict[int, Snapshot] = {}  # rounds done -> own slice
         self.stopping = stopping if stopping is not None else asyncio.Event()
         self._rounds: dict[int, _Round] = {}
         self._inbox: dict[int, dict[str, SliceMessage]] = {}
@@ -257,8 +267,8 @@ class RoundDriver:
         self.last_loss = stats.loss
         self.rounds_done += 1
         if self.snapshots_kept:
-            params = await self.offload(clone_params, self.engine.params)
-            self._keep_snapshot(ctx.round_index + 1, params, ctx.plans_now[self.peer_id])
+            self.keep_snapshot(ctx.round_index + 1, await self.offload(
+                self.take_snapshot, self.engine.params, ctx.plans_now[self.peer_id]))
         checkpoint_s = None
         if self.checkpoint is not None:
             checkpoint_s = await self.offload(self.checkpoint, ctx.round_index + 1,
@@ -360,8 +370,12 @@ class RoundDriver:
                             if key[0] > round_index}
         return on_time, late
 
-    def _keep_snapshot(self, rounds_done: int, params: Params, plan: Plan) -> None:
-        self.snapshots[rounds_done] = (params, plan)
+    def take_snapshot(self, params: Params, plan: Plan) -> Snapshot:
+        """Worker: the plan's slice of `params`, copied."""
+        return Snapshot(plan, slice_params(self.engine.spec, params, plan))
+
+    def keep_snapshot(self, rounds_done: int, snapshot: Snapshot) -> None:
+        self.snapshots[rounds_done] = snapshot
         for old in sorted(self.snapshots)[:-self.snapshots_kept]:
             del self.snapshots[old]
 
