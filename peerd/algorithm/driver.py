@@ -85,8 +85,9 @@ Offload = Callable[..., Awaitable[Any]]
 
 class SliceRefused(Exception):
     """A slice this peer does not take; `reason` says which rule refused it: later (not in
-    that round yet: retry), stale (beyond the late window), stranger (not a neighbour),
-    duplicate, invalid (does not fit the plans)."""
+    that round yet: retry), receiving (a twin stream of it is arriving: retry), stale (beyond
+    the late window), stranger (not a neighbour), duplicate, invalid (does not fit the
+    plans)."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
@@ -175,6 +176,10 @@ class RoundDriver:
         self._inbox: dict[int, dict[str, SliceMessage]] = {}
         self._arrived_at: dict[tuple[int, str], float] = {}  # (round, sender) -> monotonic time
         self._merged: set[tuple[int, str]] = set()  # (round, sender) slices already merged
+        # (round, sender) slices being received: admitted, values still arriving. One stream
+        # per slot: together with the round window and the neighbours, this bounds what peers
+        # can make this peer hold (inbox_bound_bytes).
+        self._receiving: set[tuple[int, str]] = set()
         self._delays = ArrivalDelays(rules.deadline_mads, rules.deadline_floor_s,
                                      rules.round_timeout_s)
         self._sends: set[asyncio.Task] = set()  # semi-async sends still under way
@@ -203,9 +208,10 @@ class RoundDriver:
             known.counts[sender] = self.engine.expected_counts(ctx, sender)
         return known.counts[sender]
 
-    def admit(self, round_index: int, sender: str) -> RoundContext:
+    def admit(self, round_index: int, sender: str, receiving: bool = False) -> RoundContext:
         """The context a slice of `round_index` from `sender` is checked against, or
-        SliceRefused when this peer does not take it (cheap: before any value is read)."""
+        SliceRefused when this peer does not take it (cheap: before any value is read).
+        `receiving`: the slice is the one whose stream holds the slot (see begin_receiving)."""
         if round_index > self.round_index + 1:
             # This peer is behind (a joiner still pulling its start, a slow peer that will skip
             # ahead): it will get there, so the sender retries.
@@ -222,13 +228,41 @@ class RoundDriver:
         if sender in self._inbox.get(round_index, {}) or (round_index, sender) in self._merged:
             raise SliceRefused("duplicate",
                                f"round {round_index} slice from {sender} already arrived")
+        if not receiving and (round_index, sender) in self._receiving:
+            # Not final: the stream in flight may still be cut, and then a retry is welcome.
+            raise SliceRefused("receiving",
+                               f"round {round_index} slice from {sender} is being received")
         return ctx
+
+    def begin_receiving(self, round_index: int, sender: str) -> None:
+        """An admitted slice's stream starts: no twin stream is admitted until it ends."""
+        self._receiving.add((round_index, sender))
+
+    def end_receiving(self, round_index: int, sender: str) -> None:
+        self._receiving.discard((round_index, sender))
+
+    def inbox_bound_bytes(self, ctx: RoundContext) -> int:
+        """The most slice bytes peers can make this peer hold in `ctx`'s round, received and
+        being received: one slice per neighbour for each round it takes (the late window, this
+        round and the next), none larger than what the plans give that neighbour to send.
+        Counted with this round's plans (a later round's may differ by a peer's capacity, not
+        by what it can send: at most its own slice)."""
+        rounds = self.rules.late_window + 2
+        per_round = sum(sum(self.expected_counts(ctx, sender).values())
+                        for sender in ctx.neighbours)
+        return rounds * per_round * self.engine.wire_dtype.itemsize
+
+    def held_slice_bytes(self) -> int:
+        """Slice bytes in the inbox now (received, not yet merged)."""
+        return sum(values.numel() * values.element_size()
+                   for messages in self._inbox.values() for message in messages.values()
+                   for values in message.values.values())
 
     def accept(self, message: SliceMessage, payload_bytes: int, checked: bool = False) -> None:
         """Queue an arrived slice for merging. `checked`: the transport already checked every
         value against `expected_counts` (the gRPC decoder does, off the event loop); else it is
         checked here, once."""
-        ctx = self.admit(message.round_index, message.sender)
+        ctx = self.admit(message.round_index, message.sender, receiving=True)
         if not checked:
             try:
                 self.engine.check_message(ctx, message,
@@ -386,7 +420,8 @@ class RoundDriver:
             del self._rounds[old]
 
     def forget_rounds(self) -> None:
-        """Everything about rounds in flight (this peer was dropped and joins again)."""
+        """Everything about rounds in flight (this peer was dropped and joins again); streams
+        still arriving give their slots back when they end."""
         self._rounds.clear()
         self._inbox.clear()
         self._arrived_at.clear()

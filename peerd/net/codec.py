@@ -97,6 +97,10 @@ class Expectation:
     # computed from the receiver's view of the sender's plan. It may raise WireError itself
     # (e.g. for a round outside the window). None accepts any allow-listed tensors.
     tensor_spec: Callable[[peer_pb2.StreamHeader], TensorSpec] | None = None
+    # Called once with the header of every stream `tensor_spec` took, when the stream ends
+    # (`StreamDecoder.close`): accepted, refused or cut. What the receiver set aside for a
+    # stream in flight (a slot in its inbox) is given back here.
+    stream_ended: Callable[[peer_pb2.StreamHeader], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -301,6 +305,7 @@ class StreamDecoder:
         self._announced_bytes = 0  # sum of nbytes over the tensor headers so far
         self._error: WireError | None = None
         self._finished = False
+        self._opened = False  # tensor_spec took the header: `close` owes a stream_ended
 
     def feed(self, frame: Frame) -> None:
         """Checks one frame and copies its bytes into place; raises WireError on the first fault."""
@@ -321,6 +326,14 @@ class StreamDecoder:
             raise
         self._finished = True
         return decoded
+
+    def close(self) -> None:
+        """The stream is over, whatever its fate (call it in a `finally`): the expectation's
+        `stream_ended` hears of a stream its `tensor_spec` took. Later calls do nothing."""
+        if self._opened and self._expectation.stream_ended is not None:
+            assert self._header is not None  # set before tensor_spec took it
+            self._expectation.stream_ended(self._header)
+        self._opened = False
 
     def _check_usable(self) -> None:
         if self._finished:
@@ -380,8 +393,11 @@ class StreamDecoder:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"header announces {header.total_bytes} bytes, limit is {limits.max_total_bytes}",
             )
+        self._header = peer_pb2.StreamHeader()
+        self._header.CopyFrom(header)
         if expected.tensor_spec is not None:
             spec = dict(expected.tensor_spec(header))
+            self._opened = True
             if len(spec) != header.tensors:
                 raise WireError(
                     grpc.StatusCode.INVALID_ARGUMENT,
@@ -394,8 +410,6 @@ class StreamDecoder:
                     f"header announces {header.total_bytes} bytes, the plan expects {spec_bytes}",
                 )
             self._spec = spec
-        self._header = peer_pb2.StreamHeader()
-        self._header.CopyFrom(header)
 
     def _begin_tensor(self, tensor_header: peer_pb2.TensorHeader) -> None:
         header = self._header

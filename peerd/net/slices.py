@@ -42,6 +42,7 @@ RETRIED_PUSH_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INT
                                 grpc.StatusCode.UNKNOWN})
 REFUSAL_CODES = {
     "later": grpc.StatusCode.UNAVAILABLE,  # the sender retries
+    "receiving": grpc.StatusCode.UNAVAILABLE,  # likewise: the twin stream may be cut
     "stale": grpc.StatusCode.FAILED_PRECONDITION,
     "stranger": grpc.StatusCode.PERMISSION_DENIED,
     "duplicate": grpc.StatusCode.ALREADY_EXISTS,
@@ -144,7 +145,13 @@ class GrpcSlices:
                             f"message from {header.sender}: weight {header.weight} invalid")
         counts = self.driver.expected_counts(ctx, header.sender)
         wire_dtype = self.driver.engine.wire_dtype
+        # Last: from here the stream holds its slot in the inbox until `stream_ended`.
+        self.driver.begin_receiving(header.round, header.sender)
         return {name: (wire_dtype, (count,)) for name, count in counts.items()}
+
+    def stream_ended(self, header: peer_pb2.StreamHeader) -> None:
+        """A stream `expected_tensors` took is over (accepted or not): its slot is free."""
+        self.driver.end_receiving(header.round, header.sender)
 
     def accept(self, decoded: DecodedStream) -> None:
         """A stream the decoder checked against `expected_tensors`: into the driver's inbox."""
