@@ -33,7 +33,7 @@ MU = 1.0  # every entry held by both: a slice is the whole model
 ROUNDS = 2
 START_TIMEOUT_S = 60.0
 FLOOD_WAIT_S = 8.0
-VmRSS_MARGIN = 48 << 20  # what a daemon's resident set wanders by in a round, and more
+RSS_MARGIN = 48 << 20  # what two daemons' peaks differ by in the same rounds, and more
 
 
 def _slice(round_index: int, members: list[Member], sender: str, receiver: str
@@ -51,13 +51,6 @@ def _slice(round_index: int, members: list[Member], sender: str, receiver: str
                                                following[receiver]))
               for name, shape in shapes.items()}
     return plan_to_wire(now[sender]), values
-
-
-def _rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 async def _flood(address: str, clients: PeerClients, header: peer_pb2.StreamHeader,
@@ -94,16 +87,17 @@ async def _flood(address: str, clients: PeerClients, header: peer_pb2.StreamHead
 def test_neighbours_flooding_slices_and_rounds_cannot_grow_a_daemon(
     tmp_path: Path, cluster_ca: ClusterCa
 ) -> None:
+    members = [Member("peer-00", MU), Member("peer-01", MU)]
+    units, values = _slice(1, members, "peer-01", "peer-00")
+    slice_bytes = sum(v.numel() * 4 for v in values.values())
+    # The flood must be able to fail the test: TWINS slices are far beyond the margin.
+    assert TWINS * slice_bytes > 3 * RSS_MARGIN, slice_bytes
+    # Slowed training keeps round 0 going while the flood comes.
     daemons = start_loopback_daemons(
         tmp_path, 2, ["--task", TASK, "--mu", str(MU), "--rounds", str(ROUNDS), "--sync",
-                      "--slowdown", "6"], cluster_ca)
+                      "--slowdown", "10"], cluster_ca)
     try:
         target = daemons[0]
-        members = [Member(d.peer_id, MU) for d in daemons]
-        units, values = _slice(1, members, "peer-01", "peer-00")
-        slice_bytes = sum(v.numel() * 4 for v in values.values())
-        # The flood must be able to fail the test: TWINS slices are far beyond the margin.
-        assert TWINS * slice_bytes > 3 * VmRSS_MARGIN, slice_bytes
 
         async def scenario() -> tuple:
             clients = PeerClients(cluster_ca.identity("peer-01"))
@@ -129,10 +123,8 @@ def test_neighbours_flooding_slices_and_rounds_cannot_grow_a_daemon(
                         receiver="peer-00", round=round_index, view_id=hello.view_id,
                         weight=1.0, plan=units)
 
-                before = _rss(target.process.pid)
                 refused, still_open, hold, calls, waits = await _flood(
                     target.address, clients, header(1), values, TWINS)
-                during = _rss(target.process.pid)
                 # Many rounds: far ahead of the window, refused at the header (the sender may
                 # retry later); the header alone, so that the answer cannot race the values.
                 far = []
@@ -145,11 +137,11 @@ def test_neighbours_flooding_slices_and_rounds_cannot_grow_a_daemon(
                 for call in calls:
                     call.cancel()
                 await asyncio.gather(*waits, return_exceptions=True)
-                return before, during, refused, still_open, far
+                return refused, still_open, far
             finally:
                 await clients.close()
 
-        before, during, refused, still_open, far = asyncio.run(scenario())
+        refused, still_open, far = asyncio.run(scenario())
         assert still_open == 1, (still_open, refused[:3])
         assert len(refused) == TWINS - 1
         # Refused at the header; a refusal that races the client's next frames reaches the
@@ -160,13 +152,15 @@ def test_neighbours_flooding_slices_and_rounds_cannot_grow_a_daemon(
                    for code, _ in refused), refused
         assert twins, refused
         assert far == [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
-        # The driver's bound (RoundDriver.inbox_bound_bytes): strict rounds take this round's
-        # and the next one's slice from each neighbour, here one neighbour. Unbounded, the
-        # flood alone would add TWINS slices.
-        inbox_bound = 2 * slice_bytes
-        assert during - before <= inbox_bound + VmRSS_MARGIN, (before, during, slice_bytes)
         # The flood stalled nothing for good: the real slices of round 1 got through.
         assert wait_all(daemons) == [0, 0], [d.output() for d in daemons]
         assert [r["round"] for r in target.rounds()] == list(range(1, ROUNDS + 1))
+        # Memory: the flooded daemon against its twin, which ran the same rounds unflooded. The
+        # driver's bound (RoundDriver.inbox_bound_bytes): strict rounds take this round's and
+        # the next one's slice from each neighbour, here one. Unbounded, the flood alone would
+        # have added TWINS slices.
+        flooded, quiet = (d.rounds()[-1]["rss_peak_bytes"] for d in daemons)
+        inbox_bound = 2 * slice_bytes
+        assert flooded - quiet <= inbox_bound + RSS_MARGIN, (flooded, quiet, slice_bytes)
     finally:
         kill_all(daemons)
