@@ -16,10 +16,17 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 
-from peerd.bench.processes import BenchError
+import torch
+
+from peerd.algorithm.engine import sgd, train_step
+from peerd.bench.processes import BenchError, child_result
 from peerd.cluster import free_ports
+from peerd.models.base import full_units
+from peerd.rss import peak_rss_bytes
+from peerd.tasks import get_task
 
 MiB = 2**20
 POLL_S = 0.1
@@ -125,3 +132,70 @@ def _daemon_peak(state_dir: Path, outside_peak: int) -> DaemonPeak:
     return DaemonPeak(state_dir.name, max(outside_peak, inside), len(records),
                       durations[len(durations) // 2] if durations else None,
                       records[-1].get("params_full") if records else None)
+
+
+DAEMON_WIDTHS = (1.0, 0.5, 0.25, 0.125)
+LONE_STEPS = 3
+LONE_TIMEOUT_S = 1800.0
+RUN_TIMEOUT_S = 3600.0
+
+
+def _lone_training(conn: Connection, task: str, steps: int) -> None:
+    """A child: the full model trained alone in one process, as a single device would (the
+    task's optimizer and batch, one torch thread); sends back its peak RSS."""
+    torch.set_num_threads(1)
+    definition = get_task(task)
+    data = definition.load_data(None)
+    spec = definition.model(data)
+    module = spec.build(full_units(spec))
+    module.train()
+    optimizer = sgd(module, definition.train)
+    size = definition.train.batch_size
+    for step in range(steps):
+        batch = slice(step * size, (step + 1) * size)
+        train_step(spec.kind, definition.train, module, optimizer, data.train.inputs[batch],
+                   data.train.targets[batch])
+    conn.send(peak_rss_bytes())
+
+
+def lone_training_peak(task: str, steps: int = LONE_STEPS) -> int:
+    """Peak RSS of a fresh process training the task's full model alone for `steps` steps."""
+    return child_result(_lone_training, (task, steps), LONE_TIMEOUT_S,
+                        f"{task}: the lone full-model run")
+
+
+@dataclass(frozen=True)
+class DaemonsMemoryResult:
+    task: str
+    lone_peak_bytes: int
+    runs: tuple[DaemonMemoryResult, ...]
+
+    def to_json(self) -> dict:
+        return {"task": self.task, "lone_full_training_peak_bytes": self.lone_peak_bytes,
+                "runs": [run.as_dict() for run in self.runs]}
+
+    def describe(self) -> str:
+        param_bytes = next(d.param_bytes for run in self.runs for d in run.daemons)
+        assert param_bytes is not None
+        lines = [f"{self.task}: peak RSS (VmHWM) of each daemon, {self.runs[0].peers} daemons "
+                 f"on loopback, {self.runs[0].rounds} rounds; fp32 parameters "
+                 f"{param_bytes / MiB:.0f} MiB; the full model trained alone in one process "
+                 f"peaks at {self.lone_peak_bytes / MiB:.0f} MiB",
+                 f"{'mu':>6} {'peak MiB (each daemon)':>24} {'x params':>9} "
+                 f"{'vs alone':>9} {'round s':>8}"]
+        for run in self.runs:
+            peaks = [d.rss_peak_bytes for d in run.daemons]
+            highest = max(peaks)
+            rounds_s = [d.round_s_median for d in run.daemons if d.round_s_median is not None]
+            lines.append(f"{run.mu:>6g} {', '.join(f'{p / MiB:.0f}' for p in peaks):>24} "
+                         f"{highest / param_bytes:>9.2f} {highest / self.lone_peak_bytes:>9.2f} "
+                         f"{max(rounds_s, default=float('nan')):>8.1f}")
+        return "\n".join(lines)
+
+
+def run_daemons_memory(task: str, widths: tuple[float, ...], peers: int,
+                       rounds: int) -> DaemonsMemoryResult:
+    """One loopback run of `peers` daemons per width, and the lone full-model baseline."""
+    lone = lone_training_peak(task)
+    return DaemonsMemoryResult(task, lone, tuple(
+        run_daemon_memory(task, mu, peers, rounds, RUN_TIMEOUT_S) for mu in widths))
