@@ -322,6 +322,10 @@ def _add_cluster(cluster: argparse.ArgumentParser) -> None:
                          help="strict synchronous rounds (default: semi-asynchronous, as "
                          "`peerd start`)")
     cluster.add_argument("--quiet", action="store_true", help="print only the final summary")
+    cluster.add_argument("--memory-limit", default=None, metavar="SIZE",
+                         help="start each daemon in a cgroup v1 memory group of SIZE (e.g. "
+                              "1536MiB): the kernel kills a daemon that needs more; "
+                              "OUT/memory.json reports each one's peak and OOM kills (root)")
     add_msfusion_options(cluster)
     cluster.set_defaults(func=_cluster)
 
@@ -601,6 +605,8 @@ def _run_cluster(args: argparse.Namespace, console: Console) -> int:
         contrastive_weight=args.contrastive_weight, contrastive_tau=args.contrastive_tau,
         learned_width=args.learned_width, width_epochs=args.width_epochs,
         width_penalty=args.width_penalty,
+        memory_limit=None if args.memory_limit is None else parse_size(args.memory_limit,
+                                                                        "memory_limit"),
     )
     peerd = peerd_command()
 
@@ -732,6 +738,8 @@ def _known_errors() -> tuple[type[Exception], ...]:
     errors: list[type[Exception]] = [ConfigError, DatasetMissing, ValueError]
     if "peerd.cluster" in sys.modules:
         errors.append(sys.modules["peerd.cluster"].ClusterError)
+    if "peerd.memlimit" in sys.modules:
+        errors.append(sys.modules["peerd.memlimit"].MemoryLimitError)
     return tuple(errors)
 
 

@@ -37,6 +37,7 @@ from peerd.algorithm.plan import Member, Plans, decode_widths, make_planner, wid
 from peerd.algorithm.submodel import forward_flops_per_sample, init_params
 from peerd.algorithm.topology import load_topology
 from peerd.config import AUTO, DRIFT_PERIOD, STATIC_OVERLAP
+from peerd.memlimit import MemoryGroup
 from peerd.metrics import MetricsLog, PeerRound, evaluate_global, run_title
 from peerd.models.base import fingerprint, full_units
 from peerd.net import PROTOCOL_VERSION
@@ -93,6 +94,9 @@ class ClusterConfig:
     learned_width: bool = False
     width_epochs: int = 10
     width_penalty: float = 0.1
+    # Each daemon in a cgroup v1 memory group of this many bytes (peerd/memlimit.py); None: no
+    # kernel limit.
+    memory_limit: int | None = None
 
 
 class ClusterError(RuntimeError):
@@ -118,6 +122,7 @@ class DaemonProcess:
     state_dir: Path
     tls_dir: Path
     process: subprocess.Popen
+    memory_group: MemoryGroup | None = None
 
     def log_tail(self, lines: int = 20) -> str:
         log_path = self.state_dir / "daemon.log"
@@ -230,13 +235,17 @@ def launch(config: ClusterConfig, out: Path, tls: dict[str, Path]) -> list[Daemo
             for other in addresses:
                 if other != addresses[position]:
                     args += ["--peer", other]
+        group = None
+        if config.memory_limit is not None:
+            group = MemoryGroup.create(f"peerd-{os.getpid()}-{peer_id}", config.memory_limit)
         log_file = open(state_dir / "daemon.log", "w")  # noqa: SIM115 - owned by the child
         process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
+                                   stdin=subprocess.DEVNULL,
+                                   preexec_fn=None if group is None else group.enter)
         log_file.close()
         daemons.append(DaemonProcess(peer_id, addresses[position],
                                      f"http://127.0.0.1:{metrics_port}/metrics", state_dir,
-                                     tls[peer_id], process))
+                                     tls[peer_id], process, group))
     return daemons
 
 
@@ -447,7 +456,26 @@ def run_cluster(
                             config.peers))
     finally:
         codes = stop(daemons)
+        write_memory_report(out, daemons, codes, config.memory_limit)
     for daemon, code in zip(daemons, codes, strict=True):
         if code != 0:
             raise ClusterError(f"{daemon.peer_id} exited with code {code}:\n{daemon.log_tail()}")
     return log.records
+
+
+def write_memory_report(out: Path, daemons: list[DaemonProcess], codes: list[int],
+                        limit: int | None) -> None:
+    """With memory limits: OUT/memory.json, each daemon's exit code, the kernel's OOM kills in
+    its group and the group's peak charge; the groups are removed."""
+    if limit is None:
+        return
+    report = {"memory_limit_bytes": limit, "daemons": {}}
+    for daemon, code in zip(daemons, codes, strict=True):
+        group = daemon.memory_group
+        assert group is not None
+        report["daemons"][daemon.peer_id] = {
+            "exit_code": code, "oom_kills": group.oom_kills(),
+            "group_peak_bytes": group.max_usage_bytes(),
+            "rss_peak_bytes": max((r["rss_peak_bytes"] for r in daemon.rounds()), default=None)}
+        group.remove()
+    (out / "memory.json").write_text(json.dumps(report, indent=1))
