@@ -45,6 +45,7 @@ from peerd.algorithm.plan import Member, MSFusionPlanner
 from peerd.algorithm.submodel import Params, extract, freeze_shallowest, slice_numel
 from peerd.config import TrainConfig
 from peerd.data import Split
+from peerd.memlimit import own_headroom_bytes
 from peerd.models.base import DEPTH, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,9 @@ def available_memory_bytes(meminfo: Path = Path("/proc/meminfo"),
         limit = limit_file.read_text().strip()
         if limit != "max":
             available = min(available, int(limit) - int(usage_file.read_text()))
+    headroom = own_headroom_bytes()  # a cgroup v1 memory group (`peerd cluster --memory-limit`)
+    if headroom is not None:
+        available = min(available, headroom)
     return available
 
 

@@ -30,6 +30,19 @@ def _own_group() -> Path:
                            "(/proc/self/cgroup names none): --memory-limit needs one")
 
 
+def own_headroom_bytes() -> int | None:
+    """What this process's cgroup v1 memory group still allows it (limit less charge); None
+    without such a group or without a limit below the machine's memory."""
+    try:
+        group = _own_group()
+        limit = int((group / "memory.limit_in_bytes").read_text())
+        usage = int((group / "memory.usage_in_bytes").read_text())
+    except (OSError, ValueError, MemoryLimitError):
+        return None
+    # An unlimited group reports a page-rounded 2^63 - 1.
+    return None if limit >= 1 << 62 else limit - usage
+
+
 @dataclass(frozen=True)
 class MemoryGroup:
     path: Path

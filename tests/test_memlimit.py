@@ -33,6 +33,12 @@ def test_a_process_beyond_its_limit_is_killed_one_within_runs() -> None:
         assert _allocate(group, 512) == -9
         assert group.oom_kills() == 1
         assert LIMIT - (8 << 20) <= group.max_usage_bytes() <= LIMIT
+        # `--mu auto` inside the group budgets what the group still allows.
+        headroom = subprocess.run(
+            [sys.executable, "-c", "from peerd.capacity import available_memory_bytes as a; "
+                                   "print(a())"],
+            preexec_fn=group.enter, capture_output=True, text=True, check=True).stdout
+        assert 0 < int(headroom) < LIMIT
     finally:
         group.remove()
     assert not group.path.exists()
