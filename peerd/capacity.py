@@ -8,8 +8,8 @@ local training fits the target.
 
 The memory budget covers the whole daemon process:
     peak = resident now (runtime, data, the one full copy of the parameters)
-         + `held_slices` slices at the candidate width (round snapshots served to pulls,
-           the outgoing and incoming slices: slice-sized, invariant 9)
+         + `held_bytes(slice bytes at the candidate width)`: round snapshots served to pulls,
+           the outgoing and incoming slices (slice-sized, invariant 9)
          + RUNTIME_MARGIN_BYTES (see there)
          + the training step at the chosen width.
 The budget is a hard limit (no width fits: an error naming both figures); the round target is
@@ -188,7 +188,7 @@ def depth_shapes(blocks: int) -> list[tuple[int, int]]:
 
 def probe_width(spec: ModelSpec, params: Params, split: Split, config: TrainConfig,
                 mu: float, steps: int = PROBE_STEPS, depth: int | None = None,
-                frozen: int = 0, held_slices: int = 0) -> WidthProbe:
+                frozen: int = 0, held_bytes: Callable[[int], int] | None = None) -> WidthProbe:
     """Train `steps` + 1 steps of the sub-model of width mu, keeping `depth` blocks with
     `frozen` of them frozen (extracted: a copy, the daemon's parameters stay untouched): the
     first step is measured for memory, the rest are timed."""
@@ -212,7 +212,8 @@ def probe_width(spec: ModelSpec, params: Params, split: Split, config: TrainConf
         step(index)
         seconds.append(time.perf_counter() - started)
         cpu_seconds.append(time.process_time() - cpu_started)
-    held = held_slices * 4 * sum(slice_numel(spec, params, plan).values())
+    slice_bytes = 4 * sum(slice_numel(spec, params, plan).values())
+    held = 0 if held_bytes is None else held_bytes(slice_bytes)
     return WidthProbe(mu, statistics.median(seconds), memory, depth, frozen,
                       statistics.median(cpu_seconds), held)
 
@@ -272,7 +273,8 @@ def choose_mu(probes: Sequence[WidthProbe], fixed_bytes: int, budget_bytes: int,
 
 def measure_capacity(
     spec: ModelSpec, params: Params, split: Split, config: TrainConfig,
-    budget_bytes: int | None, round_target_s: float | None, held_slices: int,
+    budget_bytes: int | None, round_target_s: float | None,
+    held_bytes: Callable[[int], int] | None = None,
 ) -> CapacityChoice:
     """Probe every candidate width (and, with early exits, depth and frozen blocks) on this
     device and choose one (see the module's text). Without a budget, the memory the kernel
@@ -282,6 +284,6 @@ def measure_capacity(
     budget = budget_bytes if budget_bytes is not None else resident + available_memory_bytes()
     shapes = depth_shapes(spec.groups[DEPTH].units) if DEPTH in spec.groups else [(None, 0)]
     probes = [probe_width(spec, params, split, config, mu, depth=depth, frozen=frozen,
-                          held_slices=held_slices)
+                          held_bytes=held_bytes)
               for mu in MU_CHOICES for depth, frozen in shapes]
     return choose_mu(probes, fixed, budget, steps_per_round(len(split), config), round_target_s)

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from peerd.algorithm.driver import snapshot_bytes_held
 from peerd.algorithm.engine import Engine, Staleness
 from peerd.algorithm.plan import Member, make_planner
-from peerd.algorithm.submodel import init_params
+from peerd.algorithm.submodel import init_params, param_bytes
 from peerd.algorithm.topology import load_topology
 from peerd.algorithm.width import WidthConfig, learn_widths
 from peerd.capacity import measure_capacity
@@ -36,11 +37,14 @@ from peerd.tasks import get_task
 log = logging.getLogger("peerd.peer")
 
 # Besides its one full copy of the parameters a daemon holds its own slice after each of the
-# last SNAPSHOTS_KEPT rounds (served to pulls) and outgoing and incoming slices: in a ring, two
-# of each in a round, none larger than its own slice this round and next (what `mu auto`
-# leaves room for; more neighbours or late slices add a slice each, see docs/ALGORITHM.md).
+# last SNAPSHOTS_KEPT rounds (served to pulls), no more of them than fit in
+# SNAPSHOT_BUDGET_FRACTION of the parameters' bytes (the last two always), and outgoing and
+# incoming slices: in a ring two of each in a round, none larger than its own slice this
+# round and next (what `mu auto` leaves room for; more neighbours or late slices add a slice
+# each, see docs/ALGORITHM.md).
 SNAPSHOTS_KEPT = 16
-HELD_SLICES = SNAPSHOTS_KEPT + 2 + 2 * 2
+SNAPSHOT_BUDGET_FRACTION = 0.25
+TRAFFIC_SLICES = 2 + 2 * 2
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,13 @@ def _measured_capacity(config: DaemonConfig, engine: Engine, train: TrainConfig
     and frozen blocks only for a model with early exits)."""
     budget = None if config.memory_budget is None else parse_size(config.memory_budget)
     log.info("mu auto: measuring what this device affords (a probe of every candidate width)")
+    full_bytes = param_bytes(engine.params)
+
+    def held_bytes(slice_bytes: int) -> int:
+        return int(TRAFFIC_SLICES * slice_bytes + snapshot_bytes_held(
+            slice_bytes, SNAPSHOTS_KEPT, SNAPSHOT_BUDGET_FRACTION * full_bytes))
+
     choice = measure_capacity(engine.spec, engine.params, engine.train_split, train, budget,
-                              config.round_target_s, held_slices=HELD_SLICES)
+                              config.round_target_s, held_bytes=held_bytes)
     log.info("mu auto: %s", choice.describe())
     return choice.mu, choice.depth, choice.frozen

@@ -133,6 +133,20 @@ class Snapshot:
     plan: Plan
     sliced: Params
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.sliced.values())
+
+
+# Snapshots kept whatever their size: the last round's and the one before (a joiner pulls the
+# round before its join while its members may have finished one more).
+SNAPSHOTS_ALWAYS_KEPT = 2
+
+
+def snapshot_bytes_held(slice_bytes: int, kept: int, budget_bytes: float) -> float:
+    """The most the snapshot rule (RoundDriver.keep_snapshot) holds for slices of this size."""
+    return min(kept * slice_bytes, max(SNAPSHOTS_ALWAYS_KEPT * slice_bytes, budget_bytes))
+
 
 @dataclass
 class _Round:
@@ -148,9 +162,11 @@ class RoundDriver:
         rules: RoundRules = RoundRules(), offload: Offload = run_inline,
         snapshots_kept: int = 0, evaluate_local: bool = False, slowdown: float = 1.0,
         checkpoint: Callable[[int, dict], float | None] | None = None,
-        stopping: asyncio.Event | None = None,
+        stopping: asyncio.Event | None = None, snapshot_budget_bytes: float = math.inf,
     ) -> None:
-        """`snapshots_kept`: this peer's slices after that many recent rounds are kept for pulls;
+        """`snapshots_kept`: this peer's slices after that many recent rounds are kept for pulls,
+        the oldest dropped beyond `snapshot_budget_bytes` (but never the last
+        SNAPSHOTS_ALWAYS_KEPT);
         `checkpoint(rounds, meta)` writes one after every round (worker) and returns seconds
         (None: it failed, and the next round writes the next one);
         `slowdown` > 1 makes local training take that many times as long (tests); `stopping`
@@ -162,6 +178,7 @@ class RoundDriver:
         self.rules = rules
         self.offload = offload
         self.snapshots_kept = snapshots_kept
+        self.snapshot_budget_bytes = snapshot_budget_bytes
         self.evaluate_local = evaluate_local
         self.slowdown = slowdown
         self.checkpoint = checkpoint
@@ -410,8 +427,11 @@ class RoundDriver:
 
     def keep_snapshot(self, rounds_done: int, snapshot: Snapshot) -> None:
         self.snapshots[rounds_done] = snapshot
-        for old in sorted(self.snapshots)[:-self.snapshots_kept]:
-            del self.snapshots[old]
+        kept = sorted(self.snapshots)
+        while len(kept) > self.snapshots_kept or (
+                len(kept) > SNAPSHOTS_ALWAYS_KEPT
+                and sum(self.snapshots[r].nbytes for r in kept) > self.snapshot_budget_bytes):
+            del self.snapshots[kept.pop(0)]
 
     def _forget_before(self, round_index: int) -> None:
         """Contexts of rounds whose slices may no longer arrive (the inbox empties as slices

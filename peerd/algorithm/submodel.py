@@ -32,6 +32,10 @@ def init_params(spec: ModelSpec, seed: int) -> Params:
     return {name: p.detach() for name, p in module.named_parameters()}
 
 
+def param_bytes(params: Params) -> int:
+    return sum(t.numel() * t.element_size() for t in params.values())
+
+
 def clone_params(params: Params) -> Params:
     return {name: tensor.clone() for name, tensor in params.items()}
 
