@@ -56,7 +56,9 @@ from peerd.web.daemon_page import metric_name
 POLL_INTERVAL_S = 0.2
 # The watcher's own certificate: its pulls claim this name.
 WATCHER_ID = "cluster"
-START_TIMEOUT_S = 60.0
+# A daemon loads torch and its data and, with mu auto, probes every width before it serves:
+# for kjv-large (104M parameters) on 2 busy cores that took over a minute.
+START_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 30.0
 ACTIVITY_CHARS = 45  # a daemon's activity on the live line; longer ones keep their first part
 
