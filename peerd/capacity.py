@@ -7,9 +7,9 @@ widest candidate whose training fits the memory budget and, if a round target is
 local training fits the target.
 
 The memory budget covers the whole daemon process:
-    peak = resident now (runtime, data, the full parameters)
-         + `held_copies` more full parameter sets (round snapshots served to pulls, the
-           outgoing and incoming slices)
+    peak = resident now (runtime, data, the one full copy of the parameters)
+         + `held_bytes(slice bytes at the candidate width)`: round snapshots served to pulls,
+           the outgoing and incoming slices (slice-sized, invariant 9)
          + RUNTIME_MARGIN_BYTES (see there)
          + the training step at the chosen width.
 The budget is a hard limit (no width fits: an error naming both figures); the round target is
@@ -42,9 +42,10 @@ from torch import nn
 
 from peerd.algorithm.engine import sgd, train_step
 from peerd.algorithm.plan import Member, MSFusionPlanner
-from peerd.algorithm.submodel import Params, extract, freeze_shallowest
+from peerd.algorithm.submodel import Params, extract, freeze_shallowest, slice_numel
 from peerd.config import TrainConfig
 from peerd.data import Split
+from peerd.memlimit import own_headroom_bytes
 from peerd.models.base import DEPTH, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,9 @@ def available_memory_bytes(meminfo: Path = Path("/proc/meminfo"),
         limit = limit_file.read_text().strip()
         if limit != "max":
             available = min(available, int(limit) - int(usage_file.read_text()))
+    headroom = own_headroom_bytes()  # a cgroup v1 memory group (`peerd cluster --memory-limit`)
+    if headroom is not None:
+        available = min(available, headroom)
     return available
 
 
@@ -168,6 +172,12 @@ class WidthProbe:
     frozen: int = 0  # shallowest kept blocks not trained
     # Median CPU seconds of the timed steps: unlike step_s, not inflated by other processes.
     step_cpu_s: float = math.nan
+    held_bytes: int = 0  # the slices a daemon keeps besides training, at this shape
+
+    @property
+    def total_bytes(self) -> int:
+        """What this shape adds to the fixed part: its training step and its held slices."""
+        return self.memory.total_bytes + self.held_bytes
 
 
 def depth_shapes(blocks: int) -> list[tuple[int, int]]:
@@ -178,7 +188,7 @@ def depth_shapes(blocks: int) -> list[tuple[int, int]]:
 
 def probe_width(spec: ModelSpec, params: Params, split: Split, config: TrainConfig,
                 mu: float, steps: int = PROBE_STEPS, depth: int | None = None,
-                frozen: int = 0) -> WidthProbe:
+                frozen: int = 0, held_bytes: Callable[[int], int] | None = None) -> WidthProbe:
     """Train `steps` + 1 steps of the sub-model of width mu, keeping `depth` blocks with
     `frozen` of them frozen (extracted: a copy, the daemon's parameters stay untouched): the
     first step is measured for memory, the rest are timed."""
@@ -202,8 +212,10 @@ def probe_width(spec: ModelSpec, params: Params, split: Split, config: TrainConf
         step(index)
         seconds.append(time.perf_counter() - started)
         cpu_seconds.append(time.process_time() - cpu_started)
+    slice_bytes = 4 * sum(slice_numel(spec, params, plan).values())
+    held = 0 if held_bytes is None else held_bytes(slice_bytes)
     return WidthProbe(mu, statistics.median(seconds), memory, depth, frozen,
-                      statistics.median(cpu_seconds))
+                      statistics.median(cpu_seconds), held)
 
 
 def steps_per_round(samples: int, config: TrainConfig) -> int:
@@ -226,7 +238,7 @@ class CapacityChoice:
         chosen = next(p for p in self.probes
                       if (p.mu, p.depth, p.frozen) == (self.mu, self.depth, self.frozen))
         shape = "" if self.depth is None else f", depth {self.depth}, {self.frozen} frozen"
-        total_mib = (self.fixed_bytes + chosen.memory.total_bytes) / 2**20
+        total_mib = (self.fixed_bytes + chosen.total_bytes) / 2**20
         return (f"mu {self.mu}{shape}: about {total_mib:.0f}"
                 f" MiB of a {self.budget_bytes / 2**20:.0f} MiB budget (training step "
                 f"{chosen.memory.total_bytes / 2**20:.1f} MiB), about {self.round_s:.1f} s of "
@@ -238,13 +250,13 @@ def choose_mu(probes: Sequence[WidthProbe], fixed_bytes: int, budget_bytes: int,
     """The widest probed width that fits the memory budget and, when given, the round target;
     at one width, the first fitting probe in the order given (see depth_shapes)."""
     ordered = sorted(probes, key=lambda p: p.mu, reverse=True)  # stable: keeps that order
-    fitting = [p for p in ordered if fixed_bytes + p.memory.total_bytes <= budget_bytes]
+    fitting = [p for p in ordered if fixed_bytes + p.total_bytes <= budget_bytes]
     if not fitting:
         narrowest = ordered[-1]
         raise CapacityError(
             f"memory budget {budget_bytes / 2**20:.0f} MiB is too small: even mu "
             f"{narrowest.mu} needs about "
-            f"{(fixed_bytes + narrowest.memory.total_bytes) / 2**20:.0f} MiB "
+            f"{(fixed_bytes + narrowest.total_bytes) / 2**20:.0f} MiB "
             f"({fixed_bytes / 2**20:.0f} MiB held besides training)")
     chosen = fitting[0]
     if round_target_s is not None:
@@ -261,15 +273,17 @@ def choose_mu(probes: Sequence[WidthProbe], fixed_bytes: int, budget_bytes: int,
 
 def measure_capacity(
     spec: ModelSpec, params: Params, split: Split, config: TrainConfig,
-    budget_bytes: int | None, round_target_s: float | None, held_copies: int,
+    budget_bytes: int | None, round_target_s: float | None,
+    held_bytes: Callable[[int], int] | None = None,
 ) -> CapacityChoice:
     """Probe every candidate width (and, with early exits, depth and frozen blocks) on this
     device and choose one (see the module's text). Without a budget, the memory the kernel
     reports available is the budget."""
     resident = resident_bytes()
-    fixed = resident + held_copies * _tensor_bytes(params.values()) + RUNTIME_MARGIN_BYTES
+    fixed = resident + RUNTIME_MARGIN_BYTES
     budget = budget_bytes if budget_bytes is not None else resident + available_memory_bytes()
     shapes = depth_shapes(spec.groups[DEPTH].units) if DEPTH in spec.groups else [(None, 0)]
-    probes = [probe_width(spec, params, split, config, mu, depth=depth, frozen=frozen)
+    probes = [probe_width(spec, params, split, config, mu, depth=depth, frozen=frozen,
+                          held_bytes=held_bytes)
               for mu in MU_CHOICES for depth, frozen in shapes]
     return choose_mu(probes, fixed, budget, steps_per_round(len(split), config), round_target_s)

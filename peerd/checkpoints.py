@@ -80,7 +80,8 @@ def resume(driver: RoundDriver, checkpoint: Checkpoint) -> None:
     if any(m.peer_id == driver.peer_id for m in members):
         engine = driver.engine
         plan = engine.planner.plan(checkpoint.round - 1, members, engine.spec.groups)
-        driver.snapshots[checkpoint.round] = (dict(checkpoint.params), plan[driver.peer_id])
+        driver.keep_snapshot(checkpoint.round,
+                             driver.take_snapshot(checkpoint.params, plan[driver.peer_id]))
 
 
 def checkpoint_to_enter(checkpoints: Checkpoints, params: Params, first_round: int,

@@ -519,6 +519,8 @@ def _known_errors() -> tuple[type[Exception], ...]:
     errors: list[type[Exception]] = [ConfigError, DatasetMissing, ValueError]
     if "peerd.cluster" in sys.modules:
         errors.append(sys.modules["peerd.cluster"].ClusterError)
+    if "peerd.memlimit" in sys.modules:
+        errors.append(sys.modules["peerd.memlimit"].MemoryLimitError)
     return tuple(errors)
 
 

@@ -38,6 +38,7 @@ from peerd.algorithm.plan import Member, Plans, decode_widths, planner_for, widt
 from peerd.algorithm.submodel import forward_flops_per_sample, init_params
 from peerd.algorithm.topology import load_topology
 from peerd.config import ENV_PREFIX, ClusterConfig, DaemonConfig, member_options
+from peerd.memlimit import MemoryGroup
 from peerd.metrics import MetricsLog, PeerRound, evaluate_global, run_title
 from peerd.models.base import fingerprint, full_units
 from peerd.net import PROTOCOL_VERSION
@@ -57,7 +58,9 @@ from peerd.web.daemon_page import metric_name
 POLL_INTERVAL_S = 0.2
 # The watcher's own certificate: its pulls claim this name.
 WATCHER_ID = "cluster"
-START_TIMEOUT_S = 60.0
+# A daemon loads torch and its data and, with mu auto, probes every width before it serves:
+# for kjv-large (104M parameters) on 2 busy cores that took over a minute.
+START_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 30.0
 ACTIVITY_CHARS = 45  # a daemon's activity on the live line; longer ones keep their first part
 
@@ -85,6 +88,7 @@ class DaemonProcess:
     state_dir: Path
     tls_dir: Path
     process: subprocess.Popen
+    memory_group: MemoryGroup | None = None
 
     def log_tail(self, lines: int = 20) -> str:
         log_path = self.state_dir / "daemon.log"
@@ -166,12 +170,16 @@ def launch(config: ClusterConfig, out: Path, tls: dict[str, Path]) -> list[Daemo
         environ = {name: value for name, value in os.environ.items()
                    if not name.startswith(ENV_PREFIX)}
         log_file = open(state_dir / "daemon.log", "w")  # noqa: SIM115 - owned by the child
+        group = None
+        if config.memory_limit is not None:
+            group = MemoryGroup.create(f"peerd-{os.getpid()}-{peer_id}", config.memory_limit)
         process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, env=environ)
+                                   stdin=subprocess.DEVNULL, env=environ,
+                                   preexec_fn=None if group is None else group.enter)
         log_file.close()
         daemons.append(DaemonProcess(peer_id, addresses[position],
                                      f"http://127.0.0.1:{metrics_port}/metrics", state_dir,
-                                     tls[peer_id], process))
+                                     tls[peer_id], process, group))
     return daemons
 
 
@@ -381,7 +389,26 @@ def run_cluster(
                             config.peers))
     finally:
         codes = stop(daemons)
+        write_memory_report(out, daemons, codes, config.memory_limit)
     for daemon, code in zip(daemons, codes, strict=True):
         if code != 0:
             raise ClusterError(f"{daemon.peer_id} exited with code {code}:\n{daemon.log_tail()}")
     return log.records
+
+
+def write_memory_report(out: Path, daemons: list[DaemonProcess], codes: list[int],
+                        limit: int | None) -> None:
+    """With memory limits: OUT/memory.json, each daemon's exit code, the kernel's OOM kills in
+    its group and the group's peak charge; the groups are removed."""
+    if limit is None:
+        return
+    report = {"memory_limit_bytes": limit, "daemons": {}}
+    for daemon, code in zip(daemons, codes, strict=True):
+        group = daemon.memory_group
+        assert group is not None
+        report["daemons"][daemon.peer_id] = {
+            "exit_code": code, "oom_kills": group.oom_kills(),
+            "group_peak_bytes": group.max_usage_bytes(),
+            "rss_peak_bytes": max((r["rss_peak_bytes"] for r in daemon.rounds()), default=None)}
+        group.remove()
+    (out / "memory.json").write_text(json.dumps(report, indent=1))

@@ -30,6 +30,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 
 from peerd.options import (
@@ -217,7 +218,7 @@ def parse_overlap_text(text: str) -> str:
 # (tests/test_first_minutes.py checks): importing those loads torch, which parsing must not
 # wait for.
 METHODS = ("fd", "fedrolex", "full", "heterofl", "msfusion")
-TASK_NAMES = ("digits", "fmnist", "kjv")
+TASK_NAMES = ("digits", "fmnist", "kjv", "kjv-large")
 
 
 def parse_task(text: str) -> str:
@@ -261,9 +262,10 @@ class PeerOptions:
 
     topology: str = option("ring", "who exchanges slices with whom: ring, full, or a TOML path")
     task: str = option(
-        "digits", "the task: digits (8x8 CNN), fmnist (28x28 CNN), kjv (text), or your own: "
-        "FILE.py:FUNCTION or package.module:FUNCTION returning a peerd.Task (docs/MODELS.md)"
-        + SAME, parse=parse_task, metavar="digits|fmnist|kjv|FILE.py:FUNCTION")
+        "digits", "the task: digits (8x8 CNN), fmnist (28x28 CNN), kjv (text), kjv-large "
+        "(104M-parameter text), or your own: FILE.py:FUNCTION or package.module:FUNCTION "
+        "returning a peerd.Task (docs/MODELS.md)"
+        + SAME, parse=parse_task, metavar="digits|fmnist|kjv|kjv-large|FILE.py:FUNCTION")
     method: str = option("msfusion", "planner: msfusion, or a baseline: fedrolex, heterofl, fd "
                          "or full" + SAME, agreed=True, choices=METHODS)
     seed: int = option(0, "seeds init, data split, plans and batches" + SAME, agreed=True)
@@ -570,6 +572,10 @@ class ClusterConfig(DaemonOptions):
     eval_every: int = option(1, "evaluate the assembled model every K rounds")
     eval_samples: int | None = option(
         None, "global test samples per evaluation (default: the task's)")
+    memory_limit: int | None = option(
+        None, "start each daemon in a cgroup v1 memory group of SIZE (e.g. 1536MiB): the kernel "
+        "kills a daemon that needs more; OUT/memory.json reports each one's peak and OOM kills "
+        "(root)", parse=partial(parse_size, name="memory_limit"), metavar="SIZE")
     static_peers: bool = True  # each daemon also gets the others' addresses (--peer)
     round_timeout_s: float = 120.0
     slowdown: tuple[float, ...] = ()  # benchmarks: training slowdown by position (missing: 1)
@@ -587,7 +593,7 @@ class ClusterConfig(DaemonOptions):
 
 
 # `peerd cluster`'s own options: the run's, not its daemons'.
-CLUSTER_RUN_OPTIONS = ("peers", "out", "eval_every", "eval_samples")
+CLUSTER_RUN_OPTIONS = ("peers", "out", "eval_every", "eval_samples", "memory_limit")
 
 
 def member_options(config: ClusterConfig, position: int) -> dict[str, object]:

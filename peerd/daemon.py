@@ -30,7 +30,7 @@ from peerd.agreement import agreed_settings, cluster_fingerprint, describe_setti
 from peerd.algorithm.driver import RoundDriver, RoundOutcome, RoundRules, round_record
 from peerd.algorithm.engine import RoundContext
 from peerd.algorithm.plan import encode_widths, width_group_names
-from peerd.algorithm.submodel import copy_into
+from peerd.algorithm.submodel import copy_into, param_bytes
 from peerd.algorithm.transport import SliceMessage
 from peerd.allocator import keep_freed_memory
 from peerd.checkpoints import Checkpoints, enter_at, resume
@@ -60,7 +60,7 @@ from peerd.ops.ca import DEVICE_CERT
 from peerd.ops.exporter import Exporter
 from peerd.ops.progress import Console, round_line, step_display
 from peerd.ops.systemd import Notifier, watchdog_loop
-from peerd.peer import SNAPSHOTS_KEPT, build_peer
+from peerd.peer import SNAPSHOT_BUDGET_FRACTION, SNAPSHOTS_KEPT, build_peer
 from peerd.state import ROUNDS_LOG, load_or_create_peer_id, rewind
 from peerd.web.daemon_page import DaemonPage
 
@@ -135,7 +135,8 @@ class Daemon:
             self.engine, self.roster, self, rules, self._offload, SNAPSHOTS_KEPT,
             evaluate_local=True, slowdown=config.slowdown,
             checkpoint=self._checkpoint if config.checkpoints_kept else None,
-            stopping=self._stopping)
+            stopping=self._stopping,
+            snapshot_budget_bytes=SNAPSHOT_BUDGET_FRACTION * param_bytes(self.engine.params))
         self.slices = GrpcSlices(self.driver, self.membership, self.clients, config.cluster,
                                  self.fingerprint)
         self.host = DaemonHost(self.spec, config.cluster, self.fingerprint, self.membership,

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from peerd.algorithm.driver import snapshot_bytes_held
 from peerd.algorithm.engine import Engine, Staleness
 from peerd.algorithm.plan import Member, planner_for
-from peerd.algorithm.submodel import init_params
+from peerd.algorithm.submodel import init_params, param_bytes
 from peerd.algorithm.topology import load_topology
 from peerd.algorithm.width import WidthConfig, learn_widths
 from peerd.capacity import measure_capacity
@@ -35,10 +36,15 @@ from peerd.tasks import get_task
 
 log = logging.getLogger("peerd.peer")
 
-# Besides its parameters a daemon holds the round snapshots it serves to pulls and, at most, a
-# full set each of outgoing and incoming slices (what `mu auto` must leave room for).
+# Besides its one full copy of the parameters a daemon holds its own slice after each of the
+# last SNAPSHOTS_KEPT rounds (served to pulls), no more of them than fit in
+# SNAPSHOT_BUDGET_FRACTION of the parameters' bytes (the last two always), and outgoing and
+# incoming slices: in a ring two of each in a round, none larger than its own slice this
+# round and next (what `mu auto` leaves room for; more neighbours or late slices add a slice
+# each, see docs/ALGORITHM.md).
 SNAPSHOTS_KEPT = 16
-HELD_COPIES = SNAPSHOTS_KEPT + 2
+SNAPSHOT_BUDGET_FRACTION = 0.25
+TRAFFIC_SLICES = 2 + 2 * 2
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,8 @@ def build_peer(config: PeerConfig, position: int, peer_id: str,
         # The split of position I is seeded with seed + I, in the simulator and in a daemon.
         local_train, local_test = local_train_test(shard, config.seed + position)
     train_split = train_set.subset(local_train)
+    if task.local_eval_samples is not None:
+        local_test = local_test[:task.local_eval_samples]
     engine = Engine(
         peer_id, spec, init_params(spec, config.seed), train_split, train_set.subset(local_test),
         planner_for(config), load_topology(config.topology), train, config.seed,
@@ -121,7 +129,13 @@ def _measured_capacity(config: DaemonConfig, engine: Engine, train: TrainConfig
     and frozen blocks only for a model with early exits)."""
     budget = None if config.memory_budget is None else parse_size(config.memory_budget)
     log.info("mu auto: measuring what this device affords (a probe of every candidate width)")
+    full_bytes = param_bytes(engine.params)
+
+    def held_bytes(slice_bytes: int) -> int:
+        return int(TRAFFIC_SLICES * slice_bytes + snapshot_bytes_held(
+            slice_bytes, SNAPSHOTS_KEPT, SNAPSHOT_BUDGET_FRACTION * full_bytes))
+
     choice = measure_capacity(engine.spec, engine.params, engine.train_split, train, budget,
-                              config.round_target_s, held_copies=HELD_COPIES)
+                              config.round_target_s, held_bytes=held_bytes)
     log.info("mu auto: %s", choice.describe())
     return choice.mu, choice.depth, choice.frozen

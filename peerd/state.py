@@ -20,10 +20,10 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 # torch and safetensors load where tensors are read or written: `peerd ca` (which uses this
 # module's file helpers) must start in well under a second.
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("peerd.state")
+
+T = TypeVar("T")
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FORMAT = 1
@@ -44,14 +46,21 @@ IDENTIFIER = re.compile(r"[A-Za-z0-9._-]{1,64}")
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o666) -> None:
     """`mode` (less the umask) applies from the file's creation: a private key written with
     0o600 is never readable by others, not even half-written."""
+    atomic_write(path, lambda handle: handle.write(data), mode)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], T], mode: int = 0o666) -> T:
+    """`atomic_write_bytes` of what `write` writes to the open file (what it returns comes
+    back): large files are written piece by piece, never held whole in memory."""
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.unlink(missing_ok=True)  # O_CREAT keeps an existing file's mode
     with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as handle:
-        handle.write(data)
+        result = write(handle)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
     _fsync_directory(path.parent)
+    return result
 
 
 def _fsync_directory(folder: Path) -> None:
@@ -87,10 +96,10 @@ def load_or_create_peer_id(state_dir: Path, requested: str | None = None) -> str
 
 def save_parameters(state_dir: Path, params: dict[str, torch.Tensor], meta: dict) -> None:
     """Parameters and their metadata (round, view, seed) as safetensors + JSON."""
-    from safetensors.torch import save as safetensors_bytes
+    from peerd.tensorfile import write_safetensors
 
-    atomic_write_bytes(state_dir / "params.safetensors", safetensors_bytes(
-        {name: tensor.contiguous() for name, tensor in params.items()}))
+    atomic_write(state_dir / "params.safetensors",
+                 lambda handle: write_safetensors(handle, params))
     atomic_write_bytes(state_dir / "state.json", json.dumps(meta, indent=2).encode())
 
 
@@ -137,19 +146,17 @@ def save_checkpoint(state_dir: Path, round_index: int, params: Mapping[str, torc
                     meta: Mapping[str, object], keep: int) -> int:
     """Write the checkpoint after `round_index` rounds and keep the newest `keep`; returns the
     parameter bytes written."""
-    from safetensors.torch import save as safetensors_bytes
+    from peerd.tensorfile import write_safetensors
 
     record_path, params_path = _paths(state_dir, round_index)
     record_path.parent.mkdir(parents=True, exist_ok=True)
-    data = safetensors_bytes({name: tensor.contiguous() for name, tensor in params.items()})
-    atomic_write_bytes(params_path, data)
+    size, sha256 = atomic_write(params_path, lambda handle: write_safetensors(handle, params))
     record = {**meta, "format": CHECKPOINT_FORMAT, "round": round_index,
-              "params_file": params_path.name, "params_bytes": len(data),
-              "params_sha256": hashlib.sha256(data).hexdigest()}
+              "params_file": params_path.name, "params_bytes": size, "params_sha256": sha256}
     record["checksum"] = _record_digest(record)
     atomic_write_bytes(record_path, json.dumps(record, indent=1, sort_keys=True).encode())
     _rotate(state_dir, keep)
-    return len(data)
+    return size
 
 
 def _rotate(state_dir: Path, keep: int) -> None:

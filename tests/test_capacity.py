@@ -34,6 +34,10 @@ from peerd.tasks import get_task
 MiB = 2**20
 
 
+def ten_slices(slice_bytes: int) -> int:
+    return 10 * slice_bytes
+
+
 def test_available_memory_is_the_lower_of_the_kernel_and_the_cgroup(tmp_path: Path) -> None:
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:    2000000 kB\n")
@@ -109,11 +113,11 @@ def test_probes_of_a_real_model_grow_with_the_width() -> None:
     assert all(p.step_s > 0 for p in probes)
     # The probe trains copies: the daemon's parameters are untouched.
     assert all(torch.equal(before[name], params[name]) for name in params)
-    choice = measure_capacity(spec, params, split, task.train, None, None, held_copies=10)
+    choice = measure_capacity(spec, params, split, task.train, None, None, held_bytes=ten_slices)
     assert choice.mu == 0.5  # this machine has gigabytes to spare for a small CNN
     assert choice.fixed_bytes > resident_bytes() // 2
     with pytest.raises(CapacityError, match="too small"):
-        measure_capacity(spec, params, split, task.train, 1 * MiB, None, held_copies=10)
+        measure_capacity(spec, params, split, task.train, 1 * MiB, None, held_bytes=ten_slices)
 
 
 def test_memory_of_one_linear_step_is_exact() -> None:

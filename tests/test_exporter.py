@@ -18,7 +18,8 @@ def record(round_number: int, sent: int, received: int, round_s: float) -> dict:
         "local_ppl": 4.0, "samples": 100, "forward_flops_per_sample": 1000,
         "train_flops": 300_000, "bytes_sent_cum": sent, "bytes_received_cum": received,
         "neighbours": ["peer-01", "peer-02"], "members": 3, "round_s": round_s,
-        "wall_s": 1.0 * round_number,
+        "wall_s": 1.0 * round_number, "params_full": 1000,
+        "rss_peak_bytes": (100 + round_number) << 20,
     }
 
 
@@ -54,6 +55,7 @@ def check(values: dict[tuple[str, frozenset], float]) -> None:
     assert value("peerd_bytes_received_total") == last["bytes_received_cum"]
     assert value("peerd_train_flops_total") == 3 * 300_000
     assert value("peerd_train_loss") == pytest.approx(last["train_loss"])
+    assert value("peerd_rss_peak_bytes") == last["rss_peak_bytes"]
     assert value("peerd_local_accuracy") == 0.75
     assert value("peerd_local_loss") == 0.5
     assert value("peerd_members") == 3.0

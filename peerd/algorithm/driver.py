@@ -31,11 +31,12 @@ from peerd.algorithm.deadline import ArrivalDelays
 from peerd.algorithm.engine import Engine, LateSlice, RoundContext, TrainStats
 from peerd.algorithm.evaluate import Evaluation
 from peerd.algorithm.plan import Member
-from peerd.algorithm.submodel import Params, clone_params
+from peerd.algorithm.submodel import Params, slice_params
 from peerd.algorithm.transport import SliceMessage, SliceTransport
 from peerd.checkpoints import view_entry
 from peerd.looplag import LagFigures
 from peerd.models.base import Plan
+from peerd.rss import peak_rss_bytes
 
 log = logging.getLogger("peerd.algorithm.driver")
 
@@ -84,8 +85,9 @@ Offload = Callable[..., Awaitable[Any]]
 
 class SliceRefused(Exception):
     """A slice this peer does not take; `reason` says which rule refused it: later (not in
-    that round yet: retry), stale (beyond the late window), stranger (not a neighbour),
-    duplicate, invalid (does not fit the plans)."""
+    that round yet: retry), receiving (a twin stream of it is arriving: retry), stale (beyond
+    the late window), stranger (not a neighbour), duplicate, invalid (does not fit the
+    plans)."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
@@ -122,6 +124,30 @@ class RoundOutcome:
     local: Evaluation | None
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """This peer's own slice after a round and the plan that cut it: what pulls of that round
+    are served from (assembly takes each entry from the peers that held it). Slice-sized, so
+    that keeping many rounds costs far less than one full copy (invariant 9)."""
+
+    plan: Plan
+    sliced: Params
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.sliced.values())
+
+
+# Snapshots kept whatever their size: the last round's and the one before (a joiner pulls the
+# round before its join while its members may have finished one more).
+SNAPSHOTS_ALWAYS_KEPT = 2
+
+
+def snapshot_bytes_held(slice_bytes: int, kept: int, budget_bytes: float) -> float:
+    """The most the snapshot rule (RoundDriver.keep_snapshot) holds for slices of this size."""
+    return min(kept * slice_bytes, max(SNAPSHOTS_ALWAYS_KEPT * slice_bytes, budget_bytes))
+
+
 @dataclass
 class _Round:
     """This peer's context of one round and the counts each sender's slice must have."""
@@ -136,9 +162,11 @@ class RoundDriver:
         rules: RoundRules = RoundRules(), offload: Offload = run_inline,
         snapshots_kept: int = 0, evaluate_local: bool = False, slowdown: float = 1.0,
         checkpoint: Callable[[int, dict], float | None] | None = None,
-        stopping: asyncio.Event | None = None,
+        stopping: asyncio.Event | None = None, snapshot_budget_bytes: float = math.inf,
     ) -> None:
-        """`snapshots_kept`: parameters after that many recent rounds are kept for pulls;
+        """`snapshots_kept`: this peer's slices after that many recent rounds are kept for pulls,
+        the oldest dropped beyond `snapshot_budget_bytes` (but never the last
+        SNAPSHOTS_ALWAYS_KEPT);
         `checkpoint(rounds, meta)` writes one after every round (worker) and returns seconds
         (None: it failed, and the next round writes the next one);
         `slowdown` > 1 makes local training take that many times as long (tests); `stopping`
@@ -150,6 +178,7 @@ class RoundDriver:
         self.rules = rules
         self.offload = offload
         self.snapshots_kept = snapshots_kept
+        self.snapshot_budget_bytes = snapshot_budget_bytes
         self.evaluate_local = evaluate_local
         self.slowdown = slowdown
         self.checkpoint = checkpoint
@@ -158,12 +187,16 @@ class RoundDriver:
         self.last_loss = float("nan")
         self.bytes_sent = 0
         self.bytes_received = 0
-        self.snapshots: dict[int, tuple[Params, Plan]] = {}  # rounds done -> (params, plan)
+        self.snapshots: dict[int, Snapshot] = {}  # rounds done -> own slice
         self.stopping = stopping if stopping is not None else asyncio.Event()
         self._rounds: dict[int, _Round] = {}
         self._inbox: dict[int, dict[str, SliceMessage]] = {}
         self._arrived_at: dict[tuple[int, str], float] = {}  # (round, sender) -> monotonic time
         self._merged: set[tuple[int, str]] = set()  # (round, sender) slices already merged
+        # (round, sender) slices being received: admitted, values still arriving. One stream
+        # per slot: together with the round window and the neighbours, this bounds what peers
+        # can make this peer hold (inbox_bound_bytes).
+        self._receiving: set[tuple[int, str]] = set()
         self._delays = ArrivalDelays(rules.deadline_mads, rules.deadline_floor_s,
                                      rules.round_timeout_s)
         self._sends: set[asyncio.Task] = set()  # semi-async sends still under way
@@ -192,9 +225,10 @@ class RoundDriver:
             known.counts[sender] = self.engine.expected_counts(ctx, sender)
         return known.counts[sender]
 
-    def admit(self, round_index: int, sender: str) -> RoundContext:
+    def admit(self, round_index: int, sender: str, receiving: bool = False) -> RoundContext:
         """The context a slice of `round_index` from `sender` is checked against, or
-        SliceRefused when this peer does not take it (cheap: before any value is read)."""
+        SliceRefused when this peer does not take it (cheap: before any value is read).
+        `receiving`: the slice is the one whose stream holds the slot (see begin_receiving)."""
         if round_index > self.round_index + 1:
             # This peer is behind (a joiner still pulling its start, a slow peer that will skip
             # ahead): it will get there, so the sender retries.
@@ -211,13 +245,41 @@ class RoundDriver:
         if sender in self._inbox.get(round_index, {}) or (round_index, sender) in self._merged:
             raise SliceRefused("duplicate",
                                f"round {round_index} slice from {sender} already arrived")
+        if not receiving and (round_index, sender) in self._receiving:
+            # Not final: the stream in flight may still be cut, and then a retry is welcome.
+            raise SliceRefused("receiving",
+                               f"round {round_index} slice from {sender} is being received")
         return ctx
+
+    def begin_receiving(self, round_index: int, sender: str) -> None:
+        """An admitted slice's stream starts: no twin stream is admitted until it ends."""
+        self._receiving.add((round_index, sender))
+
+    def end_receiving(self, round_index: int, sender: str) -> None:
+        self._receiving.discard((round_index, sender))
+
+    def inbox_bound_bytes(self, ctx: RoundContext) -> int:
+        """The most slice bytes peers can make this peer hold in `ctx`'s round, received and
+        being received: one slice per neighbour for each round it takes (the late window, this
+        round and the next), none larger than what the plans give that neighbour to send.
+        Counted with this round's plans (a later round's may differ by a peer's capacity, not
+        by what it can send: at most its own slice)."""
+        rounds = self.rules.late_window + 2
+        per_round = sum(sum(self.expected_counts(ctx, sender).values())
+                        for sender in ctx.neighbours)
+        return rounds * per_round * self.engine.wire_dtype.itemsize
+
+    def held_slice_bytes(self) -> int:
+        """Slice bytes in the inbox now (received, not yet merged)."""
+        return sum(values.numel() * values.element_size()
+                   for messages in self._inbox.values() for message in messages.values()
+                   for values in message.values.values())
 
     def accept(self, message: SliceMessage, payload_bytes: int, checked: bool = False) -> None:
         """Queue an arrived slice for merging. `checked`: the transport already checked every
         value against `expected_counts` (the gRPC decoder does, off the event loop); else it is
         checked here, once."""
-        ctx = self.admit(message.round_index, message.sender)
+        ctx = self.admit(message.round_index, message.sender, receiving=True)
         if not checked:
             try:
                 self.engine.check_message(ctx, message,
@@ -256,8 +318,8 @@ class RoundDriver:
         self.last_loss = stats.loss
         self.rounds_done += 1
         if self.snapshots_kept:
-            params = await self.offload(clone_params, self.engine.params)
-            self._keep_snapshot(ctx.round_index + 1, params, ctx.plans_now[self.peer_id])
+            self.keep_snapshot(ctx.round_index + 1, await self.offload(
+                self.take_snapshot, self.engine.params, ctx.plans_now[self.peer_id]))
         checkpoint_s = None
         if self.checkpoint is not None:
             checkpoint_s = await self.offload(self.checkpoint, ctx.round_index + 1,
@@ -359,10 +421,17 @@ class RoundDriver:
                             if key[0] > round_index}
         return on_time, late
 
-    def _keep_snapshot(self, rounds_done: int, params: Params, plan: Plan) -> None:
-        self.snapshots[rounds_done] = (params, plan)
-        for old in sorted(self.snapshots)[:-self.snapshots_kept]:
-            del self.snapshots[old]
+    def take_snapshot(self, params: Params, plan: Plan) -> Snapshot:
+        """Worker: the plan's slice of `params`, copied."""
+        return Snapshot(plan, slice_params(self.engine.spec, params, plan))
+
+    def keep_snapshot(self, rounds_done: int, snapshot: Snapshot) -> None:
+        self.snapshots[rounds_done] = snapshot
+        kept = sorted(self.snapshots)
+        while len(kept) > self.snapshots_kept or (
+                len(kept) > SNAPSHOTS_ALWAYS_KEPT
+                and sum(self.snapshots[r].nbytes for r in kept) > self.snapshot_budget_bytes):
+            del self.snapshots[kept.pop(0)]
 
     def _forget_before(self, round_index: int) -> None:
         """Contexts of rounds whose slices may no longer arrive (the inbox empties as slices
@@ -371,7 +440,8 @@ class RoundDriver:
             del self._rounds[old]
 
     def forget_rounds(self) -> None:
-        """Everything about rounds in flight (this peer was dropped and joins again)."""
+        """Everything about rounds in flight (this peer was dropped and joins again); streams
+        still arriving give their slots back when they end."""
         self._rounds.clear()
         self._inbox.clear()
         self._arrived_at.clear()
@@ -400,4 +470,6 @@ def round_record(outcome: RoundOutcome, driver: RoundDriver, wall_s: float,
         "checkpoint_s": outcome.checkpoint_s, "merged_without": outcome.merged_without,
         "late_merged_staleness": outcome.late_staleness,
         "loop_lag_p99_s": lag.p99_s, "loop_lag_max_s": lag.max_s,
+        "params_full": sum(t.numel() for t in driver.engine.params.values()),
+        "rss_peak_bytes": peak_rss_bytes(),
     }

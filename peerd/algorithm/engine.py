@@ -7,6 +7,7 @@ function of its parameters, its data, the seed and the round.
 
 from __future__ import annotations
 
+import logging
 import math
 import zlib
 from collections.abc import Callable, Sequence
@@ -32,7 +33,9 @@ from peerd.algorithm.topology import Topology
 from peerd.algorithm.transport import SliceMessage
 from peerd.config import TrainConfig
 from peerd.data import Split
-from peerd.models.base import ModelSpec, Plan, plan_depth, plan_units
+from peerd.models.base import ModelSpec, Plan, plan_depth, plan_units, same_plan
+
+log = logging.getLogger("peerd.algorithm.engine")
 
 # Forward plus backward costs about three forward passes (backward ~ 2x forward).
 TRAIN_FLOPS_PER_FORWARD = 3
@@ -139,8 +142,10 @@ class Engine:
         # The shallowest kept blocks this peer does not train (short of memory); see
         # freeze_shallowest.
         self.frozen_blocks = frozen_blocks
-        # The parameters right after the last round's local training (contrastive term only).
-        self.after_training: Params | None = None
+        # The contrastive term only: the sub-model right after the last round's training, cut
+        # to the plan this peer then expected for the next round. Slice-sized, not a full copy
+        # (invariant 9).
+        self.after_training: tuple[Plan, nn.Module] | None = None
         # Called with (steps done, steps this round) after every local step: progress display.
         self.on_step: Callable[[int, int], None] | None = None
 
@@ -201,7 +206,8 @@ class Engine:
                     self.on_step(steps, total_steps)
         write_back(self.spec, self.params, plan, module)
         if config.contrastive:
-            self.after_training = {name: t.clone() for name, t in self.params.items()}
+            next_plan = ctx.plans_next[self.peer_id]
+            self.after_training = (next_plan, extract(self.spec, self.params, next_plan))
         return TrainStats(
             loss=loss_sum / max(samples, 1), samples=samples, steps=steps,
             forward_flops_per_sample=forward_flops_per_sample(self.spec, plan_units(plan)),
@@ -217,14 +223,18 @@ class Engine:
     def _contrastive_objective(self, plan: Plan) -> ModelContrastive | None:
         """The contrastive term's objective: this round's plan cut from the post-aggregation
         parameters and from those right after the last round's training. None when it is off,
-        and in a peer's first round (no previous local model yet)."""
+        in a peer's first round (no previous local model yet), and when the members changed
+        since (the plan differs from the one the previous local model was cut to)."""
         config = self.train_config
         if not config.contrastive or self.after_training is None:
             return None
+        expected, previous = self.after_training
+        if not same_plan(expected, plan):
+            log.info("%s: the members changed; no contrastive term this round", self.peer_id)
+            return None
         return ModelContrastive(
-            self.spec.kind, extract(self.spec, self.params, plan),
-            extract(self.spec, self.after_training, plan), config.contrastive_weight,
-            config.contrastive_tau,
+            self.spec.kind, extract(self.spec, self.params, plan), previous,
+            config.contrastive_weight, config.contrastive_tau,
         )
 
     def outbox(self, ctx: RoundContext) -> list[SliceMessage]:

@@ -8,6 +8,7 @@ optimizer state shrink with the slice) and write-back is its exact inverse.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 
@@ -26,7 +27,13 @@ def init_params(spec: ModelSpec, seed: int) -> Params:
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)
         module = spec.build({name: group.units for name, group in spec.groups.items()})
-    return {name: p.detach().clone() for name, p in module.named_parameters()}
+    # The module's own storage, not a copy: a second full set, even a passing one, is what a
+    # device short of memory cannot afford (invariant 9).
+    return {name: p.detach() for name, p in module.named_parameters()}
+
+
+def param_bytes(params: Params) -> int:
+    return sum(t.numel() * t.element_size() for t in params.values())
 
 
 def clone_params(params: Params) -> Params:
@@ -94,6 +101,28 @@ def write_back(spec: ModelSpec, params: Params, plan: Plan, module: nn.Module) -
         for name, parameter in module.named_parameters():
             target = params[name]
             target[_open_mesh(target.shape, axis_indices(spec, plan, name))] = parameter.detach()
+
+
+def slice_numel(spec: ModelSpec, params: Params, plan: Plan) -> dict[str, int]:
+    """How many entries `slice_params` takes of each parameter, without taking them."""
+    counts = {}
+    for name in spec.axes:
+        if holds_param(spec, plan, name):
+            counts[name] = math.prod(
+                size if kept is None else len(kept)
+                for size, kept in zip(params[name].shape, axis_indices(spec, plan, name),
+                                      strict=True))
+    return counts
+
+
+def with_slice(spec: ModelSpec, params: Params, plan: Plan, sliced: Params,
+               name: str) -> torch.Tensor:
+    """Parameter `name` as `params` holds it now, with the plan's entries taken from `sliced`
+    (a `slice_params` of the same plan): one tensor's copy."""
+    tensor = params[name].clone()
+    if name in sliced:
+        tensor[_open_mesh(tensor.shape, axis_indices(spec, plan, name))] = sliced[name]
+    return tensor
 
 
 def freeze_shallowest(spec: ModelSpec, module: nn.Module, blocks: int) -> None:

@@ -26,11 +26,11 @@ from multiprocessing.connection import Connection
 import torch
 
 from peerd.algorithm.submodel import init_params
-from peerd.bench.processes import BenchError, positive_int, print_result, spawn_context
+from peerd.bench.daemon_memory import DAEMON_WIDTHS, run_daemons_memory
+from peerd.bench.processes import child_result, positive_int, print_result
 from peerd.capacity import depth_shapes, probe_width
-from peerd.data import load_task_data
 from peerd.models.base import DEPTH
-from peerd.tasks import BLOCK_SIZE, get_task
+from peerd.tasks import get_task
 
 MiB = 2**20
 CHILD_TIMEOUT_S = 600.0
@@ -66,7 +66,7 @@ def _peak_rss(conn: Connection, task: str, shape: Shape, steps: int) -> None:
     training)."""
     torch.set_num_threads(1)
     definition = get_task(task)
-    data = load_task_data(task, None, block_size=BLOCK_SIZE)
+    data = definition.load_data(None)
     spec = definition.model(data, early_exits=True)
     params = init_params(spec, 0)
     accounted, times = 0, None
@@ -82,20 +82,7 @@ def measure(task: str, shape: Shape, steps: int
             ) -> tuple[int, int, tuple[float, float] | None]:
     """(peak RSS in bytes, bytes the training step accounts for, median (wall, CPU) seconds of
     a timed step or None for the idle baseline) of one fresh process."""
-    context = spawn_context()
-    parent, child = context.Pipe(duplex=False)
-    process = context.Process(target=_peak_rss, args=(child, task, shape, steps))
-    process.start()
-    child.close()
-    try:
-        if not parent.poll(CHILD_TIMEOUT_S):
-            raise BenchError(f"{task} {shape}: no result within {CHILD_TIMEOUT_S:.0f} s")
-        return parent.recv()
-    except EOFError:
-        raise BenchError(f"{task} {shape}: the child died (exit code {process.exitcode})"
-                         ) from None
-    finally:
-        process.join(CHILD_TIMEOUT_S)
+    return child_result(_peak_rss, (task, shape, steps), CHILD_TIMEOUT_S, f"{task} {shape}")
 
 
 @dataclass(frozen=True)
@@ -192,8 +179,8 @@ class MemoryResult:
 
 
 def run_memory(task: str, mu: float, steps: int, repeats: int) -> MemoryResult:
-    blocks = get_task(task).model(load_task_data(task, None, block_size=BLOCK_SIZE),
-                                  early_exits=True).groups[DEPTH].units
+    definition = get_task(task)
+    blocks = definition.model(definition.load_data(None), early_exits=True).groups[DEPTH].units
     configurations = shapes(mu, blocks)
     peaks: dict[Shape, list[int]] = {shape: [] for shape in configurations}
     wall: dict[Shape, list[float]] = {shape: [] for shape in configurations}
@@ -210,6 +197,17 @@ def run_memory(task: str, mu: float, steps: int, repeats: int) -> MemoryResult:
         Row(shape, shape.describe(blocks), tuple(peaks[shape]), accounted[shape],
             tuple(wall[shape]), tuple(cpu[shape]))
         for shape in configurations))
+
+
+def _widths(text: str) -> tuple[float, ...]:
+    try:
+        widths = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        widths = (math.nan,)
+    if not all(0 < mu <= 1 for mu in widths):
+        raise argparse.ArgumentTypeError(
+            f"widths={text!r} is invalid: comma-separated numbers in (0, 1]")
+    return widths
 
 
 def _mu(text: str) -> float:
@@ -232,8 +230,9 @@ def add_memory_parser(subparsers: argparse._SubParsersAction) -> None:
                     "against the full model; each in a fresh process, peaks less an idle "
                     "process's baseline.",
     )
-    memory.add_argument("--task", choices=["digits", "fmnist", "kjv"], default="fmnist",
-                        help="which task model (default: %(default)s)")
+    memory.add_argument("--task", choices=["digits", "fmnist", "kjv", "kjv-large"],
+                        default=None, help="which task model (default: fmnist, with --daemon "
+                                           "kjv-large)")
     memory.add_argument("--mu", type=_mu, default=0.25, help="width ratio (default: 0.25)")
     memory.add_argument("--steps", type=positive_int, default=5,
                         help="timed training steps per process, after one more measured "
@@ -241,9 +240,26 @@ def add_memory_parser(subparsers: argparse._SubParsersAction) -> None:
     memory.add_argument("--repeats", type=positive_int, default=3,
                         help="fresh processes per configuration (default: %(default)s)")
     memory.add_argument("--json", action="store_true", help="print one JSON object")
+    daemon = memory.add_argument_group(
+        "--daemon", "real daemon processes on loopback instead: each one's peak RSS (VmHWM) "
+                    "against the parameter bytes and a lone process training the full model")
+    daemon.add_argument("--daemon", action="store_true",
+                        help="measure daemons (see above) instead of one peer's training")
+    daemon.add_argument("--widths", type=_widths, default=DAEMON_WIDTHS, metavar="MU[,MU...]",
+                        help="the widths of the daemon runs, one run each (default: "
+                             "1,0.5,0.25,0.125)")
+    daemon.add_argument("--peers", type=positive_int, default=2,
+                        help="daemons per run (default: %(default)s)")
+    daemon.add_argument("--rounds", type=positive_int, default=2,
+                        help="rounds per run (default: %(default)s)")
     memory.set_defaults(func=run_memory_command)
 
 
 def run_memory_command(args: argparse.Namespace) -> int:
+    if args.daemon:
+        task = args.task or "kjv-large"
+        return print_result("memory", lambda: run_daemons_memory(
+            task, args.widths, args.peers, args.rounds), args.json)
+    task = args.task or "fmnist"
     return print_result(
-        "memory", lambda: run_memory(args.task, args.mu, args.steps, args.repeats), args.json)
+        "memory", lambda: run_memory(task, args.mu, args.steps, args.repeats), args.json)

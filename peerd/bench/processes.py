@@ -56,6 +56,24 @@ def spawn_context() -> multiprocessing.context.SpawnContext:
     return multiprocessing.get_context("spawn")  # fork would copy torch's and gRPC's threads
 
 
+def child_result(target: Callable[..., None], args: tuple[Any, ...], timeout_s: float,
+                 what: str) -> Any:
+    """Run `target(conn, *args)` in a fresh process and return the one object it sends."""
+    context = spawn_context()
+    parent, child = context.Pipe(duplex=False)
+    process = context.Process(target=target, args=(child, *args))
+    process.start()
+    child.close()
+    try:
+        if not parent.poll(timeout_s):
+            raise BenchError(f"{what}: no result within {timeout_s:.0f} s")
+        return parent.recv()
+    except EOFError:
+        raise BenchError(f"{what}: the child died (exit code {process.exitcode})") from None
+    finally:
+        process.join(timeout_s)
+
+
 def _child_main(conn: Connection, role: Role, args: tuple[Any, ...]) -> None:
     """A child's entry point: its role on uvloop (as the daemon runs), failures reported back
     to the conductor rather than lost with the process."""

@@ -74,6 +74,12 @@ def full_plan(spec: ModelSpec) -> Plan:
     return {name: torch.arange(group.units) for name, group in spec.groups.items()}
 
 
+def same_plan(first: Plan, second: Plan) -> bool:
+    """Do two plans keep the same units of the same groups?"""
+    return first.keys() == second.keys() and all(
+        torch.equal(units, second[group]) for group, units in first.items())
+
+
 def plan_units(plan: Plan) -> dict[str, int]:
     return {name: int(indices.numel()) for name, indices in plan.items()}
 

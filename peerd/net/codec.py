@@ -97,6 +97,10 @@ class Expectation:
     # computed from the receiver's view of the sender's plan. It may raise WireError itself
     # (e.g. for a round outside the window). None accepts any allow-listed tensors.
     tensor_spec: Callable[[peer_pb2.StreamHeader], TensorSpec] | None = None
+    # Called once with the header of every stream `tensor_spec` took, when the stream ends
+    # (`StreamDecoder.close`): accepted, refused or cut. What the receiver set aside for a
+    # stream in flight (a slot in its inbox) is given back here.
+    stream_ended: Callable[[peer_pb2.StreamHeader], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -106,9 +110,38 @@ class DecodedStream:
     payload_bytes: int
 
 
+class BuiltOnRead(Mapping[str, torch.Tensor]):
+    """Tensors made one at a time as a stream reads them (a snapshot rebuilt per parameter):
+    a stream of them holds one at once, never the whole set. `layouts` gives every tensor's
+    dtype and shape up front, for the stream's header."""
+
+    def __init__(self, layouts: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+                 make: Callable[[str], torch.Tensor]) -> None:
+        self.layouts = dict(layouts)
+        self._make = make
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.layouts:
+            raise KeyError(name)
+        return self._make(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layouts)
+
+    def __len__(self) -> int:
+        return len(self.layouts)
+
+
+def _layouts(tensors: Mapping[str, torch.Tensor]
+             ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    if isinstance(tensors, BuiltOnRead):
+        return tensors.layouts
+    return {name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()}
+
+
 def payload_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     """Raw tensor bytes a stream of these tensors carries, without any framing."""
-    return sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+    return sum(math.prod(shape) * dtype.itemsize for dtype, shape in _layouts(tensors).values())
 
 
 # ---- encoding ---------------------------------------------------------------------------------
@@ -123,39 +156,44 @@ def encode_frames(
     then each tensor's header and chunks of at most `chunk_bytes` raw little-endian bytes.
 
     Checks every tensor before returning, so that a bad input fails before anything is sent;
-    bytes are read lazily, one tensor at a time, as the caller pulls frames. Chunks are views of
-    the tensors' own memory (on a little-endian host): the tensors must not change until the
-    frames have been serialised.
+    bytes are read lazily, one tensor at a time, as the caller pulls frames (a `BuiltOnRead`
+    tensor is made only then). Chunks are views of the tensors' own memory (on a little-endian
+    host): the tensors must not change until the frames have been serialised.
     """
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
-    items = list(tensors.items())
-    for name, tensor in items:
-        _check_outgoing(name, tensor)
+    layouts = _layouts(tensors)
+    for name, (dtype, shape) in layouts.items():
+        _check_outgoing(name, dtype, len(shape))
     start = peer_pb2.StreamHeader()
     start.CopyFrom(header)
-    start.tensors = len(items)
+    start.tensors = len(layouts)
     start.total_bytes = payload_bytes(tensors)
-    return _generate_frames(start, items, chunk_bytes)
+    return _generate_frames(start, tensors, chunk_bytes)
 
 
-def _check_outgoing(name: str, tensor: torch.Tensor) -> None:
+def _check_outgoing(name: str, dtype: torch.dtype, dims: int) -> None:
     # The same rules the decoder applies, so a local encode never builds a stream peers refuse.
     if not 1 <= len(name) <= MAX_NAME_CHARS:
         raise ValueError(f"tensor name must have 1 to {MAX_NAME_CHARS} chars: {name!r}")
-    if tensor.dtype not in _WIRE_NAMES:
-        raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}, not one of {_dtype_list()}")
-    if tensor.dim() > MAX_DIMS:
-        raise ValueError(f"tensor {name!r} has {tensor.dim()} dims, at most {MAX_DIMS} allowed")
+    if dtype not in _WIRE_NAMES:
+        raise ValueError(f"tensor {name!r} has dtype {dtype}, not one of {_dtype_list()}")
+    if dims > MAX_DIMS:
+        raise ValueError(f"tensor {name!r} has {dims} dims, at most {MAX_DIMS} allowed")
 
 
 def _generate_frames(
     start: peer_pb2.StreamHeader,
-    items: list[tuple[str, torch.Tensor]],
+    tensors: Mapping[str, torch.Tensor],
     chunk_bytes: int,
 ) -> Iterator[Frame]:
     yield peer_pb2.SliceFrame(start=start)
-    for name, tensor in items:
+    layouts = _layouts(tensors)
+    for name, layout in layouts.items():
+        tensor = tensors[name]
+        if (tensor.dtype, tuple(tensor.shape)) != layout:
+            raise ValueError(f"tensor {name!r} was announced as {layout}, made as "
+                             f"{(tensor.dtype, tuple(tensor.shape))}")
         raw = memoryview(_wire_bytes(tensor))
         yield peer_pb2.SliceFrame(
             tensor=peer_pb2.TensorHeader(
@@ -267,6 +305,7 @@ class StreamDecoder:
         self._announced_bytes = 0  # sum of nbytes over the tensor headers so far
         self._error: WireError | None = None
         self._finished = False
+        self._opened = False  # tensor_spec took the header: `close` owes a stream_ended
 
     def feed(self, frame: Frame) -> None:
         """Checks one frame and copies its bytes into place; raises WireError on the first fault."""
@@ -287,6 +326,14 @@ class StreamDecoder:
             raise
         self._finished = True
         return decoded
+
+    def close(self) -> None:
+        """The stream is over, whatever its fate (call it in a `finally`): the expectation's
+        `stream_ended` hears of a stream its `tensor_spec` took. Later calls do nothing."""
+        if self._opened and self._expectation.stream_ended is not None:
+            assert self._header is not None  # set before tensor_spec took it
+            self._expectation.stream_ended(self._header)
+        self._opened = False
 
     def _check_usable(self) -> None:
         if self._finished:
@@ -346,8 +393,11 @@ class StreamDecoder:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"header announces {header.total_bytes} bytes, limit is {limits.max_total_bytes}",
             )
+        self._header = peer_pb2.StreamHeader()
+        self._header.CopyFrom(header)
         if expected.tensor_spec is not None:
             spec = dict(expected.tensor_spec(header))
+            self._opened = True
             if len(spec) != header.tensors:
                 raise WireError(
                     grpc.StatusCode.INVALID_ARGUMENT,
@@ -360,8 +410,6 @@ class StreamDecoder:
                     f"header announces {header.total_bytes} bytes, the plan expects {spec_bytes}",
                 )
             self._spec = spec
-        self._header = peer_pb2.StreamHeader()
-        self._header.CopyFrom(header)
 
     def _begin_tensor(self, tensor_header: peer_pb2.TensorHeader) -> None:
         header = self._header

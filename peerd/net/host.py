@@ -47,7 +47,7 @@ class DaemonHost:
         self.driver = driver
         self.slices = slices
         self.expectation = Expectation(PROTOCOL_VERSION, cluster, fingerprint,
-                                       slices.expected_tensors)
+                                       slices.expected_tensors, slices.stream_ended)
 
     def hello(self) -> peer_pb2.Hello:
         return self.membership.hello(PROTOCOL_VERSION, self.cluster, self.fingerprint,

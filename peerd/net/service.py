@@ -177,6 +177,8 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             self.host.accept_slice(decoded)
         except WireError as error:
             await self._refuse(context, "PushSlices", error)
+        finally:
+            decoder.close()
         return peer_pb2.PushAck(bytes_received=decoded.payload_bytes)
 
     async def Pull(

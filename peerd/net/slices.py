@@ -4,8 +4,8 @@ Sending: one PushSlices stream per neighbour, retried while the receiver cannot 
 Receiving: a stream header is checked against the round driver's plans before any value is
 read (`expected_tensors`), the decoder checks every value off the event loop (shape, dtype,
 finiteness), and the slice goes to the driver's inbox as checked. Serving pulls: the driver's
-snapshots. Joining: the members' parameters after the round before the join, pulled and
-assembled.
+snapshots (this peer's slices), rebuilt one parameter at a time as the stream goes.
+Joining: the members' parameters after the round before the join, pulled and assembled.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
+from functools import partial
 
 import grpc
 import torch
@@ -22,12 +23,12 @@ import torch
 from peerd.algorithm.aggregate import assemble
 from peerd.algorithm.driver import RoundDriver, SliceRefused
 from peerd.algorithm.engine import RoundContext
-from peerd.algorithm.submodel import Params, copy_into
+from peerd.algorithm.submodel import Params, copy_into, with_slice
 from peerd.algorithm.transport import SliceMessage
 from peerd.models.base import Plan
 from peerd.net import PROTOCOL_VERSION
 from peerd.net.client import PeerClients
-from peerd.net.codec import DecodedStream, Expectation, WireError
+from peerd.net.codec import BuiltOnRead, DecodedStream, Expectation, WireError
 from peerd.net.membership import Membership, View
 from peerd.v1 import peer_pb2
 
@@ -41,6 +42,7 @@ RETRIED_PUSH_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INT
                                 grpc.StatusCode.UNKNOWN})
 REFUSAL_CODES = {
     "later": grpc.StatusCode.UNAVAILABLE,  # the sender retries
+    "receiving": grpc.StatusCode.UNAVAILABLE,  # likewise: the twin stream may be cut
     "stale": grpc.StatusCode.FAILED_PRECONDITION,
     "stranger": grpc.StatusCode.PERMISSION_DENIED,
     "duplicate": grpc.StatusCode.ALREADY_EXISTS,
@@ -143,7 +145,13 @@ class GrpcSlices:
                             f"message from {header.sender}: weight {header.weight} invalid")
         counts = self.driver.expected_counts(ctx, header.sender)
         wire_dtype = self.driver.engine.wire_dtype
+        # Last: from here the stream holds its slot in the inbox until `stream_ended`.
+        self.driver.begin_receiving(header.round, header.sender)
         return {name: (wire_dtype, (count,)) for name, count in counts.items()}
+
+    def stream_ended(self, header: peer_pb2.StreamHeader) -> None:
+        """A stream `expected_tensors` took is over (accepted or not): its slot is free."""
+        self.driver.end_receiving(header.round, header.sender)
 
     def accept(self, decoded: DecodedStream) -> None:
         """A stream the decoder checked against `expected_tensors`: into the driver's inbox."""
@@ -174,11 +182,18 @@ class GrpcSlices:
         if rounds not in snapshots:
             raise WireError(grpc.StatusCode.NOT_FOUND,
                             f"no snapshot after {rounds} rounds; kept: {sorted(snapshots)}")
-        params, plan = snapshots[rounds]
+        snapshot = snapshots[rounds]
         view = self.membership.view
+        engine = self.driver.engine
         header = self._header(request.requester, rounds, view.view_id if view else "",
-                              self.driver.engine.weight, plan)
-        return header, params
+                              engine.weight, snapshot.plan)
+        # Each parameter is rebuilt as the stream reaches it (on the encoder's thread): the
+        # snapshot's slice over this peer's current values. Assembly reads a peer's values
+        # only where its plan held the entry, except for entries no member held that round,
+        # which take the mean over members of what each holds when the pull is served.
+        layouts = {name: (t.dtype, tuple(t.shape)) for name, t in engine.params.items()}
+        return header, BuiltOnRead(layouts, partial(
+            with_slice, engine.spec, engine.params, snapshot.plan, snapshot.sliced))
 
     async def join(self, round_index: int, running: View, dead_after_s: float) -> None:
         """A joiner starts round `round_index` from the members' parameters after the round

@@ -67,8 +67,12 @@ class Exporter:
         self.checkpoint_failures = Counter(
             "peerd_checkpoint_failures", "Checkpoints that could not be written (I/O errors)",
             registry=registry)
+        self.rss_peak = Gauge(
+            "peerd_rss_peak_bytes",
+            "Peak resident memory of the daemon process (VmHWM) at the end of the last round",
+            registry=registry)
         # NaN until the first round: a 0 loss would read as a perfect model, not a missing one.
-        for gauge in (self.train_loss, self.local_accuracy, self.local_loss):
+        for gauge in (self.train_loss, self.local_accuracy, self.local_loss, self.rss_peak):
             gauge.set(float("nan"))
         info = Info("peerd_peer", "Identity of this peer", registry=registry)
         info.info({"peer_id": peer_id, "cluster": cluster, "model_fingerprint": fingerprint,
@@ -100,6 +104,7 @@ class Exporter:
         self.local_loss.set(record["local_loss"])
         self.members.set(record["members"])
         self.round_duration.observe(record["round_s"])
+        self.rss_peak.set(record["rss_peak_bytes"])
 
     def observe_rejected(self, rpc: str, code: str) -> None:
         self.rejected.labels(rpc=rpc, code=code).inc()
