@@ -16,7 +16,7 @@ import torch
 from daemons import ClusterCa, kill_all, start_loopback_daemons, wait_all
 
 from peerd.algorithm.aggregate import exchange_count
-from peerd.algorithm.plan import Member, make_planner
+from peerd.algorithm.plan import Member, planner_for
 from peerd.config import DaemonConfig
 from peerd.net import PROTOCOL_VERSION
 from peerd.net.client import PeerClients
@@ -42,7 +42,7 @@ def _slice(round_index: int, members: list[Member], sender: str, receiver: str
     config = DaemonConfig()
     task = get_task(TASK)
     spec = task.model(task.load_data(None))
-    planner = make_planner(config.method, config.seed, config.overlap, config.drift_period)
+    planner = planner_for(config)
     now = planner.plan(round_index, members, spec.groups)
     following = planner.plan(round_index + 1, members, spec.groups)
     shapes = {name: p.shape for name, p in spec.build(
