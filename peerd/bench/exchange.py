@@ -23,11 +23,13 @@ import contextlib
 import math
 import socket
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import grpc
 import torch
@@ -365,9 +367,32 @@ def add_exchange_parser(subparsers: argparse._SubParsersAction) -> None:
     exchange.add_argument("--repeat", type=positive_int, default=5,
                           help="timed steps; the median is reported (default: %(default)s)")
     exchange.add_argument("--json", action="store_true", help="print one JSON object")
+    exchange.add_argument("--against-hivemind", action="store_true",
+                          help="also run hivemind 1.1.12's DecentralizedAverager on the same "
+                               "tensors (in its own virtual environment, made on first use) "
+                               "and print both")
+    exchange.add_argument("--also-peers", type=positive_int, nargs="*", default=[],
+                          help="with --against-hivemind: more peer counts to run")
+    exchange.add_argument("--also-mib", type=positive_int, nargs="*", default=[],
+                          help="with --against-hivemind: more model sizes to run")
+    exchange.add_argument("--hivemind-venv", type=Path, default=None,
+                          help="where hivemind's virtual environment lives "
+                               "(default: ~/.cache/peerd/hivemind-1.1.12)")
     exchange.set_defaults(func=run_exchange_command)
 
 
 def run_exchange_command(args: argparse.Namespace) -> int:
+    if args.against_hivemind:
+        from peerd.bench.anchor import DEFAULT_VENV, run_anchor
+
+        peer_counts = [args.peers, *args.also_peers]
+        mibs = [args.mib, *args.also_mib]
+        venv_dir = args.hivemind_venv or DEFAULT_VENV
+        return print_result("exchange", lambda: run_anchor(peer_counts, mibs, args.repeat,
+                                                           venv_dir), args.json)
+    if args.also_peers or args.also_mib or args.hivemind_venv:
+        print("peerd bench exchange: --also-peers, --also-mib and --hivemind-venv need "
+              "--against-hivemind", file=sys.stderr)
+        return 2
     return print_result("exchange", lambda: run_exchange(args.peers, args.mib, args.repeat),
                         args.json)
