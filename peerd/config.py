@@ -125,6 +125,8 @@ class SimConfig:
     learned_width: bool = False
     width_epochs: int = 10
     width_penalty: float = 0.1
+    # Entries three or more peers hold go by reduce-scatter (peerd/algorithm/reduce.py).
+    reduce_scatter: bool = False
 
     def __post_init__(self) -> None:
         _require(self.peers >= 1, "peers", self.peers, ">= 1")
