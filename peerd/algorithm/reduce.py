@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 
-from peerd.algorithm.aggregate import exchange_mask
+from peerd.algorithm.aggregate import exchange_count, exchange_mask, holds_all
 from peerd.algorithm.engine import LateSlice
 from peerd.algorithm.numerics import all_finite
 from peerd.algorithm.submodel import Params, entry_mask
@@ -64,6 +64,12 @@ MAX_MEMBERS = 62
 WAIT_POLL_S = 0.05
 
 PartKind = Literal["values", "mean"]
+# Flat entry indices; a slice where a run is contiguous (every entry held by every member).
+Entries = torch.Tensor | slice
+
+
+def entry_count(entries: Entries) -> int:
+    return entries.stop - entries.start if isinstance(entries, slice) else entries.numel()
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,7 @@ class Part:
     name: str
     owner: str
     holders: tuple[str, ...]  # in id order: the order of the mean's sums
-    entries: torch.Tensor  # flat (row-major) indices into the parameter
+    entries: Entries  # flat (row-major) indices into the parameter
     # Who gets the mean (all but the owner) -> which of the part's entries: None for all of them.
     targets: dict[str, torch.Tensor | None]
 
@@ -92,14 +98,14 @@ class PartPlan:
         counts = {name: 0 for name in self.reduced}
         for part in self.owned_by(owner):
             if sender in part.holders and sender != owner:
-                counts[part.name] += part.entries.numel()
+                counts[part.name] += entry_count(part.entries)
         return counts
 
     def mean_count(self, owner: str, target: str) -> dict[str, int]:
         counts = {name: 0 for name in self.reduced}
         for part in self.owned_by(owner):
             if target in part.targets:
-                counts[part.name] += _entries_for(part, target).numel()
+                counts[part.name] += entry_count(_entries_for(part, target))
         return counts
 
     def peers_to_hear(self, peer_id: str, kind: PartKind) -> set[str]:
@@ -118,6 +124,14 @@ def plan_parts(spec: ModelSpec, params: Params, ctx: RoundContext,
     for name, tensor in params.items():
         reduced[name] = torch.zeros(tensor.numel(), dtype=torch.bool)
         if not fully_connected or len(ids) < MIN_HOLDERS or len(ids) > MAX_MEMBERS:
+            continue
+        if all(holds_all(spec, ctx.plans_now[peer], name, tensor.shape) for peer in ids):
+            # Every member holds every entry (mu = 1): contiguous runs, no masks at all.
+            reduced[name][:] = True
+            bounds = [tensor.numel() * position // len(ids) for position in range(len(ids) + 1)]
+            parts += [Part(name, owner, tuple(ids), slice(bounds[i], bounds[i + 1]),
+                           {peer: None for peer in ids if peer != owner})
+                      for i, owner in enumerate(ids)]
             continue
         now = [_held(spec, ctx.plans_now[peer], name, tensor.shape) for peer in ids]
         later = [_held(spec, ctx.plans_next[peer], name, tensor.shape) for peer in ids]
@@ -192,10 +206,10 @@ def reduce_owned(plan: PartPlan, params: Params, owner: str, own_weight: float,
             else:
                 message = received.get(holder)
                 start = offsets.get((holder, part.name), 0)
-                offsets[(holder, part.name)] = start + part.entries.numel()
+                offsets[(holder, part.name)] = start + entry_count(part.entries)
                 if message is None:
                     continue
-                values = message.values[part.name][start:start + part.entries.numel()]
+                values = message.values[part.name][start:start + entry_count(part.entries)]
                 values, weight = values.to(own.dtype), message.weight
             if total is None or weight_sum is None:
                 total = values * weight
@@ -221,7 +235,7 @@ def mean_for(plan: PartPlan, means: Mapping[int, torch.Tensor], params: Params, 
     return _joined(pieces, params, wire_dtype)
 
 
-def _entries_for(part: Part, peer_id: str) -> torch.Tensor:
+def _entries_for(part: Part, peer_id: str) -> Entries:
     """The entries of a part whose mean `peer_id` gets (a target of it)."""
     selected = part.targets[peer_id]
     return part.entries if selected is None else part.entries[selected]
@@ -252,10 +266,10 @@ def apply_means(plan: PartPlan, params: Params, peer_id: str,
             continue
         entries = _entries_for(part, peer_id)
         start = offsets.get((part.owner, part.name), 0)
-        offsets[(part.owner, part.name)] = start + entries.numel()
+        offsets[(part.owner, part.name)] = start + entry_count(entries)
         message = received.get(part.owner)
         if message is not None:
-            flat[entries] = message.values[part.name][start:start + entries.numel()].to(
+            flat[entries] = message.values[part.name][start:start + entry_count(entries)].to(
                 flat.dtype)
         else:
             flat[entries] = kept[position]
@@ -274,7 +288,9 @@ def trim(spec: ModelSpec, plan: PartPlan, ctx: RoundContext, message: SliceMessa
     """A direct message without the entries the parts carry."""
     values = {}
     for name, flat in message.values.items():
-        if bool(plan.reduced[name].any()):
+        if bool(plan.reduced[name].all()):
+            flat = flat[:0]
+        elif bool(plan.reduced[name].any()):
             keep = direct_keep(spec, plan, ctx, message.sender, message.receiver, name,
                                params[name].shape)
             flat = flat[keep]
@@ -289,7 +305,12 @@ def expand(spec: ModelSpec, plan: PartPlan, ctx: RoundContext, message: SliceMes
     and `apply_means` overwrites the zero-filled ones."""
     values = {}
     for name, flat in message.values.items():
-        if bool(plan.reduced[name].any()):
+        if bool(plan.reduced[name].all()):
+            flat = torch.zeros(exchange_count(
+                spec, name, params[name].shape, ctx.plans_now[message.sender],
+                ctx.plans_now[message.receiver], ctx.plans_next[message.receiver]),
+                dtype=flat.dtype)
+        elif bool(plan.reduced[name].any()):
             keep = direct_keep(spec, plan, ctx, message.sender, message.receiver, name,
                                params[name].shape)
             full = torch.zeros(keep.numel(), dtype=flat.dtype)
@@ -302,8 +323,9 @@ def expand(spec: ModelSpec, plan: PartPlan, ctx: RoundContext, message: SliceMes
 def direct_counts(spec: ModelSpec, plan: PartPlan, ctx: RoundContext, sender: str,
                   receiver: str, params: Params, counts: dict[str, int]) -> dict[str, int]:
     """`Engine.expected_counts` less the reduced entries."""
-    return {name: (int(direct_keep(spec, plan, ctx, sender, receiver, name,
-                                   params[name].shape).sum())
+    return {name: (0 if bool(plan.reduced[name].all())
+                   else int(direct_keep(spec, plan, ctx, sender, receiver, name,
+                                        params[name].shape).sum())
                    if bool(plan.reduced[name].any()) else count)
             for name, count in counts.items()}
 
@@ -413,30 +435,39 @@ class PartExchange:
 
     # ---- receiving ---------------------------------------------------------------------------
 
-    def accept_part(self, part: PartMessage, payload_bytes: int) -> None:
-        """Take an arrived part message, or PartRefused naming what does not fit."""
-        message = part.message
-        if message.round_index <= self._applied_up_to:
-            raise PartRefused(f"{part.kind} of round {message.round_index} from "
-                              f"{message.sender} came after that round's merge")
-        if message.round_index not in self._rounds:
-            self.plan(self.context(message.round_index))
-        state = self._rounds[message.round_index]
-        if part.kind in state.closed:
-            raise PartRefused(f"{part.kind} of round {message.round_index} from "
-                              f"{message.sender}: that round's parts are not open here")
+    def expected_part(self, kind: PartKind, round_index: int, sender: str,
+                      receiver: str) -> dict[str, int]:
+        """How many values of each parameter a part message must carry, from its header alone;
+        PartRefused when this peer does not take it."""
+        if kind not in ("values", "mean"):
+            raise PartRefused(f"part kind {kind!r} from {sender} is neither values nor mean")
+        if round_index <= self._applied_up_to:
+            raise PartRefused(f"{kind} of round {round_index} from {sender} came after that "
+                              f"round's merge")
+        if round_index not in self._rounds:
+            self.plan(self.context(round_index))
+        state = self._rounds[round_index]
+        if kind in state.closed:
+            raise PartRefused(f"{kind} of round {round_index} from {sender}: that round's "
+                              f"parts are closed here")
         plan = state.plan
-        if message.receiver != self.peer_id or message.sender not in plan.peers_to_hear(
-                self.peer_id, part.kind):
-            raise PartRefused(f"{message.sender} sends {self.peer_id} no {part.kind} in round "
-                              f"{message.round_index}")
+        if receiver != self.peer_id or sender not in plan.peers_to_hear(self.peer_id, kind):
+            raise PartRefused(f"{sender} sends {self.peer_id} no {kind} in round {round_index}")
+        if sender in (state.values if kind == "values" else state.means):
+            raise PartRefused(f"{kind} of round {round_index} from {sender} already arrived")
+        return (plan.values_count(sender, self.peer_id) if kind == "values"
+                else plan.mean_count(sender, self.peer_id))
+
+    def accept_part(self, part: PartMessage, payload_bytes: int, checked: bool = False) -> None:
+        """Take an arrived part message, or PartRefused naming what does not fit. `checked`:
+        the transport's decoder already checked every value against `expected_part`."""
+        message = part.message
+        expected = self.expected_part(part.kind, message.round_index, message.sender,
+                                      message.receiver)
+        if not checked:
+            _check_values(message, expected, self.engine.wire_dtype)
+        state = self._rounds[message.round_index]
         inbox = state.values if part.kind == "values" else state.means
-        if message.sender in inbox:
-            raise PartRefused(f"{part.kind} of round {message.round_index} from "
-                              f"{message.sender} already arrived")
-        expected = (plan.values_count(message.sender, self.peer_id) if part.kind == "values"
-                    else plan.mean_count(message.sender, self.peer_id))
-        _check_values(message, expected, self.engine.wire_dtype)
         inbox[message.sender] = message
         self.bytes_received += payload_bytes
         self._arrived.set()

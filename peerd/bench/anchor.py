@@ -129,4 +129,6 @@ def run_anchor(peer_counts: list[int], mibs: list[int], repeats: int,
             timeout_s = 60.0 + peerd.payload_bytes * peers / MIB / 2.0
             rows.append(AnchorRow(mib, peerd, run_hivemind(python, peers, mib, repeats,
                                                             timeout_s)))
+            # Each row as it is done (a long grid may be cut short).
+            print(AnchorResult((rows[-1],)).describe(), file=sys.stderr, flush=True)
     return AnchorResult(tuple(rows))
