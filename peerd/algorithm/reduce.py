@@ -500,12 +500,13 @@ class PartExchange:
         plan, engine = self.plan(ctx), self.engine
         owners = sorted({part.owner for part in plan.parts
                          if self.peer_id in part.holders and part.owner != self.peer_id})
+        sends = []
         for owner in owners:
             values = await self.offload(values_for, plan, engine.params, self.peer_id, owner,
                                         engine.wire_dtype)
             message = SliceMessage(self.peer_id, owner, ctx.round_index, engine.weight, values)
-            self.bytes_sent += await self.transport.push_part(ctx, PartMessage("values",
-                                                                               message))
+            sends.append(self.transport.push_part(ctx, PartMessage("values", message)))
+        self.bytes_sent += sum(await asyncio.gather(*sends))
 
     async def finish(self, ctx: RoundContext) -> None:
         """After the direct slices are in: average this peer's parts, send the means, wait for

@@ -118,13 +118,13 @@ class AnchorResult:
 
 
 def run_anchor(peer_counts: list[int], mibs: list[int], repeats: int,
-               venv_dir: Path = DEFAULT_VENV) -> AnchorResult:
+               venv_dir: Path = DEFAULT_VENV, reduce_scatter: bool = False) -> AnchorResult:
     """For every (peers, MiB): peerd's exchange step, then hivemind's all-reduce step."""
     python = hivemind_python(venv_dir)
     rows = []
     for peers in peer_counts:
         for mib in mibs:
-            peerd = run_exchange(peers, mib, repeats)
+            peerd = run_exchange(peers, mib, repeats, reduce_scatter)
             # The same bound on a step as peerd's bench uses: none slower than 2 MiB/s.
             timeout_s = 60.0 + peerd.payload_bytes * peers / MIB / 2.0
             rows.append(AnchorRow(mib, peerd, run_hivemind(python, peers, mib, repeats,
