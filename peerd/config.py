@@ -334,6 +334,10 @@ class DaemonConfig:
         0.5, "semi-async: a slice s rounds late is merged with weight (1 + s)^-a, a being this")
     max_staleness: int = option(
         4, "semi-async: a slice more than this many rounds late is dropped, never merged")
+    reduce_scatter: bool = option(
+        False, "entries three or more members hold are averaged once, by reduce-scatter and "
+        "all-gather over their holders (fully connected topology), instead of every holder "
+        "sending every other its values; the same on every member")
     slowdown: float = option(
         1.0, "for tests and benchmarks: local training takes this many times as long (the "
         "daemon sleeps after training); leave at 1")
