@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from pathlib import Path
 
 import torch
+from daemons import ClusterCa, kill_all, start_loopback_daemons, wait_all
+from safetensors.torch import load_file
 
 from peerd.algorithm.driver import RoundDriver, RoundRules
 from peerd.algorithm.reduce import MIN_HOLDERS, plan_parts
@@ -126,3 +129,26 @@ def test_semi_async_a_late_owner_leaves_its_parts_at_each_holders_value() -> Non
                            * d.engine.weight for d in fast)
             mean = weighted / sum(d.engine.weight for d in fast)
             assert torch.allclose(now, mean, rtol=1e-5, atol=1e-6)
+
+
+def test_sync_daemons_with_reduce_scatter_equal_the_simulator(tmp_path: Path,
+                                                               cluster_ca: ClusterCa) -> None:
+    # Part messages over real gRPC with mutual TLS: the values to the owners, their means back.
+    daemons = start_loopback_daemons(tmp_path, 4, ["--rounds", "2", "--topology", "full",
+                                                   "--sync", "--mu", "0.5", "--reduce-scatter"],
+                                     cluster_ca)
+    try:
+        assert wait_all(daemons) == [0, 0, 0, 0], [d.output() for d in daemons]
+    finally:
+        kill_all(daemons)
+    torch.set_num_threads(1)  # the daemons train with one thread each
+    config = SimConfig(peers=4, rounds=2, topology="full", mu=(0.5,), out="unused",
+                       reduce_scatter=True)
+    sim = build(config)
+    for round_index in range(config.rounds):
+        run_round(sim, round_index)
+    for daemon, engine in zip(daemons, sim.engines, strict=True):
+        saved = load_file(daemon.state_dir / "params.safetensors")
+        differing = [name for name, tensor in engine.params.items()
+                     if not torch.equal(saved[name], tensor)]
+        assert not differing, (daemon.peer_id, differing)
