@@ -103,17 +103,22 @@ class AnchorResult:
                  "peerd_tcp_floor_s": round(row.peerd.tcp_floor_s, 4),
                  "hivemind_step_s": round(row.hivemind.median_step_s, 4),
                  "peerd_over_hivemind": round(row.ratio, 4),
+                 "reduce_scatter": row.peerd.reduce_scatter,
+                 "socket_bytes_over_floor": round(row.peerd.max_socket_ratio, 4),
                  "peerd_runs": [round(s, 4) for s in row.peerd.step_seconds],
                  "hivemind_runs": [round(s, 4) for s in row.hivemind.step_seconds]}
                 for row in self.rows]
 
     def describe(self) -> str:
-        lines = [f"{'peers':>5} {'MiB':>6} {'peerd s':>8} {'hivemind s':>10} "
-                 f"{'peerd/hivemind':>14} {'raw TCP all-to-all s':>20}"]
+        lines = [f"{'peers':>5} {'MiB':>6} {'peerd':>15} {'peerd s':>8} {'hivemind s':>10} "
+                 f"{'peerd/hivemind':>14} {'raw TCP all-to-all s':>20} "
+                 f"{'socket in / 2(N-1)/N model':>26}"]
         for row in self.rows:
+            exchange = "reduce-scatter" if row.peerd.reduce_scatter else "direct"
             lines.append(f"{row.peerd.peers:>5} {row.peerd.payload_bytes / MIB:>6.1f} "
-                         f"{row.peerd.median_round_s:>8.3f} {row.hivemind.median_step_s:>10.3f} "
-                         f"{row.ratio:>14.3f} {row.peerd.tcp_floor_s:>20.3f}")
+                         f"{exchange:>15} {row.peerd.median_round_s:>8.3f} "
+                         f"{row.hivemind.median_step_s:>10.3f} {row.ratio:>14.3f} "
+                         f"{row.peerd.tcp_floor_s:>20.3f} {row.peerd.max_socket_ratio:>26.3f}")
         return "\n".join(lines)
 
 
