@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,3 +72,28 @@ def test_mean_check_catches_a_peer_that_did_not_merge() -> None:
     engines[0].merge(contexts[0], [messages[1]])
     _check_mean(engines[0], spec, 2)
     assert all(torch.isfinite(t).all() for t in engines[0].params.values())
+
+
+def test_anchor_options_need_against_hivemind() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "peerd.cli", "bench", "exchange", "--also-mib", "16"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 2
+    assert "need --against-hivemind" in result.stderr
+
+
+@pytest.mark.slow
+def test_against_hivemind_prints_both_in_one_run(tmp_path: Path) -> None:
+    # Installs hivemind 1.1.12 from PyPI into a fresh virtual environment (about a minute).
+    result = subprocess.run(
+        [sys.executable, "-m", "peerd.cli", "bench", "exchange", "--against-hivemind",
+         "--peers", "3", "--mib", "1", "--repeat", "1", "--reduce-scatter", "--json",
+         "--hivemind-venv", str(tmp_path / "hivemind")],
+        capture_output=True, text=True, timeout=1800, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads(result.stdout)
+    assert row["peers"] == 3 and row["reduce_scatter"] is True
+    assert row["peerd_step_s"] > 0 and row["hivemind_step_s"] > 0
+    assert row["socket_bytes_over_floor"] <= 1.05
