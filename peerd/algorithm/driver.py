@@ -268,6 +268,9 @@ class RoundDriver:
         staleness = await self.offload(self.engine.merge_checked, ctx, on_time, late)
         if self.parts is not None:
             await self.parts.apply(ctx)
+            sent, received = self.parts.drain_counts()
+            self.bytes_sent, self.bytes_received = (self.bytes_sent + sent,
+                                                    self.bytes_received + received)
         self.last_loss = stats.loss
         self.rounds_done += 1
         if self.snapshots_kept:

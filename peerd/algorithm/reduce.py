@@ -500,13 +500,19 @@ class PartExchange:
         plan, engine = self.plan(ctx), self.engine
         owners = sorted({part.owner for part in plan.parts
                          if self.peer_id in part.holders and part.owner != self.peer_id})
-        sends = []
+        messages = []
         for owner in owners:
             values = await self.offload(values_for, plan, engine.params, self.peer_id, owner,
                                         engine.wire_dtype)
-            message = SliceMessage(self.peer_id, owner, ctx.round_index, engine.weight, values)
-            sends.append(self.transport.push_part(ctx, PartMessage("values", message)))
-        self.bytes_sent += sum(await asyncio.gather(*sends))
+            messages.append(SliceMessage(self.peer_id, owner, ctx.round_index, engine.weight,
+                                         values))
+        await self._push_all(ctx, "values", messages)
+
+    async def _push_all(self, ctx: RoundContext, kind: PartKind,
+                        messages: Sequence[SliceMessage]) -> None:
+        acknowledged = await asyncio.gather(*(
+            self.transport.push_part(ctx, PartMessage(kind, message)) for message in messages))
+        self.bytes_sent += sum(acknowledged)
 
     async def finish(self, ctx: RoundContext) -> None:
         """After the direct slices are in: average this peer's parts, send the means, wait for
@@ -520,19 +526,25 @@ class PartExchange:
         state.values.clear()
         state.own_means = means
         targets = sorted({t for part in plan.owned_by(self.peer_id) for t in part.targets})
-        sends = []
+        messages = []
         for target in targets:
             values = await self.offload(mean_for, plan, means, engine.params, self.peer_id,
                                         target, engine.wire_dtype)
-            message = SliceMessage(self.peer_id, target, ctx.round_index, engine.weight, values)
-            sends.append(self.transport.push_part(ctx, PartMessage("mean", message)))
-        self.bytes_sent += sum(await asyncio.gather(*sends))
+            messages.append(SliceMessage(self.peer_id, target, ctx.round_index, engine.weight,
+                                         values))
+        await self._push_all(ctx, "mean", messages)
         await self._wait(ctx, "mean", time.monotonic())
         missing = {part.owner for part in plan.parts if self.peer_id in part.targets} - set(
             state.means)
         if missing:
             state.kept = await self.offload(kept_values, plan, engine.params, self.peer_id,
                                             missing)
+
+    def drain_counts(self) -> tuple[int, int]:
+        """Payload bytes of part messages sent and received since the last call."""
+        counts = (self.bytes_sent, self.bytes_received)
+        self.bytes_sent = self.bytes_received = 0
+        return counts
 
     async def apply(self, ctx: RoundContext) -> None:
         state = self._rounds[ctx.round_index]
