@@ -191,13 +191,14 @@ class RoundDriver:
         per (round, sender)."""
         known = self._rounds.get(ctx.round_index)
         if known is None or known.ctx is not ctx:
-            return self.engine.expected_counts(ctx, sender)
+            return self._direct_counts(ctx, sender)
         if sender not in known.counts:
-            known.counts[sender] = self.engine.expected_counts(ctx, sender)
-            if self.parts is not None:
-                known.counts[sender] = self.parts.direct_counts(ctx, sender,
-                                                                known.counts[sender])
+            known.counts[sender] = self._direct_counts(ctx, sender)
         return known.counts[sender]
+
+    def _direct_counts(self, ctx: RoundContext, sender: str) -> dict[str, int]:
+        counts = self.engine.expected_counts(ctx, sender)
+        return counts if self.parts is None else self.parts.direct_counts(ctx, sender, counts)
 
     def admit(self, round_index: int, sender: str) -> RoundContext:
         """The context a slice of `round_index` from `sender` is checked against, or

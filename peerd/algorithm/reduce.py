@@ -55,6 +55,7 @@ from peerd.models.base import ModelSpec, holds_param
 if TYPE_CHECKING:
     from peerd.algorithm.driver import RoundRules
     from peerd.algorithm.engine import Engine, RoundContext
+    from peerd.algorithm.plan import Member
 
 log = logging.getLogger("peerd.algorithm.reduce")
 
@@ -372,6 +373,7 @@ class PartRefused(Exception):
 
 @dataclass
 class _RoundParts:
+    members: tuple[Member, ...]  # the view the plan was made for
     plan: PartPlan
     values: dict[str, SliceMessage] = field(default_factory=dict)  # holder -> its values
     means: dict[str, SliceMessage] = field(default_factory=dict)  # owner -> its means
@@ -403,11 +405,13 @@ class PartExchange:
 
     def plan(self, ctx: RoundContext) -> PartPlan:
         known = self._rounds.get(ctx.round_index)
-        if known is None:
+        # A new view of the round (a member dropped meanwhile) plans again; what arrived for
+        # the old one does not fit the new parts.
+        if known is None or known.members != ctx.members:
             ids = [member.peer_id for member in ctx.members]
             fully_connected = all(
                 len(self.engine.topology.neighbours(ids, peer)) == len(ids) - 1 for peer in ids)
-            known = self._rounds[ctx.round_index] = _RoundParts(plan_parts(
+            known = self._rounds[ctx.round_index] = _RoundParts(ctx.members, plan_parts(
                 self.engine.spec, self.engine.params, ctx, fully_connected))
         return known.plan
 
@@ -444,8 +448,7 @@ class PartExchange:
         if round_index <= self._applied_up_to:
             raise PartRefused(f"{kind} of round {round_index} from {sender} came after that "
                               f"round's merge")
-        if round_index not in self._rounds:
-            self.plan(self.context(round_index))
+        self.plan(self.context(round_index))
         state = self._rounds[round_index]
         if kind in state.closed:
             raise PartRefused(f"{kind} of round {round_index} from {sender}: that round's "
