@@ -30,6 +30,7 @@ from peerd.agreement import agreed_settings, cluster_fingerprint, describe_setti
 from peerd.algorithm.driver import RoundDriver, RoundOutcome, RoundRules, round_record
 from peerd.algorithm.engine import RoundContext
 from peerd.algorithm.plan import encode_widths, width_group_names
+from peerd.algorithm.reduce import PartMessage
 from peerd.algorithm.submodel import copy_into, param_bytes
 from peerd.algorithm.transport import SliceMessage
 from peerd.allocator import keep_freed_memory
@@ -135,7 +136,7 @@ class Daemon:
             self.engine, self.roster, self, rules, self._offload, SNAPSHOTS_KEPT,
             evaluate_local=True, slowdown=config.slowdown,
             checkpoint=self._checkpoint if config.checkpoints_kept else None,
-            stopping=self._stopping,
+            stopping=self._stopping, reduce_parts=self if config.reduce_scatter else None,
             snapshot_budget_bytes=SNAPSHOT_BUDGET_FRACTION * param_bytes(self.engine.params))
         self.slices = GrpcSlices(self.driver, self.membership, self.clients, config.cluster,
                                  self.fingerprint)
@@ -172,6 +173,9 @@ class Daemon:
 
     async def push(self, ctx: RoundContext, message: SliceMessage) -> int:
         return await self.slices.push(ctx, message)
+
+    async def push_part(self, ctx: RoundContext, part: PartMessage) -> int:
+        return await self.slices.push_part(ctx, part)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 

@@ -64,9 +64,12 @@ def build(config: SimConfig, console: Console | None = None) -> Simulation:
     members = [peer.member for peer in peers]
     roster = StaticRoster(tuple(members))
     transport = InMemoryTransport()
-    drivers = [RoundDriver(peer.engine, roster, transport) for peer in peers]
+    parts = transport if config.reduce_scatter else None
+    drivers = [RoundDriver(peer.engine, roster, transport, reduce_parts=parts) for peer in peers]
     for driver in drivers:
         transport.connect(driver.peer_id, driver.accept)
+        if driver.parts is not None:
+            transport.connect_parts(driver.peer_id, driver.parts.accept_part)
     spec = peers[0].spec
     task = get_task(config.task)
     eval_samples = config.eval_samples if config.eval_samples is not None else task.eval_samples

@@ -132,7 +132,7 @@ def merge(
     for name, tensor in params.items():
         shape = tensor.shape
         held: torch.Tensor | None = None  # None: this peer holds every entry now
-        if _holds_all(spec, own_now, name, shape):
+        if holds_all(spec, own_now, name, shape):
             total = tensor * own_weight
             weight_sum = torch.tensor(own_weight, dtype=tensor.dtype)
         else:
@@ -178,7 +178,7 @@ def _late_entries(
     return usable, torch.where(usable, placed, torch.zeros_like(placed))
 
 
-def _holds_all(spec: ModelSpec, plan: Plan, name: str, shape: torch.Size) -> bool:
+def holds_all(spec: ModelSpec, plan: Plan, name: str, shape: torch.Size) -> bool:
     return holds_param(spec, plan, name) and all(
         mask is None or bool(mask.all()) for mask in axis_masks(spec, plan, name))
 

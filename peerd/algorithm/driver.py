@@ -31,6 +31,7 @@ from peerd.algorithm.deadline import ArrivalDelays
 from peerd.algorithm.engine import Engine, LateSlice, RoundContext, TrainStats
 from peerd.algorithm.evaluate import Evaluation
 from peerd.algorithm.plan import Member
+from peerd.algorithm.reduce import PartExchange, PartTransport
 from peerd.algorithm.submodel import Params, slice_params
 from peerd.algorithm.transport import SliceMessage, SliceTransport
 from peerd.checkpoints import view_entry
@@ -163,6 +164,7 @@ class RoundDriver:
         snapshots_kept: int = 0, evaluate_local: bool = False, slowdown: float = 1.0,
         checkpoint: Callable[[int, dict], float | None] | None = None,
         stopping: asyncio.Event | None = None, snapshot_budget_bytes: float = math.inf,
+        reduce_parts: PartTransport | None = None,
     ) -> None:
         """`snapshots_kept`: this peer's slices after that many recent rounds are kept for pulls,
         the oldest dropped beyond `snapshot_budget_bytes` (but never the last
@@ -170,7 +172,8 @@ class RoundDriver:
         `checkpoint(rounds, meta)` writes one after every round (worker) and returns seconds
         (None: it failed, and the next round writes the next one);
         `slowdown` > 1 makes local training take that many times as long (tests); `stopping`
-        set abandons the round in progress."""
+        set abandons the round in progress; `reduce_parts` carries the reduce-scatter of
+        entries three or more peers hold (peerd/algorithm/reduce.py; None: direct only)."""
         self.engine = engine
         self.peer_id = engine.peer_id
         self.roster = roster
@@ -201,6 +204,8 @@ class RoundDriver:
                                      rules.round_timeout_s)
         self._sends: set[asyncio.Task] = set()  # semi-async sends still under way
         self._arrived = asyncio.Event()
+        self.parts = (None if reduce_parts is None else PartExchange(
+            engine, reduce_parts, rules, self.context, offload, self.stopping))
 
     # ---- plans and what may arrive ---------------------------------------------------------
 
@@ -220,10 +225,14 @@ class RoundDriver:
         per (round, sender)."""
         known = self._rounds.get(ctx.round_index)
         if known is None or known.ctx is not ctx:
-            return self.engine.expected_counts(ctx, sender)
+            return self._direct_counts(ctx, sender)
         if sender not in known.counts:
-            known.counts[sender] = self.engine.expected_counts(ctx, sender)
+            known.counts[sender] = self._direct_counts(ctx, sender)
         return known.counts[sender]
+
+    def _direct_counts(self, ctx: RoundContext, sender: str) -> dict[str, int]:
+        counts = self.engine.expected_counts(ctx, sender)
+        return counts if self.parts is None else self.parts.direct_counts(ctx, sender, counts)
 
     def admit(self, round_index: int, sender: str, receiving: bool = False) -> RoundContext:
         """The context a slice of `round_index` from `sender` is checked against, or
@@ -303,6 +312,8 @@ class RoundDriver:
             # A device this many times slower at training, without using the CPU.
             await asyncio.sleep((self.slowdown - 1) * (time.monotonic() - started))
         outgoing = await self.offload(self.engine.outbox, ctx)
+        if self.parts is not None:
+            outgoing = await self.offload(self.parts.trim_outbox, ctx, outgoing)
         if self.rules.sync:
             await self._send_all(ctx, outgoing)
         else:
@@ -313,8 +324,17 @@ class RoundDriver:
         missing = await self.collect(ctx)
         if missing is None:
             return None
+        if self.parts is not None:
+            await self.parts.finish(ctx)
         on_time, late = self._take_slices(ctx)
+        if self.parts is not None:
+            on_time, late = await self.offload(self.parts.expand_all, ctx, on_time, late)
         staleness = await self.offload(self.engine.merge_checked, ctx, on_time, late)
+        if self.parts is not None:
+            await self.parts.apply(ctx)
+            sent, received = self.parts.drain_counts()
+            self.bytes_sent, self.bytes_received = (self.bytes_sent + sent,
+                                                    self.bytes_received + received)
         self.last_loss = stats.loss
         self.rounds_done += 1
         if self.snapshots_kept:
@@ -346,6 +366,8 @@ class RoundDriver:
         acknowledged = await asyncio.gather(*(self.transport.push(ctx, message)
                                               for message in outgoing))
         self.bytes_sent += sum(acknowledged)
+        if self.parts is not None:
+            await self.parts.send_values(ctx)
 
     async def collect(self, ctx: RoundContext) -> list[str] | None:
         """Wait for every neighbour's slice of this round, but not for neighbours being dropped

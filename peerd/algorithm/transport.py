@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 if TYPE_CHECKING:
     from peerd.algorithm.engine import RoundContext
+    from peerd.algorithm.reduce import PartMessage
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class InMemoryTransport:
         self.bytes_sent: Counter[str] = Counter()
         self.bytes_received: Counter[str] = Counter()
         self._receivers: dict[str, Accept] = {}
+        self._part_receivers: dict[str, Callable[[PartMessage, int], None]] = {}
 
     def connect(self, peer_id: str, accept: Accept) -> None:
         """Slices for `peer_id` go to `accept` (a round driver's inbox) instead of a mailbox."""
@@ -56,6 +58,25 @@ class InMemoryTransport:
     async def push(self, ctx: RoundContext, message: SliceMessage) -> int:
         self.send(message)
         return message.payload_bytes()
+
+    def connect_parts(self, peer_id: str, accept: Callable[[PartMessage, int], None]) -> None:
+        """Part messages for `peer_id` (peerd/algorithm/reduce.py) go to `accept`."""
+        self._part_receivers[peer_id] = accept
+
+    async def push_part(self, ctx: RoundContext, part: PartMessage) -> int:
+        message = part.message
+        copied = replace(part, message=replace(
+            message, values={name: value.clone() for name, value in message.values.items()}))
+        size = message.payload_bytes()
+        self.bytes_sent[message.sender] += size
+        self.bytes_received[message.receiver] += size
+        from peerd.algorithm.reduce import PartRefused
+
+        try:
+            self._part_receivers[message.receiver](copied, size)
+        except PartRefused:
+            return 0  # too late for the receiver's merge: dropped, as on the wire
+        return size
 
     def send(self, message: SliceMessage) -> None:
         # Copies, as a wire would: the receiver must never alias the sender's tensors.

@@ -23,17 +23,21 @@ import contextlib
 import math
 import socket
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import grpc
 import torch
 
+from peerd.algorithm.driver import RoundRules
 from peerd.algorithm.engine import Engine, RoundContext
 from peerd.algorithm.plan import Member, make_planner
+from peerd.algorithm.reduce import MIN_HOLDERS, PartExchange, PartMessage, PartRefused
 from peerd.algorithm.submodel import init_params
 from peerd.algorithm.topology import load_topology
 from peerd.algorithm.transport import SliceMessage
@@ -45,6 +49,7 @@ from peerd.bench.processes import (
     positive_int,
     print_result,
 )
+from peerd.bench.wire import CountingRelay
 from peerd.config import TrainConfig
 from peerd.data import Split
 from peerd.models.base import fingerprint
@@ -98,6 +103,13 @@ class _ExchangeHost:
         self.context: RoundContext | None = None
         self.inbox: dict[str, SliceMessage] = {}
         self.complete = asyncio.Event()
+        self.parts: PartExchange | None = None  # with --reduce-scatter
+
+    def context_of(self, round_index: int) -> RoundContext:
+        """The context of a round (a part message may come before this peer begins it)."""
+        if self.context is not None and self.context.round_index == round_index:
+            return self.context
+        return self.engine.begin_round(round_index, self.members)
 
     def begin(self, round_index: int) -> RoundContext:
         self.context = self.engine.begin_round(round_index, self.members)
@@ -106,6 +118,15 @@ class _ExchangeHost:
         return self.context
 
     def _expected(self, header: peer_pb2.StreamHeader) -> TensorSpec:
+        if header.part:
+            if self.parts is None:
+                raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "reduce-scatter is off here")
+            try:
+                counts = self.parts.expected_part(header.part, header.round, header.sender,
+                                                  header.receiver)
+            except PartRefused as refused:
+                raise WireError(grpc.StatusCode.FAILED_PRECONDITION, str(refused)) from None
+            return {name: (torch.float32, (count,)) for name, count in counts.items()}
         ctx = self.context
         if ctx is None or header.round != ctx.round_index:
             raise WireError(grpc.StatusCode.UNAVAILABLE, f"round {header.round} not started")
@@ -124,6 +145,13 @@ class _ExchangeHost:
 
     def accept_slice(self, decoded: DecodedStream) -> None:
         header = decoded.header
+        if header.part:
+            assert self.parts is not None  # _expected checked
+            message = SliceMessage(header.sender, header.receiver, header.round,
+                                   header.weight, decoded.tensors)
+            self.parts.accept_part(PartMessage(header.part, message), decoded.payload_bytes,
+                                   checked=True)
+            return
         assert self.context is not None  # _expected checked the round
         # The decoder checked every value against `_expected` off the loop: the one check, as
         # in the daemon (peerd/net/slices.py).
@@ -144,7 +172,8 @@ class _ExchangeHost:
 # ---- a peer process ---------------------------------------------------------------------------
 
 
-async def _peer(conn: Connection, index: int, peers: int, mib: int, timeout_s: float) -> None:
+async def _peer(conn: Connection, index: int, peers: int, mib: int, timeout_s: float,
+                reduce_scatter: bool) -> None:
     torch.set_num_threads(1)  # N peers share the machine's cores, as `peerd cluster` runs them
     ids = peer_ids(peers)
     spec = TransformerSpec(model_config(mib))
@@ -158,13 +187,21 @@ async def _peer(conn: Connection, index: int, peers: int, mib: int, timeout_s: f
     listener = socket.create_server((LOOPBACK, 0), backlog=peers)
     clients = PeerClients(push_timeout_s=timeout_s)
     loop = asyncio.get_running_loop()
+    addresses: dict[str, str] = {}
+    if reduce_scatter:
+        host.parts = PartExchange(
+            engine, _PartPusher(host, clients, addresses),
+            RoundRules(sync=True, round_timeout_s=timeout_s), host.context_of,
+            lambda function, *args: loop.run_in_executor(None, function, *args),
+            asyncio.Event())
     try:
         conn.send(("ready", grpc_port, listener.getsockname()[1]))
-        addresses: dict[str, str] = {}
         tcp_ports: dict[str, int] = {}
         while (command := await next_command(conn))[0] != "stop":
             if command[0] == "addresses":
-                addresses, tcp_ports = command[1], command[2]
+                addresses.clear()
+                addresses.update(command[1])
+                tcp_ports = command[2]
             elif command[0] == "step":
                 await _step(host, clients, addresses, command[1], timeout_s)
             elif command[0] == "tcp":
@@ -187,30 +224,63 @@ async def _step(
     host: _ExchangeHost, clients: PeerClients, addresses: Mapping[str, str], round_index: int,
     timeout_s: float,
 ) -> None:
-    """The daemon's round without training: outbox, push to every neighbour, collect, merge."""
+    """The daemon's round without training: outbox, push to every neighbour, collect, merge.
+    With reduce-scatter (every entry is held by all peers at mu = 1, so no direct slice is
+    left): each peer's values to the parts' owners, their means back."""
     engine = host.engine
     loop = asyncio.get_running_loop()
     ctx = host.begin(round_index)
+    if host.parts is not None:
+        await loop.run_in_executor(None, host.parts.plan, ctx)
+        await asyncio.wait_for(_reduce_step(host.parts, ctx), timeout_s)
+        return
     outgoing = await loop.run_in_executor(None, engine.outbox, ctx)
 
     async def push(message: SliceMessage) -> None:
-        header = peer_pb2.StreamHeader(
-            protocol_version=PROTOCOL_VERSION, cluster=CLUSTER,
-            model_fingerprint=host.expectation.model_fingerprint, sender=engine.peer_id,
-            receiver=message.receiver, round=round_index, weight=message.weight)
-        while True:
-            try:
-                await clients.push(addresses[message.receiver], header, message.values)
-                return
-            except grpc.aio.AioRpcError as error:
-                # UNAVAILABLE: the receiver has not begun this round yet.
-                if error.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                await asyncio.sleep(0.005)
+        await _push(clients, addresses[message.receiver], host, message, "")
 
     await asyncio.wait_for(asyncio.gather(*(push(m) for m in outgoing), host.complete.wait()),
                            timeout_s)
     await loop.run_in_executor(None, engine.merge_checked, ctx, list(host.inbox.values()))
+
+
+async def _reduce_step(parts: PartExchange, ctx: RoundContext) -> None:
+    await parts.send_values(ctx)
+    await parts.finish(ctx)
+    await parts.apply(ctx)
+
+
+async def _push(clients: PeerClients, address: str, host: _ExchangeHost,
+                message: SliceMessage, part: str) -> int:
+    """Stream one message, retried while the receiver has not begun its round."""
+    header = peer_pb2.StreamHeader(
+        protocol_version=PROTOCOL_VERSION, cluster=CLUSTER,
+        model_fingerprint=host.expectation.model_fingerprint, sender=message.sender,
+        receiver=message.receiver, round=message.round_index, weight=message.weight,
+        part=part)
+    while True:
+        try:
+            return await clients.push(address, header, message.values)
+        except grpc.aio.AioRpcError as error:
+            # UNAVAILABLE: the receiver has not begun this round yet.
+            if error.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            await asyncio.sleep(0.005)
+
+
+class _PartPusher:
+    """The bench's transport of part messages: PushSlices with `StreamHeader.part` set."""
+
+    def __init__(self, host: _ExchangeHost, clients: PeerClients,
+                 addresses: Mapping[str, str]) -> None:
+        self.host = host
+        self.clients = clients
+        self.addresses = addresses
+
+    async def push_part(self, ctx: RoundContext, part: PartMessage) -> int:
+        message = part.message
+        return await _push(self.clients, self.addresses[message.receiver], self.host, message,
+                           part.kind)
 
 
 def _tcp_all_to_all(
@@ -277,6 +347,20 @@ class ExchangeResult:
     payload_bytes: int  # one peer's full model
     step_seconds: tuple[float, ...]
     tcp_seconds: tuple[float, ...]
+    reduce_scatter: bool = False
+    # Bytes each peer's server took in over TCP during one more, untimed step through
+    # counting relays (every frame, header and window update of every stream it received).
+    socket_bytes_in: tuple[int, ...] = ()
+
+    @property
+    def floor_bytes(self) -> float:
+        """What one peer must receive per step: 2 (N - 1) / N of the model (all-reduce)."""
+        return 2 * (self.peers - 1) / self.peers * self.payload_bytes
+
+    @property
+    def max_socket_ratio(self) -> float:
+        """The most any peer received at the socket, over `floor_bytes`."""
+        return max(self.socket_bytes_in) / self.floor_bytes
 
     @property
     def median_round_s(self) -> float:
@@ -295,13 +379,19 @@ class ExchangeResult:
             "model_bytes": self.payload_bytes,
             "bytes_per_step": self.payload_bytes * self.peers * (self.peers - 1),
             "repeats": len(self.step_seconds),
+            "reduce_scatter": self.reduce_scatter,
+            "socket_bytes_in": list(self.socket_bytes_in),
+            "socket_bytes_over_floor": round(self.max_socket_ratio, 4),
         }
 
     def describe(self) -> str:
         moved = self.payload_bytes * self.peers * (self.peers - 1) / MIB
+        exchange = "reduce-scatter" if self.reduce_scatter else "direct exchange"
         return "\n".join([
-            f"peers     {self.peers}, fully connected, mu 1, "
-            f"{self.payload_bytes / MIB:.1f} MiB model each ({moved:.0f} MiB moved per step)",
+            f"peers     {self.peers}, fully connected, mu 1, {exchange}, "
+            f"{self.payload_bytes / MIB:.1f} MiB model each ({moved:.0f} MiB all-to-all)",
+            f"socket    {max(self.socket_bytes_in) / MIB:.1f} MiB in per peer at most, "
+            f"{self.max_socket_ratio:.3f} x the all-reduce floor 2(N-1)/N x model",
             f"step      {self.median_round_s:.3f} s median  runs: "
             + " ".join(f"{s:.3f}" for s in self.step_seconds),
             f"raw TCP   {self.tcp_floor_s:.3f} s median  runs: "
@@ -309,10 +399,14 @@ class ExchangeResult:
         ])
 
 
-def run_exchange(peers: int, mib: int, repeats: int = 5) -> ExchangeResult:
-    """One untimed, checked step, then `repeats` timed steps interleaved with raw TCP ones."""
+def run_exchange(peers: int, mib: int, repeats: int = 5,
+                 reduce_scatter: bool = False) -> ExchangeResult:
+    """One untimed, checked step, then `repeats` timed steps interleaved with raw TCP ones,
+    then one untimed step through counting relays."""
     if peers < 2:
         raise BenchError("an exchange needs at least 2 peers")
+    if reduce_scatter and peers < MIN_HOLDERS:
+        raise BenchError(f"reduce-scatter needs at least {MIN_HOLDERS} peers")
     config = model_config(mib)
     payload = sum(t.numel() * 4 for t in init_params(TransformerSpec(config), 0).values())
     timeout_s = 60.0 + payload * peers * (peers - 1) / MIB / MIN_RATE_MIB_S
@@ -320,7 +414,7 @@ def run_exchange(peers: int, mib: int, repeats: int = 5) -> ExchangeResult:
     with contextlib.ExitStack() as cleanup:
         children = []
         for index in range(peers):
-            child = Child(ids[index], _peer, (index, peers, mib, timeout_s))
+            child = Child(ids[index], _peer, (index, peers, mib, timeout_s, reduce_scatter))
             cleanup.callback(child.stop)
             children.append(child)
         ports = [child.reply(START_TIMEOUT_S) for child in children]
@@ -344,7 +438,14 @@ def run_exchange(peers: int, mib: int, repeats: int = 5) -> ExchangeResult:
         for round_index in range(1, repeats + 1):
             steps.append(everyone("step", round_index))
             tcp.append(everyone("tcp", round_index))
-    return ExchangeResult(peers, payload, tuple(steps), tuple(tcp))
+        relays = [cleanup.enter_context(CountingRelay(grpc_port)) for grpc_port, _ in ports]
+        relayed = {ids[i]: relay.address for i, relay in enumerate(relays)}
+        for child in children:
+            child.call("addresses", relayed, tcp_ports, timeout_s=timeout_s)
+        everyone("step", repeats + 1)
+        socket_bytes_in = tuple(relay.bytes_up for relay in relays)
+    return ExchangeResult(peers, payload, tuple(steps), tuple(tcp), reduce_scatter,
+                          socket_bytes_in)
 
 
 # ---- command line -----------------------------------------------------------------------------
@@ -365,9 +466,36 @@ def add_exchange_parser(subparsers: argparse._SubParsersAction) -> None:
     exchange.add_argument("--repeat", type=positive_int, default=5,
                           help="timed steps; the median is reported (default: %(default)s)")
     exchange.add_argument("--json", action="store_true", help="print one JSON object")
+    exchange.add_argument("--reduce-scatter", action="store_true",
+                          help="average by reduce-scatter and all-gather over the holders "
+                               "(peerd/algorithm/reduce.py) instead of the direct exchange")
+    exchange.add_argument("--against-hivemind", action="store_true",
+                          help="also run hivemind 1.1.12's DecentralizedAverager on the same "
+                               "tensors (in its own virtual environment, made on first use) "
+                               "and print both")
+    exchange.add_argument("--also-peers", type=positive_int, nargs="*", default=[],
+                          help="with --against-hivemind: more peer counts to run")
+    exchange.add_argument("--also-mib", type=positive_int, nargs="*", default=[],
+                          help="with --against-hivemind: more model sizes to run")
+    exchange.add_argument("--hivemind-venv", type=Path, default=None,
+                          help="where hivemind's virtual environment lives "
+                               "(default: ~/.cache/peerd/hivemind-1.1.12)")
     exchange.set_defaults(func=run_exchange_command)
 
 
 def run_exchange_command(args: argparse.Namespace) -> int:
-    return print_result("exchange", lambda: run_exchange(args.peers, args.mib, args.repeat),
-                        args.json)
+    if args.against_hivemind:
+        from peerd.bench.anchor import DEFAULT_VENV, run_anchor
+
+        peer_counts = [args.peers, *args.also_peers]
+        mibs = [args.mib, *args.also_mib]
+        venv_dir = args.hivemind_venv or DEFAULT_VENV
+        return print_result("exchange", lambda: run_anchor(peer_counts, mibs, args.repeat,
+                                                           venv_dir, args.reduce_scatter),
+                            args.json)
+    if args.also_peers or args.also_mib or args.hivemind_venv:
+        print("peerd bench exchange: --also-peers, --also-mib and --hivemind-venv need "
+              "--against-hivemind", file=sys.stderr)
+        return 2
+    return print_result("exchange", lambda: run_exchange(args.peers, args.mib, args.repeat,
+                                                         args.reduce_scatter), args.json)

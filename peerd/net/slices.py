@@ -23,6 +23,7 @@ import torch
 from peerd.algorithm.aggregate import assemble
 from peerd.algorithm.driver import RoundDriver, SliceRefused
 from peerd.algorithm.engine import RoundContext
+from peerd.algorithm.reduce import PartMessage, PartRefused
 from peerd.algorithm.submodel import Params, copy_into, with_slice
 from peerd.algorithm.transport import SliceMessage
 from peerd.models.base import Plan
@@ -74,13 +75,15 @@ class GrpcSlices:
 
     # ---- sending -----------------------------------------------------------------------------
 
-    async def push(self, ctx: RoundContext, message: SliceMessage) -> int:
+    async def push(self, ctx: RoundContext, message: SliceMessage, part: str = "") -> int:
+        """Stream one slice (`part` "values" or "mean": a reduce-scatter message)."""
         driver, membership = self.driver, self.membership
         view = membership.view_at(ctx.round_index)
         assert view is not None
         address = membership.known[message.receiver].address
         header = self._header(message.receiver, ctx.round_index, view.view_id, message.weight,
                               ctx.plans_now[self.peer_id])
+        header.part = part
         timeout_s = driver.rules.round_timeout_s
         deadline = time.monotonic() + timeout_s
         # Semi-async: a receiver rounds behind would refuse the slice ("not there yet"); wait
@@ -108,6 +111,9 @@ class GrpcSlices:
             known.bytes_sent += acknowledged
         return acknowledged
 
+    async def push_part(self, ctx: RoundContext, part: PartMessage) -> int:
+        return await self.push(ctx, part.message, part.kind)
+
     def _behind(self, peer_id: str, round_index: int) -> bool:
         """Does `peer_id` (not being dropped) report a round before `round_index - 1`?"""
         peer = self.membership.known.get(peer_id)
@@ -132,6 +138,8 @@ class GrpcSlices:
         if header.receiver != self.peer_id:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"slice addressed to {header.receiver}, this is {self.peer_id}")
+        if header.part:
+            return self._expected_part(header)
         try:
             ctx = self.driver.admit(header.round, header.sender)
         except SliceRefused as refused:
@@ -150,14 +158,48 @@ class GrpcSlices:
         return {name: (wire_dtype, (count,)) for name, count in counts.items()}
 
     def stream_ended(self, header: peer_pb2.StreamHeader) -> None:
-        """A stream `expected_tensors` took is over (accepted or not): its slot is free."""
-        self.driver.end_receiving(header.round, header.sender)
+        """A stream `expected_tensors` took is over (accepted or not): its slot is free. A part
+        message holds no inbox slot (the reduce-scatter takes one per part and sender)."""
+        if not header.part:
+            self.driver.end_receiving(header.round, header.sender)
+
+    def _expected_part(
+        self, header: peer_pb2.StreamHeader
+    ) -> Mapping[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """What a reduce-scatter message must carry (peerd/algorithm/reduce.py)."""
+        parts = self.driver.parts
+        if parts is None:
+            raise WireError(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"{header.sender} sends a part; reduce-scatter is off here")
+        if header.round > self.driver.round_index + 1:
+            raise WireError(grpc.StatusCode.UNAVAILABLE,
+                            f"part for round {header.round}; this peer is only in round "
+                            f"{self.driver.round_index}")
+        if not (math.isfinite(header.weight) and header.weight > 0):
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"part from {header.sender}: weight {header.weight} invalid")
+        try:
+            counts = parts.expected_part(header.part, header.round, header.sender,
+                                         header.receiver)
+        except PartRefused as refused:
+            raise WireError(grpc.StatusCode.FAILED_PRECONDITION, str(refused)) from None
+        wire_dtype = self.driver.engine.wire_dtype
+        return {name: (wire_dtype, (count,)) for name, count in counts.items()}
 
     def accept(self, decoded: DecodedStream) -> None:
-        """A stream the decoder checked against `expected_tensors`: into the driver's inbox."""
+        """A stream the decoder checked against `expected_tensors`: into the driver's inbox
+        (a part message: into the reduce-scatter's)."""
         header = decoded.header
         message = SliceMessage(header.sender, header.receiver, header.round, header.weight,
                                decoded.tensors)
+        if header.part:
+            assert self.driver.parts is not None  # _expected_part checked
+            try:
+                self.driver.parts.accept_part(PartMessage(header.part, message),
+                                              decoded.payload_bytes, checked=True)
+            except PartRefused as refused:
+                raise WireError(grpc.StatusCode.FAILED_PRECONDITION, str(refused)) from None
+            return
         try:
             self.driver.accept(message, decoded.payload_bytes, checked=True)
         except SliceRefused as refused:

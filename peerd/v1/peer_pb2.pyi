@@ -81,7 +81,7 @@ class GroupUnits(_message.Message):
     def __init__(self, group: _Optional[str] = ..., units: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StreamHeader(_message.Message):
-    __slots__ = ("protocol_version", "cluster", "model_fingerprint", "sender", "receiver", "round", "view_id", "weight", "tensors", "total_bytes", "plan")
+    __slots__ = ("protocol_version", "cluster", "model_fingerprint", "sender", "receiver", "round", "view_id", "weight", "tensors", "total_bytes", "plan", "part")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class StreamHeader(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     cluster: str
     model_fingerprint: str
@@ -104,7 +105,8 @@ class StreamHeader(_message.Message):
     tensors: int
     total_bytes: int
     plan: _containers.RepeatedCompositeFieldContainer[GroupUnits]
-    def __init__(self, protocol_version: _Optional[int] = ..., cluster: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., sender: _Optional[str] = ..., receiver: _Optional[str] = ..., round: _Optional[int] = ..., view_id: _Optional[str] = ..., weight: _Optional[float] = ..., tensors: _Optional[int] = ..., total_bytes: _Optional[int] = ..., plan: _Optional[_Iterable[_Union[GroupUnits, _Mapping]]] = ...) -> None: ...
+    part: str
+    def __init__(self, protocol_version: _Optional[int] = ..., cluster: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., sender: _Optional[str] = ..., receiver: _Optional[str] = ..., round: _Optional[int] = ..., view_id: _Optional[str] = ..., weight: _Optional[float] = ..., tensors: _Optional[int] = ..., total_bytes: _Optional[int] = ..., plan: _Optional[_Iterable[_Union[GroupUnits, _Mapping]]] = ..., part: _Optional[str] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
     __slots__ = ("name", "dtype", "shape", "nbytes", "crc32")
