@@ -135,9 +135,9 @@ print(printed() == printed(port=9000, mu=0.25, contrastive=True))
 print(planner_options(DaemonConfig(window_jitter=2)))
 print(fingerprint_mismatch(printed(gossip_fanout=4), printed()))
 """).splitlines()
-    assert shown[0] == str(sorted(["method", "seed", "overlap", "drift_period", "gossip_fanout",
-                                   "window_jitter"]))
-    assert shown[1] == str(sorted(["method", "seed", "gossip_fanout"]))
+    assert shown[0] == str(sorted(["method", "seed", "reduce_scatter", "overlap", "drift_period",
+                                   "gossip_fanout", "window_jitter"]))
+    assert shown[1] == str(sorted(["method", "seed", "reduce_scatter", "gossip_fanout"]))
     assert shown[2:5] == ["True True", "True", "True"]
     assert shown[5] == "{'overlap': 'static', 'drift_period': 64, 'window_jitter': 2}"
     assert "gossip_fanout and window_jitter must be the same on every member" in shown[6]
