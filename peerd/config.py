@@ -269,6 +269,10 @@ class PeerOptions:
     method: str = option("msfusion", "planner: msfusion, or a baseline: fedrolex, heterofl, fd "
                          "or full" + SAME, agreed=True, choices=METHODS)
     seed: int = option(0, "seeds init, data split, plans and batches" + SAME, agreed=True)
+    reduce_scatter: bool = option(
+        False, "entries three or more members hold are averaged once, by reduce-scatter and "
+        "all-gather over their holders (fully connected topology), instead of every holder "
+        "sending every other its values" + SAME, agreed=True)
     overlap: str = option(
         STATIC_OVERLAP, "msfusion: how much neighbouring windows overlap, static or decay:H "
         "(the overlap halves every H rounds)" + SAME, agreed=True, planner="msfusion",
@@ -277,10 +281,6 @@ class PeerOptions:
         DRIFT_PERIOD, "msfusion: rounds in which the first unit group's windows drift once "
         "around; the r-th group drifts r + 1 times as fast" + SAME, agreed=True,
         planner="msfusion", rule=at_least(1), metavar="R")
-    reduce_scatter: bool = option(
-        False, "entries three or more members hold are averaged once, by reduce-scatter and "
-        "all-gather over their holders (fully connected topology), instead of every holder "
-        "sending every other its values" + SAME, agreed=True)
     partition: str = option(
         "iid", "how the data is split among peers: iid, dirichlet:ALPHA, natural",
         parse=parse_partition_text, metavar="iid|dirichlet:ALPHA|natural")

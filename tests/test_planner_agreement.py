@@ -44,7 +44,7 @@ def test_a_mismatch_names_the_half_that_differs() -> None:
     theirs = cluster_fingerprint(MODEL, planner_settings("msfusion", 0, "decay:5", 1))
     reason = fingerprint_mismatch(theirs, ours)
     assert reason.startswith(f"planner fingerprint {theirs.split('.')[1]}, expected ")
-    assert "method, seed, overlap and drift_period must be the same" in reason
+    assert "method, seed, reduce_scatter, overlap and drift_period must be the same" in reason
     other_model = cluster_fingerprint("f" * 16, planner_settings("msfusion", 0, "static", 1))
     assert fingerprint_mismatch(other_model, ours) == (
         f"model fingerprint {'f' * 16}, expected {MODEL} (another task or model)")
@@ -97,5 +97,6 @@ def test_each_planner_takes_exactly_the_options_declared_for_it() -> None:
         keywords = set(inspect.signature(planner_class.__init__).parameters) - {"self", "seed"}
         config = DaemonConfig(method=method)
         assert keywords == set(planner_options(config)), method
-        assert set(agreed_settings(config)) == {"method", "seed", *keywords}, method
+        agreed = {"method", "seed", "reduce_scatter", *keywords}
+        assert set(agreed_settings(config)) == agreed, method
     assert set(planner_options(DaemonConfig())) == {"overlap", "drift_period"}
