@@ -1,11 +1,11 @@
 """`peerd.Task`, the public API: a user's model and data, and `--task FILE.py:FUNCTION`.
 
 A task names a model factory, train and test datasets of (input, target) items and a metric.
-This first part trains models that declare their own slicing with peerd's table (a ModelSpec,
-as peerd/models/ does): `slicing=` is required, and the factory's module must have exactly the
-parameters (names and shapes) of the declaration's full-width model, so that `peerd export`'s
-file loads strictly into it. A custom loss, a custom metric, a task-level partition and
-automatic slicing are refused by name until they are built (issue 22).
+Its model is sliced automatically (peerd/models/autoslice.py: `slicing=None`, or a `Slicing`
+declaring what the graph cannot know), or by a table of its own (`slicing=` a peerd ModelSpec,
+as peerd/models/ declares its built-in models; the factory's module must then have exactly the
+parameters of the declaration's full-width model). A custom loss, a custom metric and a
+task-level partition are refused by name until they are built (issue 22).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
     from peerd.data import Split, TaskData
+    from peerd.models.autoslice import Slicing
     from peerd.models.base import ModelSpec
 
 METRICS = ("accuracy", "perplexity")
@@ -47,7 +48,9 @@ class Task:
     local_steps: int | None = None  # cap on a round's local steps; None: one epoch
     lr: float | None = None
     partition: str | Callable[..., Any] | None = None
-    slicing: ModelSpec | None = None  # peerd's table of unit groups and axes for `model`
+    # None: derived from the model's graph; a Slicing: derived, with what the graph cannot know;
+    # a ModelSpec: the model's own table of unit groups and axes
+    slicing: ModelSpec | Slicing | None = None
 
 
 def is_task_reference(text: str) -> bool:
@@ -94,14 +97,11 @@ def check_task(task: Task, where: str) -> None:
     unsupported = {
         "loss": task.loss is not None, "partition": task.partition is not None,
         "metric": not isinstance(task.metric, str),
-        "slicing": task.slicing is None,
     }
     reasons = {
         "loss": "a custom loss is not supported yet: leave loss unset (cross-entropy)",
         "partition": "a task-level partition is not supported yet: pass --partition",
         "metric": f"a callable metric is not supported yet: give one of {', '.join(METRICS)}",
-        "slicing": "automatic slicing is not built yet: give slicing=, a peerd ModelSpec that "
-                   "declares the model's unit groups and axes (docs/MODELS.md)",
     }
     for field_name, refused in unsupported.items():
         if refused:
@@ -109,38 +109,66 @@ def check_task(task: Task, where: str) -> None:
     if task.metric not in METRICS:
         raise TaskError(f"task {task.name!r}: metric {task.metric!r} is not one of "
                         f"{', '.join(METRICS)}")
-    wanted_kind = "text" if task.metric == "perplexity" else "image"
-    if task.slicing is not None and task.slicing.kind != wanted_kind:
+    wanted_kind = task_kind(task)
+    declared = declared_table(task)
+    if declared is not None and declared.kind != wanted_kind:
         raise TaskError(f"task {task.name!r}: metric {task.metric!r} needs a slicing declaration "
-                        f"of kind {wanted_kind!r}, not {task.slicing.kind!r}")
+                        f"of kind {wanted_kind!r}, not {declared.kind!r}")
 
 
-def check_model_matches(task: Task) -> ModelSpec:
-    """The declaration, once its full-width module has exactly the factory's parameters."""
+def task_kind(task: Task) -> str:
+    """Which loss and metric apply: next-token ("text") for perplexity, else classes."""
+    return "text" if task.metric == "perplexity" else "image"
+
+
+def declared_table(task: Task) -> ModelSpec | None:
+    """The task's own table of unit groups and axes, or None where peerd derives it."""
+    from peerd.models.autoslice import Slicing
+
+    return None if task.slicing is None or isinstance(task.slicing, Slicing) else task.slicing
+
+
+def task_spec(task: Task, example: torch.Tensor) -> ModelSpec:
+    """The task's slicing: its declared table once it fits the factory's module, or the table
+    derived from the module's graph (`example`: one input item)."""
     import torch
+
+    from peerd.models.autoslice import AutoSpec, Slicing, SlicingError
+
+    model = task.model()
+    for name, parameter in model.named_parameters():
+        if not bool(torch.isfinite(parameter).all()):
+            raise TaskError(f"task {task.name!r}: model() parameter {name} is not finite")
+    spec = declared_table(task)
+    if spec is None:
+        declaration = task.slicing if isinstance(task.slicing, Slicing) else None
+        try:
+            return AutoSpec(task.model, example, task_kind(task), declaration)
+        except SlicingError as error:
+            raise TaskError(f"task {task.name!r}: {error}") from None
+    return _check_declared(task, spec, model)
+
+
+def _check_declared(task: Task, spec: ModelSpec, model: nn.Module) -> ModelSpec:
     from torch import nn
 
-    from peerd.models.base import full_units
+    from peerd.models.base import full_units, table_tensors
 
-    spec = task.slicing
-    assert spec is not None
     declared = {name: tuple(p.shape)
-                for name, p in spec.build(full_units(spec)).named_parameters()}
-    model = task.model()
-    built = {name: tuple(p.shape) for name, p in model.named_parameters()}
+                for name, p in table_tensors(spec, spec.build(full_units(spec))).items()}
+    built = {name: tuple(p.shape) for name, p in table_tensors(spec, model).items()}
     if declared != built:
         differing = sorted(name for name in declared.keys() | built.keys()
                            if declared.get(name) != built.get(name))
         raise TaskError(f"task {task.name!r}: model() and slicing disagree on parameters "
                         f"{', '.join(differing[:5])} (name or shape)")
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+        if (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+                and f"{name}.running_mean" not in spec.axes):
             raise TaskError(f"task {task.name!r}: module {name} ({type(module).__name__}) keeps "
-                            f"running statistics, which peerd does not average yet: use "
-                            f"GroupNorm or LayerNorm, or track_running_stats=False")
-    for name, parameter in model.named_parameters():
-        if not bool(torch.isfinite(parameter).all()):
-            raise TaskError(f"task {task.name!r}: model() parameter {name} is not finite")
+                            f"running statistics that the declared table does not list: add "
+                            f"{name}.running_mean and .running_var to its axes, or leave "
+                            f"slicing unset to derive the table")
     return spec
 
 
@@ -167,7 +195,7 @@ def task_data(task: Task) -> TaskData:
     from peerd.data import TaskData
 
     train, test = _split(task.train, task, "train"), _split(task.test, task, "test")
-    kind = "text" if task.metric == "perplexity" else "image"
+    kind = task_kind(task)
     classes = int(max(train.targets.max(), test.targets.max())) + 1
     return TaskData(task.name, kind, train, test, classes, None,
                     train.inputs.shape[1] if kind == "text" else None)

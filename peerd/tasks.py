@@ -13,7 +13,7 @@ from pathlib import Path
 from peerd.config import ConfigError, TrainConfig
 from peerd.data import TaskData, load_task_data
 from peerd.models import CNNConfig, CNNSpec, ModelSpec, TransformerConfig, TransformerSpec
-from peerd.task import check_model_matches, is_task_reference, load_task, task_data
+from peerd.task import is_task_reference, load_task, task_data, task_spec
 
 BLOCK_SIZE = 64
 
@@ -76,8 +76,8 @@ def get_task(name: str) -> Task:
 def _user_task(reference: str) -> Task:
     """A user's peerd.Task as peerd trains it: its declaration, data and training defaults."""
     user = load_task(reference)
-    spec = check_model_matches(user)
     data = task_data(user)
+    spec = task_spec(user, data.train.inputs[0])
 
     def model(data: TaskData, early_exits: bool = False) -> ModelSpec:
         if early_exits:

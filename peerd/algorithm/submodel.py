@@ -29,7 +29,8 @@ Params = dict[str, torch.Tensor]
 
 
 def init_params(spec: ModelSpec, seed: int) -> Params:
-    """The full model's initial parameters (and tabled buffers): every peer of a cluster derives the same ones."""
+    """The full model's initial parameters (and tabled buffers): every peer of a cluster
+    derives the same ones."""
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)
         module = spec.build({name: group.units for name, group in spec.groups.items()})

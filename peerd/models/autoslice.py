@@ -169,7 +169,8 @@ class AutoSpec:
         self._check_half_width(model)
 
     def _group_members(
-        self, graph: Any, group: Any, names: Mapping[object, str], tensors: Mapping[str, torch.Tensor]
+        self, graph: Any, group: Any, names: Mapping[object, str],
+        tensors: Mapping[str, torch.Tensor],
     ) -> tuple[str, int, list[tuple[str, tuple[str, int]]], dict[str, int], set[str]] | None:
         """(root module, entries, [(module, (tensor, axis))], spans, every module touched) of
         one coupled set, or None when nothing inside the model reads it (an output: classes,
