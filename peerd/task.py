@@ -13,8 +13,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
     from peerd.data import Split, TaskData
-    from peerd.models.autoslice import Slicing
     from peerd.models.base import ModelSpec
 
 METRICS = ("accuracy", "perplexity")
@@ -32,6 +31,19 @@ METRICS = ("accuracy", "perplexity")
 
 class TaskError(ValueError):
     """A task that cannot be loaded or trained; the message names the part at fault."""
+
+
+@dataclass(frozen=True)
+class Slicing:
+    """What a model's graph cannot tell peerd's automatic slicing (peerd/models/autoslice.py).
+    Module names take fnmatch patterns (`blocks.*.attn`)."""
+
+    whole: tuple[str, ...] = ()  # modules kept entire in every sub-model (still averaged)
+    spans: Mapping[str, int] = field(default_factory=dict)  # module -> entries per output unit
+    scale_inputs: bool = True  # scale sliced inputs by full/kept (the classifier: its sqrt)
+    # module -> a function that sets the widths its forward reads from attributes (e.g. a head
+    # count) from its shrunk layers; called on every sub-module matching the pattern
+    fit: Mapping[str, Callable[[nn.Module], None]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,8 +135,6 @@ def task_kind(task: Task) -> str:
 
 def declared_table(task: Task) -> ModelSpec | None:
     """The task's own table of unit groups and axes, or None where peerd derives it."""
-    from peerd.models.autoslice import Slicing
-
     return None if task.slicing is None or isinstance(task.slicing, Slicing) else task.slicing
 
 
@@ -133,7 +143,7 @@ def task_spec(task: Task, example: torch.Tensor) -> ModelSpec:
     derived from the module's graph (`example`: one input item)."""
     import torch
 
-    from peerd.models.autoslice import AutoSpec, Slicing, SlicingError
+    from peerd.models.autoslice import AutoSpec, SlicingError
 
     model = task.model()
     for name, parameter in model.named_parameters():

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -33,6 +32,7 @@ from torch import nn
 
 from peerd.models.base import UnitGroup
 from peerd.models.layers import head_scale, input_scale
+from peerd.task import Slicing
 
 SLICEABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
              nn.LayerNorm, nn.Embedding)
@@ -54,18 +54,6 @@ _IN_AXES: dict[type, dict[str, int]] = {
 
 class SlicingError(ValueError):
     """A model peerd cannot slice as declared; the message names the module and the reason."""
-
-
-@dataclass(frozen=True)
-class Slicing:
-    """What the graph cannot know, declared by the task (module names take fnmatch patterns)."""
-
-    whole: tuple[str, ...] = ()  # modules kept entire in every sub-model (still averaged)
-    spans: Mapping[str, int] = field(default_factory=dict)  # module -> entries per output unit
-    scale_inputs: bool = True  # scale sliced inputs by full/kept (the classifier: its sqrt)
-    # module -> a function that sets the widths its forward reads from attributes (e.g. a head
-    # count) from its shrunk layers; called on every sub-module matching the pattern
-    fit: Mapping[str, Callable[[nn.Module], None]] = field(default_factory=dict)
 
 
 def _axes_of(module: nn.Module, table: dict[type, dict[str, int]]) -> dict[str, int]:
