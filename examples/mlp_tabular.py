@@ -48,4 +48,4 @@ def task(hidden: int = 512, samples: int | None = None) -> peerd.Task:
 
 
 def small_task() -> peerd.Task:
-    return task(hidden=64, samples=300)
+    return task(hidden=256, samples=300)

@@ -96,8 +96,20 @@ def not_a_task():
     return {"name": "t"}
 
 
-def unsliced():
-    return make(slicing=None)
+class WithAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(64, 16)
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = torch.nn.Linear(16, 2)
+
+    def forward(self, x):
+        hidden = self.embed(x.flatten(1)).unsqueeze(1)
+        return self.head(self.attn(hidden, hidden, hidden)[0].squeeze(1))
+
+
+def unsliceable():
+    return make(model=WithAttention, slicing=None)
 
 
 def mismatched():
@@ -126,11 +138,11 @@ def custom_loss():
         ("{file}:absent", "has no function 'absent'"),
         ("{file}:not_a_task", "not_a_task() returned dict, not a peerd.Task"),
         ("no_such_package.tasks:task", "no module named 'no_such_package'"),
-        ("{file}:unsliced", "automatic slicing is not built yet"),
+        ("{file}:unsliceable", "module attn cannot be sliced: nn.MultiheadAttention packs"),
         ("{file}:mismatched", "model() and slicing disagree on parameters"),
         ("{file}:nan_model", "is not finite"),
         ("{file}:custom_loss", "a custom loss is not supported yet"),
-        ("{file}:batch_norm", "keeps running statistics, which peerd does not average yet"),
+        ("{file}:batch_norm", "keeps running statistics that the declared table does not list"),
         ("mnist", "invalid choice: 'mnist'"),
     ],
 )
