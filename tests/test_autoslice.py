@@ -173,6 +173,22 @@ class WithAttention(nn.Module):
         return self.out(hidden + self.mlp(hidden)).mean(dim=1)
 
 
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(10, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.tokens.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tokens(x))
+
+
+def test_tied_parameters_are_named() -> None:
+    with pytest.raises(SlicingError, match=r"tokens\.weight and head\.weight are one tensor"):
+        AutoSpec(Tied, torch.zeros(4, dtype=torch.long), "text")
+
+
 def test_an_unsliceable_module_is_named_and_can_be_kept_whole() -> None:
     with pytest.raises(SlicingError, match=r"module \(the model\) cannot be sliced: a "
                                            r"OwnParameter with tensors of its own \(gain\)"):

@@ -131,6 +131,13 @@ class AutoSpec:
             reason = unsliceable_reason(module)
             if reason and not any(name == w or name.startswith(w + ".") for w in whole):
                 raise SlicingError(f"module {name or '(the model)'} cannot be sliced: {reason}")
+        first_name: dict[int, str] = {}
+        for name, parameter in model.named_parameters(remove_duplicate=False):
+            other = first_name.setdefault(id(parameter), name)
+            if other != name:
+                raise SlicingError(f"parameters {other} and {name} are one tensor (tied "
+                                   f"weights), which peerd does not slice yet: use the tensor "
+                                   f"through the functional form, e.g. F.linear(x, {other})")
         graph = tp.DependencyGraph().build_dependency(
             model, example_inputs=self.example_input(1), verbose=False)
         tensors = dict(model.named_parameters()) | {
