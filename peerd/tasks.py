@@ -13,6 +13,7 @@ from pathlib import Path
 from peerd.config import ConfigError, TrainConfig
 from peerd.data import TaskData, load_task_data
 from peerd.models import CNNConfig, CNNSpec, ModelSpec, TransformerConfig, TransformerSpec
+from peerd.models.mlp import mlp_spec
 from peerd.task import is_task_reference, load_task, task_data, task_spec
 
 BLOCK_SIZE = 64
@@ -25,19 +26,30 @@ class Task:
     model: Callable[..., ModelSpec]  # (data, early_exits=False)
     train: TrainConfig
     eval_samples: int | None  # global test samples per evaluation (None: all)
-    load_data: Callable[[str | Path | None], TaskData]  # (data_dir)
+    load_data: Callable[..., TaskData]  # (data_dir, label_column="label")
 
 
+# The image tasks' CNNs take their size and channels from the data (an image folder may hold
+# RGB images of any one size).
 def _digits_model(data: TaskData, early_exits: bool = False) -> ModelSpec:
-    return CNNSpec(CNNConfig(image_size=8, num_classes=data.num_classes, stage_widths=(32, 64),
+    return CNNSpec(CNNConfig(image_size=data.image_size or 8, num_classes=data.num_classes,
+                             in_channels=data.train.inputs.shape[1], stage_widths=(32, 64),
                              early_exits=early_exits))
 
 
 def _fmnist_model(data: TaskData, early_exits: bool = False) -> ModelSpec:
     return CNNSpec(
-        CNNConfig(image_size=28, num_classes=data.num_classes, stage_widths=(16, 32, 64),
+        CNNConfig(image_size=data.image_size or 28, num_classes=data.num_classes,
+                  in_channels=data.train.inputs.shape[1], stage_widths=(16, 32, 64),
                   channels_per_unit=2, early_exits=early_exits)
     )
+
+
+def _tabular_model(data: TaskData, early_exits: bool = False) -> ModelSpec:
+    if early_exits:
+        raise ConfigError("task 'tabular': --early-exits is not supported (its MLP is sliced "
+                          "automatically, without depth)")
+    return mlp_spec(data.train.inputs.shape[1], data.num_classes)
 
 
 def _kjv_model(data: TaskData, early_exits: bool = False) -> ModelSpec:
@@ -58,6 +70,10 @@ TASKS: dict[str, Task] = {
              TrainConfig(lr=0.05, momentum=0.9, weight_decay=0.0, batch_size=32,
                          max_local_steps=20, grad_clip=1.0), 256,
              partial(load_task_data, "kjv", block_size=BLOCK_SIZE)),
+        Task("tabular", "a CSV table (--data-dir, --label-column; default: the digits' 64 "
+             "pixel columns), MLP", _tabular_model,
+             TrainConfig(lr=0.05, batch_size=32, local_epochs=2), None,
+             partial(load_task_data, "tabular")),
     )
 }
 
@@ -85,7 +101,7 @@ def _user_task(reference: str) -> Task:
                               f"user's task yet")
         return spec
 
-    def load_data(data_dir: str | Path | None) -> TaskData:
+    def load_data(data_dir: str | Path | None, label_column: str = "label") -> TaskData:
         if data_dir is not None:
             raise ConfigError(f"task {user.name!r} brings its own data: drop --data-dir")
         return data
