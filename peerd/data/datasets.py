@@ -165,7 +165,7 @@ def _digits_table() -> tuple[np.ndarray, np.ndarray]:
     """The digits as a table: 64 pixel columns and the label, one row per image."""
     with gzip.open(digits_file(), "rt") as handle:
         table = np.loadtxt(handle, delimiter=",")
-    return table[:, :-1].astype(np.float32), table[:, -1].astype(int)
+    return table[:, :-1], table[:, -1].astype(int)
 
 
 def _load_sklearn_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -247,7 +247,8 @@ def _table_task(task: str, features: np.ndarray, labels: np.ndarray) -> TaskData
     the train split's mean and std (a constant column is only centred)."""
     train_index, test_index = _stratified_split(labels, _DIGITS_TEST_FRACTION,
                                                 _DIGITS_SPLIT_SEED)
-    train, test = (torch.from_numpy(features[index]) for index in (train_index, test_index))
+    train, test = (torch.from_numpy(features[index]).to(torch.float32)
+                   for index in (train_index, test_index))
     std, mean = torch.std_mean(train, dim=0, correction=0)
     std[std == 0] = 1.0
     for x in (train, test):
