@@ -117,7 +117,7 @@ def _positive_int(text: str) -> int:
 # (tests/test_first_minutes.py checks): importing those loads torch, which parsing must not
 # wait for.
 METHODS = ("fd", "fedrolex", "full", "heterofl", "msfusion")
-TASK_NAMES = ("digits", "fmnist", "kjv")
+TASK_NAMES = ("digits", "fmnist", "kjv", "tabular")
 CLUSTER_OUT = "runs/cluster"  # ClusterConfig's, as above
 
 
@@ -207,8 +207,9 @@ def _add_learning_options(parser: argparse.ArgumentParser, measured_mu: bool) ->
                             help="width ratio: one value, or one per peer (cycled) "
                                  "(default: 0.5)")
     parser.add_argument("--task", type=_task, default="digits",
-                        metavar="digits|fmnist|kjv|FILE.py:FUNCTION",
-                        help="digits (8x8 CNN), fmnist (28x28 CNN), kjv (text), or your own: "
+                        metavar="digits|fmnist|kjv|tabular|FILE.py:FUNCTION",
+                        help="digits (8x8 CNN), fmnist (28x28 CNN), kjv (text), tabular (a CSV "
+                             "table, MLP), or your own: "
                              "FILE.py:FUNCTION or package.module:FUNCTION returning a "
                              "peerd.Task")
     parser.add_argument("--seed", type=int, default=0,
@@ -216,7 +217,12 @@ def _add_learning_options(parser: argparse.ArgumentParser, measured_mu: bool) ->
     parser.add_argument("--partition", type=_partition, default="iid",
                         metavar="iid|dirichlet:ALPHA|natural", help="how the data is split")
     parser.add_argument("--data-dir", default=None,
-                        help="your own copy of the task's data (default: the bundled data)")
+                        help="your own copy of the task's data (default: the bundled data): "
+                             "IDX files or an image folder (digits, fmnist), text files "
+                             "(kjv), a CSV file (tabular)")
+    parser.add_argument("--label-column", default="label",
+                        help="with --data-dir FILE.csv (task tabular): the column that holds "
+                             "the class (default: label)")
     parser.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="float32",
                         help="precision of exchanged values")
     parser.add_argument("--early-exits", action="store_true",
@@ -482,7 +488,8 @@ def _run_sim(args: argparse.Namespace, console: Console) -> int:
     config = SimConfig(
         peers=args.peers, topology=args.topology, method=args.method, mu=args.mu,
         task=args.task, rounds=args.rounds, seed=args.seed, partition=args.partition,
-        data_dir=args.data_dir, out=args.out, eval_every=args.eval_every,
+        data_dir=args.data_dir, label_column=args.label_column, out=args.out,
+        eval_every=args.eval_every,
         eval_samples=args.eval_samples, wire_dtype=args.wire_dtype, depth=args.depth,
         train=train_config(args), overlap=args.overlap, drift_period=args.drift_period,
         learned_width=args.learned_width, width_epochs=args.width_epochs,
@@ -593,7 +600,8 @@ def _run_cluster(args: argparse.Namespace, console: Console) -> int:
         peers=args.peers, topology=args.topology, method=args.method, mu=args.mu,
         memory_budget=args.memory_budget, task=args.task, rounds=args.rounds, seed=args.seed,
         partition=args.partition,
-        data_dir=args.data_dir, out=args.out, eval_every=args.eval_every,
+        data_dir=args.data_dir, label_column=args.label_column, out=args.out,
+        eval_every=args.eval_every,
         eval_samples=args.eval_samples, mdns=not args.no_mdns, wire_dtype=args.wire_dtype,
         sync=args.sync, depth=args.depth, early_exits=args.early_exits,
         distill_temperature=_temperature(args), overlap=args.overlap,

@@ -72,6 +72,7 @@ class ClusterConfig:
     seed: int = 0
     partition: str = "iid"
     data_dir: str | None = None
+    label_column: str = "label"
     out: str = "runs/cluster"
     eval_every: int = 1
     eval_samples: int | None = None
@@ -208,7 +209,7 @@ def launch(config: ClusterConfig, out: Path, tls: dict[str, Path]) -> list[Daemo
             "--metrics-port", str(metrics_port), "--tls-dir", str(tls[peer_id]),
         ]
         if config.data_dir:
-            args += ["--data-dir", config.data_dir]
+            args += ["--data-dir", config.data_dir, "--label-column", config.label_column]
         if config.memory_budget:
             args += ["--memory-budget", config.memory_budget]
         if config.sync:
@@ -263,7 +264,7 @@ class ClusterWatcher:
         self.daemons = daemons
         self.console = console
         task = get_task(config.task)
-        self.data = task.load_data(config.data_dir)
+        self.data = task.load_data(config.data_dir, label_column=config.label_column)
         self.spec = task.model(self.data, config.early_exits)
         self.eval_samples = config.eval_samples if config.eval_samples else task.eval_samples
         initial = init_params(self.spec, config.seed)

@@ -109,6 +109,7 @@ class SimConfig:
     seed: int = 0
     partition: str = "iid"
     data_dir: str | None = None
+    label_column: str = "label"  # the CSV column holding the class (task tabular)
     out: str = "runs/sim"
     eval_every: int = 1
     eval_samples: int | None = None  # global test samples per evaluation; None: the task default
@@ -240,8 +241,8 @@ class DaemonConfig:
     """One daemon (`peerd start`): every option, in the order of the reference table."""
 
     topology: str = option("ring", "who exchanges slices with whom: ring, full, or a TOML path")
-    task: str = option("digits", "the task: digits, fmnist, kjv, or a user's FILE.py:FUNCTION "
-                       "(docs/MODELS.md); the same on every member")
+    task: str = option("digits", "the task: digits, fmnist, kjv, tabular, or a user's "
+                       "FILE.py:FUNCTION (docs/MODELS.md); the same on every member")
     mu: float | str = option(
         0.5, "width ratio of this peer's slice, in (0, 1]; auto: the widest of 0.5, 0.25, "
         "0.125, 0.0625 that fits memory_budget (and round_target) by a probe at start")
@@ -303,6 +304,8 @@ class DaemonConfig:
         "devices take 0/3, 1/3 and 2/3)")
     partition: str = option("iid", "how --shard splits the data: iid, dirichlet:ALPHA, natural")
     data_dir: str | None = option(None, "your own copy of the task's data")
+    label_column: str = option("label", "with --data-dir FILE.csv (task tabular): the column "
+                               "that holds the class")
     rounds: int | None = option(None, "stop after this round (default: run until stopped)")
     min_peers: int = option(2, "members needed before the first round")
     seed: int = option(0, "seeds init, data split, plans and batches; the same on every member")

@@ -93,7 +93,7 @@ def training_set(data: TaskData, config: SimConfig | DaemonConfig) -> Split:
 
 
 def load_data(config: SimConfig | DaemonConfig) -> TaskData:
-    return get_task(config.task).load_data(config.data_dir)
+    return get_task(config.task).load_data(config.data_dir, label_column=config.label_column)
 
 
 def build_peer(config: SimConfig | DaemonConfig, position: int, peer_id: str,
