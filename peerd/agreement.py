@@ -13,6 +13,7 @@ import hashlib
 import json
 
 from peerd.algorithm.plan import MSFusionPlanner
+from peerd.models.base import FINGERPRINT_PARTS
 
 _SEPARATOR = "."
 _SHOWN_CHARS = 40  # of a peer's fingerprint in an error: a hostile one must not flood logs
@@ -42,6 +43,13 @@ def fingerprint_mismatch(got: str, expected: str) -> str:
     got_model, _, got_planner = (half[:_SHOWN_CHARS] for half in got.partition(_SEPARATOR))
     expected_model, _, expected_planner = expected.partition(_SEPARATOR)
     if got_model != expected_model:
-        return f"model fingerprint {got_model}, expected {expected_model} (another task or model)"
+        got_parts, expected_parts = got_model.split("-"), expected_model.split("-")
+        differing = [what for what, got_part, expected_part
+                     in zip(FINGERPRINT_PARTS, got_parts, expected_parts, strict=False)
+                     if got_part != expected_part]
+        if len(got_parts) != len(FINGERPRINT_PARTS) or not differing:
+            differing = ["the whole model"]
+        return (f"model fingerprint {got_model}, expected {expected_model}: "
+                f"{', '.join(differing)} differ (another task or model)")
     return (f"planner fingerprint {got_planner or '(none)'}, expected {expected_planner}: "
             "method, seed, overlap and drift_period must be the same on every member")
