@@ -47,9 +47,9 @@ def fingerprint_mismatch(got: str, expected: str) -> str:
         differing = [what for what, got_part, expected_part
                      in zip(FINGERPRINT_PARTS, got_parts, expected_parts, strict=False)
                      if got_part != expected_part]
-        if len(got_parts) != len(FINGERPRINT_PARTS) or not differing:
-            differing = ["the whole model"]
-        return (f"model fingerprint {got_model}, expected {expected_model}: "
-                f"{', '.join(differing)} differ (another task or model)")
+        what = (f"{', '.join(differing)} differ" if differing
+                and len(got_parts) == len(FINGERPRINT_PARTS) else "the model differs")
+        return (f"model fingerprint {got_model}, expected {expected_model}: {what} (another "
+                f"task or model)")
     return (f"planner fingerprint {got_planner or '(none)'}, expected {expected_planner}: "
             "method, seed, overlap and drift_period must be the same on every member")
