@@ -122,6 +122,11 @@ def build_peer(config: SimConfig | DaemonConfig, position: int, peer_id: str,
         load_topology(config.topology), options.train, config.seed, config.wire_dtype,
         options.staleness, options.frozen_blocks,
     )
+    if task.loss is not None:
+        if options.train.contrastive or options.train.balanced_softmax:
+            raise ConfigError(f"task {config.task}: its own loss cannot be combined with "
+                              f"--contrastive or --balanced-softmax")
+        engine.task_objective = task.loss
     mu, depth = options.mu, options.depth
     if mu == AUTO:
         assert isinstance(config, DaemonConfig)

@@ -4,8 +4,8 @@ A task names a model factory, train and test datasets of (input, target) items a
 Its model is sliced automatically (peerd/models/autoslice.py: `slicing=None`, or a `Slicing`
 declaring what the graph cannot know), or by a table of its own (`slicing=` a peerd ModelSpec,
 as peerd/models/ declares its built-in models; the factory's module must then have exactly the
-parameters of the declaration's full-width model). A custom loss, a custom metric and a
-task-level partition are refused by name until they are built (issue 22).
+parameters of the declaration's full-width model). A custom metric and a task-level partition
+are refused by name until they are built (issue 22).
 """
 
 from __future__ import annotations
@@ -107,11 +107,10 @@ def load_task(reference: str) -> Task:
 def check_task(task: Task, where: str) -> None:
     """What this part of the API supports, refused by name otherwise."""
     unsupported = {
-        "loss": task.loss is not None, "partition": task.partition is not None,
+        "partition": task.partition is not None,
         "metric": not isinstance(task.metric, str),
     }
     reasons = {
-        "loss": "a custom loss is not supported yet: leave loss unset (cross-entropy)",
         "partition": "a task-level partition is not supported yet: pass --partition",
         "metric": f"a callable metric is not supported yet: give one of {', '.join(METRICS)}",
     }
@@ -126,6 +125,44 @@ def check_task(task: Task, where: str) -> None:
     if declared is not None and declared.kind != wanted_kind:
         raise TaskError(f"task {task.name!r}: metric {task.metric!r} needs a slicing declaration "
                         f"of kind {wanted_kind!r}, not {declared.kind!r}")
+
+
+class TaskLoss:
+    """A task's own loss as the engine's training objective: (module, inputs, targets) -> the
+    loss of `task.loss(module, (inputs, targets))`."""
+
+    frozen_forwards = 0  # forwards per sample besides the trained module's
+
+    def __init__(self, loss: Callable[[nn.Module, Any], torch.Tensor]) -> None:
+        self.loss = loss
+
+    def __call__(self, module: nn.Module, inputs: torch.Tensor,
+                 targets: torch.Tensor) -> torch.Tensor:
+        return self.loss(module, (inputs, targets))
+
+
+def check_loss(task: Task, inputs: torch.Tensor, targets: torch.Tensor) -> TaskLoss | None:
+    """The task's own loss once it gives a finite scalar with a gradient on one batch of its
+    training items; None for the default (cross-entropy)."""
+    import torch
+
+    if task.loss is None:
+        return None
+    model = task.model()
+    model.train()
+    where = f"task {task.name!r}: loss(model, batch) on {len(targets)} training items"
+    try:
+        value = task.loss(model, (inputs, targets))
+    except Exception as error:  # the user's code: any failure becomes one line naming it
+        raise TaskError(f"{where} failed: {type(error).__name__}: {error}") from None
+    if not isinstance(value, torch.Tensor) or value.dim() != 0:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise TaskError(f"{where} returned {shape}, not a scalar tensor")
+    if not value.is_floating_point() or not bool(torch.isfinite(value)):
+        raise TaskError(f"{where} returned {value.item()!r}, not a finite number")
+    if not value.requires_grad:
+        raise TaskError(f"{where} has no gradient: it does not depend on the model's parameters")
+    return TaskLoss(task.loss)
 
 
 def task_kind(task: Task) -> str:

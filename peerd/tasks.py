@@ -14,7 +14,7 @@ from peerd.config import ConfigError, TrainConfig
 from peerd.data import TaskData, load_task_data
 from peerd.models import CNNConfig, CNNSpec, ModelSpec, TransformerConfig, TransformerSpec
 from peerd.models.mlp import mlp_spec
-from peerd.task import is_task_reference, load_task, task_data, task_spec
+from peerd.task import TaskLoss, check_loss, is_task_reference, load_task, task_data, task_spec
 
 BLOCK_SIZE = 64
 
@@ -27,6 +27,7 @@ class Task:
     train: TrainConfig
     eval_samples: int | None  # global test samples per evaluation (None: all)
     load_data: Callable[..., TaskData]  # (data_dir, label_column="label")
+    loss: TaskLoss | None = None  # a user's own loss; None: cross-entropy
 
 
 # The image tasks' CNNs take their size and channels from the data (an image folder may hold
@@ -94,6 +95,8 @@ def _user_task(reference: str) -> Task:
     user = load_task(reference)
     data = task_data(user)
     spec = task_spec(user, data.train.inputs[0])
+    batch = slice(None, user.batch_size or TrainConfig().batch_size)
+    loss = check_loss(user, data.train.inputs[batch], data.train.targets[batch])
 
     def model(data: TaskData, early_exits: bool = False) -> ModelSpec:
         if early_exits:
@@ -110,4 +113,4 @@ def _user_task(reference: str) -> Task:
     train = replace(defaults, lr=user.lr or defaults.lr,
                     batch_size=user.batch_size or defaults.batch_size,
                     max_local_steps=user.local_steps)
-    return Task(user.name, f"{reference} ({user.name})", model, train, None, load_data)
+    return Task(user.name, f"{reference} ({user.name})", model, train, None, load_data, loss)

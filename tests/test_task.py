@@ -126,8 +126,28 @@ def batch_norm():
     return make(model=lambda: model)
 
 
-def custom_loss():
-    return make(loss=lambda model, batch: model(batch[0]).sum())
+def vector_loss():
+    return make(loss=lambda model, batch: model(batch[0]).sum(dim=1))
+
+
+def failing_loss():
+    return make(loss=lambda model, batch: model(batch[1]))
+
+
+def constant_loss():
+    return make(loss=lambda model, batch: torch.tensor(1.0))
+
+
+CALLS = []
+
+
+def counted_loss(model, batch):
+    CALLS.append(len(batch[1]))
+    return torch.nn.functional.cross_entropy(model(batch[0]), batch[1], label_smoothing=0.1)
+
+
+def own_loss():
+    return make(loss=counted_loss)
 """
 
 
@@ -141,7 +161,10 @@ def custom_loss():
         ("{file}:unsliceable", "module attn cannot be sliced: nn.MultiheadAttention packs"),
         ("{file}:mismatched", "model() and slicing disagree on parameters"),
         ("{file}:nan_model", "is not finite"),
-        ("{file}:custom_loss", "a custom loss is not supported yet"),
+        ("{file}:vector_loss", "loss(model, batch) on 8 training items returned (8,), not a "
+                               "scalar tensor"),
+        ("{file}:failing_loss", "loss(model, batch) on 8 training items failed: RuntimeError"),
+        ("{file}:constant_loss", "has no gradient"),
         ("{file}:batch_norm", "keeps running statistics that the declared table does not list"),
         ("mnist", "invalid choice: 'mnist'"),
     ],
@@ -160,3 +183,16 @@ def test_a_bad_task_is_named_without_a_traceback(
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
+
+
+def test_a_tasks_own_loss_is_what_trains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    task_file = tmp_path / "own_loss_task.py"
+    task_file.write_text(BODY)
+    assert main(["sim", "--task", f"{task_file}:own_loss", "--peers", "2", "--rounds", "1",
+                 "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    capsys.readouterr()
+    calls = sys.modules["peerd_user_task_own_loss_task"].CALLS
+    # One check on a batch of the 8 items, then every local step of both peers.
+    assert calls[0] == 8 and len(calls) > 2

@@ -143,6 +143,8 @@ class Engine:
         self.after_training: Params | None = None
         # Called with (steps done, steps this round) after every local step: progress display.
         self.on_step: Callable[[int, int], None] | None = None
+        # A task's own loss (peerd.Task.loss), trained instead of the model loss.
+        self.task_objective: Objective | None = None
 
     @property
     def weight(self) -> float:
@@ -180,7 +182,7 @@ class Engine:
                                  f"exits and more kept blocks (depth {depth})")
             freeze_shallowest(self.spec, module, self.frozen_blocks)
         optimizer = sgd(module, config)
-        objective = self._contrastive_objective(plan)
+        objective = self._contrastive_objective(plan) or self.task_objective
         if config.balanced_softmax:  # issue 23: the local label prior taken out of the logits
             objective = BalancedSoftmax(self.spec.kind, self.train_split.targets)
         loss_sum, samples, steps = 0.0, 0, 0
