@@ -30,7 +30,7 @@ from peerd.config import (
     parse_size,
 )
 from peerd.data import Split, TaskData, local_train_test, partition
-from peerd.models.base import DEPTH, ModelSpec
+from peerd.models.base import DEPTH, ModelSpec, full_units
 from peerd.tasks import get_task
 
 log = logging.getLogger("peerd.peer")
@@ -96,6 +96,14 @@ def load_data(config: SimConfig | DaemonConfig) -> TaskData:
     return get_task(config.task).load_data(config.data_dir, label_column=config.label_column)
 
 
+def _has_representation(spec: ModelSpec) -> bool:
+    """Whether the model splits its forward into features() and logits() (the contrastive
+    term reads the representation between them)."""
+    model_type = type(spec.build(full_units(spec)))
+    return callable(getattr(model_type, "features", None)) and callable(
+        getattr(model_type, "logits", None))
+
+
 def build_peer(config: SimConfig | DaemonConfig, position: int, peer_id: str,
                data: TaskData | None = None) -> Peer:
     """The peer at `position` (its shard of the data and its seeds) named `peer_id`; `data`
@@ -122,6 +130,9 @@ def build_peer(config: SimConfig | DaemonConfig, position: int, peer_id: str,
         load_topology(config.topology), options.train, config.seed, config.wire_dtype,
         options.staleness, options.frozen_blocks,
     )
+    if options.train.contrastive and not _has_representation(spec):
+        raise ConfigError(f"task {config.task}: --contrastive needs a model with features() "
+                          f"and logits() methods, as the built-in models have")
     if task.loss is not None:
         if options.train.contrastive or options.train.balanced_softmax:
             raise ConfigError(f"task {config.task}: its own loss cannot be combined with "

@@ -196,3 +196,14 @@ def test_a_tasks_own_loss_is_what_trains(
     calls = sys.modules["peerd_user_task_own_loss_task"].CALLS
     # One check on a batch of the 8 items, then every local step of both peers.
     assert calls[0] == 8 and len(calls) > 2
+
+
+def test_the_contrastive_term_needs_a_models_representation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    mlp = EXAMPLE.parent / "mlp_tabular.py"
+    assert main(["sim", "--task", f"{mlp}:small_task", "--contrastive", "--rounds", "1",
+                 "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--contrastive needs a model with features() and logits()" in err
+    assert "Traceback" not in err
