@@ -203,3 +203,25 @@ def test_an_unsliceable_module_is_named_and_can_be_kept_whole() -> None:
     sub = extract(spec, init_params(spec, 0), _half_plan(spec))
     assert sub.mlp[0].weight.shape == (16, 16)
     assert sub(torch.randn(2, 3, 4)).shape == (2, 2)
+
+
+class Concatenating(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(4, 16)
+        self.left = nn.Linear(16, 8)
+        self.right = nn.Linear(16, 6)
+        self.joined = nn.Linear(14, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.hidden(x))
+        return self.joined(torch.cat([torch.relu(self.left(x)), torch.relu(self.right(x))], -1))
+
+
+def test_an_axis_fed_by_a_concatenation_is_named_and_can_be_kept_whole() -> None:
+    with pytest.raises(SlicingError, match=r"module joined cannot be sliced: weight axis 1 "
+                                           r"has 14 entries but only (8|6) are coupled to"):
+        AutoSpec(Concatenating, torch.zeros(4), "image")
+    spec = AutoSpec(Concatenating, torch.zeros(4), "image", peerd.Slicing(whole=("joined",)))
+    assert spec.axes["left.weight"] == (None, "hidden")
+    assert spec.axes["joined.weight"] == (None, None)

@@ -129,7 +129,7 @@ class AutoSpec:
         whole = {name for name in names.values() if _matches(name, self.declaration.whole)}
         for name, module in model.named_modules():
             reason = unsliceable_reason(module)
-            if reason and not any(name == w or name.startswith(w + ".") for w in whole):
+            if reason and not _is_whole(name, whole):
                 raise SlicingError(f"module {name or '(the model)'} cannot be sliced: {reason}")
         first_name: dict[int, str] = {}
         for name, parameter in model.named_parameters(remove_duplicate=False):
@@ -150,9 +150,11 @@ class AutoSpec:
             members = self._group_members(graph, group, names, tensors)
             if members is None:
                 continue
-            root_name, entries, places, spans, touched = members
+            root_name, entries, places, spans, touched, problem = members
             if any(_is_whole(module_name, whole) for module_name in touched):
                 continue
+            if problem is not None:
+                raise SlicingError(problem)
             span = self._span(root_name, entries, spans)
             # Named after its first module in the model's order (the stem, the embedding).
             group_name = min((module_name for module_name, _ in places), key=order.__getitem__)
@@ -166,11 +168,13 @@ class AutoSpec:
     def _group_members(
         self, graph: Any, group: Any, names: Mapping[object, str],
         tensors: Mapping[str, torch.Tensor],
-    ) -> tuple[str, int, list[tuple[str, tuple[str, int]]], dict[str, int], set[str]] | None:
-        """(root module, entries, [(module, (tensor, axis))], spans, every module touched) of
-        one coupled set, or None when nothing inside the model reads it (an output: classes,
-        vocabulary)."""
+    ) -> tuple[str, int, list[tuple[str, tuple[str, int]]], dict[str, int], set[str],
+               str | None] | None:
+        """(root module, entries, [(module, (tensor, axis))], spans, every module touched, why
+        it cannot be sliced or None) of one coupled set, or None when nothing inside the model
+        reads it (an output: classes, vocabulary)."""
         places: list[tuple[str, tuple[str, int]]] = []
+        problem: str | None = None
         touched: set[str] = set()
         spans: dict[str, int] = {}
         read_inside = False
@@ -193,11 +197,11 @@ class AutoSpec:
                 if full_name not in tensors:
                     continue
                 if tensors[full_name].shape[axis] != len(indices):
-                    raise SlicingError(
-                        f"module {module_name}: {tensor_name} axis {axis} has "
-                        f"{tensors[full_name].shape[axis]} entries but only {len(indices)} are "
-                        f"coupled to {root_name} (a concatenation or split of several widths); "
-                        f"mark it whole")
+                    problem = (f"module {module_name} cannot be sliced: {tensor_name} axis "
+                               f"{axis} has {tensors[full_name].shape[axis]} entries but only "
+                               f"{len(indices)} are coupled to {root_name} (a concatenation or "
+                               f"split of several widths); mark it whole")
+                    continue
                 places.append((module_name, (full_name, axis)))
             if isinstance(module, nn.GroupNorm):
                 spans[module_name] = module.num_channels // module.num_groups
@@ -207,7 +211,7 @@ class AutoSpec:
                         spans[module_name] = span
         if root_name is None or entries is None or not read_inside:
             return None
-        return root_name, entries, places, spans, touched
+        return root_name, entries, places, spans, touched, problem
 
     def _span(self, root_name: str, entries: int, spans: Mapping[str, int]) -> int:
         """Entries per unit: one value over the set (GroupNorm groups, declared spans)."""
@@ -242,7 +246,7 @@ class AutoSpec:
             with torch.no_grad():
                 expected = full(example)
                 got = sub(example)
-        except (RuntimeError, ValueError, IndexError) as error:
+        except Exception as error:  # the user's forward: any failure is named in one line
             where = running[-1] if running else "(the model)"
             raise SlicingError(f"module {where} fails at half width ({error}); it probably "
                                f"reads a width from an attribute: declare how it fits "
