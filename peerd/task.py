@@ -179,10 +179,18 @@ def task_spec(task: Task, example: torch.Tensor) -> ModelSpec:
     """The task's slicing: its declared table once it fits the factory's module, or the table
     derived from the module's graph (`example`: one input item)."""
     import torch
+    from torch import nn
 
     from peerd.models.autoslice import AutoSpec, SlicingError
 
-    model = task.model()
+    try:
+        model = task.model()
+    except Exception as error:  # the user's code: any failure becomes one line naming it
+        raise TaskError(f"task {task.name!r}: model() failed: {type(error).__name__}: "
+                        f"{error}") from None
+    if not isinstance(model, nn.Module):
+        raise TaskError(f"task {task.name!r}: model() returned {type(model).__name__}, not a "
+                        f"torch.nn.Module")
     for name, parameter in model.named_parameters():
         if not bool(torch.isfinite(parameter).all()):
             raise TaskError(f"task {task.name!r}: model() parameter {name} is not finite")

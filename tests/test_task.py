@@ -108,6 +108,14 @@ class WithAttention(torch.nn.Module):
         return self.head(self.attn(hidden, hidden, hidden)[0].squeeze(1))
 
 
+def not_a_module():
+    return make(model=lambda: "a model", slicing=None)
+
+
+def wrong_input():
+    return make(model=lambda: torch.nn.Linear(3, 2), slicing=None)
+
+
 def unsliceable():
     return make(model=WithAttention, slicing=None)
 
@@ -158,6 +166,9 @@ def own_loss():
         ("{file}:absent", "has no function 'absent'"),
         ("{file}:not_a_task", "not_a_task() returned dict, not a peerd.Task"),
         ("no_such_package.tasks:task", "no module named 'no_such_package'"),
+        ("{file}:not_a_module", "model() returned str, not a torch.nn.Module"),
+        ("{file}:wrong_input", "the model's forward fails on one training input of shape "
+                               "(1, 1, 8, 8): RuntimeError"),
         ("{file}:unsliceable", "module attn cannot be sliced: nn.MultiheadAttention packs"),
         ("{file}:mismatched", "model() and slicing disagree on parameters"),
         ("{file}:nan_model", "is not finite"),

@@ -138,8 +138,13 @@ class AutoSpec:
                 raise SlicingError(f"parameters {other} and {name} are one tensor (tied "
                                    f"weights), which peerd does not slice yet: use the tensor "
                                    f"through the functional form, e.g. F.linear(x, {other})")
-        graph = tp.DependencyGraph().build_dependency(
-            model, example_inputs=self.example_input(1), verbose=False)
+        try:
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=self.example_input(1), verbose=False)
+        except Exception as error:  # the user's forward: any failure is named in one line
+            raise SlicingError(f"the model's forward fails on one training input of shape "
+                               f"{tuple(self.example_input(1).shape)}: {type(error).__name__}: "
+                               f"{error}") from None
         tensors = dict(model.named_parameters()) | {
             name: buffer for name, buffer in model.named_buffers() if buffer.is_floating_point()}
         axes: dict[str, list[str | None]] = {name: [None] * t.dim() for name, t in tensors.items()}
