@@ -5,6 +5,7 @@ named with the entry at fault, without a traceback."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from peerd.data import load_task_data
 from peerd.data.datasets import _digits_table
 
 
-def _image_folder(root: Path, mode: str = "L", size: int = 8) -> Path:
+def image_folder(root: Path, mode: str = "L", size: int = 8) -> Path:
     """The digits written as PNG files under one folder per class (the first 200)."""
     features, labels = _digits_table()
     for index, (pixels, label) in enumerate(zip(features[:200], labels[:200], strict=True)):
@@ -38,10 +39,10 @@ def _csv(path: Path, rows: int = 300, label: str = "digit") -> Path:
 
 
 def test_an_image_folder_loads_grey_and_rgb(tmp_path: Path) -> None:
-    grey = load_task_data("digits", _image_folder(tmp_path / "grey"))
+    grey = load_task_data("digits", image_folder(tmp_path / "grey"))
     assert grey.train.inputs.shape[1:] == (1, 8, 8)
     assert len(grey.train) + len(grey.test) == 200 and grey.num_classes == 10
-    rgb = load_task_data("fmnist", _image_folder(tmp_path / "rgb", "RGB", 12))
+    rgb = load_task_data("fmnist", image_folder(tmp_path / "rgb", "RGB", 12))
     assert rgb.train.inputs.shape[1:] == (3, 12, 12) and rgb.image_size == 12
 
 
@@ -58,7 +59,7 @@ def test_a_csv_table_trains_the_tabular_task(
 
 
 def test_an_image_folder_trains_the_cnn(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    folder, out = _image_folder(tmp_path / "images"), tmp_path / "run"
+    folder, out = image_folder(tmp_path / "images"), tmp_path / "run"
     assert main(["sim", "--task", "digits", "--data-dir", str(folder), "--peers", "2",
                  "--rounds", "1", "--out", str(out), "--quiet"]) == 0
     capsys.readouterr()
@@ -66,13 +67,13 @@ def test_an_image_folder_trains_the_cnn(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def _broken_image(root: Path) -> str:
-    folder = _image_folder(root / "images")
+    folder = image_folder(root / "images")
     (folder / "class3" / "bad.png").write_bytes(b"not a png")
     return str(folder)
 
 
 def _odd_size(root: Path) -> str:
-    folder = _image_folder(root / "images")
+    folder = image_folder(root / "images")
     Image.new("L", (9, 9)).save(folder / "class4" / "odd.png")
     return str(folder)
 
@@ -101,7 +102,7 @@ def _bad_text(root: Path) -> str:
     ("kjv", _bad_text, "b.txt: not UTF-8 text at byte 3"),
 ])
 def test_a_malformed_file_is_named(
-    task: str, make, message: str, tmp_path: Path,  # noqa: ANN001
+    task: str, make: Callable[[Path], str], message: str, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     data_dir = make(tmp_path)

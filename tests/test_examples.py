@@ -15,6 +15,7 @@ from types import ModuleType
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_data_dir import image_folder
 
 import peerd
 from peerd.algorithm.plan import Member, MSFusionPlanner
@@ -105,6 +106,21 @@ def test_the_resnet_export_carries_batchnorm_statistics_and_scores_global_acc(
     assert state["stem.1.running_var"].shape == (8,)
     assert not torch.equal(state["stem.1.running_var"], torch.ones(8))  # trained, averaged
     assert _user_accuracy(exported) == _records(out)[-1]["global_acc"]
+
+
+def test_the_resnet_trains_on_an_image_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """IMAGE_FOLDER: colour PNGs in one folder per class, as a user's photos would be."""
+    monkeypatch.setenv("IMAGE_FOLDER", str(image_folder(tmp_path / "images", "RGB", 12)))
+    out = tmp_path / "run"
+    assert main(["sim", "--task", f"{EXAMPLES / 'resnet_images'}.py:small_task", "--peers", "2",
+                 "--rounds", "1", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    task = _example("resnet_images").small_task()
+    assert task.train.tensors[0].shape[1:] == (3, 12, 12)
+    assert len(task.train) + len(task.test) == 200
+    assert _records(out)[-1]["global_acc"] is not None
 
 
 @pytest.mark.slow
