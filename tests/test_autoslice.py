@@ -225,3 +225,29 @@ def test_an_axis_fed_by_a_concatenation_is_named_and_can_be_kept_whole() -> None
     spec = AutoSpec(Concatenating, torch.zeros(4), "image", peerd.Slicing(whole=("joined",)))
     assert spec.axes["left.weight"] == (None, "hidden")
     assert spec.axes["joined.weight"] == (None, None)
+
+
+class BareNorms(nn.Module):
+    """Norms without tensors of their own: only their widths follow the slice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.group_norm = nn.GroupNorm(4, 8, affine=False)
+        self.hidden = nn.Linear(8, 16)
+        self.layer_norm = nn.LayerNorm(16, elementwise_affine=False)
+        self.out = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.relu(self.group_norm(self.conv(x))).mean(dim=(2, 3))
+        return self.out(self.layer_norm(torch.relu(self.hidden(pooled))))
+
+
+def test_norms_without_tensors_follow_the_slice() -> None:
+    spec = AutoSpec(BareNorms, torch.zeros(1, 5, 5), "image")
+    assert spec.groups["conv"].span == 2  # 8 channels in 4 norm groups
+    assert spec.axes["hidden.weight"] == ("hidden", "conv")
+    sub = extract(spec, init_params(spec, 0), _half_plan(spec))
+    assert sub.layer_norm.normalized_shape == (8,)
+    assert (sub.group_norm.num_channels, sub.group_norm.num_groups) == (4, 2)
+    assert sub(torch.randn(3, 1, 5, 5)).shape == (3, 2)

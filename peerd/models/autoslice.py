@@ -36,6 +36,8 @@ from peerd.task import Slicing
 
 SLICEABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
              nn.LayerNorm, nn.Embedding)
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+_OUT_AXES_NORM = ("weight", "bias", "running_mean", "running_var")
 # Tensor name -> the axis that holds a module's output channels, and its input channels.
 _OUT_AXES: dict[type, dict[str, int]] = {
     nn.Linear: {"weight": 0, "bias": 0},
@@ -149,6 +151,7 @@ class AutoSpec:
             name: buffer for name, buffer in model.named_buffers() if buffer.is_floating_point()}
         axes: dict[str, list[str | None]] = {name: [None] * t.dim() for name, t in tensors.items()}
         groups: dict[str, UnitGroup] = {}
+        self._bare_norms: dict[str, str] = {}  # norm module without tensors -> its group
         order = {name: index for index, (name, _) in enumerate(model.named_modules())}
         for group in graph.get_all_groups(root_module_types=(nn.Linear, nn.Conv1d, nn.Conv2d,
                                                               nn.Embedding)):
@@ -164,8 +167,11 @@ class AutoSpec:
             # Named after its first module in the model's order (the stem, the embedding).
             group_name = min((module_name for module_name, _ in places), key=order.__getitem__)
             groups[group_name] = UnitGroup(group_name, entries // span, span)
-            for _, (tensor_name, axis) in places:
-                axes[tensor_name][axis] = group_name
+            for module_name, place in places:
+                if place is None:
+                    self._bare_norms[module_name] = group_name
+                else:
+                    axes[place[0]][place[1]] = group_name
         self._groups = dict(sorted(groups.items(), key=lambda item: order[item[0]]))
         self._axes = {name: tuple(table) for name, table in axes.items()}
         self._check_half_width(model)
@@ -173,12 +179,13 @@ class AutoSpec:
     def _group_members(
         self, graph: Any, group: Any, names: Mapping[object, str],
         tensors: Mapping[str, torch.Tensor],
-    ) -> tuple[str, int, list[tuple[str, tuple[str, int]]], dict[str, int], set[str],
+    ) -> tuple[str, int, list[tuple[str, tuple[str, int] | None]], dict[str, int], set[str],
                str | None] | None:
-        """(root module, entries, [(module, (tensor, axis))], spans, every module touched, why
+        """(root module, entries, [(module, (tensor, axis) or None for a norm without tensors)],
+        spans, every module touched, why
         it cannot be sliced or None) of one coupled set, or None when nothing inside the model
         reads it (an output: classes, vocabulary)."""
-        places: list[tuple[str, tuple[str, int]]] = []
+        places: list[tuple[str, tuple[str, int] | None]] = []
         problem: str | None = None
         touched: set[str] = set()
         spans: dict[str, int] = {}
@@ -197,6 +204,9 @@ class AutoSpec:
             table = _OUT_AXES if is_out else _IN_AXES
             if not is_out and isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d):
                 read_inside = True
+            if isinstance(module, NORMS) and not any(
+                    f"{module_name}.{tensor_name}" in tensors for tensor_name in _OUT_AXES_NORM):
+                places.append((module_name, None))  # no tensors: only its width follows
             for tensor_name, axis in _axes_of(module, table).items():
                 full_name = f"{module_name}.{tensor_name}" if module_name else tensor_name
                 if full_name not in tensors:
@@ -290,6 +300,9 @@ class AutoSpec:
                     collection[tensor_name] = (nn.Parameter(smaller, tensor.requires_grad)
                                                if isinstance(tensor, nn.Parameter) else smaller)
                     changed = True
+            if module_name in self._bare_norms:
+                group = self.groups[self._bare_norms[module_name]]
+                _fit_norm(module, units[group.name] * group.span)
             if changed:
                 _fit_attributes(module)
                 if self.declaration.scale_inputs:
@@ -326,15 +339,19 @@ def _fit_attributes(module: nn.Module) -> None:
         module.out_features, module.in_features = module.weight.shape
     elif isinstance(module, nn.Conv1d | nn.Conv2d):
         module.out_channels, module.in_channels = module.weight.shape[:2]
-    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-        module.num_features = module.running_mean.shape[0] if module.running_mean is not None \
-            else module.weight.shape[0]
-    elif isinstance(module, nn.GroupNorm):
-        span = module.num_channels // module.num_groups
-        module.num_channels = module.weight.shape[0]
-        module.num_groups = module.num_channels // span
-    elif isinstance(module, nn.LayerNorm):
-        module.normalized_shape = (module.weight.shape[0],)
+    elif isinstance(module, NORMS):
+        tensor = module.weight if module.weight is not None else module.running_mean
+        _fit_norm(module, tensor.shape[0])
     elif isinstance(module, nn.Embedding):
         module.embedding_dim = module.weight.shape[1]
 
+
+def _fit_norm(module: nn.Module, width: int) -> None:
+    """A norm's width attributes for `width` channels (GroupNorm keeps its channels per group)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        module.num_features = width
+    elif isinstance(module, nn.GroupNorm):
+        span = module.num_channels // module.num_groups
+        module.num_channels, module.num_groups = width, width // span
+    elif isinstance(module, nn.LayerNorm):
+        module.normalized_shape = (width,)
