@@ -137,3 +137,20 @@ def test_an_example_trains_in_a_cluster_of_daemons(name: str, tmp_path: Path) ->
     last = _records(out)[-1]
     assert last["coverage"] == 1.0
     assert last["flops_per_sample_peer_mean"] <= 0.35 * last["flops_per_sample_full"]
+
+
+def test_dropout_draws_the_same_masks_whatever_the_process_drew_before(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The MLP example has dropout: its training is seeded by (seed, round, peer), as a
+    daemon's and the simulator's must be."""
+    losses = []
+    for run in range(2):
+        torch.rand(1000 * (run + 1))  # whatever else the process did before
+        out = tmp_path / f"run{run}"
+        assert main(["sim", "--task", f"{EXAMPLES / 'mlp_tabular'}.py:small_task", "--peers",
+                     "2", "--rounds", "2", "--eval-every", "2", "--out", str(out),
+                     "--quiet"]) == 0
+        losses.append([record["train_loss_mean"] for record in _records(out)])
+    capsys.readouterr()
+    assert losses[0] == losses[1]

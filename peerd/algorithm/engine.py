@@ -164,6 +164,13 @@ class Engine:
     def own_plan(self, ctx: RoundContext) -> Plan:
         return ctx.plans_now[self.peer_id]
 
+    def _seed_global_generator(self, round_index: int) -> None:
+        """Dropout, and any other draw from torch's global generator during local training,
+        seeded by (seed, round, peer): the same in the simulator and in a daemon, whatever the
+        process drew before."""
+        keys = [self.seed, round_index, zlib.crc32(self.peer_id.encode()), 1]
+        torch.manual_seed(int(np.random.default_rng(keys).integers(2**62)))
+
     def _batch_order(self, round_index: int) -> torch.Tensor:
         keys = [self.seed, round_index, zlib.crc32(self.peer_id.encode())]
         generator = torch.Generator().manual_seed(int(np.random.default_rng(keys).integers(2**62)))
@@ -173,6 +180,7 @@ class Engine:
         """Extract this round's sub-model, train it locally, write it back."""
         plan = self.own_plan(ctx)
         config = self.train_config
+        self._seed_global_generator(ctx.round_index)
         module = extract(self.spec, self.params, plan)
         module.train()
         if self.frozen_blocks:
