@@ -13,6 +13,7 @@ import hashlib
 import json
 
 from peerd.config import DaemonConfig, PeerOptions
+from peerd.models.base import FINGERPRINT_PARTS
 from peerd.options import option_fields, spec_of
 
 _SEPARATOR = "."
@@ -44,7 +45,14 @@ def fingerprint_mismatch(got: str, expected: str) -> str:
     got_model, _, got_planner = (half[:_SHOWN_CHARS] for half in got.partition(_SEPARATOR))
     expected_model, _, expected_planner = expected.partition(_SEPARATOR)
     if got_model != expected_model:
-        return f"model fingerprint {got_model}, expected {expected_model} (another task or model)"
+        got_parts, expected_parts = got_model.split("-"), expected_model.split("-")
+        differing = [what for what, got_part, expected_part
+                     in zip(FINGERPRINT_PARTS, got_parts, expected_parts, strict=False)
+                     if got_part != expected_part]
+        what = (f"{', '.join(differing)} differ" if differing
+                and len(got_parts) == len(FINGERPRINT_PARTS) else "the model differs")
+        return (f"model fingerprint {got_model}, expected {expected_model}: {what} (another "
+                f"task or model)")
     names = agreed_names()
     return (f"planner fingerprint {got_planner or '(none)'}, expected {expected_planner}: "
             f"{', '.join(names[:-1])} and {names[-1]} must be the same on every member")

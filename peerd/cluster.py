@@ -206,7 +206,7 @@ class ClusterWatcher:
         self.daemons = daemons
         self.console = console
         task = get_task(config.task)
-        self.data = task.load_data(config.data_dir)
+        self.data = task.load_data(config.data_dir, label_column=config.label_column)
         self.spec = task.model(self.data, config.early_exits)
         self.eval_samples = config.eval_samples if config.eval_samples else task.eval_samples
         initial = init_params(self.spec, config.seed)

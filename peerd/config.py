@@ -218,7 +218,7 @@ def parse_overlap_text(text: str) -> str:
 # (tests/test_first_minutes.py checks): importing those loads torch, which parsing must not
 # wait for.
 METHODS = ("fd", "fedrolex", "full", "heterofl", "msfusion")
-TASK_NAMES = ("digits", "fmnist", "kjv", "kjv-large")
+TASK_NAMES = ("digits", "fmnist", "kjv", "kjv-large", "tabular")
 
 
 def parse_task(text: str) -> str:
@@ -263,9 +263,9 @@ class PeerOptions:
     topology: str = option("ring", "who exchanges slices with whom: ring, full, or a TOML path")
     task: str = option(
         "digits", "the task: digits (8x8 CNN), fmnist (28x28 CNN), kjv (text), kjv-large "
-        "(104M-parameter text), or your own: FILE.py:FUNCTION or package.module:FUNCTION "
-        "returning a peerd.Task (docs/MODELS.md)"
-        + SAME, parse=parse_task, metavar="digits|fmnist|kjv|kjv-large|FILE.py:FUNCTION")
+        "(104M-parameter text), tabular (a CSV table, MLP), or your own: FILE.py:FUNCTION or "
+        "package.module:FUNCTION returning a peerd.Task (docs/MODELS.md)"
+        + SAME, parse=parse_task, metavar="digits|fmnist|kjv|kjv-large|tabular|FILE.py:FUNCTION")
     method: str = option("msfusion", "planner: msfusion, or a baseline: fedrolex, heterofl, fd "
                          "or full" + SAME, agreed=True, choices=METHODS)
     seed: int = option(0, "seeds init, data split, plans and batches" + SAME, agreed=True)
@@ -285,7 +285,10 @@ class PeerOptions:
         "iid", "how the data is split among peers: iid, dirichlet:ALPHA, natural",
         parse=parse_partition_text, metavar="iid|dirichlet:ALPHA|natural")
     data_dir: str | None = option(
-        None, "your own copy of the task's data (default: the bundled data)")
+        None, "your own copy of the task's data (default: the bundled data): IDX files or an "
+        "image folder (digits, fmnist), text files (kjv), a CSV file (tabular)")
+    label_column: str = option(
+        "label", "with data_dir FILE.csv (task tabular): the column that holds the class")
     wire_dtype: str = option(
         "float32", "precision of exchanged values: float32, float16 or bfloat16" + SAME,
         choices=WIRE_DTYPES)

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
 from peerd.algorithm.aggregate import assemble
+from peerd.algorithm.batchnorm import calibration_inputs, recompute_batchnorm
 from peerd.algorithm.evaluate import Evaluation, evaluate
 from peerd.algorithm.submodel import Params, extract
 from peerd.data import TaskData
@@ -39,22 +41,31 @@ def evaluate_global(
     (`global_*`) and every peer's own sub-model of the round, averaged over peers
     (`peer_global_*`). The second is what a method hands a peer: for heterofl and fd at one
     width, the shared sub-model, whose untrained rest makes the assembled model meaningless.
+    BatchNorm statistics are recomputed for every model scored (peerd/algorithm/batchnorm.py).
     Returns the figures and the assembled model they score (what `peerd export` hands out)."""
     test = data.test
     if eval_samples is not None and eval_samples < len(test):
         test = test.subset(np.arange(eval_samples))
+    calibration = calibration_inputs(data.train.inputs)
     assembled = extract(spec, assemble(spec, peer_params, plans), full_plan(spec))
+    recompute_batchnorm(assembled, calibration)
     result = evaluate(assembled, spec.kind, test)
     figures = {"global_acc": result.accuracy, "global_loss": result.loss}
     if spec.kind == "text":
         figures["global_ppl"] = result.perplexity
-    own = [evaluate(extract(spec, params, plans[peer_id]), spec.kind, test)
+    own = [evaluate(_calibrated(extract(spec, params, plans[peer_id]), calibration),
+                    spec.kind, test)
            for peer_id, params in peer_params.items()]
     figures["peer_global_acc_mean"] = statistics.fmean(e.accuracy for e in own)
     figures["peer_global_loss_mean"] = statistics.fmean(e.loss for e in own)
     if spec.kind == "text":
         figures["peer_global_ppl_mean"] = statistics.fmean(e.perplexity for e in own)
     return figures, assembled
+
+
+def _calibrated(module: nn.Module, calibration: torch.Tensor) -> nn.Module:
+    recompute_batchnorm(module, calibration)
+    return module
 
 
 def local_figures(spec: ModelSpec, local: Sequence[Evaluation]) -> dict[str, float]:

@@ -31,7 +31,7 @@ from peerd.config import (
     parse_size,
 )
 from peerd.data import Split, TaskData, local_train_test, partition
-from peerd.models.base import DEPTH, ModelSpec
+from peerd.models.base import DEPTH, ModelSpec, full_units
 from peerd.tasks import get_task
 
 log = logging.getLogger("peerd.peer")
@@ -80,7 +80,15 @@ def training_set(data: TaskData, config: PeerConfig) -> Split:
 
 
 def load_data(config: PeerConfig) -> TaskData:
-    return get_task(config.task).load_data(config.data_dir)
+    return get_task(config.task).load_data(config.data_dir, label_column=config.label_column)
+
+
+def _has_representation(spec: ModelSpec) -> bool:
+    """Whether the model splits its forward into features() and logits() (the contrastive
+    term reads the representation between them)."""
+    model_type = type(spec.build(full_units(spec)))
+    return callable(getattr(model_type, "features", None)) and callable(
+        getattr(model_type, "logits", None))
 
 
 def build_peer(config: PeerConfig, position: int, peer_id: str,
@@ -110,6 +118,14 @@ def build_peer(config: PeerConfig, position: int, peer_id: str,
         config.wire_dtype, Staleness(config.staleness_exponent, config.max_staleness),
         config.frozen_blocks,
     )
+    if train.contrastive and not _has_representation(spec):
+        raise ConfigError(f"task {config.task}: --contrastive needs a model with features() "
+                          f"and logits() methods, as the built-in models have")
+    if task.loss is not None:
+        if train.contrastive or train.balanced_softmax:
+            raise ConfigError(f"task {config.task}: its own loss cannot be combined with "
+                              f"--contrastive or --balanced-softmax")
+        engine.task_objective = task.loss
     if mu == AUTO:
         assert isinstance(config, DaemonConfig)
         mu, depth, engine.frozen_blocks = _measured_capacity(config, engine, train)

@@ -13,7 +13,8 @@ from pathlib import Path
 from peerd.config import ConfigError, TrainConfig
 from peerd.data import TaskData, load_task_data
 from peerd.models import CNNConfig, CNNSpec, ModelSpec, TransformerConfig, TransformerSpec
-from peerd.task import check_model_matches, is_task_reference, load_task, task_data
+from peerd.models.mlp import mlp_spec
+from peerd.task import TaskLoss, check_loss, is_task_reference, load_task, task_data, task_spec
 
 BLOCK_SIZE = 64
 LARGE_LOCAL_EVAL_SAMPLES = 64
@@ -26,20 +27,32 @@ class Task:
     model: Callable[..., ModelSpec]  # (data, early_exits=False)
     train: TrainConfig
     eval_samples: int | None  # global test samples per evaluation (None: all)
-    load_data: Callable[[str | Path | None], TaskData]  # (data_dir)
+    load_data: Callable[..., TaskData]  # (data_dir, label_column="label")
     local_eval_samples: int | None = None  # a peer's own test samples per evaluation (None: all)
+    loss: TaskLoss | None = None  # a user's own loss; None: cross-entropy
 
 
+# The image tasks' CNNs take their size and channels from the data (an image folder may hold
+# RGB images of any one size).
 def _digits_model(data: TaskData, early_exits: bool = False) -> ModelSpec:
-    return CNNSpec(CNNConfig(image_size=8, num_classes=data.num_classes, stage_widths=(32, 64),
+    return CNNSpec(CNNConfig(image_size=data.image_size or 8, num_classes=data.num_classes,
+                             in_channels=data.train.inputs.shape[1], stage_widths=(32, 64),
                              early_exits=early_exits))
 
 
 def _fmnist_model(data: TaskData, early_exits: bool = False) -> ModelSpec:
     return CNNSpec(
-        CNNConfig(image_size=28, num_classes=data.num_classes, stage_widths=(16, 32, 64),
+        CNNConfig(image_size=data.image_size or 28, num_classes=data.num_classes,
+                  in_channels=data.train.inputs.shape[1], stage_widths=(16, 32, 64),
                   channels_per_unit=2, early_exits=early_exits)
     )
+
+
+def _tabular_model(data: TaskData, early_exits: bool = False) -> ModelSpec:
+    if early_exits:
+        raise ConfigError("task 'tabular': --early-exits is not supported (its MLP is sliced "
+                          "automatically, without depth)")
+    return mlp_spec(data.train.inputs.shape[1], data.num_classes)
 
 
 def _kjv_model(data: TaskData, early_exits: bool = False) -> ModelSpec:
@@ -76,6 +89,10 @@ TASKS: dict[str, Task] = {
              TrainConfig(lr=0.02, momentum=0.9, weight_decay=0.0, batch_size=8,
                          max_local_steps=8, grad_clip=1.0), 64,
              partial(load_task_data, "kjv", block_size=BLOCK_SIZE), LARGE_LOCAL_EVAL_SAMPLES),
+        Task("tabular", "a CSV table (--data-dir, --label-column; default: the digits' 64 "
+             "pixel columns), MLP", _tabular_model,
+             TrainConfig(lr=0.05, batch_size=32, local_epochs=2), None,
+             partial(load_task_data, "tabular")),
     )
 }
 
@@ -94,8 +111,10 @@ def get_task(name: str) -> Task:
 def _user_task(reference: str) -> Task:
     """A user's peerd.Task as peerd trains it: its declaration, data and training defaults."""
     user = load_task(reference)
-    spec = check_model_matches(user)
     data = task_data(user)
+    spec = task_spec(user, data.train.inputs[0])
+    batch = slice(None, user.batch_size or TrainConfig().batch_size)
+    loss = check_loss(user, data.train.inputs[batch], data.train.targets[batch])
 
     def model(data: TaskData, early_exits: bool = False) -> ModelSpec:
         if early_exits:
@@ -103,7 +122,7 @@ def _user_task(reference: str) -> Task:
                               f"user's task yet")
         return spec
 
-    def load_data(data_dir: str | Path | None) -> TaskData:
+    def load_data(data_dir: str | Path | None, label_column: str = "label") -> TaskData:
         if data_dir is not None:
             raise ConfigError(f"task {user.name!r} brings its own data: drop --data-dir")
         return data
@@ -112,4 +131,4 @@ def _user_task(reference: str) -> Task:
     train = replace(defaults, lr=user.lr or defaults.lr,
                     batch_size=user.batch_size or defaults.batch_size,
                     max_local_steps=user.local_steps)
-    return Task(user.name, f"{reference} ({user.name})", model, train, None, load_data)
+    return Task(user.name, f"{reference} ({user.name})", model, train, None, load_data, loss=loss)

@@ -91,7 +91,7 @@ def test_digits_shapes_split_and_standardisation() -> None:
 def test_digits_deterministic_and_cached() -> None:
     data = load_task_data("digits")
     assert load_task_data("digits", block_size=7) is data  # block_size is ignored for images
-    fresh = _load_cached.__wrapped__("digits", None, None)  # bypass the cache
+    fresh = _load_cached.__wrapped__("digits", None, None, "label")  # bypass the cache
     assert torch.equal(fresh.train.inputs, data.train.inputs)
     assert torch.equal(fresh.test.targets, data.test.targets)
 

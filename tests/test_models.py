@@ -14,6 +14,7 @@ import pytest
 import torch
 from support import random_plan
 
+from peerd.agreement import fingerprint_mismatch
 from peerd.algorithm.plan import Member, make_planner
 from peerd.algorithm.submodel import (
     entry_indices,
@@ -429,8 +430,19 @@ def test_fingerprint_is_stable_and_distinguishes_the_specs() -> None:
         # A fresh spec of the same config is the same model.
         assert fingerprint(type(spec)(spec.cfg)) == prints[name]
     for value in prints.values():
-        assert len(value) == 16
-        int(value, 16)
+        parts = value.split("-")
+        assert len(parts) == 4 and all(len(part) == 4 for part in parts)
+        [int(part, 16) for part in parts]
+
+
+def test_a_fingerprint_mismatch_names_what_differs() -> None:
+    narrow = fingerprint(CNNSpec(CNNConfig(image_size=8, stage_widths=(32, 64))))
+    wide = fingerprint(CNNSpec(CNNConfig(image_size=8, stage_widths=(32, 128))))
+    assert fingerprint_mismatch(wide, narrow).endswith(
+        ": parameter shapes, unit groups and axes differ (another task or model)")
+    other = fingerprint(TASK_LM)
+    assert ": model family, parameter names, parameter shapes, unit groups and axes differ" in \
+        fingerprint_mismatch(other, narrow)
 
 
 @pytest.mark.parametrize(

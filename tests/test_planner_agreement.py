@@ -47,7 +47,8 @@ def test_a_mismatch_names_the_half_that_differs() -> None:
     assert "method, seed, reduce_scatter, overlap and drift_period must be the same" in reason
     other_model = cluster_fingerprint("f" * 16, planner_settings("msfusion", 0, "static", 1))
     assert fingerprint_mismatch(other_model, ours) == (
-        f"model fingerprint {'f' * 16}, expected {MODEL} (another task or model)")
+        f"model fingerprint {'f' * 16}, expected {MODEL}: the model differs (another task or "
+        f"model)")
 
 
 def test_daemons_with_different_regroup_periods_refuse_each_other(

@@ -96,8 +96,28 @@ def not_a_task():
     return {"name": "t"}
 
 
-def unsliced():
-    return make(slicing=None)
+class WithAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(64, 16)
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = torch.nn.Linear(16, 2)
+
+    def forward(self, x):
+        hidden = self.embed(x.flatten(1)).unsqueeze(1)
+        return self.head(self.attn(hidden, hidden, hidden)[0].squeeze(1))
+
+
+def not_a_module():
+    return make(model=lambda: "a model", slicing=None)
+
+
+def wrong_input():
+    return make(model=lambda: torch.nn.Linear(3, 2), slicing=None)
+
+
+def unsliceable():
+    return make(model=WithAttention, slicing=None)
 
 
 def mismatched():
@@ -114,8 +134,28 @@ def batch_norm():
     return make(model=lambda: model)
 
 
-def custom_loss():
-    return make(loss=lambda model, batch: model(batch[0]).sum())
+def vector_loss():
+    return make(loss=lambda model, batch: model(batch[0]).sum(dim=1))
+
+
+def failing_loss():
+    return make(loss=lambda model, batch: model(batch[1]))
+
+
+def constant_loss():
+    return make(loss=lambda model, batch: torch.tensor(1.0))
+
+
+CALLS = []
+
+
+def counted_loss(model, batch):
+    CALLS.append(len(batch[1]))
+    return torch.nn.functional.cross_entropy(model(batch[0]), batch[1], label_smoothing=0.1)
+
+
+def own_loss():
+    return make(loss=counted_loss)
 """
 
 
@@ -126,11 +166,17 @@ def custom_loss():
         ("{file}:absent", "has no function 'absent'"),
         ("{file}:not_a_task", "not_a_task() returned dict, not a peerd.Task"),
         ("no_such_package.tasks:task", "no module named 'no_such_package'"),
-        ("{file}:unsliced", "automatic slicing is not built yet"),
+        ("{file}:not_a_module", "model() returned str, not a torch.nn.Module"),
+        ("{file}:wrong_input", "the model's forward fails on one training input of shape "
+                               "(1, 1, 8, 8): RuntimeError"),
+        ("{file}:unsliceable", "module attn cannot be sliced: nn.MultiheadAttention packs"),
         ("{file}:mismatched", "model() and slicing disagree on parameters"),
         ("{file}:nan_model", "is not finite"),
-        ("{file}:custom_loss", "a custom loss is not supported yet"),
-        ("{file}:batch_norm", "keeps running statistics, which peerd does not average yet"),
+        ("{file}:vector_loss", "loss(model, batch) on 8 training items returned (8,), not a "
+                               "scalar tensor"),
+        ("{file}:failing_loss", "loss(model, batch) on 8 training items failed: RuntimeError"),
+        ("{file}:constant_loss", "has no gradient"),
+        ("{file}:batch_norm", "keeps running statistics that the declared table does not list"),
         ("mnist", "invalid choice: 'mnist'"),
     ],
 )
@@ -148,3 +194,27 @@ def test_a_bad_task_is_named_without_a_traceback(
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
+
+
+def test_a_tasks_own_loss_is_what_trains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    task_file = tmp_path / "own_loss_task.py"
+    task_file.write_text(BODY)
+    assert main(["sim", "--task", f"{task_file}:own_loss", "--peers", "2", "--rounds", "1",
+                 "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    capsys.readouterr()
+    calls = sys.modules["peerd_user_task_own_loss_task"].CALLS
+    # One check on a batch of the 8 items, then every local step of both peers.
+    assert calls[0] == 8 and len(calls) > 2
+
+
+def test_the_contrastive_term_needs_a_models_representation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    mlp = EXAMPLE.parent / "mlp_tabular.py"
+    assert main(["sim", "--task", f"{mlp}:small_task", "--contrastive", "--rounds", "1",
+                 "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--contrastive needs a model with features() and logits()" in err
+    assert "Traceback" not in err

@@ -148,6 +148,8 @@ class Engine:
         self.after_training: tuple[Plan, nn.Module] | None = None
         # Called with (steps done, steps this round) after every local step: progress display.
         self.on_step: Callable[[int, int], None] | None = None
+        # A task's own loss (peerd.Task.loss), trained instead of the model loss.
+        self.task_objective: Objective | None = None
 
     @property
     def weight(self) -> float:
@@ -167,6 +169,13 @@ class Engine:
     def own_plan(self, ctx: RoundContext) -> Plan:
         return ctx.plans_now[self.peer_id]
 
+    def _seed_global_generator(self, round_index: int) -> None:
+        """Dropout, and any other draw from torch's global generator during local training,
+        seeded by (seed, round, peer): the same in the simulator and in a daemon, whatever the
+        process drew before."""
+        keys = [self.seed, round_index, zlib.crc32(self.peer_id.encode()), 1]
+        torch.manual_seed(int(np.random.default_rng(keys).integers(2**62)))
+
     def _batch_order(self, round_index: int) -> torch.Tensor:
         keys = [self.seed, round_index, zlib.crc32(self.peer_id.encode())]
         generator = torch.Generator().manual_seed(int(np.random.default_rng(keys).integers(2**62)))
@@ -176,6 +185,7 @@ class Engine:
         """Extract this round's sub-model, train it locally, write it back."""
         plan = self.own_plan(ctx)
         config = self.train_config
+        self._seed_global_generator(ctx.round_index)
         module = extract(self.spec, self.params, plan)
         module.train()
         if self.frozen_blocks:
@@ -185,7 +195,7 @@ class Engine:
                                  f"exits and more kept blocks (depth {depth})")
             freeze_shallowest(self.spec, module, self.frozen_blocks)
         optimizer = sgd(module, config)
-        objective = self._contrastive_objective(plan)
+        objective = self._contrastive_objective(plan) or self.task_objective
         if config.balanced_softmax:  # issue 23: the local label prior taken out of the logits
             objective = BalancedSoftmax(self.spec.kind, self.train_split.targets)
         loss_sum, samples, steps = 0.0, 0, 0

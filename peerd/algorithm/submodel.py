@@ -17,19 +17,27 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from peerd.models.base import ModelSpec, Plan, UnitGroup, holds_param, plan_units
+from peerd.models.base import (
+    ModelSpec,
+    Plan,
+    UnitGroup,
+    holds_param,
+    plan_units,
+    table_tensors,
+)
 
 Params = dict[str, torch.Tensor]
 
 
 def init_params(spec: ModelSpec, seed: int) -> Params:
-    """The full model's initial parameters: every peer of a cluster derives the same ones."""
+    """The full model's initial parameters (and tabled buffers): every peer of a cluster
+    derives the same ones."""
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)
         module = spec.build({name: group.units for name, group in spec.groups.items()})
     # The module's own storage, not a copy: a second full set, even a passing one, is what a
     # device short of memory cannot afford (invariant 9).
-    return {name: p.detach() for name, p in module.named_parameters()}
+    return {name: p.detach() for name, p in table_tensors(spec, module).items()}
 
 
 def param_bytes(params: Params) -> int:
@@ -90,7 +98,7 @@ def extract(spec: ModelSpec, params: Params, plan: Plan) -> nn.Module:
     module = spec.build(plan_units(plan))
     sliced = slice_params(spec, params, plan)
     with torch.no_grad():
-        for name, parameter in module.named_parameters():
+        for name, parameter in table_tensors(spec, module).items():
             parameter.copy_(sliced[name])
     return module
 
@@ -98,7 +106,7 @@ def extract(spec: ModelSpec, params: Params, plan: Plan) -> nn.Module:
 def write_back(spec: ModelSpec, params: Params, plan: Plan, module: nn.Module) -> None:
     """Store the module's parameters into their places in the full parameters, in place."""
     with torch.no_grad():
-        for name, parameter in module.named_parameters():
+        for name, parameter in table_tensors(spec, module).items():
             target = params[name]
             target[_open_mesh(target.shape, axis_indices(spec, plan, name))] = parameter.detach()
 

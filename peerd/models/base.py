@@ -96,22 +96,40 @@ def holds_param(spec: ModelSpec, plan: Plan, name: str) -> bool:
     return block is None or depth is None or block < depth
 
 
+def table_tensors(spec: ModelSpec, module: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors peerd slices, trains or averages: every parameter, and the buffers the table
+    lists (BatchNorm running statistics, averaged with their channels like parameters)."""
+    tensors = dict(module.named_parameters())
+    tensors.update((name, buffer) for name, buffer in module.named_buffers()
+                   if name in spec.axes)
+    return tensors
+
+
+# What each part of a model fingerprint digests, in order: a mismatch names the parts that differ.
+FINGERPRINT_PARTS = ("model family", "parameter names", "parameter shapes",
+                     "unit groups and axes")
+
+
 def fingerprint(spec: ModelSpec) -> str:
-    """A short digest of the architecture: peers may only exchange slices of the same model."""
+    """A short digest of the architecture: peers may only exchange slices of the same model.
+    Four digests joined by '-', one per FINGERPRINT_PARTS entry."""
     module = spec.build(full_units(spec))
-    table = {
-        "groups": {name: [g.units, g.span] for name, g in sorted(spec.groups.items())},
-        "axes": {name: list(axes) for name, axes in sorted(spec.axes.items())},
-        "shapes": {name: list(p.shape) for name, p in module.named_parameters()},
-        "class": type(spec).__name__,
-    }
-    return hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()[:16]
+    tensors = table_tensors(spec, module)
+    parts = (
+        {"class": type(spec).__name__, "kind": spec.kind},
+        sorted(tensors),
+        {name: list(tensor.shape) for name, tensor in sorted(tensors.items())},
+        {"groups": {name: [g.units, g.span] for name, g in sorted(spec.groups.items())},
+         "axes": {name: list(axes) for name, axes in sorted(spec.axes.items())}},
+    )
+    return "-".join(hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:4]
+                    for part in parts)
 
 
 def check_table(spec: ModelSpec) -> None:
     """The axis table must describe the full module exactly: same names, matching sizes."""
     module = spec.build(full_units(spec))
-    params = dict(module.named_parameters())
+    params = table_tensors(spec, module)
     if set(params) != set(spec.axes):
         missing = sorted(set(params) - set(spec.axes))
         extra = sorted(set(spec.axes) - set(params))
