@@ -2,8 +2,8 @@
 
 Usage: python scripts/diagnose_assembly.py OUT.jsonl [--task fmnist] [--method msfusion]
            [--mu 0.25] [--seed 0] [--rounds 30] [--every 5] [--drift-period R]
-           [--topology ring] [--lr LR] [--steps N] [--contrastive] [--balanced-softmax]
-           [--test-samples 2000]
+           [--topology ring] [--layout ring|rotating|scattered] [--lr LR] [--steps N]
+           [--contrastive] [--balanced-softmax] [--test-samples 2000]
 
 8 peers, Dirichlet 0.5, the task's local training unless overridden. Every `--every` rounds it
 prints and appends one JSON line: the assembled model's accuracy (what `peerd sim` reports as
@@ -35,6 +35,7 @@ import torch
 
 from peerd.algorithm.aggregate import assemble
 from peerd.algorithm.evaluate import Evaluation, evaluate
+from peerd.algorithm.plan import LAYOUTS, RING_LAYOUT, make_planner
 from peerd.algorithm.submodel import Params, entry_mask, extract
 from peerd.config import DRIFT_PERIOD, SimConfig
 from peerd.models.base import Plan, full_plan
@@ -55,6 +56,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--drift-period", type=int, default=DRIFT_PERIOD)
     parser.add_argument("--topology", default="ring")
+    parser.add_argument("--layout", default=RING_LAYOUT, choices=LAYOUTS)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--contrastive", action="store_true")
@@ -78,6 +80,9 @@ def main() -> None:
         seed=args.seed, partition="dirichlet:0.5", out="/tmp/diagnose-assembly",
         drift_period=args.drift_period, topology=args.topology, train=train))
     spec = sim.spec
+    for engine in sim.engines:
+        engine.planner = make_planner(args.method, args.seed, drift_period=args.drift_period,
+                                      layout=args.layout)
     test = sim.data.test.subset(np.arange(min(args.test_samples, len(sim.data.test))))
 
     def scored(params: Params, plan: Plan | None = None) -> Evaluation:

@@ -44,6 +44,11 @@ import torch
 from peerd.config import DRIFT_PERIOD, STATIC_OVERLAP, parse_overlap
 from peerd.models.base import DEPTH, Plan, UnitGroup
 
+RING_LAYOUT = "ring"
+SCATTERED_LAYOUT = "scattered"
+ROTATING_LAYOUT = "rotating"
+LAYOUTS = (RING_LAYOUT, SCATTERED_LAYOUT, ROTATING_LAYOUT)
+
 Widths = tuple[tuple[str, int], ...]  # (group, units kept), in the model's group order
 
 
@@ -200,8 +205,13 @@ class MSFusionPlanner(Planner):
     name = "msfusion"
 
     def __init__(self, seed: int, overlap: str = STATIC_OVERLAP,
-                 drift_period: int = DRIFT_PERIOD) -> None:
+                 drift_period: int = DRIFT_PERIOD, layout: str = RING_LAYOUT) -> None:
         super().__init__(seed)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout={layout!r} is invalid: must be one of {', '.join(LAYOUTS)}")
+        # ring: the windows follow ring positions in every group; scattered: a seeded order of
+        # the members per group (docs/ALGORITHM.md, small widths).
+        self.layout = layout
         if drift_period < 1:
             raise ValueError(f"drift_period={drift_period} is invalid: must be >= 1")
         # Rounds in which the first width group drifts once around its ring; the r-th goes
@@ -231,17 +241,32 @@ class MSFusionPlanner(Planner):
         drift = round_index * (rank + 1) * group.units // self.drift_period
         return (start + drift) % group.units
 
+    def member_order(self, round_index: int, count: int, group: UnitGroup,
+                     rank: int) -> list[int]:
+        """The positions in the order their windows are laid around a group's ring: position
+        order (ring); position order turned by one every round, so that a peer takes next round
+        the windows of every group its ring neighbour holds now (rotating); or a seeded
+        permutation per group (scattered) so that a peer's windows of two groups meet anywhere
+        in a weight matrix, not on one diagonal band."""
+        if self.layout == ROTATING_LAYOUT:
+            return [(slot - round_index) % count for slot in range(count)]
+        if self.layout == RING_LAYOUT or rank == 0:
+            return list(range(count))
+        rng = _rng(self.seed, _stable_hash(group.name), count)
+        return [int(position) for position in rng.permutation(count)]
+
     def group_plan(
         self, round_index: int, members: Sequence[Member], group: UnitGroup, rank: int
     ) -> list[torch.Tensor]:
-        widths = [member_width(member, group) for member in members]
+        order = self.member_order(round_index, len(members), group, rank)
+        widths = [member_width(members[position], group) for position in order]
         offset = self.group_offset(round_index, group, rank)
         starts = self.window_starts(widths, group.units,
                                     overlap_level(self.overlap, round_index))
-        return [
-            _window(start + offset, width, group.units)
-            for start, width in zip(starts, widths, strict=True)
-        ]
+        windows: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long)] * len(members)
+        for position, start, width in zip(order, starts, widths, strict=True):
+            windows[position] = _window(start + offset, width, group.units)
+        return windows
 
 
 class FedRolexPlanner(Planner):
@@ -296,11 +321,11 @@ PLANNERS: dict[str, type[Planner]] = {
 
 
 def make_planner(method: str, seed: int, overlap: str = STATIC_OVERLAP,
-                 drift_period: int = DRIFT_PERIOD) -> Planner:
-    """The planner of `method`; `overlap` and `drift_period` are msfusion's overlap schedule
-    and the period of its per-group rotation."""
+                 drift_period: int = DRIFT_PERIOD, layout: str = RING_LAYOUT) -> Planner:
+    """The planner of `method`; `overlap`, `drift_period` and `layout` are msfusion's overlap
+    schedule, the period of its per-group rotation and the order of its windows."""
     if method == MSFusionPlanner.name:
-        return MSFusionPlanner(seed, overlap=overlap, drift_period=drift_period)
+        return MSFusionPlanner(seed, overlap=overlap, drift_period=drift_period, layout=layout)
     try:
         return PLANNERS[method](seed)
     except KeyError:
