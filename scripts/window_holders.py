@@ -1,20 +1,22 @@
 """How many peers hold each weight entry under msfusion's windows, by N and mu (no training).
 
 Usage: python scripts/window_holders.py [fmnist|kjv|digits] [--round T]
+           [--layout ring|rotating|scattered]
 
 Per (N, mu): the holders of each unit (N mu), and the fractions of all parameter entries held
 by exactly one peer and by two or more in round T (default 0). A unit has N mu holders, but an
 entry of a weight that joins two groups is held only by a peer whose windows of both groups
 contain it; with the windows ordered by ring position in every group (so a unit's co-holders
 are ring neighbours), a peer's blocks of every weight matrix lie on one diagonal band of width
-about 2 mu, whatever N (docs/ALGORITHM.md, small widths).
+about 2 mu, whatever N (docs/ALGORITHM.md, small widths). `--layout scattered` lays each
+group's windows in a seeded order of the members instead (rotating holds what ring holds).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from peerd.algorithm.plan import Member, make_planner
+from peerd.algorithm.plan import LAYOUTS, RING_LAYOUT, Member, make_planner
 from peerd.algorithm.submodel import entry_mask, init_params
 from peerd.data import load_task_data
 from peerd.tasks import BLOCK_SIZE, get_task
@@ -27,10 +29,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("task", nargs="?", default="fmnist")
     parser.add_argument("--round", type=int, default=0)
+    parser.add_argument("--layout", default=RING_LAYOUT, choices=LAYOUTS)
     args = parser.parse_args()
     spec = get_task(args.task).model(load_task_data(args.task, None, block_size=BLOCK_SIZE))
     params = init_params(spec, 0)
-    planner = make_planner("msfusion", 0)
+    planner = make_planner("msfusion", 0, layout=args.layout)
     print("| N | mu | holders per unit | entries held | by 1 peer | by 2+ peers |")
     print("|---|---|---|---|---|---|")
     for peers in PEERS:
