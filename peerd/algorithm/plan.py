@@ -14,7 +14,8 @@ member's index in that order is its *position*.
   invariant 3), while a window moves only a little each round and what it holds next round
   is mostly what it or its neighbour holds now. When the widths add up to more than K, the
   overlap schedule sets how far apart the windows are spread (docs/ALGORITHM.md, adaptive
-  overlap).
+  overlap). The windows follow the members' ring positions in every group (layout `ring`);
+  the experimental layouts `rotating` and `scattered` reorder them (member_order).
 - fedrolex: one rolling window, the same for every member and every layer.
 - heterofl: a static prefix of each group.
 - fd: Federated Dropout, a fresh random subset per member per round.
@@ -209,8 +210,9 @@ class MSFusionPlanner(Planner):
         super().__init__(seed)
         if layout not in LAYOUTS:
             raise ValueError(f"layout={layout!r} is invalid: must be one of {', '.join(LAYOUTS)}")
-        # ring: the windows follow ring positions in every group; scattered: a seeded order of
-        # the members per group (docs/ALGORITHM.md, small widths).
+        # The order of the windows around each ring (member_order). Only ring is a peerd
+        # option; rotating and scattered were measured and rejected at N = 8 (docs/ALGORITHM.md,
+        # a slower drift), and are kept for scripts/diagnose_assembly.py and window_holders.py.
         self.layout = layout
         if drift_period < 1:
             raise ValueError(f"drift_period={drift_period} is invalid: must be >= 1")
