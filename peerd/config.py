@@ -76,6 +76,9 @@ def parse_size(text: str, name: str = "size") -> int:
 # Precisions for the exchanged values (`wire_dtype`): halving the bytes costs rounding.
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 STATIC_OVERLAP = "static"
+# msfusion: the order of the peers' windows (docs/ALGORITHM.md, small widths); ring is the
+# method, the others are experiments kept for the scalability question.
+WINDOW_LAYOUTS = ("ring", "scattered", "rotating")
 # msfusion: rounds in which the first unit group's windows drift once around its ring; the r-th
 # group drifts r + 1 times as fast (docs/ALGORITHM.md, drift).
 DRIFT_PERIOD = 64
@@ -281,6 +284,10 @@ class PeerOptions:
         DRIFT_PERIOD, "msfusion: rounds in which the first unit group's windows drift once "
         "around; the r-th group drifts r + 1 times as fast" + SAME, agreed=True,
         planner="msfusion", rule=at_least(1), metavar="R")
+    layout: str = option(
+        "ring", "msfusion: the order of the peers' windows: ring (each group's windows in ring "
+        "order), or the experiments scattered and rotating (docs/ALGORITHM.md)" + SAME,
+        agreed=True, planner="msfusion", choices=WINDOW_LAYOUTS)
     partition: str = option(
         "iid", "how the data is split among peers: iid, dirichlet:ALPHA, natural",
         parse=parse_partition_text, metavar="iid|dirichlet:ALPHA|natural")

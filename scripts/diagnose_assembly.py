@@ -1,17 +1,17 @@
 """Why an assembled model learns or not: `peerd sim` rounds with extra figures per evaluation.
 
 Usage: python scripts/diagnose_assembly.py OUT.jsonl [--task fmnist] [--method msfusion]
-           [--mu 0.25] [--seed 0] [--rounds 30] [--every 5] [--drift-period R]
-           [--topology ring] [--lr LR] [--steps N] [--contrastive] [--balanced-softmax]
-           [--test-samples 2000]
+           [--peers 8] [--mu 0.25] [--seed 0] [--rounds 30] [--every 5] [--drift-period R]
+           [--topology ring] [--layout ring|rotating|scattered] [--lr LR] [--steps N]
+           [--contrastive] [--balanced-softmax] [--test-samples 2000]
 
-8 peers, Dirichlet 0.5, the task's local training unless overridden. Every `--every` rounds it
-prints and appends one JSON line: the assembled model's accuracy (what `peerd sim` reports as
-global_acc), the plain mean of all peers' full parameter copies, peer 0's own copy, each peer's
-sub-model on the global test set (mean and max), the fraction of entries some peer holds this
-round, coverage so far, and how far the peers' copies have drifted apart (the norm of the
-per-entry standard deviation across peers) next to the norm of their mean. Test accuracy is on
-the first 2000 test samples.
+8 peers unless `--peers`, Dirichlet 0.5, the task's local training unless overridden. Every
+`--every` rounds it prints and appends one JSON line: the assembled model's accuracy (what
+`peerd sim` reports as global_acc), the plain mean of all peers' full parameter copies, peer 0's
+own copy, each peer's sub-model on the global test set (mean and max), the fraction of entries
+some peer holds this round, coverage so far, and how far the peers' copies have drifted apart
+(the norm of the per-entry standard deviation across peers) next to the norm of their mean. Test
+accuracy is on the first 2000 test samples.
 
 Coherence (issue 23): the losses of the assembled model and of the peers' sub-models on the
 global test set; the fraction of weight entries held by exactly one peer and by two or more
@@ -35,6 +35,7 @@ import torch
 
 from peerd.algorithm.aggregate import assemble
 from peerd.algorithm.evaluate import Evaluation, evaluate
+from peerd.algorithm.plan import LAYOUTS, RING_LAYOUT, make_planner
 from peerd.algorithm.submodel import Params, entry_mask, extract
 from peerd.config import DRIFT_PERIOD, SimConfig
 from peerd.models.base import Plan, full_plan
@@ -49,12 +50,14 @@ def parse() -> argparse.Namespace:
     parser.add_argument("out", type=Path)
     parser.add_argument("--task", default="fmnist")
     parser.add_argument("--method", default="msfusion")
+    parser.add_argument("--peers", type=int, default=8)
     parser.add_argument("--mu", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--drift-period", type=int, default=DRIFT_PERIOD)
     parser.add_argument("--topology", default="ring")
+    parser.add_argument("--layout", default=RING_LAYOUT, choices=LAYOUTS)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--contrastive", action="store_true")
@@ -74,11 +77,14 @@ def main() -> None:
     train = dataclasses.replace(train, contrastive=args.contrastive,
                                 balanced_softmax=args.balanced_softmax)
     sim = build(SimConfig(
-        peers=8, method=args.method, mu=(args.mu,), task=args.task, rounds=args.rounds,
+        peers=args.peers, method=args.method, mu=(args.mu,), task=args.task, rounds=args.rounds,
         seed=args.seed, partition="dirichlet:0.5", out="/tmp/diagnose-assembly",
         drift_period=args.drift_period, topology=args.topology, contrastive=args.contrastive,
         train=train))
     spec = sim.spec
+    for engine in sim.engines:
+        engine.planner = make_planner(args.method, args.seed, drift_period=args.drift_period,
+                                      layout=args.layout)
     test = sim.data.test.subset(np.arange(min(args.test_samples, len(sim.data.test))))
 
     def scored(params: Params, plan: Plan | None = None) -> Evaluation:

@@ -44,7 +44,8 @@ def test_a_mismatch_names_the_half_that_differs() -> None:
     theirs = cluster_fingerprint(MODEL, planner_settings("msfusion", 0, "decay:5", 1))
     reason = fingerprint_mismatch(theirs, ours)
     assert reason.startswith(f"planner fingerprint {theirs.split('.')[1]}, expected ")
-    assert "method, seed, reduce_scatter, overlap and drift_period must be the same" in reason
+    names = "method, seed, reduce_scatter, overlap, drift_period and layout"
+    assert f"{names} must be the same" in reason
     other_model = cluster_fingerprint("f" * 16, planner_settings("msfusion", 0, "static", 1))
     assert fingerprint_mismatch(other_model, ours) == (
         f"model fingerprint {'f' * 16}, expected {MODEL}: the model differs (another task or "
@@ -100,4 +101,4 @@ def test_each_planner_takes_exactly_the_options_declared_for_it() -> None:
         assert keywords == set(planner_options(config)), method
         agreed = {"method", "seed", "reduce_scatter", *keywords}
         assert set(agreed_settings(config)) == agreed, method
-    assert set(planner_options(DaemonConfig())) == {"overlap", "drift_period"}
+    assert set(planner_options(DaemonConfig())) == {"overlap", "drift_period", "layout"}

@@ -14,7 +14,8 @@ member's index in that order is its *position*.
   invariant 3), while a window moves only a little each round and what it holds next round
   is mostly what it or its neighbour holds now. When the widths add up to more than K, the
   overlap schedule sets how far apart the windows are spread (docs/ALGORITHM.md, adaptive
-  overlap).
+  overlap). The windows follow the members' ring positions in every group (layout `ring`);
+  the experimental layouts `rotating` and `scattered` reorder them (member_order).
 - fedrolex: one rolling window, the same for every member and every layer.
 - heterofl: a static prefix of each group.
 - fd: Federated Dropout, a fresh random subset per member per round.
@@ -41,8 +42,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from peerd.config import DRIFT_PERIOD, STATIC_OVERLAP, PeerOptions, parse_overlap, planner_options
+from peerd.config import (
+    DRIFT_PERIOD,
+    STATIC_OVERLAP,
+    WINDOW_LAYOUTS,
+    PeerOptions,
+    parse_overlap,
+    planner_options,
+)
 from peerd.models.base import DEPTH, Plan, UnitGroup
+
+LAYOUTS = WINDOW_LAYOUTS
+RING_LAYOUT, SCATTERED_LAYOUT, ROTATING_LAYOUT = LAYOUTS
 
 Widths = tuple[tuple[str, int], ...]  # (group, units kept), in the model's group order
 
@@ -200,8 +211,14 @@ class MSFusionPlanner(Planner):
     name = "msfusion"
 
     def __init__(self, seed: int, overlap: str = STATIC_OVERLAP,
-                 drift_period: int = DRIFT_PERIOD) -> None:
+                 drift_period: int = DRIFT_PERIOD, layout: str = RING_LAYOUT) -> None:
         super().__init__(seed)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout={layout!r} is invalid: must be one of {', '.join(LAYOUTS)}")
+        # The order of the windows around each ring (member_order). Only ring is a peerd
+        # option; rotating and scattered were measured and rejected at N = 8 (docs/ALGORITHM.md,
+        # a slower drift), and are kept for scripts/diagnose_assembly.py and window_holders.py.
+        self.layout = layout
         if drift_period < 1:
             raise ValueError(f"drift_period={drift_period} is invalid: must be >= 1")
         # Rounds in which the first width group drifts once around its ring; the r-th goes
@@ -231,17 +248,32 @@ class MSFusionPlanner(Planner):
         drift = round_index * (rank + 1) * group.units // self.drift_period
         return (start + drift) % group.units
 
+    def member_order(self, round_index: int, count: int, group: UnitGroup,
+                     rank: int) -> list[int]:
+        """The positions in the order their windows are laid around a group's ring: position
+        order (ring); position order turned by one every round, so that a peer takes next round
+        the windows of every group its ring neighbour holds now (rotating); or a seeded
+        permutation per group (scattered) so that a peer's windows of two groups meet anywhere
+        in a weight matrix, not on one diagonal band."""
+        if self.layout == ROTATING_LAYOUT:
+            return [(slot - round_index) % count for slot in range(count)]
+        if self.layout == RING_LAYOUT or rank == 0:
+            return list(range(count))
+        rng = _rng(self.seed, _stable_hash(group.name), count)
+        return [int(position) for position in rng.permutation(count)]
+
     def group_plan(
         self, round_index: int, members: Sequence[Member], group: UnitGroup, rank: int
     ) -> list[torch.Tensor]:
-        widths = [member_width(member, group) for member in members]
+        order = self.member_order(round_index, len(members), group, rank)
+        widths = [member_width(members[position], group) for position in order]
         offset = self.group_offset(round_index, group, rank)
         starts = self.window_starts(widths, group.units,
                                     overlap_level(self.overlap, round_index))
-        return [
-            _window(start + offset, width, group.units)
-            for start, width in zip(starts, widths, strict=True)
-        ]
+        windows: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long)] * len(members)
+        for position, start, width in zip(order, starts, widths, strict=True):
+            windows[position] = _window(start + offset, width, group.units)
+        return windows
 
 
 class FedRolexPlanner(Planner):
