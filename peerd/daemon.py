@@ -61,7 +61,7 @@ from peerd.ops.ca import DEVICE_CERT
 from peerd.ops.exporter import Exporter
 from peerd.ops.progress import Console, round_line, step_display
 from peerd.ops.systemd import Notifier, watchdog_loop
-from peerd.peer import SNAPSHOT_BUDGET_FRACTION, SNAPSHOTS_KEPT, build_peer
+from peerd.peer import SNAPSHOTS_KEPT, build_peer, snapshot_budget_bytes
 from peerd.state import ROUNDS_LOG, load_or_create_peer_id, rewind
 from peerd.web.daemon_page import DaemonPage
 
@@ -137,7 +137,7 @@ class Daemon:
             evaluate_local=True, slowdown=config.slowdown,
             checkpoint=self._checkpoint if config.checkpoints_kept else None,
             stopping=self._stopping, reduce_parts=self if config.reduce_scatter else None,
-            snapshot_budget_bytes=SNAPSHOT_BUDGET_FRACTION * param_bytes(self.engine.params))
+            snapshot_budget_bytes=snapshot_budget_bytes(param_bytes(self.engine.params)))
         self.slices = GrpcSlices(self.driver, self.membership, self.clients, config.cluster,
                                  self.fingerprint)
         self.host = DaemonHost(self.spec, config.cluster, self.fingerprint, self.membership,

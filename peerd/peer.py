@@ -38,13 +38,22 @@ log = logging.getLogger("peerd.peer")
 
 # Besides its one full copy of the parameters a daemon holds its own slice after each of the
 # last SNAPSHOTS_KEPT rounds (served to pulls), no more of them than fit in
-# SNAPSHOT_BUDGET_FRACTION of the parameters' bytes (the last two always), and outgoing and
+# SNAPSHOT_BUDGET_FRACTION of the parameters' bytes or the floor below, whichever is more (the
+# last two always), and outgoing and
 # incoming slices: in a ring two of each in a round, none larger than its own slice this
 # round and next (what `mu auto` leaves room for; more neighbours or late slices add a slice
 # each, see docs/ALGORITHM.md).
 SNAPSHOTS_KEPT = 16
 SNAPSHOT_BUDGET_FRACTION = 0.25
+# Small models keep all 16 (a semi-asynchronous cluster's watcher pulls rounds well behind the
+# fastest daemon): the budget is never below this.
+SNAPSHOT_BUDGET_FLOOR_BYTES = 64 << 20
 TRAFFIC_SLICES = 2 + 2 * 2
+
+
+def snapshot_budget_bytes(params_bytes: int) -> float:
+    """What a daemon's round snapshots may hold, for parameters of `params_bytes`."""
+    return max(SNAPSHOT_BUDGET_FRACTION * params_bytes, SNAPSHOT_BUDGET_FLOOR_BYTES)
 
 
 @dataclass(frozen=True)
@@ -149,7 +158,7 @@ def _measured_capacity(config: DaemonConfig, engine: Engine, train: TrainConfig
 
     def held_bytes(slice_bytes: int) -> int:
         return int(TRAFFIC_SLICES * slice_bytes + snapshot_bytes_held(
-            slice_bytes, SNAPSHOTS_KEPT, SNAPSHOT_BUDGET_FRACTION * full_bytes))
+            slice_bytes, SNAPSHOTS_KEPT, snapshot_budget_bytes(full_bytes)))
 
     choice = measure_capacity(engine.spec, engine.params, engine.train_split, train, budget,
                               config.round_target_s, held_bytes=held_bytes)
