@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
+import pytest
 import torch
 from daemons import ClusterCa, kill_all, start_loopback_daemons, wait_all
 from safetensors.torch import load_file
@@ -61,6 +62,7 @@ def test_sync_reduce_scatter_equals_the_direct_mean_bit_for_bit() -> None:
                 assert torch.equal(tensor, expected[position][name]), (mu, position, name)
 
 
+@pytest.mark.slow
 def test_two_rounds_agree_with_the_direct_exchange_closely() -> None:
     # After the first merge the starts differ in the last bits (the direct exchange's other
     # holders sum their own value first), so later rounds agree to float32 rounding only.

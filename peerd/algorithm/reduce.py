@@ -368,7 +368,7 @@ class PartTransport(Protocol):
 
 
 class PartRefused(Exception):
-    pass
+    """A part message this peer does not take; the text says which rule refused it."""
 
 
 @dataclass
