@@ -27,9 +27,9 @@ import torch
 
 from peerd.agreement import cluster_fingerprint, describe_settings, planner_settings
 from peerd.algorithm.driver import RoundDriver, RoundOutcome, RoundRules, round_record
-from peerd.algorithm.reduce import PartMessage
 from peerd.algorithm.engine import RoundContext
 from peerd.algorithm.plan import encode_widths, width_group_names
+from peerd.algorithm.reduce import PartMessage
 from peerd.algorithm.submodel import copy_into
 from peerd.algorithm.transport import SliceMessage
 from peerd.allocator import keep_freed_memory
