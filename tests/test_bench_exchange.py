@@ -37,6 +37,8 @@ def test_small_run_reports_the_step_and_the_tcp_floor() -> None:
     assert max(report["socket_bytes_in"]) <= 1.05 * 2 * model_bytes
 
 
+@pytest.mark.slow  # 4 processes and their relays, about a minute; tests/test_reduce.py counts
+# the same bytes in memory in CI
 def test_reduce_scatter_moves_two_n_minus_one_over_n_of_the_model_at_the_socket() -> None:
     # 4 peers at mu 1: each takes in 3/4 of the model as values and 3/4 as means (the run
     # checks that every peer ends with the mean of all four, as the direct exchange does).

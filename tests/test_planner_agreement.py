@@ -64,7 +64,7 @@ def test_daemons_with_different_regroup_periods_refuse_each_other(
             assert all(d.process.poll() is None for d in daemons), [d.output() for d in daemons]
             time.sleep(0.5)
         for daemon in daemons:
-            assert "drift_period must be the same on every member" in daemon.output()
+            assert "drift_period and layout must be the same on every member" in daemon.output()
             assert not (daemon.state_dir / "rounds.jsonl").exists()
     finally:
         kill_all(daemons)
