@@ -148,14 +148,11 @@ class GrpcSlices:
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"{header.sender}'s units differ from its plan for round "
                             f"{header.round}")
-        if not (math.isfinite(header.weight) and header.weight > 0):
-            raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"message from {header.sender}: weight {header.weight} invalid")
+        _check_weight(header, "message")
         counts = self.driver.expected_counts(ctx, header.sender)
-        wire_dtype = self.driver.engine.wire_dtype
         # Last: from here the stream holds its slot in the inbox until `stream_ended`.
         self.driver.begin_receiving(header.round, header.sender)
-        return {name: (wire_dtype, (count,)) for name, count in counts.items()}
+        return self._tensor_spec(counts)
 
     def stream_ended(self, header: peer_pb2.StreamHeader) -> None:
         """A stream `expected_tensors` took is over (accepted or not): its slot is free. A part
@@ -175,14 +172,18 @@ class GrpcSlices:
             raise WireError(grpc.StatusCode.UNAVAILABLE,
                             f"part for round {header.round}; this peer is only in round "
                             f"{self.driver.round_index}")
-        if not (math.isfinite(header.weight) and header.weight > 0):
-            raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"part from {header.sender}: weight {header.weight} invalid")
+        _check_weight(header, "part")
         try:
             counts = parts.expected_part(header.part, header.round, header.sender,
                                          header.receiver)
         except PartRefused as refused:
             raise WireError(grpc.StatusCode.FAILED_PRECONDITION, str(refused)) from None
+        return self._tensor_spec(counts)
+
+    def _tensor_spec(
+        self, counts: Mapping[str, int]
+    ) -> Mapping[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """What the decoder checks a stream's tensors against: flat, in the wire precision."""
         wire_dtype = self.driver.engine.wire_dtype
         return {name: (wire_dtype, (count,)) for name, count in counts.items()}
 
@@ -286,3 +287,9 @@ class GrpcSlices:
         # Plans are a pure function: computed here, never taken from the wire.
         plans = engine.planner.plan(round_index - 1, running.members, engine.spec.groups)
         return assemble(engine.spec, params, plans)
+
+
+def _check_weight(header: peer_pb2.StreamHeader, what: str) -> None:
+    if not (math.isfinite(header.weight) and header.weight > 0):
+        raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"{what} from {header.sender}: weight {header.weight} invalid")
