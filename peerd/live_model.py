@@ -17,17 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import torch
 
 from peerd.agreement import agreed_settings, cluster_fingerprint, fingerprint_mismatch
+from peerd.algorithm.aggregate import Assembly
 from peerd.algorithm.batchnorm import calibration_inputs
 from peerd.algorithm.evaluate import evaluate
 from peerd.algorithm.plan import planner_for
-from peerd.algorithm.submodel import Params, init_params
+from peerd.algorithm.submodel import init_params
 from peerd.config import DaemonConfig
 from peerd.global_model import ExportedModel, ExportError, write_model_file
 from peerd.metrics import assembled_model, global_test_set
-from peerd.models.base import fingerprint
+from peerd.models.base import ModelSpec, fingerprint
 from peerd.net import PROTOCOL_VERSION
 from peerd.net.client import PeerClients
 from peerd.net.codec import Expectation, WireError
@@ -59,17 +59,13 @@ def export_live_model(address: str, config: DaemonConfig, tls: TlsIdentity | Non
     data = task.load_data(config.data_dir, label_column=config.label_column)
     spec = task.model(data, config.early_exits)
     expected = cluster_fingerprint(fingerprint(spec), agreed_settings(config))
-    shapes = {name: (tensor.dtype, tuple(tensor.shape))
-              for name, tensor in init_params(spec, config.seed).items()}
     try:
-        reached, params = asyncio.run(_pull(address, config, tls, expected, shapes))
+        reached, assembly = asyncio.run(_pull(address, config, tls, spec, expected))
     except grpc.aio.AioRpcError as error:
         raise ExportError(f"{address}: {error.code().name}: {error.details()}") from None
     except WireError as error:
         raise ExportError(f"{address}: {error.code.name}: {error.detail}") from None
-    members = [fact.member(spec.groups) for fact in reached.members]
-    plans = planner_for(config).plan(reached.rounds - 1, members, spec.groups)
-    model = assembled_model(spec, calibration_inputs(data.train.inputs), params, plans)
+    model = assembled_model(spec, calibration_inputs(data.train.inputs), assembly.result())
     global_acc = evaluate(model, spec.kind, global_test_set(data, task.eval_samples)).accuracy
     write_model_file(destination, model, config.task, reached.rounds, global_acc)
     state = model.state_dict()
@@ -77,20 +73,26 @@ def export_live_model(address: str, config: DaemonConfig, tls: TlsIdentity | Non
                          sum(tensor.numel() for tensor in state.values()))
 
 
-async def _pull(address: str, config: DaemonConfig, tls: TlsIdentity | None, expected: str,
-                shapes: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                ) -> tuple[Reached, dict[str, Params]]:
+async def _pull(address: str, config: DaemonConfig, tls: TlsIdentity | None, spec: ModelSpec,
+                expected: str) -> tuple[Reached, Assembly]:
+    """The members' parameters after their latest common round, added to the assembly one
+    member at a time: besides the assembly's sums, one member's parameters in memory."""
+    shapes = {name: (tensor.dtype, tuple(tensor.shape))
+              for name, tensor in init_params(spec, config.seed).items()}
     clients = PeerClients(tls)
     try:
         reached = await _reach(clients, address, expected, config)
+        # Plans are a pure function: computed here, never taken from the wire.
+        plans = planner_for(config).plan(
+            reached.rounds - 1, [fact.member(spec.groups) for fact in reached.members],
+            spec.groups)
         expectation = Expectation(PROTOCOL_VERSION, reached.cluster, expected,
                                   lambda header: shapes)
         request = peer_pb2.PullRequest(
             protocol_version=PROTOCOL_VERSION, cluster=reached.cluster,
             model_fingerprint=expected,
             requester=tls.name if tls is not None else INSECURE_REQUESTER, round=reached.rounds)
-        # One member at a time: never two pulls' decode buffers at once.
-        params = {}
+        assembly = Assembly(spec)
         for member in reached.members:
             try:
                 stream = await clients.pull(member.address, member.peer_id, request,
@@ -98,8 +100,9 @@ async def _pull(address: str, config: DaemonConfig, tls: TlsIdentity | None, exp
             except grpc.aio.AioRpcError as error:
                 raise ExportError(f"member {member.peer_id} at {member.address}: "
                                   f"{error.code().name}: {error.details()}") from None
-            params[member.peer_id] = stream.tensors
-        return reached, params
+            assembly.add(stream.tensors, plans[member.peer_id])
+            del stream  # before the next member's arrives
+        return reached, assembly
     finally:
         await clients.close()
 

@@ -45,7 +45,7 @@ def evaluate_global(
     Returns the figures and the assembled model they score (what `peerd export` hands out)."""
     test = global_test_set(data, eval_samples)
     calibration = calibration_inputs(data.train.inputs)
-    assembled = assembled_model(spec, calibration, peer_params, plans)
+    assembled = assembled_model(spec, calibration, assemble(spec, peer_params, plans))
     result = evaluate(assembled, spec.kind, test)
     figures = {"global_acc": result.accuracy, "global_loss": result.loss}
     if spec.kind == "text":
@@ -67,13 +67,11 @@ def global_test_set(data: TaskData, eval_samples: int | None) -> Split:
     return data.test
 
 
-def assembled_model(spec: ModelSpec, calibration: torch.Tensor,
-                    peer_params: Mapping[str, Params], plans: Mapping[str, Plan]) -> nn.Module:
-    """The full-width model of one round: every entry the mean over its holders, BatchNorm
-    statistics recomputed on `calibration` (what `global_acc` scores and `peerd export`
-    writes)."""
-    return _calibrated(extract(spec, assemble(spec, peer_params, plans), full_plan(spec)),
-                       calibration)
+def assembled_model(spec: ModelSpec, calibration: torch.Tensor, assembled: Params) -> nn.Module:
+    """The full-width model of assembled parameters (peerd/algorithm/aggregate.py), BatchNorm
+    statistics recomputed on `calibration`: what `global_acc` scores and `peerd export`
+    writes."""
+    return _calibrated(extract(spec, assembled, full_plan(spec)), calibration)
 
 
 def _calibrated(module: nn.Module, calibration: torch.Tensor) -> nn.Module:
