@@ -98,7 +98,8 @@ def other_ca_reader(root: Path) -> Path:
     [
         ("unreachable", "UNAVAILABLE"),
         ("other_ca", "UNAVAILABLE"),
-        ("other_options", "runs another cluster than the task 'digits'"),
+        ("other_task", "model fingerprint"),
+        ("other_options", "planner fingerprint"),
         ("no_certificate", "TLS files missing"),
     ],
 )
@@ -110,6 +111,8 @@ def test_what_goes_wrong_is_one_line(
         address = f"127.0.0.1:{free_ports(1)[0]}"
     elif case == "other_ca":
         flags = ["--tls-dir", str(other_ca_reader(tmp_path))]
+    elif case == "other_task":
+        flags += ["--task", "examples/mlp_tabular.py:small_task"]
     elif case == "other_options":
         # A planner option every member must share, as the cluster's config file would set it.
         config = tmp_path / "peerd.toml"
