@@ -20,7 +20,7 @@ from peerd.algorithm.plan import planner_for
 from peerd.cluster import free_ports
 from peerd.config import SimConfig
 from peerd.metrics import evaluate_global
-from peerd.ops.ca import READER_ROLE, init_ca, issue
+from peerd.ops.ca import OBSERVER_ROLE, READER_ROLE, init_ca, issue
 from peerd.sim import build, run_round
 
 ROUNDS = 2
@@ -97,20 +97,25 @@ def other_ca_reader(root: Path) -> Path:
     ("case", "message"),
     [
         ("unreachable", "UNAVAILABLE"),
-        ("other_ca", "UNAVAILABLE"),
+        ("other_ca", "certificate verify failed"),
+        ("observer", "Pull needs a device or reader certificate"),
         ("other_task", "model fingerprint"),
         ("other_options", "planner fingerprint"),
         ("no_certificate", "TLS files missing"),
     ],
 )
 def test_what_goes_wrong_is_one_line(
-    case: str, message: str, lingering: list[RunningDaemon], reader: Path, tmp_path: Path,
+    case: str, message: str, lingering: list[RunningDaemon], reader: Path,
+    cluster_ca: ClusterCa, tmp_path: Path,
 ) -> None:
     address, flags = lingering[0].address, ["--tls-dir", str(reader)]
     if case == "unreachable":
         address = f"127.0.0.1:{free_ports(1)[0]}"
     elif case == "other_ca":
         flags = ["--tls-dir", str(other_ca_reader(tmp_path))]
+    elif case == "observer":
+        observer = issue(cluster_ca.directory, "observer", None, False, OBSERVER_ROLE)
+        flags = ["--tls-dir", str(observer.directory)]
     elif case == "other_task":
         flags += ["--task", "examples/mlp_tabular.py:small_task"]
     elif case == "other_options":
