@@ -506,8 +506,14 @@ def _export(args: argparse.Namespace) -> int:
         tls = None if config.insecure else TlsIdentity.load(config.tls_dir)
         exported = export_live_model(args.addr, config, tls, Path(args.out))
     else:
-        from peerd.global_model import export_model
+        from peerd.global_model import ExportError, export_model
 
+        ignored = [f"--{name.replace('_', '-')}" for name in ("config", "task", "tls_dir",
+                                                                "insecure")
+                   if getattr(args, name, None) is not None]
+        if ignored:
+            raise ExportError(f"{', '.join(ignored)}: only with --addr (--from reads the "
+                              f"model the run wrote)")
         exported = export_model(Path(args.run_dir), Path(args.out))
     acc = "" if exported.global_acc is None else f", global_acc {exported.global_acc:.4f}"
     print(f"wrote {exported.path}: the {exported.task} model after round "
