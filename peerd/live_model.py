@@ -45,7 +45,6 @@ class Reached:
     """What `address` answered: its cluster, the view it runs and the round its members all
     finished."""
 
-    peer_id: str
     cluster: str
     members: list[MemberFacts]
     rounds: int
@@ -134,4 +133,4 @@ async def _reach(clients: PeerClients, address: str, expected: str,
         raise ExportError(f"the view of {address} began at round {me.view_round + 1}, after "
                           f"round {rounds}, the last every member finished: try again after "
                           f"its next round")
-    return Reached(me.peer_id, me.cluster, members, rounds)
+    return Reached(me.cluster, members, rounds)
