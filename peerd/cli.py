@@ -213,10 +213,27 @@ def _add_compare(compare: argparse.ArgumentParser) -> None:
 
 
 def _add_export(export: argparse.ArgumentParser) -> None:
-    export.add_argument("--from", dest="run_dir", required=True, metavar="DIR",
-                        help="a `peerd sim` or `peerd cluster` out dir")
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from", dest="run_dir", metavar="DIR",
+                        help="a finished `peerd sim` or `peerd cluster` out dir")
+    source.add_argument("--addr", metavar="HOST:PORT",
+                        help="a running daemon: its cluster's model is pulled from the members "
+                             "it knows and assembled here")
     export.add_argument("--out", required=True, metavar="FILE",
                         help="where to write the model (a .safetensors file)")
+    # With --addr, like `peerd status`: the file, then PEERD_* variables, then these flags. The
+    # task and the agreed options must be the cluster's (its config file serves).
+    export.add_argument("--config", default=None, metavar="FILE",
+                        help="with --addr: the cluster's TOML config file, for the task, the "
+                             "agreed options, tls_dir and insecure "
+                             f"(default: {DEFAULT_CONFIG_FILE} if present)")
+    export.add_argument("--task", default=argparse.SUPPRESS, metavar="TASK",
+                        help="with --addr: the cluster's task (default: as `peerd start`)")
+    export.add_argument("--tls-dir", dest="tls_dir", default=argparse.SUPPRESS, metavar="DIR",
+                        help="with --addr: call with this certificate of the cluster CA; a "
+                             "reader's is enough (`peerd ca issue NAME --role reader`)")
+    export.add_argument("--insecure", action="store_true", default=argparse.SUPPRESS,
+                        help="with --addr: call a daemon that runs with --insecure")
     export.set_defaults(func=_export)
 
 
@@ -263,11 +280,13 @@ COMMANDS: dict[str, tuple[str, str | None, Callable[[argparse.ArgumentParser], N
                _add_report),
     "compare": ("several sim or cluster runs side by side: a table and one plot", None,
                 _add_compare),
-    "export": ("the trained global model of a sim or cluster run, as a safetensors file",
+    "export": ("the trained global model of a sim or cluster run, or of a running cluster, "
+               "as a safetensors file",
                "Write the assembled full model of DIR's last evaluation (the one whose "
-               "global_acc metrics.jsonl reports last): its whole state_dict, which the model's "
-               "class loads with load_state_dict(safetensors.torch.load_file(FILE), "
-               "strict=True).", _add_export),
+               "global_acc metrics.jsonl reports last), or, with --addr, of the latest round "
+               "every member of a running daemon's cluster has finished: its whole state_dict, "
+               "which the model's class loads with "
+               "load_state_dict(safetensors.torch.load_file(FILE), strict=True).", _add_export),
     "bench": ("measure peerd: see BENCHMARKS.md", None, _add_bench),
 }
 # Their usage lines would list dozens of options: errors show this and point to --help.
@@ -479,9 +498,23 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from peerd.global_model import export_model
+    if args.addr is not None:
+        from peerd.live_model import export_live_model
+        from peerd.net.tls import TlsIdentity
 
-    exported = export_model(Path(args.run_dir), Path(args.out))
+        config = _daemon_config(args)
+        tls = None if config.insecure else TlsIdentity.load(config.tls_dir)
+        exported = export_live_model(args.addr, config, tls, Path(args.out))
+    else:
+        from peerd.global_model import ExportError, export_model
+
+        ignored = [f"--{name.replace('_', '-')}" for name in ("config", "task", "tls_dir",
+                                                                "insecure")
+                   if getattr(args, name, None) is not None]
+        if ignored:
+            raise ExportError(f"{', '.join(ignored)}: only with --addr (--from reads the "
+                              f"model the run wrote)")
+        exported = export_model(Path(args.run_dir), Path(args.out))
     acc = "" if exported.global_acc is None else f", global_acc {exported.global_acc:.4f}"
     print(f"wrote {exported.path}: the {exported.task} model after round "
           f"{exported.round_number}{acc}; {exported.tensors} tensors, {exported.values} values")

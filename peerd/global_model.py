@@ -37,12 +37,19 @@ def save_global_model(out: Path, module: nn.Module, round_number: int,
                       figures: dict[str, float | list[float]], task: str) -> Path:
     """OUT/model.safetensors: `module`'s state_dict, replaced atomically (a reader never sees
     half a file)."""
+    return write_model_file(out / MODEL_FILE, module, task, round_number,
+                            figures.get("global_acc"))
+
+
+def write_model_file(path: Path, module: nn.Module, task: str, round_number: int,
+                     global_acc: object) -> Path:
+    """`module`'s state_dict at `path` with the task, round and global_acc as metadata,
+    replaced atomically."""
     # Copies: safetensors refuses tensors that share storage, and views of a larger tensor.
     state = {name: tensor.detach().clone().contiguous()
              for name, tensor in module.state_dict().items()}
-    metadata = {"task": task, "round": str(round_number),
-                "global_acc": json.dumps(figures.get("global_acc"))}
-    path = out / MODEL_FILE
+    metadata = {"task": task, "round": str(round_number), "global_acc": json.dumps(global_acc)}
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     save_file(state, str(partial), metadata=metadata)
     os.replace(partial, path)

@@ -17,7 +17,7 @@ from peerd.algorithm.aggregate import assemble
 from peerd.algorithm.batchnorm import calibration_inputs, recompute_batchnorm
 from peerd.algorithm.evaluate import Evaluation, evaluate
 from peerd.algorithm.submodel import Params, extract
-from peerd.data import TaskData
+from peerd.data import Split, TaskData
 from peerd.global_model import save_global_model
 from peerd.models.base import ModelSpec, Plan, full_plan
 from peerd.ops.plots import plot_curves
@@ -43,12 +43,9 @@ def evaluate_global(
     width, the shared sub-model, whose untrained rest makes the assembled model meaningless.
     BatchNorm statistics are recomputed for every model scored (peerd/algorithm/batchnorm.py).
     Returns the figures and the assembled model they score (what `peerd export` hands out)."""
-    test = data.test
-    if eval_samples is not None and eval_samples < len(test):
-        test = test.subset(np.arange(eval_samples))
+    test = global_test_set(data, eval_samples)
     calibration = calibration_inputs(data.train.inputs)
-    assembled = extract(spec, assemble(spec, peer_params, plans), full_plan(spec))
-    recompute_batchnorm(assembled, calibration)
+    assembled = assembled_model(spec, calibration, assemble(spec, peer_params, plans))
     result = evaluate(assembled, spec.kind, test)
     figures = {"global_acc": result.accuracy, "global_loss": result.loss}
     if spec.kind == "text":
@@ -61,6 +58,20 @@ def evaluate_global(
     if spec.kind == "text":
         figures["peer_global_ppl_mean"] = statistics.fmean(e.perplexity for e in own)
     return figures, assembled
+
+
+def global_test_set(data: TaskData, eval_samples: int | None) -> Split:
+    """The held-out samples the global model is scored on: the first `eval_samples`."""
+    if eval_samples is not None and eval_samples < len(data.test):
+        return data.test.subset(np.arange(eval_samples))
+    return data.test
+
+
+def assembled_model(spec: ModelSpec, calibration: torch.Tensor, assembled: Params) -> nn.Module:
+    """The full-width model of assembled parameters (peerd/algorithm/aggregate.py), BatchNorm
+    statistics recomputed on `calibration`: what `global_acc` scores and `peerd export`
+    writes."""
+    return _calibrated(extract(spec, assembled, full_plan(spec)), calibration)
 
 
 def _calibrated(module: nn.Module, calibration: torch.Tensor) -> nn.Module:

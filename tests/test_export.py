@@ -74,3 +74,14 @@ def test_what_is_missing_is_named(
     assert err.startswith("peerd export: error: ") and message in err, err
     assert "Traceback" not in err
     assert not destination.exists()
+
+
+def test_flags_of_a_live_export_are_refused_with_from(
+    digits_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    destination = tmp_path / "model.safetensors"
+    assert main(["export", "--from", str(digits_run), "--out", str(destination),
+                 "--tls-dir", "tls", "--task", "digits"]) == 2
+    assert capsys.readouterr().err == ("peerd export: error: --task, --tls-dir: only with "
+                                       "--addr (--from reads the model the run wrote)\n")
+    assert not destination.exists()

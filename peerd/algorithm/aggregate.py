@@ -188,18 +188,40 @@ def assemble(
 ) -> Params:
     """The full model for evaluation: each entry is the mean over the peers holding it this
     round; an entry nobody holds takes the mean over all peers."""
-    any_peer = next(iter(peer_params.values()))
-    assembled: Params = {}
-    for name, reference in any_peer.items():
-        total = torch.zeros_like(reference)
-        holders = torch.zeros_like(reference)
-        everyone = torch.zeros_like(reference)
-        for peer_id, params in peer_params.items():
-            mask = entry_mask(spec, plans[peer_id], name, reference.shape).to(reference.dtype)
-            total += params[name] * mask
-            holders += mask
-            everyone += params[name]
-        assembled[name] = torch.where(
-            holders > 0, total / holders.clamp(min=1), everyone / len(peer_params)
-        )
-    return assembled
+    assembly = Assembly(spec)
+    for peer_id, params in peer_params.items():
+        assembly.add(params, plans[peer_id])
+    return assembly.result()
+
+
+class Assembly:
+    """`assemble`, one peer at a time: it holds three running sums the size of the full model,
+    whatever the number of peers, so a caller that receives the peers' parameters one after
+    the other (`peerd export --addr`) may drop each as soon as it is added."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.peers = 0
+        self.total: Params = {}  # sum of the holders' values
+        self.holders: Params = {}  # how many peers hold each entry
+        self.everyone: Params = {}  # sum over every peer, for entries nobody holds
+
+    def add(self, params: Params, plan: Plan) -> None:
+        for name, tensor in params.items():
+            if name not in self.total:
+                self.total[name] = torch.zeros_like(tensor)
+                self.holders[name] = torch.zeros_like(tensor)
+                self.everyone[name] = torch.zeros_like(tensor)
+            mask = entry_mask(self.spec, plan, name, tensor.shape).to(tensor.dtype)
+            self.total[name] += tensor * mask
+            self.holders[name] += mask
+            self.everyone[name] += tensor
+        self.peers += 1
+
+    def result(self) -> Params:
+        if not self.peers:
+            raise ValueError("nothing to assemble: no peer's parameters were added")
+        return {name: torch.where(self.holders[name] > 0,
+                                  total / self.holders[name].clamp(min=1),
+                                  self.everyone[name] / self.peers)
+                for name, total in self.total.items()}
