@@ -231,9 +231,11 @@ def _add_export(export: argparse.ArgumentParser) -> None:
                         help="with --addr: the cluster's task (default: as `peerd start`)")
     export.add_argument("--tls-dir", dest="tls_dir", default=argparse.SUPPRESS, metavar="DIR",
                         help="with --addr: call with this certificate of the cluster CA; a "
-                             "reader's is enough (`peerd ca issue NAME --role reader`)")
+                             "reader's is enough (`peerd ca issue NAME --role reader`; "
+                             f"default: as `peerd start`, {DaemonConfig().tls_dir})")
     export.add_argument("--insecure", action="store_true", default=argparse.SUPPRESS,
-                        help="with --addr: call a daemon that runs with --insecure")
+                        help="with --addr: call a daemon that runs with --insecure (default: "
+                             "TLS)")
     export.set_defaults(func=_export)
 
 
