@@ -515,6 +515,10 @@ class SimConfig(PeerOptions):
     eval_every: int = option(1, "evaluate the assembled model every K rounds")
     eval_samples: int | None = option(
         None, "global test samples per evaluation (default: the task's)")
+    storage_replicas: int = option(
+        0, "sharded parameters: no peer keeps the full model, every entry is stored by R "
+        "members (rendezvous placement, docs/ALGORITHM.md); 2 or more survives a member "
+        "leaving; 0: off", rule=at_least(0), metavar="R")
     # The task's training hyper-parameters (peerd/tasks.py) when None; the options above set
     # its early-exit and contrastive fields.
     train: TrainConfig | None = None
@@ -535,6 +539,13 @@ class SimConfig(PeerOptions):
         for mu in self.mu:
             require(0 < mu <= 1, "mu", mu, "in (0, 1]")
         check_depth(self.depth, self.early_exits)
+        if self.storage_replicas:
+            require(self.storage_replicas <= self.peers, "storage_replicas",
+                    self.storage_replicas, f"at most the {self.peers} peers")
+            for unsupported in ("contrastive", "reduce_scatter"):
+                if getattr(self, unsupported):
+                    raise ConfigError(f"{unsupported} is not supported with storage_replicas "
+                                      "(sharded rounds gather at the storers)")
         if self.train is not None:
             optioned = PeerOptions.train_config(self, self.train)
             for name in ("early_exits", "distill_temperature", "contrastive",

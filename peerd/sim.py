@@ -121,6 +121,10 @@ def run(config: SimConfig, on_round: Callable[[dict], None] | None = None,
         plot: bool = True, console: Console | None = None) -> list[dict]:
     """Runs every round; `plot` False leaves out OUT/curves.png (benchmarks plot their own);
     `console` shows each phase and each peer's training steps."""
+    if config.storage_replicas:
+        from peerd.sim_sharded import run_sharded
+
+        return run_sharded(config, on_round, plot)
     sim = build(config, console)
     rounds_started = [0]
     if console is not None:

@@ -184,9 +184,21 @@ class Engine:
     def train(self, ctx: RoundContext) -> TrainStats:
         """Extract this round's sub-model, train it locally, write it back."""
         plan = self.own_plan(ctx)
+        module, stats = self.train_submodel(ctx, lambda: extract(self.spec, self.params, plan))
+        write_back(self.spec, self.params, plan, module)
+        if self.train_config.contrastive:
+            next_plan = ctx.plans_next[self.peer_id]
+            self.after_training = (next_plan, extract(self.spec, self.params, next_plan))
+        return stats
+
+    def train_submodel(self, ctx: RoundContext,
+                       build: Callable[[], nn.Module]) -> tuple[nn.Module, TrainStats]:
+        """Train this round's sub-model, which `build` makes once the round's generator is
+        seeded (building a module draws from it); the trained module and its stats."""
+        plan = self.own_plan(ctx)
         config = self.train_config
         self._seed_global_generator(ctx.round_index)
-        module = extract(self.spec, self.params, plan)
+        module = build()
         module.train()
         if self.frozen_blocks:
             depth = plan_depth(plan)
@@ -214,11 +226,7 @@ class Engine:
                 steps += 1
                 if self.on_step is not None:
                     self.on_step(steps, total_steps)
-        write_back(self.spec, self.params, plan, module)
-        if config.contrastive:
-            next_plan = ctx.plans_next[self.peer_id]
-            self.after_training = (next_plan, extract(self.spec, self.params, next_plan))
-        return TrainStats(
+        return module, TrainStats(
             loss=loss_sum / max(samples, 1), samples=samples, steps=steps,
             forward_flops_per_sample=forward_flops_per_sample(self.spec, plan_units(plan)),
             frozen_forwards=0 if objective is None else objective.frozen_forwards,

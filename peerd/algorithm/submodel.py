@@ -95,8 +95,13 @@ def slice_params(spec: ModelSpec, params: Params, plan: Plan) -> Params:
 
 def extract(spec: ModelSpec, params: Params, plan: Plan) -> nn.Module:
     """A module holding exactly the plan's slice of `params` (copies, safe to train)."""
+    return build_from_slice(spec, plan, slice_params(spec, params, plan))
+
+
+def build_from_slice(spec: ModelSpec, plan: Plan, sliced: Params) -> nn.Module:
+    """A module of the plan's widths holding `sliced` (a `slice_params` of the plan, or the
+    same values pulled from elsewhere: sharded parameters)."""
     module = spec.build(plan_units(plan))
-    sliced = slice_params(spec, params, plan)
     with torch.no_grad():
         for name, parameter in table_tensors(spec, module).items():
             parameter.copy_(sliced[name])

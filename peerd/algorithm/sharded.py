@@ -1,0 +1,236 @@
+"""One synchronous round with sharded parameters: pull, train, push, close.
+
+Storage is separate from training (peerd/algorithm/shards.py places every block on `replicas`
+members). In round t every member is both a trainer and a storer:
+
+1. pull: the trainer asks one storer of every block its window touches (the first in the
+   block's rendezvous order) for the window's entries of that block; values only, both sides
+   derive the entry set from the round's plans.
+2. train: it builds its sub-model from those values and trains it (Engine.train_submodel).
+3. push: it sends every storer of those blocks the trained values of its entries there, with
+   its weight (its training samples).
+4. close: each storer sets every entry some trainer pushed to the weighted mean over the
+   trainers that pushed it, in ascending trainer order (the order of today's merge at the
+   member with the lowest id), and keeps every other entry. Replicas stay equal.
+
+A storer serves no pull of round t once round t's pushes have begun (the values are then
+partial sums): a round's pulls all come first. A storer folds each push into the stored block
+on arrival (the block holds the running sum, a per-block mask which entries it has touched),
+so nothing queues: one push per trainer and round, of exactly the count the plans give,
+anything else is refused before it touches the store.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from peerd.algorithm.numerics import all_finite
+from peerd.algorithm.shards import BlockLayout, Placement, ShardStore
+from peerd.algorithm.submodel import axis_indices, axis_masks, build_from_slice
+from peerd.models.base import ModelSpec, Plan, holds_param, table_tensors
+
+
+class ShardRefused(ValueError):
+    """A pull or push a storer will not take (what was wrong is the message)."""
+
+
+def window_mask(spec: ModelSpec, layout: BlockLayout, plan: Plan, block: int) -> torch.Tensor:
+    """Which entries of `block` the plan's sub-model holds: one bool per entry of the block."""
+    start = block * layout.block_entries
+    stop = start + layout.block_size(block)
+    mask = torch.zeros(stop - start, dtype=torch.bool)
+    for name, shape, offset in zip(layout.names, layout.shapes, layout.offsets, strict=True):
+        low, high = max(start, offset), min(stop, offset + math.prod(shape))
+        if low >= high or not holds_param(spec, plan, name):
+            continue
+        position = torch.arange(low - offset, high - offset)
+        kept = torch.ones(high - low, dtype=torch.bool)
+        for axis in range(len(shape) - 1, -1, -1):
+            coordinate = position % shape[axis]
+            position = torch.div(position, shape[axis], rounding_mode="floor")
+            axis_mask = axis_masks(spec, plan, name)[axis]
+            if axis_mask is not None:
+                kept &= axis_mask[coordinate]
+        mask[low - start:high - start] = kept
+    return mask
+
+
+def window_blocks(spec: ModelSpec, layout: BlockLayout, plan: Plan) -> dict[int, torch.Tensor]:
+    """Every block the plan's window touches, with its mask (one block's bools at a time would
+    do; a window's masks are one byte per entry of the blocks it touches)."""
+    masks = {}
+    for block in range(layout.blocks):
+        mask = window_mask(spec, layout, plan, block)
+        if bool(mask.any()):
+            masks[block] = mask
+    return masks
+
+
+def slice_shapes(spec: ModelSpec, layout: BlockLayout, plan: Plan) -> dict[str, torch.Size]:
+    """The shape of every parameter's slice in the plan's sub-model (held parameters only)."""
+    shapes = {}
+    for name, shape in zip(layout.names, layout.shapes, strict=True):
+        if holds_param(spec, plan, name):
+            kept = axis_indices(spec, plan, name)
+            shapes[name] = torch.Size(size if k is None else len(k)
+                                      for size, k in zip(shape, kept, strict=True))
+    return shapes
+
+
+@dataclass
+class Push:
+    """A trainer's trained values of its entries in the receiver's blocks, ascending entry
+    order, in the wire dtype."""
+
+    sender: str
+    receiver: str
+    round_index: int
+    weight: float
+    values: torch.Tensor
+
+    def payload_bytes(self) -> int:
+        return self.values.numel() * self.values.element_size()
+
+
+@dataclass
+class Storer:
+    """One member's storage role: its store and the state of the round being merged."""
+
+    spec: ModelSpec
+    store: ShardStore
+    placement: Placement
+    round_index: int = -1
+    plans: Mapping[str, Plan] = field(default_factory=dict)
+    pushed: dict[str, float] = field(default_factory=dict)  # trainer -> weight, this round
+    touched: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> entries summed
+
+    @property
+    def layout(self) -> BlockLayout:
+        return self.store.layout
+
+    def begin_round(self, round_index: int, plans: Mapping[str, Plan],
+                    placement: Placement) -> None:
+        self.round_index, self.plans, self.placement = round_index, plans, placement
+        self.pushed, self.touched = {}, {}
+
+    def held_bytes(self) -> int:
+        return self.store.nbytes() + sum(t.numel() for t in self.touched.values())
+
+    def _check_round(self, peer: str, round_index: int, what: str) -> None:
+        if round_index != self.round_index:
+            raise ShardRefused(f"{what} from {peer} is for round {round_index}; "
+                               f"{self.store.peer_id} is in round {self.round_index}")
+        if peer not in self.plans:
+            raise ShardRefused(f"{what} from {peer}: not a member in round {round_index}")
+
+    def serve_pull(self, requester: str, round_index: int, block: int) -> torch.Tensor:
+        """The requester's window entries of `block`, as stored now."""
+        self._check_round(requester, round_index, "pull")
+        if self.pushed:
+            raise ShardRefused(f"pull from {requester}: round {round_index}'s pushes have begun "
+                               f"at {self.store.peer_id}")
+        if block not in self.store.blocks:
+            raise ShardRefused(f"pull from {requester}: {self.store.peer_id} does not store "
+                               f"block {block}")
+        return self.store.get(block)[window_mask(self.spec, self.layout,
+                                                 self.plans[requester], block)].clone()
+
+    def expected_blocks(self, trainer: str) -> dict[int, torch.Tensor]:
+        """The masks of this storer's blocks that `trainer`'s window touches, by block."""
+        masks = {}
+        for block in sorted(self.store.blocks):
+            mask = window_mask(self.spec, self.layout, self.plans[trainer], block)
+            if bool(mask.any()):
+                masks[block] = mask
+        return masks
+
+    def accept_push(self, push: Push) -> None:
+        """Fold a trainer's push into the running sums, after checking it fits the plans."""
+        self._check_round(push.sender, push.round_index, "push")
+        if push.receiver != self.store.peer_id:
+            raise ShardRefused(f"push from {push.sender} is for {push.receiver}, not "
+                               f"{self.store.peer_id}")
+        if push.sender in self.pushed:
+            raise ShardRefused(f"push from {push.sender}: it already pushed round "
+                               f"{push.round_index} to {self.store.peer_id}")
+        if not (push.weight > 0 and math.isfinite(push.weight)):
+            raise ShardRefused(f"push from {push.sender}: weight {push.weight} invalid")
+        if push.values.dtype != self.layout.dtype:
+            raise ShardRefused(f"push from {push.sender}: values are {push.values.dtype}, the "
+                               f"store holds {self.layout.dtype}")
+        masks = self.expected_blocks(push.sender)
+        expected = sum(int(mask.sum()) for mask in masks.values())
+        if push.values.dim() != 1 or push.values.numel() != expected:
+            raise ShardRefused(f"push from {push.sender}: {push.values.numel()} values, the "
+                               f"plans say {expected} for {self.store.peer_id}'s blocks")
+        if not all_finite(push.values):
+            raise ShardRefused(f"push from {push.sender}: non-finite values")
+        start = 0
+        for block, mask in masks.items():
+            count = int(mask.sum())
+            weighted = push.values[start:start + count] * push.weight
+            start += count
+            stored = self.store.get(block)
+            touched = self.touched.setdefault(block, torch.zeros_like(mask))
+            first = mask & ~touched
+            summed = stored[mask] + weighted
+            stored[mask] = torch.where(first[mask], weighted, summed)
+            touched |= mask
+        self.pushed[push.sender] = push.weight
+
+    def close_round(self) -> None:
+        """Every touched entry becomes its sum over the weight of the trainers that pushed it;
+        the weights are summed one block at a time, from the plans."""
+        for block, touched in self.touched.items():
+            weight = torch.zeros(touched.shape, dtype=self.layout.dtype)
+            for trainer in sorted(self.pushed):
+                mask = window_mask(self.spec, self.layout, self.plans[trainer], block)
+                weight[mask] += self.pushed[trainer]
+            stored = self.store.get(block)
+            stored[touched] = stored[touched] / weight[touched]
+        self.pushed, self.touched = {}, {}
+
+
+def pulled_submodel(spec: ModelSpec, layout: BlockLayout, plan: Plan,
+                    values: Mapping[int, torch.Tensor]) -> nn.Module:
+    """The sub-model of `plan` from its window's values, block by block in ascending order
+    (the window's entries in flat order are its parameters' slices, row-major, in table
+    order)."""
+    flat = torch.cat([values[block] for block in sorted(values)]) if values else torch.empty(0)
+    shapes = slice_shapes(spec, layout, plan)
+    sliced, start = {}, 0
+    for name, shape in shapes.items():
+        count = math.prod(shape)
+        sliced[name] = flat[start:start + count].view(shape)
+        start += count
+    if start != flat.numel():
+        raise ValueError(f"the window has {flat.numel()} entries, its slices {start}")
+    return build_from_slice(spec, plan, sliced)
+
+
+def trained_values(spec: ModelSpec, layout: BlockLayout, module: nn.Module) -> torch.Tensor:
+    """The trained sub-model's entries in the window's flat order."""
+    tensors = table_tensors(spec, module)
+    return torch.cat([tensors[name].detach().reshape(-1).to(layout.dtype)
+                      for name in layout.names if name in tensors])
+
+
+def pushes_for(trainer: str, round_index: int, weight: float, placement: Placement,
+               masks: Mapping[int, torch.Tensor], values: torch.Tensor) -> list[Push]:
+    """One push per storer of the window's blocks: the window's values cut by block and
+    grouped by storer, ascending block order within each."""
+    by_storer: dict[str, list[torch.Tensor]] = {}
+    start = 0
+    for block in sorted(masks):
+        count = int(masks[block].sum())
+        part = values[start:start + count]
+        start += count
+        for storer in placement.storers[block]:
+            by_storer.setdefault(storer, []).append(part)
+    return [Push(trainer, storer, round_index, weight, torch.cat(parts))
+            for storer, parts in sorted(by_storer.items())]
