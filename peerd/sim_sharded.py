@@ -30,7 +30,7 @@ from peerd.algorithm.sharded import (
     pushes_for,
     slice_shapes,
     trained_values,
-    window_blocks,
+    window_counts,
 )
 from peerd.algorithm.shards import (
     BlockLayout,
@@ -147,22 +147,22 @@ class ShardedCluster:
         trained, stats = {}, []
         for peer_id in ordered:
             peer, plan = self.peers[peer_id], plans[peer_id]
-            masks = window_blocks(self.spec, self.layout, plan)
-            values = {block: self._pull(peer_id, round_index, block) for block in masks}
-            peer.measure(*values.values(), *masks.values())
+            counts = window_counts(self.spec, self.layout, plan)
+            values = {block: self._pull(peer_id, round_index, block) for block in counts}
+            peer.measure(*values.values())
             module, stat = peer.engine.train_submodel(
                 contexts[peer_id], partial(pulled_submodel, self.spec, self.layout, plan, values))
             del values
-            trained[peer_id] = (masks, trained_values(self.spec, self.layout, module))
-            peer.measure(*masks.values(), trained[peer_id][1], *module.parameters())
+            trained[peer_id] = (counts, trained_values(self.spec, self.layout, module))
+            peer.measure(trained[peer_id][1], *module.parameters())
             stats.append(stat)
         for peer_id in ordered:
             peer = self.peers[peer_id]
-            masks, values = trained.pop(peer_id)
+            counts, values = trained.pop(peer_id)
             for push in pushes_for(peer_id, round_index, peer.engine.weight, self.placement,
-                                   masks, values):
+                                   counts, values):
                 self.deliver(push)
-                peer.measure(*masks.values(), values, push.values)
+                peer.measure(values, push.values)
                 self.peers[push.receiver].measure()
         for peer in self.peers.values():
             peer.measure(torch.empty(self.layout.block_entries, dtype=self.layout.dtype))

@@ -48,27 +48,30 @@ def window_mask(spec: ModelSpec, layout: BlockLayout, plan: Plan, block: int) ->
         low, high = max(start, offset), min(stop, offset + math.prod(shape))
         if low >= high or not holds_param(spec, plan, name):
             continue
+        masks = axis_masks(spec, plan, name)
+        if all(axis_mask is None for axis_mask in masks):
+            mask[low - start:high - start] = True
+            continue
         position = torch.arange(low - offset, high - offset)
         kept = torch.ones(high - low, dtype=torch.bool)
         for axis in range(len(shape) - 1, -1, -1):
-            coordinate = position % shape[axis]
-            position = torch.div(position, shape[axis], rounding_mode="floor")
-            axis_mask = axis_masks(spec, plan, name)[axis]
+            axis_mask = masks[axis]
             if axis_mask is not None:
-                kept &= axis_mask[coordinate]
+                kept &= axis_mask[position % shape[axis]]
+            position = position.div_(shape[axis], rounding_mode="floor")
         mask[low - start:high - start] = kept
     return mask
 
 
-def window_blocks(spec: ModelSpec, layout: BlockLayout, plan: Plan) -> dict[int, torch.Tensor]:
-    """Every block the plan's window touches, with its mask (one block's bools at a time would
-    do; a window's masks are one byte per entry of the blocks it touches)."""
-    masks = {}
+def window_counts(spec: ModelSpec, layout: BlockLayout, plan: Plan) -> dict[int, int]:
+    """How many entries of each block the plan's window holds (blocks it touches only): one
+    block's mask at a time, never the window's."""
+    counts = {}
     for block in range(layout.blocks):
-        mask = window_mask(spec, layout, plan, block)
-        if bool(mask.any()):
-            masks[block] = mask
-    return masks
+        count = int(window_mask(spec, layout, plan, block).sum())
+        if count:
+            counts[block] = count
+    return counts
 
 
 def slice_shapes(spec: ModelSpec, layout: BlockLayout, plan: Plan) -> dict[str, torch.Size]:
@@ -221,15 +224,15 @@ def trained_values(spec: ModelSpec, layout: BlockLayout, module: nn.Module) -> t
 
 
 def pushes_for(trainer: str, round_index: int, weight: float, placement: Placement,
-               masks: Mapping[int, torch.Tensor], values: torch.Tensor) -> list[Push]:
-    """One push per storer of the window's blocks: the window's values cut by block and
-    grouped by storer, ascending block order within each."""
+               counts: Mapping[int, int], values: torch.Tensor) -> list[Push]:
+    """One push per storer of the window's blocks: the window's values cut by block
+    (`counts`, from `window_counts`) and grouped by storer, ascending block order within
+    each."""
     by_storer: dict[str, list[torch.Tensor]] = {}
     start = 0
-    for block in sorted(masks):
-        count = int(masks[block].sum())
-        part = values[start:start + count]
-        start += count
+    for block in sorted(counts):
+        part = values[start:start + counts[block]]
+        start += counts[block]
         for storer in placement.storers[block]:
             by_storer.setdefault(storer, []).append(part)
     return [Push(trainer, storer, round_index, weight, torch.cat(parts))

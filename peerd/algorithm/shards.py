@@ -26,7 +26,7 @@ from peerd.algorithm.submodel import Params
 # (its slack is a block or two), large enough that the placement of a 100M-parameter model is
 # about 1500 blocks. A small model is cut into about MIN_BLOCKS blocks, none under 64 entries.
 MAX_BLOCK_ENTRIES = 1 << 16
-MIN_BLOCKS = 1024
+MIN_BLOCKS = 256
 MIN_BLOCK_ENTRIES = 64
 
 
@@ -224,7 +224,8 @@ def assemble_stores(layout: BlockLayout, placement: Placement,
     replicas are equal after every round): what an export pulls."""
     flat = torch.empty(layout.total, dtype=layout.dtype)
     for block, holders in enumerate(placement.storers):
-        source = next((stores[m] for m in holders if block in stores[m].blocks), None)
+        source = next((stores[m] for m in holders if m in stores and block in stores[m].blocks),
+                      None)
         if source is None:
             raise LookupError(f"block {block} has no storer left: {holders}")
         start = block * layout.block_entries
