@@ -19,8 +19,11 @@ from peerd.algorithm.shards import (
     BlockLayout,
     ShardStore,
     assemble_stores,
+    load_store,
     moved_blocks,
     place,
+    replicate,
+    save_store,
     seed_stores,
 )
 from peerd.algorithm.submodel import init_params
@@ -28,6 +31,7 @@ from peerd.config import ConfigError, SimConfig, TrainConfig
 from peerd.peer import load_data
 from peerd.sim import build, run_round
 from peerd.sim_sharded import build_cluster, run_sharded
+from peerd.state import CheckpointMismatch
 from peerd.tasks import get_task
 
 torch.set_num_threads(1)
@@ -220,3 +224,66 @@ def test_storage_replicas_is_checked() -> None:
     with pytest.raises(ConfigError, match="storage_replicas=-1 is invalid"):
         small_config(storage_replicas=-1)
 
+
+
+def digits_params() -> dict[str, torch.Tensor]:
+    spec = get_task("digits").model(load_data(SimConfig(task="digits")), False)
+    return init_params(spec, 0)
+
+
+def test_join_rebalances_from_the_replicas() -> None:
+    """A fifth member joins 4 stores (r 2): it copies its share from the old storers, the
+    others drop what they no longer store, and every entry is still there."""
+    params = digits_params()
+    layout = BlockLayout.of(params)
+    before = place(layout.blocks, members(4), 2, seed=0)
+    stores = {m: ShardStore(layout, m) for m in members(5)}
+    seed_stores(layout, before, params, stores)
+    after = place(layout.blocks, members(5), 2, seed=0)
+    copied = replicate(before, after, stores)
+    joined = after.blocks_of("peer-04")
+    assert copied >= sum(layout.block_size(b) for b in joined) > 0
+    for member, store in stores.items():
+        assert set(store.blocks) == set(after.blocks_of(member))
+        assert store.nbytes() <= after.storer_bound_bytes(layout)
+    assembled = assemble_stores(layout, after, stores)
+    assert all(torch.equal(assembled[name], params[name]) for name in params)
+
+
+def test_losing_every_storer_of_a_block_is_refused_before_any_change() -> None:
+    params = digits_params()
+    layout = BlockLayout.of(params)
+    before = place(layout.blocks, members(4), 2, seed=0)
+    stores = {m: ShardStore(layout, m) for m in members(4)}
+    seed_stores(layout, before, params, stores)
+    gone = before.storers[0]
+    survivors = {m: s for m, s in stores.items() if m not in gone}
+    held = {m: set(s.blocks) for m, s in survivors.items()}
+    after = place(layout.blocks, list(survivors), 2, seed=0)
+    with pytest.raises(LookupError, match="block 0 is lost"):
+        replicate(before, after, survivors)
+    assert {m: set(s.blocks) for m, s in survivors.items()} == held
+
+
+def test_store_checkpoints_restore_the_model(tmp_path: Path) -> None:
+    config = small_config(train=TrainConfig(max_local_steps=2))
+    cluster = build_cluster(config, load_data(config))
+    cluster.run_round(0)
+    trained = cluster.assemble()
+    for peer_id, peer in cluster.peers.items():
+        assert save_store(tmp_path / peer_id, 1, peer.storer.store, cluster.placement,
+                          config.seed) >= peer.storer.store.nbytes()
+    loaded = {}
+    for peer_id in cluster.peers:
+        found = load_store(tmp_path / peer_id, cluster.layout, cluster.placement, peer_id,
+                           config.seed)
+        assert found is not None and found[0] == 1
+        loaded[peer_id] = found[1]
+    restored = assemble_stores(cluster.layout, cluster.placement, loaded)
+    assert all(torch.equal(restored[name], trained[name]) for name in trained)
+    other = place(cluster.layout.blocks, members(3), 2, seed=0)
+    with pytest.raises(CheckpointMismatch,
+                       match=r"fits the placement over members peer-00, peer-01, peer-02 "):
+        load_store(tmp_path / "peer-00", cluster.layout, other, "peer-00", config.seed)
+    assert load_store(tmp_path / "nothing", cluster.layout, cluster.placement, "peer-00",
+                      config.seed) is None

@@ -17,10 +17,17 @@ import hashlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from peerd.algorithm.submodel import Params
+from peerd.state import (
+    CheckpointMismatch,
+    checkpoint_rounds,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 # Blocks of at most 2^16 float32 entries (256 KiB): small enough that a store's bound is tight
 # (its slack is a block or two), large enough that the placement of a 100M-parameter model is
@@ -258,3 +265,51 @@ def replicate(before: Placement, after: Placement,
         stores[member].keep_only(after.blocks_of(member))
     return copied
 
+
+
+def block_name(block: int) -> str:
+    return f"block.{block:06d}"
+
+
+def store_identity(layout: BlockLayout, placement: Placement, peer_id: str,
+                   seed: int) -> dict[str, object]:
+    """What a store's checkpoint must match to be loaded: the peer, the placement's inputs (the
+    placement is recomputed from them, never stored) and the model's cut."""
+    return {"peer_id": peer_id, "members": list(placement.members),
+            "replicas": placement.replicas, "seed": seed,
+            "block_entries": layout.block_entries, "entries": layout.total}
+
+
+def save_store(state_dir: Path, rounds_done: int, store: ShardStore, placement: Placement,
+               seed: int, keep: int = 2) -> int:
+    """A checkpoint of the store after `rounds_done` rounds (safetensors of its blocks, the
+    placement's inputs in the record; written atomically by peerd/state.py). Returns the
+    bytes written."""
+    blocks = {block_name(block): values for block, values in sorted(store.blocks.items())}
+    return save_checkpoint(state_dir, rounds_done, blocks,
+                           store_identity(store.layout, placement, store.peer_id, seed), keep)
+
+
+def load_store(state_dir: Path, layout: BlockLayout, placement: Placement, peer_id: str,
+               seed: int) -> tuple[int, ShardStore] | None:
+    """The newest sound checkpoint of `peer_id`'s store under `placement`: (rounds done, the
+    store), or None when `state_dir` holds none. Checkpoints none of which fits this placement
+    and model (peerd/state.py checks every block's name, shape and values, and the record's
+    placement inputs) raise CheckpointMismatch: the store must then be rebuilt from the
+    replicas of the placement it belonged to."""
+    shapes = {block_name(block): (layout.block_size(block),)
+              for block in placement.blocks_of(peer_id)}
+    checkpoint = load_checkpoint(state_dir, shapes,
+                                 store_identity(layout, placement, peer_id, seed))
+    if checkpoint is None:
+        rounds = checkpoint_rounds(state_dir)
+        if rounds:
+            raise CheckpointMismatch(
+                f"{state_dir}: no store checkpoint (rounds {rounds}) fits the placement over "
+                f"members {', '.join(placement.members)} with {placement.replicas} replicas "
+                f"and seed {seed} (the warnings above say why)")
+        return None
+    store = ShardStore(layout, peer_id)
+    for name, values in checkpoint.params.items():
+        store.put(int(name.removeprefix("block.")), values)
+    return checkpoint.round, store
