@@ -26,11 +26,11 @@ from peerd.algorithm.sharded import (
     Push,
     ShardRefused,
     Storer,
+    Window,
     pulled_submodel,
     pushes_for,
     slice_shapes,
     trained_values,
-    window_counts,
 )
 from peerd.algorithm.shards import (
     BlockLayout,
@@ -147,7 +147,7 @@ class ShardedCluster:
         trained, stats = {}, []
         for peer_id in ordered:
             peer, plan = self.peers[peer_id], plans[peer_id]
-            counts = window_counts(self.spec, self.layout, plan)
+            counts = Window(self.spec, self.layout, plan).counts()
             values = {block: self._pull(peer_id, round_index, block) for block in counts}
             peer.measure(*values.values())
             module, stat = peer.engine.train_submodel(

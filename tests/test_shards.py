@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peerd.algorithm.sharded import Push, ShardRefused, window_counts
+from peerd.algorithm.sharded import Push, ShardRefused, Window
 from peerd.algorithm.shards import (
     BlockLayout,
     ShardStore,
@@ -203,7 +203,7 @@ def test_window_counts_cover_exactly_the_sub_model() -> None:
     cluster = build_cluster(config, load_data(config))
     plans = cluster.peers["peer-00"].engine.begin_round(0, cluster.members).plans_now
     for plan in plans.values():
-        held = sum(window_counts(cluster.spec, cluster.layout, plan).values())
+        held = sum(Window(cluster.spec, cluster.layout, plan).counts().values())
         assert held * cluster.layout.entry_bytes == cluster.window_bytes(plan)
 
 

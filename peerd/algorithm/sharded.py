@@ -26,6 +26,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,39 +40,49 @@ class ShardRefused(ValueError):
     """A pull or push a storer will not take (what was wrong is the message)."""
 
 
-def window_mask(spec: ModelSpec, layout: BlockLayout, plan: Plan, block: int) -> torch.Tensor:
-    """Which entries of `block` the plan's sub-model holds: one bool per entry of the block."""
-    start = block * layout.block_entries
-    stop = start + layout.block_size(block)
-    mask = torch.zeros(stop - start, dtype=torch.bool)
-    for name, shape, offset in zip(layout.names, layout.shapes, layout.offsets, strict=True):
-        low, high = max(start, offset), min(stop, offset + math.prod(shape))
-        if low >= high or not holds_param(spec, plan, name):
-            continue
-        masks = axis_masks(spec, plan, name)
-        if all(axis_mask is None for axis_mask in masks):
-            mask[low - start:high - start] = True
-            continue
-        position = torch.arange(low - offset, high - offset)
-        kept = torch.ones(high - low, dtype=torch.bool)
-        for axis in range(len(shape) - 1, -1, -1):
-            axis_mask = masks[axis]
-            if axis_mask is not None:
-                kept &= axis_mask[position % shape[axis]]
-            position = position.div_(shape[axis], rounding_mode="floor")
-        mask[low - start:high - start] = kept
-    return mask
+class Window:
+    """A plan's entries in the flat model, block by block: built once per plan and round from
+    its per-axis masks (a byte per unit), so that a block's mask costs one pass over the
+    block."""
 
+    def __init__(self, spec: ModelSpec, layout: BlockLayout, plan: Plan) -> None:
+        self.layout = layout
+        # (flat offset, shape, per-axis masks) of every parameter the plan holds.
+        self.pieces: list[tuple[int, torch.Size, list[np.ndarray | None]]] = [
+            (offset, shape, [None if m is None else m.numpy()
+                             for m in axis_masks(spec, plan, name)])
+            for name, shape, offset in zip(layout.names, layout.shapes, layout.offsets,
+                                           strict=True)
+            if holds_param(spec, plan, name)]
 
-def window_counts(spec: ModelSpec, layout: BlockLayout, plan: Plan) -> dict[int, int]:
-    """How many entries of each block the plan's window holds (blocks it touches only): one
-    block's mask at a time, never the window's."""
-    counts = {}
-    for block in range(layout.blocks):
-        count = int(window_mask(spec, layout, plan, block).sum())
-        if count:
-            counts[block] = count
-    return counts
+    def mask(self, block: int) -> torch.Tensor:
+        """Which entries of `block` the plan's sub-model holds: one bool per entry."""
+        start = block * self.layout.block_entries
+        stop = start + self.layout.block_size(block)
+        mask = np.zeros(stop - start, dtype=bool)
+        for offset, shape, masks in self.pieces:
+            low, high = max(start, offset), min(stop, offset + math.prod(shape))
+            if low >= high:
+                continue
+            position = np.arange(low - offset, high - offset)
+            kept = np.ones(high - low, dtype=bool)
+            for axis in range(len(shape) - 1, -1, -1):
+                axis_mask = masks[axis]
+                if axis_mask is not None:
+                    kept &= axis_mask[position % shape[axis]]
+                position //= shape[axis]
+            mask[low - start:high - start] = kept
+        return torch.from_numpy(mask)
+
+    def counts(self) -> dict[int, int]:
+        """How many entries of each block the window holds (blocks it touches only), one
+        block's mask at a time."""
+        counts = {}
+        for block in range(self.layout.blocks):
+            count = int(self.mask(block).sum())
+            if count:
+                counts[block] = count
+        return counts
 
 
 def slice_shapes(spec: ModelSpec, layout: BlockLayout, plan: Plan) -> dict[str, torch.Size]:
@@ -108,7 +119,7 @@ class Storer:
     store: ShardStore
     placement: Placement
     round_index: int = -1
-    plans: Mapping[str, Plan] = field(default_factory=dict)
+    windows: dict[str, Window] = field(default_factory=dict)  # every trainer's, this round
     pushed: dict[str, float] = field(default_factory=dict)  # trainer -> weight, this round
     touched: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> entries summed
 
@@ -118,7 +129,8 @@ class Storer:
 
     def begin_round(self, round_index: int, plans: Mapping[str, Plan],
                     placement: Placement) -> None:
-        self.round_index, self.plans, self.placement = round_index, plans, placement
+        self.round_index, self.placement = round_index, placement
+        self.windows = {peer: Window(self.spec, self.layout, plan) for peer, plan in plans.items()}
         self.pushed, self.touched = {}, {}
 
     def held_bytes(self) -> int:
@@ -128,7 +140,7 @@ class Storer:
         if round_index != self.round_index:
             raise ShardRefused(f"{what} from {peer} is for round {round_index}; "
                                f"{self.store.peer_id} is in round {self.round_index}")
-        if peer not in self.plans:
+        if peer not in self.windows:
             raise ShardRefused(f"{what} from {peer}: not a member in round {round_index}")
 
     def serve_pull(self, requester: str, round_index: int, block: int) -> torch.Tensor:
@@ -140,14 +152,13 @@ class Storer:
         if block not in self.store.blocks:
             raise ShardRefused(f"pull from {requester}: {self.store.peer_id} does not store "
                                f"block {block}")
-        return self.store.get(block)[window_mask(self.spec, self.layout,
-                                                 self.plans[requester], block)].clone()
+        return self.store.get(block)[self.windows[requester].mask(block)].clone()
 
     def expected_blocks(self, trainer: str) -> dict[int, torch.Tensor]:
         """The masks of this storer's blocks that `trainer`'s window touches, by block."""
         masks = {}
         for block in sorted(self.store.blocks):
-            mask = window_mask(self.spec, self.layout, self.plans[trainer], block)
+            mask = self.windows[trainer].mask(block)
             if bool(mask.any()):
                 masks[block] = mask
         return masks
@@ -192,8 +203,7 @@ class Storer:
         for block, touched in self.touched.items():
             weight = torch.zeros(touched.shape, dtype=self.layout.dtype)
             for trainer in sorted(self.pushed):
-                mask = window_mask(self.spec, self.layout, self.plans[trainer], block)
-                weight[mask] += self.pushed[trainer]
+                weight[self.windows[trainer].mask(block)] += self.pushed[trainer]
             stored = self.store.get(block)
             stored[touched] = stored[touched] / weight[touched]
         self.pushed, self.touched = {}, {}
@@ -226,7 +236,7 @@ def trained_values(spec: ModelSpec, layout: BlockLayout, module: nn.Module) -> t
 def pushes_for(trainer: str, round_index: int, weight: float, placement: Placement,
                counts: Mapping[int, int], values: torch.Tensor) -> list[Push]:
     """One push per storer of the window's blocks: the window's values cut by block
-    (`counts`, from `window_counts`) and grouped by storer, ascending block order within
+    (`counts`, from `Window.counts`) and grouped by storer, ascending block order within
     each."""
     by_storer: dict[str, list[torch.Tensor]] = {}
     start = 0
