@@ -23,7 +23,7 @@ anything else is refused before it touches the store.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,11 +74,11 @@ class Window:
             mask[low - start:high - start] = kept
         return torch.from_numpy(mask)
 
-    def counts(self) -> dict[int, int]:
-        """How many entries of each block the window holds (blocks it touches only), one
-        block's mask at a time."""
+    def counts(self, blocks: Iterable[int] | None = None) -> dict[int, int]:
+        """How many entries of each block (of `blocks`, default all) the window holds, for the
+        blocks it touches only, in ascending order; one block's mask at a time."""
         counts = {}
-        for block in range(self.layout.blocks):
+        for block in sorted(range(self.layout.blocks) if blocks is None else blocks):
             count = int(self.mask(block).sum())
             if count:
                 counts[block] = count
@@ -154,14 +154,10 @@ class Storer:
                                f"block {block}")
         return self.store.get(block)[self.windows[requester].mask(block)].clone()
 
-    def expected_blocks(self, trainer: str) -> dict[int, torch.Tensor]:
-        """The masks of this storer's blocks that `trainer`'s window touches, by block."""
-        masks = {}
-        for block in sorted(self.store.blocks):
-            mask = self.windows[trainer].mask(block)
-            if bool(mask.any()):
-                masks[block] = mask
-        return masks
+    def expected_counts(self, trainer: str) -> dict[int, int]:
+        """How many entries of each of this storer's blocks `trainer`'s window holds (blocks
+        it touches only)."""
+        return self.windows[trainer].counts(self.store.blocks)
 
     def accept_push(self, push: Push) -> None:
         """Fold a trainer's push into the running sums, after checking it fits the plans."""
@@ -177,16 +173,16 @@ class Storer:
         if push.values.dtype != self.layout.dtype:
             raise ShardRefused(f"push from {push.sender}: values are {push.values.dtype}, the "
                                f"store holds {self.layout.dtype}")
-        masks = self.expected_blocks(push.sender)
-        expected = sum(int(mask.sum()) for mask in masks.values())
+        counts = self.expected_counts(push.sender)
+        expected = sum(counts.values())
         if push.values.dim() != 1 or push.values.numel() != expected:
             raise ShardRefused(f"push from {push.sender}: {push.values.numel()} values, the "
                                f"plans say {expected} for {self.store.peer_id}'s blocks")
         if not all_finite(push.values):
             raise ShardRefused(f"push from {push.sender}: non-finite values")
         start = 0
-        for block, mask in masks.items():
-            count = int(mask.sum())
+        for block, count in counts.items():
+            mask = self.windows[push.sender].mask(block)
             weighted = push.values[start:start + count] * push.weight
             start += count
             stored = self.store.get(block)
