@@ -169,10 +169,12 @@ class ShardedCluster:
             peer.storer.close_round()
         return plans, stats
 
-    def remove(self, peer_id: str) -> int:
-        """`peer_id` leaves (its store is gone with it): the placement moves its blocks, the
-        survivors copy them from the remaining replicas. Returns the entries copied."""
-        del self.peers[peer_id]
+    def remove(self, *peer_ids: str) -> int:
+        """`peer_ids` leave at once (their stores are gone with them): the placement moves
+        their blocks, the survivors copy them from the remaining replicas. Returns the entries
+        copied."""
+        for peer_id in peer_ids:
+            del self.peers[peer_id]
         after = place(self.layout.blocks, sorted(self.peers), self.replicas, self.seed)
         copied = replicate(self.placement, after, self.stores())
         self.replicated_bytes += copied * self.layout.entry_bytes

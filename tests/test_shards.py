@@ -8,7 +8,10 @@ today's full-topology mean bit for bit; a member dropping loses nothing.
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -287,3 +290,36 @@ def test_store_checkpoints_restore_the_model(tmp_path: Path) -> None:
         load_store(tmp_path / "peer-00", cluster.layout, other, "peer-00", config.seed)
     assert load_store(tmp_path / "nothing", cluster.layout, cluster.placement, "peer-00",
                       config.seed) is None
+
+
+def test_two_members_leave_at_once_with_three_replicas() -> None:
+    """5 peers of mixed widths, r 3: two leave together, nothing is lost, training goes on."""
+    config = small_config(peers=5, mu=(0.25, 0.5), storage_replicas=3,
+                          train=TrainConfig(max_local_steps=2))
+    cluster = build_cluster(config, load_data(config))
+    cluster.run_round(0)
+    before = cluster.assemble()
+    assert cluster.remove("peer-01", "peer-03") > 0
+    after = cluster.assemble()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert all(len(holders) == 3 for holders in cluster.placement.storers)
+    plans, _ = cluster.run_round(1)
+    for peer_id, peer in cluster.peers.items():
+        assert peer.peak_bytes <= cluster.bound_bytes(plans[peer_id])
+
+
+def test_sim_command_with_storage_replicas(tmp_path: Path) -> None:
+    """`peerd sim --storage-replicas` as a user runs it, and a value it refuses."""
+    command = [sys.executable, "-m", "peerd.cli", "sim", "--task", "digits", "--peers", "3",
+               "--mu", "0.5", "--rounds", "1", "--storage-replicas", "2", "--quiet"]
+    done = subprocess.run([*command, "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["storage_replicas"] == 2 and record["global_acc"] > 0.1
+    assert 0 < record["held_bytes_peak_max"] <= record["held_bytes_bound_max"]
+    refused = subprocess.run([*command[:-3], "--storage-replicas", "4", "--out",
+                              str(tmp_path / "no")], capture_output=True, text=True,
+                             timeout=300, check=False)
+    assert refused.returncode == 2
+    assert "storage_replicas=4 is invalid: must be at most the 3 peers" in refused.stderr
