@@ -21,7 +21,7 @@ import torch
 
 from peerd.algorithm.coverage import CoverageTracker
 from peerd.algorithm.engine import Engine, TrainStats
-from peerd.algorithm.plan import Member
+from peerd.algorithm.plan import Member, Plans
 from peerd.algorithm.sharded import (
     Push,
     ShardRefused,
@@ -98,9 +98,9 @@ class ShardedCluster:
         return {peer_id: peer.storer.store for peer_id, peer in self.peers.items()}
 
     def window_bytes(self, plan: Plan) -> int:
-        return sum(shape.numel() for shape in slice_shapes(self.spec, self.layout,
-                                                            plan).values()) \
-            * self.layout.entry_bytes
+        """The bytes of the plan's sub-model: its slice of every parameter it holds."""
+        shapes = slice_shapes(self.spec, self.layout, plan).values()
+        return sum(shape.numel() for shape in shapes) * self.layout.entry_bytes
 
     def bound_bytes(self, plan: Plan) -> int:
         """What a peer training `plan` may hold: its store's bound, one bool per stored entry
@@ -134,7 +134,7 @@ class ShardedCluster:
         self.bytes_sent[push.sender] += push.payload_bytes()
         self.push_bytes += push.payload_bytes()
 
-    def run_round(self, round_index: int) -> tuple[Plan, list[TrainStats]]:
+    def run_round(self, round_index: int) -> tuple[Plans, list[TrainStats]]:
         """Every peer's round: all pull and train, then all push, then every storer closes.
         Returns the plans and each peer's stats by id order."""
         members = self.members
@@ -236,7 +236,7 @@ def run_sharded(config: SimConfig, on_round: Callable[[dict], None] | None = Non
     return log.records
 
 
-def shard_figures(cluster: ShardedCluster, plans: dict[str, Plan]) -> dict[str, float]:
+def shard_figures(cluster: ShardedCluster, plans: Plans) -> dict[str, float]:
     peak = max(peer.peak_bytes for peer in cluster.peers.values())
     bound = max(cluster.bound_bytes(plans[peer_id]) for peer_id in cluster.peers)
     return {"pull_bytes_cum": cluster.pull_bytes, "push_bytes_cum": cluster.push_bytes,
