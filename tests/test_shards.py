@@ -180,19 +180,24 @@ def test_storer_refuses_what_the_plans_do_not_give() -> None:
         cluster.layout.block_entries
 
 
-def test_full_width_with_every_peer_storing_equals_todays_full_topology_mean() -> None:
-    """mu 1, r = N = 2: every store equals every peer's parameters of today's simulator over
-    the full topology, bit for bit, round after round (two peers' merges sum in the same
-    order; with more peers today's peers differ from each other in the last bits)."""
+@pytest.mark.parametrize(("peers", "rounds", "compared"), [(2, 2, 2), (4, 1, 1)])
+def test_full_width_with_every_peer_storing_equals_todays_full_topology_mean(
+        peers: int, rounds: int, compared: int) -> None:
+    """mu 1, r = N: every store equals today's simulator over the full topology bit for bit.
+    Storers sum in ascending trainer order, the order of today's merge at the lowest id: with
+    2 peers every peer of today's agrees to the bit round after round, with 4 the others'
+    merges sum in another order (last bits differ), so only peer-00 is compared, after 1
+    round."""
     train = TrainConfig(max_local_steps=3)
-    today = build(SimConfig(task="digits", peers=2, mu=(1.0,), topology="full", rounds=2,
-                            out="unused", train=train))
-    config = small_config(peers=2, mu=(1.0,), topology="full", train=train)
+    today = build(SimConfig(task="digits", peers=peers, mu=(1.0,), topology="full",
+                            rounds=rounds, out="unused", train=train))
+    config = small_config(peers=peers, mu=(1.0,), storage_replicas=peers, topology="full",
+                          train=train)
     cluster = build_cluster(config, load_data(config))
-    for round_index in range(2):
+    for round_index in range(rounds):
         run_round(today, round_index)
         cluster.run_round(round_index)
-        for engine in today.engines:
+        for engine in today.engines[:compared]:
             for storer_id, peer in cluster.peers.items():
                 stored = assemble_stores(cluster.layout, cluster.placement,
                                          {storer_id: peer.storer.store})
