@@ -542,10 +542,13 @@ class SimConfig(PeerOptions):
         if self.storage_replicas:
             require(self.storage_replicas <= self.peers, "storage_replicas",
                     self.storage_replicas, f"at most the {self.peers} peers")
-            for unsupported in ("contrastive", "reduce_scatter"):
-                if getattr(self, unsupported):
-                    raise ConfigError(f"{unsupported} is not supported with storage_replicas "
-                                      "(sharded rounds gather at the storers)")
+            unsupported = {
+                "contrastive": "a sharded peer does not keep its last round's sub-model yet",
+                "reduce_scatter": "sharded rounds already average once, at the storers"}
+            for name, reason in unsupported.items():
+                if getattr(self, name):
+                    raise ConfigError(f"{name} is not supported with storage_replicas: "
+                                      f"{reason}")
         if self.train is not None:
             optioned = PeerOptions.train_config(self, self.train)
             for name in ("early_exits", "distill_temperature", "contrastive",
