@@ -227,7 +227,7 @@ def test_sharded_sim_learns_digits(tmp_path: Path) -> None:
 def test_storage_replicas_is_checked() -> None:
     with pytest.raises(ConfigError, match="storage_replicas=5 is invalid"):
         small_config(storage_replicas=5)
-    with pytest.raises(ConfigError, match="contrastive is not supported .*: a sharded peer"):
+    with pytest.raises(ConfigError, match=r"contrastive is not supported .*: a sharded peer"):
         small_config(contrastive=True)
     with pytest.raises(ConfigError, match="reduce_scatter is not supported"):
         small_config(reduce_scatter=True, topology="full")
