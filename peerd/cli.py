@@ -454,7 +454,7 @@ def _config(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import grpc
 
-    from peerd.net.codec import WireError
+    from peerd.net.frames import WireError
     from peerd.net.tls import TlsIdentity
     from peerd.ops.status import show_status
 

@@ -6,10 +6,10 @@ they find each other by mDNS on 127.0.0.1 (and, unless disabled, by their static
 and exchange slices over gRPC with mutual TLS: a cluster CA in OUT/ca issues every daemon its
 certificate, and this process one of its own (`cluster`). This process never touches their
 training: it polls their status, pulls each peer's post-merge parameters at evaluation rounds,
-assembles the global model from them (mean over each entry's holders) and writes the same
-metrics as `peerd sim`. In semi-asynchronous mode a slow daemon skips rounds: round N is
-evaluated once every daemon has reached it, with each daemon's parameters after the last round
-it ran up to N.
+one peer at a time, assembles the global model from them (mean over each entry's holders) and
+writes the same metrics as `peerd sim`. In semi-asynchronous mode a slow daemon skips rounds:
+round N is evaluated once every daemon has reached it, with each daemon's parameters after the
+last round it ran up to N.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ from peerd.algorithm.plan import Member, Plans, decode_widths, planner_for, widt
 from peerd.algorithm.submodel import forward_flops_per_sample, init_params
 from peerd.algorithm.topology import load_topology
 from peerd.config import ENV_PREFIX, ClusterConfig, DaemonConfig, member_options
+from peerd.live_model import MemberPull, pull_into
 from peerd.memlimit import MemoryGroup
-from peerd.metrics import MetricsLog, PeerRound, evaluate_global, run_title
+from peerd.metrics import GlobalEvaluation, MetricsLog, PeerRound, run_title
 from peerd.models.base import fingerprint, full_units
 from peerd.net import PROTOCOL_VERSION
 from peerd.net.client import PeerClients
@@ -296,13 +297,12 @@ class ClusterWatcher:
                 model_fingerprint=self.expectation.model_fingerprint, requester=WATCHER_ID,
                 round=round_number)
 
-        pulled = await asyncio.gather(*(
-            self.clients.pull(d.address, d.peer_id, request(record["round"]), self.expectation)
-            for d, record in zip(self.daemons, local, strict=True)))
-        params = {d.peer_id: stream.tensors for d, stream in zip(self.daemons, pulled,
-                                                                 strict=True)}
-        figures, model = evaluate_global(self.spec, self.data, params, plans,
-                                         self.eval_samples)
+        evaluation = GlobalEvaluation(self.spec, self.data, self.eval_samples)
+        await pull_into(evaluation, self.clients,
+                        [MemberPull(d.peer_id, d.address, request(record["round"]))
+                         for d, record in zip(self.daemons, local, strict=True)],
+                        self.expectation, plans)
+        figures, model = evaluation.result()
         figures["peer_acc_mean"] = statistics.fmean(r["local_acc"] for r in local)
         if self.spec.kind == "text":
             figures["peer_ppl_mean"] = statistics.fmean(r["local_ppl"] for r in local)

@@ -29,7 +29,7 @@ import torch
 from peerd.agreement import agreed_settings, cluster_fingerprint, describe_settings
 from peerd.algorithm.driver import RoundDriver, RoundOutcome, RoundRules, round_record
 from peerd.algorithm.engine import RoundContext
-from peerd.algorithm.plan import encode_widths, width_group_names
+from peerd.algorithm.plan import width_group_names
 from peerd.algorithm.reduce import PartMessage
 from peerd.algorithm.submodel import copy_into, param_bytes
 from peerd.algorithm.transport import SliceMessage
@@ -38,17 +38,10 @@ from peerd.checkpoints import Checkpoints, enter_at, resume
 from peerd.config import DaemonConfig
 from peerd.looplag import LoopLag
 from peerd.models.base import fingerprint
-from peerd.net import GRPC_OPTIONS, PROTOCOL_VERSION
+from peerd.net import GRPC_OPTIONS
 from peerd.net.client import PeerClients
-from peerd.net.codec import WireError
-from peerd.net.discovery import (
-    Candidate,
-    Discovery,
-    DiscoveryManager,
-    MdnsDiscovery,
-    PeerRecord,
-    StaticDiscovery,
-)
+from peerd.net.discovery import DiscoveryManager
+from peerd.net.handshakes import Handshakes, discovery_sources
 from peerd.net.host import DaemonHost, advertised_host
 from peerd.net.limits import bind, prepare_server_limits
 from peerd.net.membership import Membership, View
@@ -67,7 +60,6 @@ from peerd.web.daemon_page import DaemonPage
 
 log = logging.getLogger("peerd.daemon")
 
-HANDSHAKE_INTERVAL_S = 0.5
 # While waiting for the first view the daemon says who it has found this often (a person at
 # the terminal must never wonder whether it hangs).
 WAITING_REPORT_S = 5.0
@@ -125,7 +117,6 @@ class Daemon:
                                      frozen_blocks=self.engine.frozen_blocks,
                                      width_groups=width_group_names(self.spec.groups))
         self._stopping = asyncio.Event()
-        self._unanswered: set[str] = set()  # addresses whose last handshake failed
         last_round = None if config.rounds is None else config.rounds - 1
         self.roster = MembershipRoster(self.membership, self.engine.topology, last_round,
                                        self._stopping)
@@ -142,6 +133,8 @@ class Daemon:
                                  self.fingerprint)
         self.host = DaemonHost(self.spec, config.cluster, self.fingerprint, self.membership,
                                self.driver, self.slices)
+        self.handshakes = Handshakes(self.clients, self.host, self.membership,
+                                     lambda: self.driver.round_index)
         self.notifier = Notifier.from_environment()
         self.exporter: Exporter | None = None
         if config.metrics_port is not None:
@@ -206,7 +199,8 @@ class Daemon:
         if self.config.metrics_port is not None:
             page = DaemonPage(self)
             await page.start(advertised_host(self.config))
-        discovery = DiscoveryManager(self._discovery_sources(address, port))
+        discovery = DiscoveryManager(discovery_sources(self.config, self.me, self.fingerprint,
+                                                       address, port))
         await discovery.start()
         log.info("peer %s serving on %s (cluster %s, fingerprint %s: %s, %s)", self.peer_id,
                  address, self.config.cluster, self.fingerprint,
@@ -215,7 +209,7 @@ class Daemon:
         # Ready only now: peers and `peerd status` can reach this daemon from here on.
         self.notifier.ready(f"serving on {address}, waiting for {self.config.min_peers} "
                             f"members of cluster {self.config.cluster}")
-        handshakes = asyncio.create_task(self._handshake_forever(discovery))
+        handshakes = asyncio.create_task(self.handshakes.forever(discovery))
         lag = asyncio.create_task(self.loop_lag.watch())
         interval = self.notifier.watchdog_interval_s()
         watchdog = asyncio.create_task(watchdog_loop(self.notifier, interval)) if interval else None
@@ -258,49 +252,13 @@ class Daemon:
         self.notifier.stopping()
         self._stopping.set()
 
-    def _discovery_sources(self, address: str, port: int) -> list[Discovery]:
-        sources: list[Discovery] = [StaticDiscovery(list(self.config.peers))]
-        if self.config.mdns:
-            record = PeerRecord(
-                peer_id=self.peer_id, cluster=self.config.cluster,
-                protocol_version=PROTOCOL_VERSION, model_fingerprint=self.fingerprint,
-                mu=self.me.mu, host=address.rsplit(":", 1)[0], port=port, depth=self.me.depth,
-                widths=tuple(encode_widths(self.me.widths or ())),
-            )
-            sources.append(MdnsDiscovery(record, self.config.mdns_interface))
-        return sources
-
-    async def _handshake_forever(self, discovery: DiscoveryManager) -> None:
-
-        async def handshake(candidate: Candidate) -> None:
-            # An mDNS record's peer id is only a hint: the TLS handshake proves it.
-            expected = candidate.record.peer_id if candidate.record else None
-            try:
-                self.host.admit(await self.clients.handshake(
-                    candidate.address, self.host.hello(), expected))
-            except (grpc.aio.AioRpcError, WireError) as error:
-                self._unanswered.add(candidate.address)
-                log.debug("handshake with %s failed: %s", candidate.address, error)
-            else:
-                self._unanswered.discard(candidate.address)
-
-        while True:
-            # All at once: a slow or dead peer must not delay hearing from the others (silence
-            # drops members from the view).
-            await asyncio.gather(*(handshake(candidate)
-                                   for candidate in discovery.candidates()
-                                   if candidate.address != self.membership.address))
-            # Silence is noticed here: a dead peer sends no handshakes that would tick.
-            self.membership.tick(self.driver.round_index)
-            await asyncio.sleep(HANDSHAKE_INTERVAL_S)
-
     async def _wait_for_view(self) -> View | None:
         """The first view: agreed with the others, or entered by joining a running one."""
         driver = self.driver
         next_report = time.monotonic()
         while not self._stopping.is_set():
             if time.monotonic() >= next_report:
-                log.info("%s", self._waiting_line())
+                log.info("%s", self.handshakes.waiting_line(self.config.min_peers))
                 next_report = time.monotonic() + WAITING_REPORT_S
             view = self.membership.try_commit(driver.round_index)
             if view is not None:
@@ -324,15 +282,6 @@ class Daemon:
                 return joined
             await asyncio.sleep(0.1)
         return None
-
-    def _waiting_line(self) -> str:
-        """Who has been found so far and who does not answer, for the operator."""
-        found = self.membership.candidate_ids()
-        line = (f"waiting for peers: {len(found)} of {self.config.min_peers} members found "
-                f"({', '.join(found)})")
-        if self._unanswered:
-            line += f"; no answer yet from {', '.join(sorted(self._unanswered))}"
-        return line
 
     async def _train(self) -> None:
         while await self._wait_for_view() is not None:

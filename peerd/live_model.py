@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 
@@ -23,11 +25,11 @@ from peerd.algorithm.aggregate import Assembly
 from peerd.algorithm.batchnorm import calibration_inputs
 from peerd.algorithm.evaluate import evaluate
 from peerd.algorithm.plan import planner_for
-from peerd.algorithm.submodel import init_params
+from peerd.algorithm.submodel import Params, init_params
 from peerd.config import DaemonConfig
 from peerd.global_model import ExportedModel, ExportError, write_model_file
 from peerd.metrics import assembled_model, global_test_set
-from peerd.models.base import ModelSpec, fingerprint
+from peerd.models.base import ModelSpec, Plan, fingerprint
 from peerd.net import PROTOCOL_VERSION
 from peerd.net.client import PeerClients
 from peerd.net.codec import Expectation, WireError
@@ -38,6 +40,40 @@ from peerd.web.facts import MemberFacts, reply_members
 
 # Who asks, without TLS (with it, the certificate's name: a daemon refuses any other claim).
 INSECURE_REQUESTER = "peerd-export"
+
+
+class PullError(RuntimeError):
+    """A member did not hand over its parameters; the message names it and what gRPC said."""
+
+
+@dataclass(frozen=True)
+class MemberPull:
+    """Where one member's parameters are pulled from, and the request that asks for them."""
+
+    peer_id: str
+    address: str
+    request: peer_pb2.PullRequest
+
+
+class Accumulator(Protocol):
+    """What members' parameters are added to: `Assembly`, `metrics.GlobalEvaluation`."""
+
+    def add(self, params: Params, plan: Plan) -> None: ...
+
+
+async def pull_into(target: Accumulator, clients: PeerClients, pulls: Sequence[MemberPull],
+                    expectation: Expectation, plans: Mapping[str, Plan]) -> None:
+    """Pull the members' parameters one member at a time, each added to `target` with its
+    plan before the next is pulled: besides `target`'s sums, one member's parameters in memory
+    (`peerd export --addr` and the cluster watcher)."""
+    for pull in pulls:
+        try:
+            stream = await clients.pull(pull.address, pull.peer_id, pull.request, expectation)
+        except grpc.aio.AioRpcError as error:
+            raise PullError(f"member {pull.peer_id} at {pull.address}: {error.code().name}: "
+                            f"{error.details()}") from None
+        target.add(stream.tensors, plans[pull.peer_id])
+        del stream  # before the next member's arrives
 
 
 @dataclass(frozen=True)
@@ -64,6 +100,8 @@ def export_live_model(address: str, config: DaemonConfig, tls: TlsIdentity | Non
         raise ExportError(f"{address}: {error.code().name}: {error.details()}") from None
     except WireError as error:
         raise ExportError(f"{address}: {error.code.name}: {error.detail}") from None
+    except PullError as error:
+        raise ExportError(str(error)) from None
     model = assembled_model(spec, calibration_inputs(data.train.inputs), assembly.result())
     global_acc = evaluate(model, spec.kind, global_test_set(data, task.eval_samples)).accuracy
     write_model_file(destination, model, config.task, reached.rounds, global_acc)
@@ -92,15 +130,9 @@ async def _pull(address: str, config: DaemonConfig, tls: TlsIdentity | None, spe
             model_fingerprint=expected,
             requester=tls.name if tls is not None else INSECURE_REQUESTER, round=reached.rounds)
         assembly = Assembly(spec)
-        for member in reached.members:
-            try:
-                stream = await clients.pull(member.address, member.peer_id, request,
-                                            expectation)
-            except grpc.aio.AioRpcError as error:
-                raise ExportError(f"member {member.peer_id} at {member.address}: "
-                                  f"{error.code().name}: {error.details()}") from None
-            assembly.add(stream.tensors, plans[member.peer_id])
-            del stream  # before the next member's arrives
+        await pull_into(assembly, clients,
+                        [MemberPull(member.peer_id, member.address, request)
+                         for member in reached.members], expectation, plans)
         return reached, assembly
     finally:
         await clients.close()

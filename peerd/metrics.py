@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from peerd.algorithm.aggregate import assemble
+from peerd.algorithm.aggregate import Assembly
 from peerd.algorithm.batchnorm import calibration_inputs, recompute_batchnorm
 from peerd.algorithm.evaluate import Evaluation, evaluate
 from peerd.algorithm.submodel import Params, extract
@@ -37,27 +37,49 @@ def evaluate_global(
     spec: ModelSpec, data: TaskData, peer_params: Mapping[str, Params],
     plans: Mapping[str, Plan], eval_samples: int | None,
 ) -> tuple[dict[str, float], nn.Module]:
+    """`GlobalEvaluation` of every peer's parameters at once (the simulator holds them all)."""
+    evaluation = GlobalEvaluation(spec, data, eval_samples)
+    for peer_id, params in peer_params.items():
+        evaluation.add(params, plans[peer_id])
+    return evaluation.result()
+
+
+class GlobalEvaluation:
     """On the held-out test set (first `eval_samples`): the assembled full-width model
     (`global_*`) and every peer's own sub-model of the round, averaged over peers
     (`peer_global_*`). The second is what a method hands a peer: for heterofl and fd at one
     width, the shared sub-model, whose untrained rest makes the assembled model meaningless.
     BatchNorm statistics are recomputed for every model scored (peerd/algorithm/batchnorm.py).
-    Returns the figures and the assembled model they score (what `peerd export` hands out)."""
-    test = global_test_set(data, eval_samples)
-    calibration = calibration_inputs(data.train.inputs)
-    assembled = assembled_model(spec, calibration, assemble(spec, peer_params, plans))
-    result = evaluate(assembled, spec.kind, test)
-    figures = {"global_acc": result.accuracy, "global_loss": result.loss}
-    if spec.kind == "text":
-        figures["global_ppl"] = result.perplexity
-    own = [evaluate(_calibrated(extract(spec, params, plans[peer_id]), calibration),
-                    spec.kind, test)
-           for peer_id, params in peer_params.items()]
-    figures["peer_global_acc_mean"] = statistics.fmean(e.accuracy for e in own)
-    figures["peer_global_loss_mean"] = statistics.fmean(e.loss for e in own)
-    if spec.kind == "text":
-        figures["peer_global_ppl_mean"] = statistics.fmean(e.perplexity for e in own)
-    return figures, assembled
+
+    Peers are added one at a time (their sub-model scored, their values summed into the
+    assembly), so a caller that pulls them one after the other (`peerd cluster`) holds one
+    peer's parameters at a time, not every peer's."""
+
+    def __init__(self, spec: ModelSpec, data: TaskData, eval_samples: int | None) -> None:
+        self.spec = spec
+        self.test = global_test_set(data, eval_samples)
+        self.calibration = calibration_inputs(data.train.inputs)
+        self.assembly = Assembly(spec)
+        self.own: list[Evaluation] = []
+
+    def add(self, params: Params, plan: Plan) -> None:
+        self.assembly.add(params, plan)
+        own = _calibrated(extract(self.spec, params, plan), self.calibration)
+        self.own.append(evaluate(own, self.spec.kind, self.test))
+
+    def result(self) -> tuple[dict[str, float], nn.Module]:
+        """The figures and the assembled model they score (what `peerd export` hands out)."""
+        spec = self.spec
+        assembled = assembled_model(spec, self.calibration, self.assembly.result())
+        result = evaluate(assembled, spec.kind, self.test)
+        figures = {"global_acc": result.accuracy, "global_loss": result.loss}
+        if spec.kind == "text":
+            figures["global_ppl"] = result.perplexity
+        figures["peer_global_acc_mean"] = statistics.fmean(e.accuracy for e in self.own)
+        figures["peer_global_loss_mean"] = statistics.fmean(e.loss for e in self.own)
+        if spec.kind == "text":
+            figures["peer_global_ppl_mean"] = statistics.fmean(e.perplexity for e in self.own)
+        return figures, assembled
 
 
 def global_test_set(data: TaskData, eval_samples: int | None) -> Split:

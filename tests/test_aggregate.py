@@ -18,6 +18,7 @@ from support import random_plan
 
 from peerd.algorithm.aggregate import (
     Arrival,
+    Assembly,
     assemble,
     exchange_count,
     merge,
@@ -488,3 +489,21 @@ def test_assemble_with_nobody_holding_takes_the_mean_over_all_peers() -> None:
     assert torch.equal(result[:, 1], wte["c"][:, 1])
     everyone = (wte["a"][:, 2:] + wte["b"][:, 2:] + wte["c"][:, 2:]) / 3
     torch.testing.assert_close(result[:, 2:], everyone)
+
+
+def test_an_assembly_gives_its_result_once_and_keeps_no_sums() -> None:
+    """The sums are dropped as the result is built (the cluster watcher's peak memory), so a
+    second result or a later peer is refused by name rather than computed from nothing."""
+    s = make_scenario("tiny_lm", "msfusion", 0)
+    assembly = Assembly(s.spec)
+    for peer in s.peers:
+        assembly.add(s.params[peer], s.now[peer])
+    result = assembly.result()
+    expected = assemble(s.spec, s.params, s.now)
+    assert result.keys() == expected.keys()
+    assert all(torch.equal(result[name], expected[name]) for name in expected)
+    assert assembly.total == assembly.holders == assembly.everyone == {}
+    with pytest.raises(ValueError, match="taken already"):
+        assembly.result()
+    with pytest.raises(ValueError, match="taken already"):
+        assembly.add(s.params[s.peers[0]], s.now[s.peers[0]])

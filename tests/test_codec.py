@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from peerd.net import codec
+from peerd.net import frames as wire_frames
 from peerd.net.codec import (
     DEFAULT_CHUNK_BYTES,
     WIRE_DTYPES,
@@ -92,7 +93,7 @@ def encoded(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> list[peer_pb2.SliceFrame]:
     """A stream as protobuf messages: what a peer using the generated bindings would see."""
-    return [peer_pb2.SliceFrame.FromString(codec.serialize_frame(frame))
+    return [peer_pb2.SliceFrame.FromString(wire_frames.serialize_frame(frame))
             for frame in encode_frames(header, tensors, chunk_bytes)]
 
 
@@ -484,7 +485,7 @@ FUZZ_SENT = {
 FUZZ_PAYLOADS = sorted(raw_bytes(tensor) for tensor in FUZZ_SENT.values() if tensor.numel())
 FUZZ_STREAMS = {
     chunk_bytes: [
-        codec.serialize_frame(frame)
+        wire_frames.serialize_frame(frame)
         for frame in encode_frames(make_header(), FUZZ_SENT, chunk_bytes=chunk_bytes)
     ]
     for chunk_bytes in (3, 8, 64)
@@ -578,7 +579,7 @@ def decode_or_refuse(
     frames: list[peer_pb2.SliceFrame], expectation: Expectation
 ) -> DecodedStream | None:
     # As a daemon receives them: serialised, then parsed by peerd's own frame parser.
-    wire = [codec.parse_frame(frame.SerializeToString()) for frame in frames]
+    wire = [wire_frames.parse_frame(frame.SerializeToString()) for frame in frames]
     try:
         return decode_frames(wire, expectation, FUZZ_LIMITS)
     except WireError as error:
@@ -630,8 +631,8 @@ async def test_off_loop_encoding_yields_the_same_frames() -> None:
     expected = list(codec.encode_frames(make_header(), tensors, chunk_bytes=64 * 1024))
     produced = [frame async for frame in codec.encode_frames_off_loop(
         make_header(), tensors, chunk_bytes=64 * 1024)]
-    assert [codec.serialize_frame(f) for f in produced] == [
-        codec.serialize_frame(f) for f in expected]
+    assert [wire_frames.serialize_frame(f) for f in produced] == [
+        wire_frames.serialize_frame(f) for f in expected]
     assert sum(isinstance(f, memoryview) for f in produced) == math.ceil(1_200_000 / 65536) + 1
 
 
@@ -641,9 +642,9 @@ async def test_off_loop_encoding_yields_the_same_frames() -> None:
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 16_383, 16_384, 1 << 20])
 def test_chunk_frames_serialise_as_protobuf_does(size: int) -> None:
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
-    assert codec.serialize_frame(memoryview(data)) == peer_pb2.SliceFrame(
+    assert wire_frames.serialize_frame(memoryview(data)) == peer_pb2.SliceFrame(
         chunk=data).SerializeToString()
-    parsed = codec.parse_frame(codec.serialize_frame(memoryview(data)))
+    parsed = wire_frames.parse_frame(wire_frames.serialize_frame(memoryview(data)))
     assert isinstance(parsed, memoryview) and bytes(parsed) == data
 
 
@@ -656,9 +657,9 @@ def test_parse_frame_agrees_with_protobuf(data: bytes) -> None:
         reference = peer_pb2.SliceFrame.FromString(data)
     except Exception:  # protobuf's DecodeError: a WireError naming the frame, from peerd
         with pytest.raises(WireError, match="not a SliceFrame"):
-            codec.parse_frame(data)
+            wire_frames.parse_frame(data)
         return
-    parsed = codec.parse_frame(data)
+    parsed = wire_frames.parse_frame(data)
     if isinstance(parsed, memoryview):
         assert reference.WhichOneof("body") == "chunk" and reference.chunk == bytes(parsed)
     else:

@@ -18,13 +18,15 @@ import pytest
 import torch
 from daemons import ClusterCa, RunningDaemon, kill_all, start_loopback_daemons, wait_all
 from safetensors.torch import load_file
+from test_first_minutes import IMPORT_CHECK
 
 from peerd.config import SimConfig
 from peerd.net import PROTOCOL_VERSION
 from peerd.net.client import PeerClients
-from peerd.net.codec import WireError
+from peerd.net.frames import WireError
+from peerd.net.tls import TARGET_NAME_OPTION
 from peerd.sim import Simulation, build, run_round
-from peerd.v1 import peer_pb2
+from peerd.v1 import peer_pb2, peer_pb2_grpc
 
 ROUNDS = 3
 
@@ -135,12 +137,22 @@ def test_status_metrics_and_sigterm(tmp_path: Path, cluster_ca: ClusterCa) -> No
         (peer,) = status["peers"]
         assert peer["peer_id"] == "peer-01" and peer["neighbour"] is True
         assert int(peer["bytes_sent"]) == int(status["bytes_sent"]) > 0
+        # The table, printed by a process that says which heavy modules it loaded: none.
         table = subprocess.run(
-            [sys.executable, "-m", "peerd.cli", "status", "--addr", daemons[1].address,
+            [sys.executable, "-c", IMPORT_CHECK, "status", "--addr", daemons[1].address,
              *cluster_ca.flags("admin")],
             capture_output=True, text=True, timeout=60, check=True,
-        ).stdout
-        assert "peer-00" in table and "self" in table
+        )
+        assert "peer-00" in table.stdout and "self" in table.stdout
+        assert table.stderr.splitlines()[-1] == "loaded:", table.stderr
+        # A member pushing a slice whose weight would poison the merge: refused by name.
+        refusals = asyncio.run(push_weights(daemons, cluster_ca,
+                                            [1.0, 0.0, -1.0, float("nan"), float("inf")]))
+        assert refusals[0][0] != grpc.StatusCode.INVALID_ARGUMENT, refusals[0]
+        for weight, (code, detail) in zip(["0.0", "-1.0", "nan", "inf"], refusals[1:],
+                                          strict=True):
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "weight" in detail, detail
+            assert weight in detail, detail
         for daemon in daemons:
             daemon.process.send_signal(signal.SIGTERM)
         assert wait_all(daemons, timeout_s=30) == [0, 0]
@@ -148,6 +160,30 @@ def test_status_metrics_and_sigterm(tmp_path: Path, cluster_ca: ClusterCa) -> No
             assert (daemon.state_dir / "params.safetensors").exists()
     finally:
         kill_all(daemons)
+
+
+async def push_weights(daemons: list[RunningDaemon], ca: ClusterCa,
+                       weights: list[float]) -> list[tuple[grpc.StatusCode, str]]:
+    """peer-01, with its own certificate and the generated client of protos/, pushes peer-00
+    the start of a round-1 slice with each weight in turn: what peer-00 answers each."""
+    address = daemons[0].address
+    credentials = ca.identity("peer-01").channel_credentials()
+    async with grpc.aio.secure_channel(address, credentials,
+                                       options=[(TARGET_NAME_OPTION, "peer-00")]) as channel:
+        stub = peer_pb2_grpc.PeerStub(channel)
+        me = (await stub.Status(peer_pb2.StatusRequest(), timeout=10)).self
+        answers = []
+        for weight in weights:
+            header = peer_pb2.StreamHeader(
+                protocol_version=PROTOCOL_VERSION, cluster=me.cluster,
+                model_fingerprint=me.model_fingerprint, sender="peer-01", receiver="peer-00",
+                round=0, view_id=me.view_id, weight=weight)
+            try:
+                await stub.PushSlices(iter([peer_pb2.SliceFrame(start=header)]), timeout=10)
+                answers.append((grpc.StatusCode.OK, ""))
+            except grpc.aio.AioRpcError as error:
+                answers.append((error.code(), error.details() or ""))
+        return answers
 
 
 def test_strangers_are_refused(tmp_path: Path, cluster_ca: ClusterCa) -> None:

@@ -55,16 +55,26 @@ def test_slices_the_driver_must_not_take_are_refused_by_name() -> None:
     with pytest.raises(SliceRefused) as invalid:
         receiver.accept(poisoned, poisoned.payload_bytes())
     assert invalid.value.reason == "invalid" and "non-finite" in invalid.value.detail
+    weightless = SliceMessage(message.sender, message.receiver, message.round_index,
+                              float("nan"), message.values)
+    with pytest.raises(SliceRefused) as unweighted:
+        receiver.accept(weightless, weightless.payload_bytes())
+    assert unweighted.value.reason == "invalid" and "weight nan" in unweighted.value.detail
     receiver.accept(message, message.payload_bytes())  # refused ones left no trace
     with pytest.raises(SliceRefused) as twice:
         receiver.accept(message, message.payload_bytes())
     assert twice.value.reason == "duplicate"
     with pytest.raises(SliceRefused) as ahead:
-        receiver.admit(3, sender.peer_id)
+        receiver.admit(3, sender.peer_id, message.weight)
     assert ahead.value.reason == "later"
     with pytest.raises(SliceRefused) as old:
-        receiver.admit(0, sender.peer_id)  # strict rounds take only their own
+        receiver.admit(0, sender.peer_id, message.weight)  # strict rounds: their own only
     assert old.value.reason == "stale"
     with pytest.raises(SliceRefused) as stranger:
-        receiver.admit(1, "peer-99")
+        receiver.admit(1, "peer-99", message.weight)
     assert stranger.value.reason == "stranger"
+    # The weight divides the merge's sums: refused at admission, over either transport.
+    for weight in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(SliceRefused) as weightless:
+            receiver.admit(1, sender.peer_id, weight)
+        assert weightless.value.reason == "invalid" and "weight" in weightless.value.detail

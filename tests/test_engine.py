@@ -89,7 +89,6 @@ def _bad_messages(good: SliceMessage) -> list[tuple[SliceMessage, str]]:
                       good.values), "round"),
         (SliceMessage("p2", good.receiver, good.round_index, good.weight, good.values),
          "not a neighbour"),
-        (SliceMessage(*fields[:3], -1.0, good.values), "weight"),
         (SliceMessage(*fields, short), "values, the plans say"),
         (SliceMessage(*fields, poisoned), "non-finite"),
         (SliceMessage(*fields, missing), "parameter names"),

@@ -5,9 +5,12 @@ bit), loads strictly into the user's class, and what goes wrong is named in one 
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import runpy
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -17,12 +20,20 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from peerd.algorithm.plan import planner_for
+from peerd.algorithm.submodel import Params, init_params
 from peerd.cli import main
 from peerd.cluster import free_ports
 from peerd.config import SimConfig
-from peerd.metrics import evaluate_global
+from peerd.live_model import MemberPull, pull_into
+from peerd.metrics import GlobalEvaluation, evaluate_global
+from peerd.models.base import Plan
+from peerd.net import PROTOCOL_VERSION
+from peerd.net.client import PeerClients
+from peerd.net.codec import Expectation
+from peerd.net.tls import TlsIdentity
 from peerd.ops.ca import OBSERVER_ROLE, READER_ROLE, init_ca, issue
 from peerd.sim import build, run_round
+from peerd.v1 import peer_pb2
 
 ROUNDS = 2
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "resnet_images.py"
@@ -43,11 +54,14 @@ def lingering(tmp_path_factory: pytest.TempPathFactory, cluster_ca: ClusterCa):
         kill_all(daemons)
 
 
+CONFIG = SimConfig(peers=3, rounds=ROUNDS, topology="ring", out="unused", task=TASK)
+
+
 @pytest.fixture(scope="module")
 def simulated() -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """The same run in the simulator, and its global model as `peerd sim` assembles and scores
     it after the last round."""
-    config = SimConfig(peers=3, rounds=ROUNDS, topology="ring", out="unused", task=TASK)
+    config = CONFIG
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the daemons train with one thread each
     try:
@@ -146,3 +160,58 @@ def test_what_goes_wrong_is_one_line(
     assert err.startswith("peerd export: error: ") and message in err, err
     assert len(err.strip().splitlines()) == 1
     assert not destination.exists()
+
+
+class OneMemberAtATime:
+    """Adds to a GlobalEvaluation and notes, at every add, how many tensors of the member added
+    before it are still alive anywhere in the process."""
+
+    def __init__(self, evaluation: GlobalEvaluation) -> None:
+        self.evaluation = evaluation
+        self.previous: list[weakref.ref[torch.Tensor]] = []
+        self.alive_at_add: list[int] = []
+
+    def add(self, params: Params, plan: Plan) -> None:
+        gc.collect()
+        self.alive_at_add.append(sum(ref() is not None for ref in self.previous))
+        self.previous = [weakref.ref(tensor) for tensor in params.values()]
+        self.evaluation.add(params, plan)
+
+
+def test_the_watchers_member_by_member_evaluation_equals_the_simulators(
+    lingering: list[RunningDaemon], simulated: tuple[dict[str, float], dict[str, torch.Tensor]],
+    reader: Path,
+) -> None:
+    """What `peerd cluster`'s watcher does at an evaluation round, over real daemons: each
+    member pulled and added in turn (its tensors gone before the next is added), the figures
+    and the assembled model those of `evaluate_global` in the simulator."""
+    sim = build(CONFIG)
+    plans = planner_for(CONFIG).plan(ROUNDS - 1, sim.members, sim.spec.groups)
+    shapes = {name: (tensor.dtype, tuple(tensor.shape))
+              for name, tensor in init_params(sim.spec, CONFIG.seed).items()}
+    watched = OneMemberAtATime(GlobalEvaluation(sim.spec, sim.data, sim.eval_samples))
+
+    async def pull_every_member() -> None:
+        clients = PeerClients(TlsIdentity.load(reader))
+        try:
+            me = (await clients.status(lingering[0].address)).self
+            request = peer_pb2.PullRequest(
+                protocol_version=PROTOCOL_VERSION, cluster=me.cluster,
+                model_fingerprint=me.model_fingerprint, requester="operator", round=ROUNDS)
+            expectation = Expectation(PROTOCOL_VERSION, me.cluster, me.model_fingerprint,
+                                      lambda header: shapes)
+            await pull_into(watched, clients,
+                            [MemberPull(d.peer_id, d.address, request) for d in lingering],
+                            expectation, plans)
+        finally:
+            await clients.close()
+
+    asyncio.run(pull_every_member())
+    assert watched.alive_at_add == [0, 0, 0]
+    figures, model = watched.evaluation.result()
+    expected_figures, expected_state = simulated
+    assert figures == expected_figures
+    state = model.state_dict()
+    assert state.keys() == expected_state.keys()
+    for name, tensor in expected_state.items():
+        assert torch.equal(state[name], tensor), name

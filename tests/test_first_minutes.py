@@ -46,6 +46,8 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
     ["sim", "--help"], ["cluster", "--help"], ["start", "--help"], ["start", "--shard", "3/3"],
     ["export", "--help"],
     ["ca", "init", "--dir", "{tmp}/ca"],
+    # The call itself, to a port where nothing answers (a daemon answers in test_daemon.py).
+    ["status", "--addr", "127.0.0.1:1", "--insecure"],
     # A partition option is checked as it is read, without the data modules.
     ["sim", "--partition", "dirichlet:0.5", "--help"],
     ["start", "--partition", "natural", "--help"],

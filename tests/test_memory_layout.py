@@ -13,7 +13,8 @@ from safetensors.torch import save
 from peerd.algorithm.driver import SNAPSHOTS_ALWAYS_KEPT, snapshot_bytes_held
 from peerd.algorithm.submodel import param_bytes, slice_numel, with_slice
 from peerd.config import SimConfig, TrainConfig
-from peerd.net.codec import BuiltOnRead, encode_frames, serialize_frame
+from peerd.net.codec import BuiltOnRead, encode_frames
+from peerd.net.frames import serialize_frame
 from peerd.sim import build, run_round
 from peerd.tensorfile import write_safetensors
 from peerd.v1 import peer_pb2

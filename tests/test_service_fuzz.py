@@ -124,7 +124,8 @@ def test_the_server_is_still_up_and_took_the_valid_stream(
 ) -> None:
     from test_codec import make_header
 
-    from peerd.net.codec import encode_frames, serialize_frame
+    from peerd.net.codec import encode_frames
+    from peerd.net.frames import serialize_frame
 
     host, channel = served
     before = len(host.accepted)

@@ -205,8 +205,11 @@ class Assembly:
         self.total: Params = {}  # sum of the holders' values
         self.holders: Params = {}  # how many peers hold each entry
         self.everyone: Params = {}  # sum over every peer, for entries nobody holds
+        self.taken = False  # `result` consumes the sums
 
     def add(self, params: Params, plan: Plan) -> None:
+        if self.taken:
+            raise ValueError("the assembly's result was taken already: nothing more to add")
         for name, tensor in params.items():
             if name not in self.total:
                 self.total[name] = torch.zeros_like(tensor)
@@ -219,9 +222,17 @@ class Assembly:
         self.peers += 1
 
     def result(self) -> Params:
+        """The assembled parameters, once: each parameter's sums are dropped as soon as its
+        result is built, so the sums and the result are never both whole in memory."""
         if not self.peers:
             raise ValueError("nothing to assemble: no peer's parameters were added")
-        return {name: torch.where(self.holders[name] > 0,
-                                  total / self.holders[name].clamp(min=1),
-                                  self.everyone[name] / self.peers)
-                for name, total in self.total.items()}
+        if self.taken:
+            raise ValueError("the assembly's result was taken already")
+        self.taken = True
+        assembled = {}
+        for name in list(self.total):
+            total, holders = self.total.pop(name), self.holders.pop(name)
+            everyone = self.everyone.pop(name)
+            assembled[name] = torch.where(holders > 0, total.div_(holders.clamp(min=1)),
+                                          everyone.div_(self.peers))
+        return assembled

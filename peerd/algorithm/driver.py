@@ -30,6 +30,7 @@ from typing import Any, Protocol, TypeVar
 from peerd.algorithm.deadline import ArrivalDelays
 from peerd.algorithm.engine import Engine, LateSlice, RoundContext, TrainStats
 from peerd.algorithm.evaluate import Evaluation
+from peerd.algorithm.numerics import valid_weight
 from peerd.algorithm.plan import Member
 from peerd.algorithm.reduce import PartExchange, PartTransport
 from peerd.algorithm.submodel import Params, slice_params
@@ -234,10 +235,14 @@ class RoundDriver:
         counts = self.engine.expected_counts(ctx, sender)
         return counts if self.parts is None else self.parts.direct_counts(ctx, sender, counts)
 
-    def admit(self, round_index: int, sender: str, receiving: bool = False) -> RoundContext:
-        """The context a slice of `round_index` from `sender` is checked against, or
-        SliceRefused when this peer does not take it (cheap: before any value is read).
-        `receiving`: the slice is the one whose stream holds the slot (see begin_receiving)."""
+    def admit(self, round_index: int, sender: str, weight: float,
+              receiving: bool = False) -> RoundContext:
+        """The context a slice of `round_index` from `sender` with aggregation weight `weight`
+        is checked against, or SliceRefused when this peer does not take it (cheap: before any
+        value is read; both transports admit every slice here). `receiving`: the slice is the
+        one whose stream holds the slot (see begin_receiving)."""
+        if not valid_weight(weight):
+            raise SliceRefused("invalid", f"slice from {sender}: weight {weight} invalid")
         if round_index > self.round_index + 1:
             # This peer is behind (a joiner still pulling its start, a slow peer that will skip
             # ahead): it will get there, so the sender retries.
@@ -288,7 +293,8 @@ class RoundDriver:
         """Queue an arrived slice for merging. `checked`: the transport already checked every
         value against `expected_counts` (the gRPC decoder does, off the event loop); else it is
         checked here, once."""
-        ctx = self.admit(message.round_index, message.sender, receiving=True)
+        ctx = self.admit(message.round_index, message.sender, message.weight,
+                         receiving=True)
         if not checked:
             try:
                 self.engine.check_message(ctx, message,

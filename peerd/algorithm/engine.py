@@ -287,8 +287,6 @@ class Engine:
             )
         if message.sender not in ctx.neighbours:
             raise ValueError(f"{message.sender} is not a neighbour of {self.peer_id}")
-        if not (message.weight > 0 and torch.isfinite(torch.tensor(message.weight))):
-            raise ValueError(f"message from {message.sender}: weight {message.weight} invalid")
         if set(message.values) != set(self.params):
             raise ValueError(f"message from {message.sender}: wrong parameter names")
         if expected_counts is None:

@@ -1,4 +1,4 @@
-"""Checks on tensor values shared by the wire codec and the engine."""
+"""Checks on values from peers shared by the wire codec, the round driver and the engine."""
 
 from __future__ import annotations
 
@@ -14,3 +14,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
         return True
     low, high = torch.aminmax(tensor)
     return math.isfinite(float(low)) and math.isfinite(float(high))
+
+
+def valid_weight(weight: float) -> bool:
+    """A sender's aggregation weight divides the merge's sums: positive and finite."""
+    return weight > 0 and math.isfinite(weight)

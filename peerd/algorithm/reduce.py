@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -47,7 +46,7 @@ import torch
 
 from peerd.algorithm.aggregate import exchange_count, exchange_mask, holds_all
 from peerd.algorithm.engine import LateSlice
-from peerd.algorithm.numerics import all_finite
+from peerd.algorithm.numerics import all_finite, valid_weight
 from peerd.algorithm.submodel import Params, entry_mask
 from peerd.algorithm.transport import SliceMessage
 from peerd.models.base import ModelSpec, holds_param
@@ -336,7 +335,7 @@ def _check_values(message: SliceMessage, expected: Mapping[str, int],
     """Refuse a part message that does not fit the plan: names, dtype, counts, finite values
     and weight."""
     sender = message.sender
-    if not (message.weight > 0 and math.isfinite(message.weight)):
+    if not valid_weight(message.weight):
         raise PartRefused(f"part from {sender}: weight {message.weight} invalid")
     if set(message.values) != set(expected):
         raise PartRefused(f"part from {sender}: wrong parameter names")

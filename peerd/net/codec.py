@@ -7,9 +7,8 @@ shapes and sizes against what it expects, and it hands out nothing until the who
 passed every check (Invariant 5). Encoding is a generator and decoding is incremental, so a
 caller can drive either off the event loop one frame at a time (Invariant 6).
 
-Inside peerd a chunk frame is a bare `memoryview` of the tensor's bytes, not a protobuf message:
-`serialize_frame` and `parse_frame` turn it into and out of exactly the bytes protobuf would
-use for `SliceFrame(chunk=...)`, with one copy instead of upb's three (BENCHMARKS.md).
+Inside peerd a chunk frame is a bare `memoryview` of the tensor's bytes, not a protobuf message
+(peerd/net/frames.py puts it on the wire).
 """
 
 from __future__ import annotations
@@ -26,11 +25,11 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 import torch
-from google.protobuf.message import DecodeError
 from isal.isal_zlib import crc32  # zlib's CRC-32, about 3x faster (BENCHMARKS.md)
 
 from peerd.agreement import fingerprint_mismatch
 from peerd.algorithm.numerics import all_finite
+from peerd.net.frames import Frame, WireError
 from peerd.v1 import peer_pb2
 
 # Small enough that a frame stays far below gRPC's 4 MiB default message limit and a stream
@@ -60,22 +59,9 @@ _LITTLE_ENDIAN_HOST = sys.byteorder == "little"
 
 TensorSpec = Mapping[str, tuple[torch.dtype, tuple[int, ...]]]
 
-# A frame as peerd's own code passes it: a protobuf message for the stream and tensor headers,
-# the bare bytes for a chunk.
-Frame = peer_pb2.SliceFrame | memoryview
-
 # Checksums and finiteness scans of received tensors: off the event loop, while the next tensor
 # arrives. Its tasks never wait on anything, so a caller may block on them from any thread.
 CHECK_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="peerd-check")
-
-
-class WireError(Exception):
-    """A peer sent something the codec refuses; `code` is the gRPC status to answer it with."""
-
-    def __init__(self, code: grpc.StatusCode, detail: str) -> None:
-        super().__init__(f"{code.name}: {detail}")
-        self.code = code
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -215,54 +201,6 @@ def _wire_bytes(tensor: torch.Tensor) -> np.ndarray:
     if not _LITTLE_ENDIAN_HOST and flat.element_size() > 1:
         raw = raw.view(f"u{flat.element_size()}").byteswap().view(np.uint8)
     return raw
-
-
-# ---- frames on the wire -----------------------------------------------------------------------
-
-_CHUNK_TAG = 0x1A  # SliceFrame field 3 (chunk), wire type 2 (length-delimited)
-_MAX_VARINT_BYTES = 10
-
-
-def serialize_frame(frame: Frame) -> bytes:
-    """A frame's protobuf encoding; a chunk is built straight from its memory."""
-    if isinstance(frame, memoryview):
-        return b"".join((bytes((_CHUNK_TAG,)), _varint(frame.nbytes), frame))
-    return frame.SerializeToString()
-
-
-def parse_frame(data: bytes) -> Frame:
-    """Inverse of `serialize_frame`. A message that is exactly one chunk field comes back as a
-    view into `data` (no copy); anything else is parsed by protobuf, and bytes it cannot parse
-    are a WireError (gRPC would otherwise answer UNKNOWN with a Python traceback's words)."""
-    if data[:1] == bytes((_CHUNK_TAG,)):
-        length, start = _read_varint(data, 1)
-        if length is not None and start + length == len(data):
-            return memoryview(data)[start:]
-    try:
-        return peer_pb2.SliceFrame.FromString(data)
-    except DecodeError:
-        raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
-                        f"a message of {len(data)} bytes is not a SliceFrame") from None
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _read_varint(data: bytes, start: int) -> tuple[int | None, int]:
-    """(value, index after it), or (None, start) if `data` holds no complete varint there."""
-    value = 0
-    for position in range(start, min(len(data), start + _MAX_VARINT_BYTES)):
-        byte = data[position]
-        value |= (byte & 0x7F) << (7 * (position - start))
-        if byte < 0x80:
-            return value, position + 1
-    return None, start
 
 
 # ---- decoding ---------------------------------------------------------------------------------

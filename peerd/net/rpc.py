@@ -1,7 +1,7 @@
 """The Peer service's gRPC method table, shared by the client and the server.
 
 The generated bindings (peerd/v1/peer_pb2_grpc.py) serialise every frame through protobuf;
-here the slice streams use `codec.serialize_frame` / `codec.parse_frame` instead, which put
+here the slice streams use `frames.serialize_frame` / `frames.parse_frame` instead, which put
 the same bytes on the wire with fewer copies, so peers built either way interoperate.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import grpc
 
-from peerd.net.codec import parse_frame, serialize_frame
+from peerd.net.frames import parse_frame, serialize_frame
 from peerd.v1 import peer_pb2, peer_pb2_grpc
 
 SERVICE = "peerd.v1.Peer"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Mapping
 from functools import partial
@@ -23,6 +22,7 @@ import torch
 from peerd.algorithm.aggregate import assemble
 from peerd.algorithm.driver import RoundDriver, SliceRefused
 from peerd.algorithm.engine import RoundContext
+from peerd.algorithm.numerics import valid_weight
 from peerd.algorithm.reduce import PartMessage, PartRefused
 from peerd.algorithm.submodel import Params, copy_into, with_slice
 from peerd.algorithm.transport import SliceMessage
@@ -141,14 +141,13 @@ class GrpcSlices:
         if header.part:
             return self._expected_part(header)
         try:
-            ctx = self.driver.admit(header.round, header.sender)
+            ctx = self.driver.admit(header.round, header.sender, header.weight)
         except SliceRefused as refused:
             raise WireError(REFUSAL_CODES[refused.reason], refused.detail) from None
         if list(header.plan) != plan_to_wire(ctx.plans_now[header.sender]):
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"{header.sender}'s units differ from its plan for round "
                             f"{header.round}")
-        _check_weight(header, "message")
         counts = self.driver.expected_counts(ctx, header.sender)
         # Last: from here the stream holds its slot in the inbox until `stream_ended`.
         self.driver.begin_receiving(header.round, header.sender)
@@ -172,7 +171,9 @@ class GrpcSlices:
             raise WireError(grpc.StatusCode.UNAVAILABLE,
                             f"part for round {header.round}; this peer is only in round "
                             f"{self.driver.round_index}")
-        _check_weight(header, "part")
+        if not valid_weight(header.weight):
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"part from {header.sender}: weight {header.weight} invalid")
         try:
             counts = parts.expected_part(header.part, header.round, header.sender,
                                          header.receiver)
@@ -287,9 +288,3 @@ class GrpcSlices:
         # Plans are a pure function: computed here, never taken from the wire.
         plans = engine.planner.plan(round_index - 1, running.members, engine.spec.groups)
         return assemble(engine.spec, params, plans)
-
-
-def _check_weight(header: peer_pb2.StreamHeader, what: str) -> None:
-    if not (math.isfinite(header.weight) and header.weight > 0):
-        raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
-                        f"{what} from {header.sender}: weight {header.weight} invalid")

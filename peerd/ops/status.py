@@ -8,14 +8,14 @@ import time
 
 from google.protobuf.json_format import MessageToDict
 
-from peerd.net.client import PeerClients
+from peerd.net.channels import PeerChannels
 from peerd.net.tls import TlsIdentity
 from peerd.v1 import peer_pb2
 
 
 async def fetch_status(address: str, tls: TlsIdentity | None) -> peer_pb2.StatusReply:
     """Any certificate of the cluster may ask; the daemon's name is learnt from its own."""
-    clients = PeerClients(tls)
+    clients = PeerChannels(tls)
     try:
         return await clients.status(address)
     finally:
