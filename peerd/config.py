@@ -33,6 +33,7 @@ from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 
+from peerd.net import DEFAULT_BULK_THRESHOLD
 from peerd.options import (
     ConfigError,
     Rule,
@@ -453,8 +454,9 @@ class DaemonConfig(DaemonOptions):
         "--no-bulk", off_help="no bulk listener: every slice goes over gRPC (default: large "
         "slices go over the bulk path, docs/NETWORK.md)")
     bulk_threshold: int = option(
-        1 << 20, "slices of at least this many payload bytes go over the bulk path, smaller "
-        "ones over gRPC", parse=partial(parse_size, name="bulk_threshold"), metavar="SIZE")
+        DEFAULT_BULK_THRESHOLD, "slices of at least this many payload bytes go over the bulk "
+        "path, smaller ones over gRPC", parse=partial(parse_size, name="bulk_threshold"),
+        metavar="SIZE")
     bulk_port: int = option(
         0, "TCP port of the bulk listener (0: any free port; peers learn it from the handshake)",
         rule=Rule(lambda port: 0 <= port <= 65535, "in 0..65535"))

@@ -139,9 +139,9 @@ class Daemon:
             checkpoint=self._checkpoint if config.checkpoints_kept else None,
             stopping=self._stopping, reduce_parts=self if config.reduce_scatter else None,
             snapshot_budget_bytes=snapshot_budget_bytes(param_bytes(self.engine.params)))
+        bulk = BulkSender(self.tls, threshold=config.bulk_threshold) if config.bulk else None
         self.slices = GrpcSlices(self.driver, self.membership, self.clients, config.cluster,
-                                 self.fingerprint, BulkSender(self.tls) if config.bulk else None,
-                                 config.bulk_threshold)
+                                 self.fingerprint, bulk)
         self.host = DaemonHost(self.spec, config.cluster, self.fingerprint, self.membership,
                                self.driver, self.slices)
         self.notifier = Notifier.from_environment()

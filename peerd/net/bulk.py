@@ -45,11 +45,13 @@ import grpc
 import torch
 from cryptography import x509
 
+from peerd.net import DEFAULT_BULK_THRESHOLD
 from peerd.net.codec import (
     CHECK_POOL,
     StreamDecoder,
     WireError,
     encode_frames,
+    payload_bytes,
 )
 from peerd.net.limits import HANDSHAKE_TIMEOUT_S, PortInUse
 from peerd.net.service import PeerHost
@@ -105,6 +107,7 @@ class BulkServer:
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._senders_heard: set[str] = set()  # members only: their slices passed the plan
         self.port = 0
 
     def start(self, bind_host: str, port: int = 0) -> int:
@@ -218,6 +221,10 @@ class BulkServer:
                 _send_reply(connection, error.code.value[0], 0, error.detail)
                 return
             self.counters.slices += 1
+            if decoded.header.sender not in self._senders_heard:
+                self._senders_heard.add(decoded.header.sender)
+                log.info("first bulk slice from %s: %d bytes", decoded.header.sender,
+                         decoded.payload_bytes)
             _send_reply(connection, 0, decoded.payload_bytes, "")
         finally:
             with contextlib.suppress(RuntimeError):  # the loop closed: nothing to give back
@@ -327,9 +334,15 @@ class BulkSender:
     """Pushes slices to peers' bulk listeners; with `tls`, only to a server whose certificate
     names the receiver."""
 
-    def __init__(self, tls: TlsIdentity | None, timeout_s: float = IDLE_TIMEOUT_S) -> None:
+    def __init__(self, tls: TlsIdentity | None, timeout_s: float = IDLE_TIMEOUT_S,
+                 threshold: int = DEFAULT_BULK_THRESHOLD) -> None:
         self._tls_context = _client_context(tls) if tls is not None else None
         self.timeout_s = timeout_s
+        self.threshold = threshold
+
+    def takes(self, tensors: Mapping[str, torch.Tensor], bulk_port: int) -> bool:
+        """Does a slice of `tensors` go over the bulk path to a peer announcing `bulk_port`?"""
+        return bulk_port != 0 and payload_bytes(tensors) >= self.threshold
 
     async def push(self, host: str, port: int, header: peer_pb2.StreamHeader,
                    tensors: Mapping[str, torch.Tensor]) -> int:

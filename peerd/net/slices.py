@@ -1,7 +1,7 @@
 """The gRPC transport of slices: what the round driver sends and receives over the network.
 
 Sending: one PushSlices stream per neighbour, retried while the receiver cannot take it yet;
-a slice of at least `bulk_threshold` payload bytes goes to the neighbour's bulk listener
+a slice of at least `--bulk-threshold` payload bytes goes to the neighbour's bulk listener
 instead, where it announced one (peerd/net/bulk.py: the same header and checks, no gRPC copy).
 Receiving: a stream header is checked against the round driver's plans before any value is
 read (`expected_tensors`), the decoder checks every value off the event loop (shape, dtype,
@@ -32,7 +32,7 @@ from peerd.models.base import Plan
 from peerd.net import PROTOCOL_VERSION
 from peerd.net.bulk import BulkSender
 from peerd.net.client import PeerClients
-from peerd.net.codec import BuiltOnRead, DecodedStream, Expectation, WireError, payload_bytes
+from peerd.net.codec import BuiltOnRead, DecodedStream, Expectation, WireError
 from peerd.net.discovery import parse_address
 from peerd.net.membership import Membership, View
 from peerd.v1 import peer_pb2
@@ -62,10 +62,8 @@ def plan_to_wire(plan: Plan) -> list[peer_pb2.GroupUnits]:
 
 class GrpcSlices:
     def __init__(self, driver: RoundDriver, membership: Membership, clients: PeerClients,
-                 cluster: str, fingerprint: str, bulk: BulkSender | None = None,
-                 bulk_threshold: int = 1 << 20) -> None:
+                 cluster: str, fingerprint: str, bulk: BulkSender | None = None) -> None:
         self.bulk = bulk
-        self.bulk_threshold = bulk_threshold
         self.driver = driver
         self.membership = membership
         self.clients = clients
@@ -123,8 +121,7 @@ class GrpcSlices:
         """One try: over the receiver's bulk listener when the slice is large enough and it
         announced one, else over gRPC."""
         known = self.membership.known[message.receiver]
-        if (self.bulk is not None and known.bulk_port
-                and payload_bytes(message.values) >= self.bulk_threshold):
+        if self.bulk is not None and self.bulk.takes(message.values, known.bulk_port):
             host, _ = parse_address(known.address)
             return await self.bulk.push(host, known.bulk_port, header, message.values)
         return await self.clients.push(known.address, header, message.values)
