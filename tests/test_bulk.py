@@ -16,10 +16,11 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from daemons import ClusterCa
+from daemons import ClusterCa, kill_all, start_loopback_daemons, wait_all
 
+from peerd.cluster import free_ports
 from peerd.net import PROTOCOL_VERSION
-from peerd.net.bulk import MAGIC, MAX_FRAME_BYTES, BulkSender, BulkServer
+from peerd.net.bulk import MAGIC, MAX_CONNECTIONS, MAX_FRAME_BYTES, BulkSender, BulkServer
 from peerd.net.codec import DecodedStream, Expectation, WireError, encode_frames
 from peerd.net.tls import TlsIdentity
 from peerd.ops.ca import init_ca, issue
@@ -156,11 +157,18 @@ def test_strangers_without_a_cluster_certificate_are_refused(
 
 
 def _closed_by_server(connection: socket.socket) -> bool:
-    """The server closed (or reset) the connection without a byte of answer."""
+    """The server closed (or reset) the connection, after at most a TLS alert; False when it
+    is still open at the socket's timeout."""
+    answered = 0
     try:
-        return connection.recv(100) == b""
+        while chunk := connection.recv(100):
+            answered += len(chunk)
+            assert answered < 100, "more than a TLS alert came back"
     except ConnectionResetError:
         return True
+    except TimeoutError:
+        return False
+    return True
 
 
 def _reply(connection: socket.socket) -> tuple[int, str]:
@@ -262,3 +270,47 @@ def test_idle_connections_time_out_and_a_flood_is_capped(insecure: _Served) -> N
     # ... and the listener serves members again.
     _wait_for(lambda: insecure.server.counters.failed == 4)
     _assert_still_serves(insecure, BulkSender(None))
+
+
+def test_a_daemons_bulk_listener_shrugs_off_strangers_while_rounds_run(
+        tmp_path: Path, cluster_ca: ClusterCa) -> None:
+    """Two daemons sending every slice over the bulk path; during their rounds, peer-00's bulk
+    port gets a flood of idle connections beyond its cap, plain bytes, a TLS client without a
+    certificate and a cluster device that is no member. Both run every round and exit 0."""
+    rounds = 5
+    bulk_port = free_ports(1)[0]
+    daemons = start_loopback_daemons(
+        tmp_path, 2, ["--rounds", str(rounds), "--sync", "--bulk-threshold", "1",
+                      "--slowdown", "2"], cluster_ca,
+        extra_by_position={0: ["--bulk-port", str(bulk_port)]})
+    flood: list[socket.socket] = []
+    try:
+        daemons[0].wait_rounds(1)
+        with socket.create_connection(("127.0.0.1", bulk_port), timeout=5) as raw:
+            raw.sendall(b"\x16\x03\x01garbage" * 100)
+            assert _closed_by_server(raw)
+        # A device of the cluster that is no member: in a member's name, then in its own.
+        outsider = BulkSender(cluster_ca.identity("peer-99"))
+        for claimed, code in (("peer-01", grpc.StatusCode.PERMISSION_DENIED),
+                              ("peer-99", grpc.StatusCode.FAILED_PRECONDITION)):
+            with pytest.raises(WireError) as refused:
+                asyncio.run(outsider.push("127.0.0.1", bulk_port,
+                                          _header(sender=claimed, receiver="peer-00"),
+                                          _tensors()))
+            assert refused.value.code == code, refused.value.detail
+        # Idle connections beyond the cap: the last ones are closed at once, the others after
+        # the handshake timeout; meanwhile slices to peer-00 fall back to gRPC.
+        flood = [socket.create_connection(("127.0.0.1", bulk_port), timeout=10)
+                 for _ in range(MAX_CONNECTIONS + 8)]
+        assert sum(_closed_by_server(connection) for connection in flood[-8:]) == 8
+        assert sum(_closed_by_server(connection) for connection in flood) == len(flood)
+        assert len(daemons[0].rounds()) < rounds, "the strangers came too late to matter"
+        assert wait_all(daemons) == [0, 0], [d.output() for d in daemons]
+    finally:
+        for connection in flood:
+            connection.close()
+        kill_all(daemons)
+    for daemon in daemons:
+        assert [r["round"] for r in daemon.rounds()] == list(range(1, rounds + 1))
+    assert "first bulk slice from peer-01" in daemons[0].output()
+    assert "first bulk slice from peer-00" in daemons[1].output()

@@ -79,6 +79,13 @@ _REPLY = struct.Struct("<IQI")
 LOOP_CALL_TIMEOUT_S = 30.0
 
 
+class BulkUnreachable(WireError):
+    """The bulk listener could not be reached, or the connection broke before its answer."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, detail)
+
+
 @dataclass
 class BulkCounters:
     """What the listener did, for tests and logs."""
@@ -347,8 +354,8 @@ class BulkSender:
     async def push(self, host: str, port: int, header: peer_pb2.StreamHeader,
                    tensors: Mapping[str, torch.Tensor]) -> int:
         """Send one slice to `header.receiver` at `host:port`; returns the payload bytes it
-        acknowledged. WireError with the receiver's code when it refuses the slice, with
-        UNAVAILABLE when it cannot be reached or the connection breaks."""
+        acknowledged. WireError with the receiver's code when it refuses the slice,
+        BulkUnreachable when it cannot be reached or the connection breaks."""
         sockets: list[socket.socket] = []
         future = asyncio.get_running_loop().run_in_executor(
             SEND_POOL, self._send, host, port, header, tensors, sockets)
@@ -366,8 +373,7 @@ class BulkSender:
         try:
             raw = socket.create_connection((host, port), timeout=HANDSHAKE_TIMEOUT_S)
         except OSError as error:
-            raise WireError(grpc.StatusCode.UNAVAILABLE,
-                            f"bulk listener {where}: {error.strerror or error}") from None
+            raise BulkUnreachable(f"bulk listener {where}: {error.strerror or error}") from None
         sockets.append(raw)
         connection: socket.socket = raw
         try:
@@ -388,9 +394,8 @@ class BulkSender:
                     connection.sendall(frame if isinstance(frame, memoryview) else _framed(frame))
                 code, acknowledged, detail = _read_reply(connection)
         except (OSError, EOFError) as error:
-            raise WireError(grpc.StatusCode.UNAVAILABLE,
-                            f"bulk transfer to {where} broke: {error or type(error).__name__}"
-                            ) from None
+            raise BulkUnreachable(f"bulk transfer to {where} broke: "
+                                  f"{error or type(error).__name__}") from None
         finally:
             connection.close()
         if code != 0:

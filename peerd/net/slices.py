@@ -30,7 +30,7 @@ from peerd.algorithm.submodel import Params, copy_into, with_slice
 from peerd.algorithm.transport import SliceMessage
 from peerd.models.base import Plan
 from peerd.net import PROTOCOL_VERSION
-from peerd.net.bulk import BulkSender
+from peerd.net.bulk import BulkSender, BulkUnreachable
 from peerd.net.client import PeerClients
 from peerd.net.codec import BuiltOnRead, DecodedStream, Expectation, WireError
 from peerd.net.discovery import parse_address
@@ -119,11 +119,16 @@ class GrpcSlices:
 
     async def _send(self, message: SliceMessage, header: peer_pb2.StreamHeader) -> int:
         """One try: over the receiver's bulk listener when the slice is large enough and it
-        announced one, else over gRPC."""
+        announced one, else (or when that listener cannot be reached: a full or filtered port)
+        over gRPC."""
         known = self.membership.known[message.receiver]
         if self.bulk is not None and self.bulk.takes(message.values, known.bulk_port):
             host, _ = parse_address(known.address)
-            return await self.bulk.push(host, known.bulk_port, header, message.values)
+            try:
+                return await self.bulk.push(host, known.bulk_port, header, message.values)
+            except BulkUnreachable as error:
+                log.info("bulk path to %s: %s; this slice goes over gRPC", message.receiver,
+                         error.detail)
         return await self.clients.push(known.address, header, message.values)
 
     async def push_part(self, ctx: RoundContext, part: PartMessage) -> int:
