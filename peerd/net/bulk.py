@@ -37,6 +37,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
@@ -54,7 +55,7 @@ from peerd.net.codec import (
     payload_bytes,
 )
 from peerd.net.limits import HANDSHAKE_TIMEOUT_S, PortInUse
-from peerd.net.service import PeerHost
+from peerd.net.service import REFUSAL_LOG_INTERVAL_S, PeerHost
 from peerd.net.tls import TlsIdentity
 from peerd.ops.ca import DEVICE_CERT, DEVICE_KEY, DEVICE_ROLE, certificate_name, certificate_role
 from peerd.v1 import peer_pb2
@@ -115,6 +116,8 @@ class BulkServer:
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._senders_heard: set[str] = set()  # members only: their slices passed the plan
+        self._refusal_logged_at = -REFUSAL_LOG_INTERVAL_S
+        self._refusals_unlogged = 0
         self.port = 0
 
     def start(self, bind_host: str, port: int = 0) -> int:
@@ -223,8 +226,7 @@ class BulkServer:
                 self._on_loop(self.host.accept_slice, decoded)
             except WireError as error:
                 self.counters.failed += 1
-                log.info("bulk slice from %s refused: %s", client_name or "a client",
-                         error.detail)
+                self._log_refusal(client_name, error)
                 _send_reply(connection, error.code.value[0], 0, error.detail)
                 return
             self.counters.slices += 1
@@ -236,6 +238,23 @@ class BulkServer:
         finally:
             with contextlib.suppress(RuntimeError):  # the loop closed: nothing to give back
                 self.loop.call_soon_threadsafe(decoder.close)
+
+    def _log_refusal(self, client_name: str | None, error: WireError) -> None:
+        """"Not yet" (UNAVAILABLE, retried) at DEBUG; other refusals at INFO, at most one line
+        per REFUSAL_LOG_INTERVAL_S, so that a misbehaving client cannot flood the journal."""
+        who = client_name or "a client"
+        if error.code == grpc.StatusCode.UNAVAILABLE:
+            log.debug("bulk slice from %s deferred: %s", who, error.detail)
+            return
+        now = time.monotonic()
+        with self._lock:
+            if now - self._refusal_logged_at < REFUSAL_LOG_INTERVAL_S:
+                self._refusals_unlogged += 1
+                return
+            unlogged, self._refusals_unlogged = self._refusals_unlogged, 0
+            self._refusal_logged_at = now
+        log.info("bulk slice from %s refused: %s%s", who, error.detail,
+                 f" ({unlogged} more refusals not logged)" if unlogged else "")
 
     def _on_loop(self, function: Callable[..., T], *args: object) -> T:
         """Run `function(*args)` on the event loop and wait for it."""
