@@ -190,7 +190,7 @@ async def _peer(conn: Connection, index: int, peers: int, mib: int, timeout_s: f
     # The daemon's transport: large slices over the bulk path where a peer serves one.
     bulk_server = BulkServer(host, None, loop) if bulk else None
     bulk_port = bulk_server.start(LOOPBACK) if bulk_server is not None else 0
-    clients = _Senders(PeerClients(push_timeout_s=timeout_s), BulkSender(None, timeout_s))
+    clients = _Senders(PeerClients(push_timeout_s=timeout_s), BulkSender(None))
     addresses: dict[str, tuple[str, int]] = {}  # peer id -> gRPC address, bulk port
     if reduce_scatter:
         host.parts = PartExchange(

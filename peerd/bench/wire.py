@@ -239,7 +239,7 @@ async def _sender(
     tensors = model_parameters(spec, seed)
     header = _stream_header()
     direct = PeerClients(push_timeout_s=timeout_s)
-    bulk = BulkSender(None, timeout_s)
+    bulk = BulkSender(None)
     loop = asyncio.get_running_loop()
     try:
         conn.send(("ready",))

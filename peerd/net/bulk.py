@@ -171,11 +171,18 @@ class BulkServer:
                 self.counters.refused += 1
                 connection.close()
                 continue
-            self.counters.accepted += 1
             thread = threading.Thread(target=self._serve, args=(connection,),
                                       name="peerd-bulk", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # no thread to be had: refuse this one, keep accepting
+                with self._lock:
+                    self._connections.discard(connection)
+                self.counters.refused += 1
+                connection.close()
+                continue
+            self.counters.accepted += 1
             self._threads.append(thread)
-            thread.start()
 
     def _serve(self, raw: socket.socket) -> None:
         connection: socket.socket = raw
