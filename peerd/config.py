@@ -33,6 +33,7 @@ from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 
+from peerd.net import DEFAULT_BULK_THRESHOLD
 from peerd.options import (
     ConfigError,
     Rule,
@@ -447,6 +448,18 @@ class DaemonConfig(DaemonOptions):
         rule=Rule(lambda port: 0 <= port <= 65535, "in 0..65535, or unset for no endpoint"))
     metrics_host: str | None = option(
         None, "address the metrics port listens on (default: host, the gRPC address)")
+    bulk: bool = option(
+        True, "serve a bulk listener (same TLS identity as gRPC) and send large slices to "
+        "neighbours' bulk listeners instead of over gRPC (docs/NETWORK.md, \"The bulk path\")",
+        "--no-bulk", off_help="no bulk listener: every slice goes over gRPC (default: large "
+        "slices go over the bulk path, docs/NETWORK.md)")
+    bulk_threshold: int = option(
+        DEFAULT_BULK_THRESHOLD, "slices of at least this many payload bytes go over the bulk "
+        "path, smaller ones over gRPC", parse=partial(parse_size, name="bulk_threshold"),
+        metavar="SIZE")
+    bulk_port: int = option(
+        0, "TCP port of the bulk listener (0: any free port; peers learn it from the handshake)",
+        rule=Rule(lambda port: 0 <= port <= 65535, "in 0..65535"))
     log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR", choices=LOG_LEVELS)
     linger_s: float = option(0.0, "seconds to keep serving pulls after the last round",
                              "--linger", rule=at_least(0))

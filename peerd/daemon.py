@@ -39,6 +39,7 @@ from peerd.config import DaemonConfig
 from peerd.looplag import LoopLag
 from peerd.models.base import fingerprint
 from peerd.net import GRPC_OPTIONS
+from peerd.net.bulk import BulkSender, BulkServer
 from peerd.net.client import PeerClients
 from peerd.net.discovery import DiscoveryManager
 from peerd.net.handshakes import Handshakes, discovery_sources
@@ -129,8 +130,9 @@ class Daemon:
             checkpoint=self._checkpoint if config.checkpoints_kept else None,
             stopping=self._stopping, reduce_parts=self if config.reduce_scatter else None,
             snapshot_budget_bytes=snapshot_budget_bytes(param_bytes(self.engine.params)))
+        bulk = BulkSender(self.tls, threshold=config.bulk_threshold) if config.bulk else None
         self.slices = GrpcSlices(self.driver, self.membership, self.clients, config.cluster,
-                                 self.fingerprint)
+                                 self.fingerprint, bulk)
         self.host = DaemonHost(self.spec, config.cluster, self.fingerprint, self.membership,
                                self.driver, self.slices)
         self.handshakes = Handshakes(self.clients, self.host, self.membership,
@@ -195,6 +197,9 @@ class Daemon:
             port = bind(lambda where: server.add_secure_port(where, credentials), bind_address)
         address = self.membership.address = f"{advertised_host(self.config)}:{port}"
         await server.start()
+        bulk = BulkServer(self.host, self.tls, loop) if self.config.bulk else None
+        if bulk is not None:
+            self.membership.bulk_port = bulk.start(self.config.host, self.config.bulk_port)
         page = None
         if self.config.metrics_port is not None:
             page = DaemonPage(self)
@@ -233,6 +238,8 @@ class Daemon:
             await self.driver.cancel_sends()
             await self.clients.close()
             await server.stop(SERVER_GRACE_S)
+            if bulk is not None:  # off the loop: its threads may be waiting for the loop
+                await loop.run_in_executor(None, bulk.stop)
             self._worker.shutdown(wait=True)
             view = self.membership.view
             self.checkpoints.save_final(self.engine.params, self.driver.rounds_done,

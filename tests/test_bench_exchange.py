@@ -29,6 +29,7 @@ def test_small_run_reports_the_step_and_the_tcp_floor() -> None:
     model_bytes = sum(t.numel() * 4 for t in init_params(TransformerSpec(model_config(2)),
                                                           0).values())
     assert report["peers"] == 3 and report["repeats"] == 2
+    assert report["bulk"] is True  # 2 MiB slices: over the bulk path, as a daemon sends them
     assert report["model_bytes"] == model_bytes
     assert report["bytes_per_step"] == 6 * model_bytes  # every peer to both others
     assert report["median_round_s"] > 0 and report["tcp_floor_s"] > 0

@@ -25,7 +25,10 @@ from peerd.bench.wire import (
 from peerd.net.codec import DEFAULT_CHUNK_BYTES
 
 KEYS = {"throughput_mib_s", "tcp_mib_s", "payload_bytes", "bytes_on_wire", "ratio_to_tcp",
-        "wire_overhead", "chunk_bytes", "repeats"}
+        "wire_overhead", "chunk_bytes", "repeats", "bulk_mib_s", "bulk_ratio_to_tcp",
+        "bulk_bytes_on_wire", "bulk_wire_overhead",
+        *(f"{path}_cpu_ms_per_mib_{side}" for path in ("grpc", "bulk", "tcp")
+          for side in ("sender", "receiver"))}
 
 
 def test_small_run_reports_every_key_and_counts_the_wire() -> None:
@@ -42,6 +45,9 @@ def test_small_run_reports_every_key_and_counts_the_wire() -> None:
     assert report["chunk_bytes"] == DEFAULT_CHUNK_BYTES
     assert report["throughput_mib_s"] > 0 and report["tcp_mib_s"] > 0
     assert 8 * MIB <= report["bytes_on_wire"] <= 1.2 * 8 * MIB
+    # The bulk path: its own framing costs a few hundred bytes per stream, no HTTP/2.
+    assert report["bulk_mib_s"] > 0
+    assert 8 * MIB < report["bulk_bytes_on_wire"] <= 8 * MIB + 64 * 1024
 
 
 @pytest.mark.parametrize("mib", [1, 8, 48, 256])

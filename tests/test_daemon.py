@@ -29,15 +29,18 @@ from peerd.sim import Simulation, build, run_round
 from peerd.v1 import peer_pb2, peer_pb2_grpc
 
 ROUNDS = 3
+BULK_FLAGS = {0: ["--bulk-threshold", "1"], 2: ["--bulk-threshold", "1"], 3: ["--no-bulk"]}
 
 
 @pytest.fixture(scope="module")
 def ring_of_four(tmp_path_factory: pytest.TempPathFactory,
                  cluster_ca: ClusterCa) -> Iterator[list[RunningDaemon]]:
-    # Strict rounds: the semi-asynchronous default closes rounds by the clock.
+    # Strict rounds: the semi-asynchronous default closes rounds by the clock. Both transports
+    # (peerd/net/bulk.py): peer-00 and peer-02 send every slice over the bulk path where the
+    # receiver serves one; peer-03 serves none (--no-bulk), so they send it gRPC.
     daemons = start_loopback_daemons(tmp_path_factory.mktemp("ring"), 4,
                                      ["--rounds", str(ROUNDS), "--topology", "ring", "--sync"],
-                                     cluster_ca)
+                                     cluster_ca, extra_by_position=BULK_FLAGS)
     try:
         codes = wait_all(daemons)
         assert codes == [0, 0, 0, 0], [d.output() for d in daemons]
@@ -78,6 +81,13 @@ def test_daemons_over_grpc_equal_the_simulator(ring_of_four: list[RunningDaemon]
         assert meta["rounds_done"] == ROUNDS
         assert [peer for peer, _ in meta["view"]] == [d.peer_id for d in ring_of_four]
         assert f"{daemon.peer_id}: {ROUNDS} rounds, 4 members" in daemon.output()
+    # The ring's bulk slices: to peer-01 from both its neighbours, to peer-03 none.
+    first_bulk = {daemon.peer_id: sorted(re.findall(r"first bulk slice from (peer-\d+)",
+                                                    daemon.output()))
+                  for daemon in ring_of_four}
+    assert first_bulk == {"peer-00": [], "peer-01": ["peer-00", "peer-02"], "peer-02": [],
+                          "peer-03": []}
+    assert "bulk listener on" not in ring_of_four[3].output()
 
 
 def test_ring_neighbours_and_bytes_follow_the_outbox_rule(

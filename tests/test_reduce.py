@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -139,9 +140,12 @@ def test_semi_async_a_late_owner_leaves_its_parts_at_each_holders_value() -> Non
 def test_sync_daemons_with_reduce_scatter_equal_the_simulator(tmp_path: Path,
                                                                cluster_ca: ClusterCa) -> None:
     # Part messages over real gRPC with mutual TLS: the values to the owners, their means back.
+    # peer-00 and peer-01 send every message over the bulk path (peerd/net/bulk.py) instead.
     daemons = start_loopback_daemons(tmp_path, 4, ["--rounds", "2", "--topology", "full",
                                                    "--sync", "--mu", "0.5", "--reduce-scatter"],
-                                     cluster_ca)
+                                     cluster_ca,
+                                     extra_by_position={0: ["--bulk-threshold", "1"],
+                                                        1: ["--bulk-threshold", "1"]})
     try:
         assert wait_all(daemons) == [0, 0, 0, 0], [d.output() for d in daemons]
     finally:
@@ -159,3 +163,7 @@ def test_sync_daemons_with_reduce_scatter_equal_the_simulator(tmp_path: Path,
         assert not differing, (daemon.peer_id, differing)
         # Payload bytes, direct slices and part messages together, as the simulator counts.
         assert daemon.rounds()[-1]["bytes_sent_cum"] == sim.transport.bytes_sent[engine.peer_id]
+    # The bulk path carried messages of exactly the two daemons told to use it.
+    assert {sender for daemon in daemons
+            for sender in re.findall(r"first bulk slice from (peer-\d+)", daemon.output())
+            } == {"peer-00", "peer-01"}

@@ -104,32 +104,35 @@ class AnchorResult:
                  "hivemind_step_s": round(row.hivemind.median_step_s, 4),
                  "peerd_over_hivemind": round(row.ratio, 4),
                  "reduce_scatter": row.peerd.reduce_scatter,
+                 "bulk": row.peerd.bulk,
                  "socket_bytes_over_floor": round(row.peerd.max_socket_ratio, 4),
                  "peerd_runs": [round(s, 4) for s in row.peerd.step_seconds],
                  "hivemind_runs": [round(s, 4) for s in row.hivemind.step_seconds]}
                 for row in self.rows]
 
     def describe(self) -> str:
-        lines = [f"{'peers':>5} {'MiB':>6} {'peerd':>15} {'peerd s':>8} {'hivemind s':>10} "
+        lines = [f"{'peers':>5} {'MiB':>6} {'peerd':>20} {'peerd s':>8} {'hivemind s':>10} "
                  f"{'peerd/hivemind':>14} {'raw TCP all-to-all s':>20} "
                  f"{'socket in / 2(N-1)/N model':>26}"]
         for row in self.rows:
             exchange = "reduce-scatter" if row.peerd.reduce_scatter else "direct"
+            exchange += ", bulk" if row.peerd.bulk else ", gRPC"
             lines.append(f"{row.peerd.peers:>5} {row.peerd.payload_bytes / MIB:>6.1f} "
-                         f"{exchange:>15} {row.peerd.median_round_s:>8.3f} "
+                         f"{exchange:>20} {row.peerd.median_round_s:>8.3f} "
                          f"{row.hivemind.median_step_s:>10.3f} {row.ratio:>14.3f} "
                          f"{row.peerd.tcp_floor_s:>20.3f} {row.peerd.max_socket_ratio:>26.3f}")
         return "\n".join(lines)
 
 
 def run_anchor(peer_counts: list[int], mibs: list[int], repeats: int,
-               venv_dir: Path = DEFAULT_VENV, reduce_scatter: bool = False) -> AnchorResult:
+               venv_dir: Path = DEFAULT_VENV, reduce_scatter: bool = False,
+               bulk: bool = True) -> AnchorResult:
     """For every (peers, MiB): peerd's exchange step, then hivemind's all-reduce step."""
     python = hivemind_python(venv_dir)
     rows = []
     for peers in peer_counts:
         for mib in mibs:
-            peerd = run_exchange(peers, mib, repeats, reduce_scatter)
+            peerd = run_exchange(peers, mib, repeats, reduce_scatter, bulk)
             # The same bound on a step as peerd's bench uses: none slower than 2 MiB/s.
             timeout_s = 60.0 + peerd.payload_bytes * peers / MIB / 2.0
             rows.append(AnchorRow(mib, peerd, run_hivemind(python, peers, mib, repeats,

@@ -55,6 +55,7 @@ from peerd.data import Split
 from peerd.models.base import fingerprint
 from peerd.models.transformer import TransformerConfig, TransformerSpec
 from peerd.net import GRPC_OPTIONS, PROTOCOL_VERSION
+from peerd.net.bulk import BulkSender, BulkServer
 from peerd.net.client import PeerClients
 from peerd.net.codec import DecodedStream, Expectation, TensorSpec, WireError
 from peerd.net.rpc import add_peer_service
@@ -173,7 +174,7 @@ class _ExchangeHost:
 
 
 async def _peer(conn: Connection, index: int, peers: int, mib: int, timeout_s: float,
-                reduce_scatter: bool) -> None:
+                reduce_scatter: bool, bulk: bool) -> None:
     torch.set_num_threads(1)  # N peers share the machine's cores, as `peerd cluster` runs them
     ids = peer_ids(peers)
     spec = TransformerSpec(model_config(mib))
@@ -185,9 +186,12 @@ async def _peer(conn: Connection, index: int, peers: int, mib: int, timeout_s: f
     grpc_port = server.add_insecure_port(f"{LOOPBACK}:0")
     await server.start()
     listener = socket.create_server((LOOPBACK, 0), backlog=peers)
-    clients = PeerClients(push_timeout_s=timeout_s)
     loop = asyncio.get_running_loop()
-    addresses: dict[str, str] = {}
+    # The daemon's transport: large slices over the bulk path where a peer serves one.
+    bulk_server = BulkServer(host, None, loop) if bulk else None
+    bulk_port = bulk_server.start(LOOPBACK) if bulk_server is not None else 0
+    clients = _Senders(PeerClients(push_timeout_s=timeout_s), BulkSender(None))
+    addresses: dict[str, tuple[str, int]] = {}  # peer id -> gRPC address, bulk port
     if reduce_scatter:
         host.parts = PartExchange(
             engine, _PartPusher(host, clients, addresses),
@@ -195,7 +199,7 @@ async def _peer(conn: Connection, index: int, peers: int, mib: int, timeout_s: f
             lambda function, *args: loop.run_in_executor(None, function, *args),
             asyncio.Event())
     try:
-        conn.send(("ready", grpc_port, listener.getsockname()[1]))
+        conn.send(("ready", grpc_port, listener.getsockname()[1], bulk_port))
         tcp_ports: dict[str, int] = {}
         while (command := await next_command(conn))[0] != "stop":
             if command[0] == "addresses":
@@ -216,12 +220,21 @@ async def _peer(conn: Connection, index: int, peers: int, mib: int, timeout_s: f
             conn.send(("ok",))
     finally:
         listener.close()
-        await clients.close()
+        await clients.grpc.close()
+        if bulk_server is not None:
+            await loop.run_in_executor(None, bulk_server.stop)
         await server.stop(grace=1.0)
 
 
+@dataclass(frozen=True)
+class _Senders:
+    grpc: PeerClients
+    bulk: BulkSender
+
+
 async def _step(
-    host: _ExchangeHost, clients: PeerClients, addresses: Mapping[str, str], round_index: int,
+    host: _ExchangeHost, clients: _Senders, addresses: Mapping[str, tuple[str, int]],
+    round_index: int,
     timeout_s: float,
 ) -> None:
     """The daemon's round without training: outbox, push to every neighbour, collect, merge.
@@ -250,9 +263,11 @@ async def _reduce_step(parts: PartExchange, ctx: RoundContext) -> None:
     await parts.apply(ctx)
 
 
-async def _push(clients: PeerClients, address: str, host: _ExchangeHost,
+async def _push(clients: _Senders, address: tuple[str, int], host: _ExchangeHost,
                 message: SliceMessage, part: str) -> int:
-    """Stream one message, retried while the receiver has not begun its round."""
+    """Stream one message (over the bulk path where the daemon would take it), retried while
+    the receiver has not begun its round."""
+    grpc_address, bulk_port = address
     header = peer_pb2.StreamHeader(
         protocol_version=PROTOCOL_VERSION, cluster=CLUSTER,
         model_fingerprint=host.expectation.model_fingerprint, sender=message.sender,
@@ -260,19 +275,24 @@ async def _push(clients: PeerClients, address: str, host: _ExchangeHost,
         part=part)
     while True:
         try:
-            return await clients.push(address, header, message.values)
+            if clients.bulk.takes(message.values, bulk_port):
+                return await clients.bulk.push(LOOPBACK, bulk_port, header, message.values)
+            return await clients.grpc.push(grpc_address, header, message.values)
         except grpc.aio.AioRpcError as error:
             # UNAVAILABLE: the receiver has not begun this round yet.
             if error.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
-            await asyncio.sleep(0.005)
+        except WireError as error:  # the same, from the bulk path
+            if error.code != grpc.StatusCode.UNAVAILABLE:
+                raise
+        await asyncio.sleep(0.005)
 
 
 class _PartPusher:
     """The bench's transport of part messages: PushSlices with `StreamHeader.part` set."""
 
-    def __init__(self, host: _ExchangeHost, clients: PeerClients,
-                 addresses: Mapping[str, str]) -> None:
+    def __init__(self, host: _ExchangeHost, clients: _Senders,
+                 addresses: Mapping[str, tuple[str, int]]) -> None:
         self.host = host
         self.clients = clients
         self.addresses = addresses
@@ -351,6 +371,7 @@ class ExchangeResult:
     # Bytes each peer's server took in over TCP during one more, untimed step through
     # counting relays (every frame, header and window update of every stream it received).
     socket_bytes_in: tuple[int, ...] = ()
+    bulk: bool = True  # slices from DEFAULT_BULK_THRESHOLD bytes over the bulk path
 
     @property
     def floor_bytes(self) -> float:
@@ -380,6 +401,7 @@ class ExchangeResult:
             "bytes_per_step": self.payload_bytes * self.peers * (self.peers - 1),
             "repeats": len(self.step_seconds),
             "reduce_scatter": self.reduce_scatter,
+            "bulk": self.bulk,
             "socket_bytes_in": list(self.socket_bytes_in),
             "socket_bytes_over_floor": round(self.max_socket_ratio, 4),
         }
@@ -387,6 +409,7 @@ class ExchangeResult:
     def describe(self) -> str:
         moved = self.payload_bytes * self.peers * (self.peers - 1) / MIB
         exchange = "reduce-scatter" if self.reduce_scatter else "direct exchange"
+        exchange += ", bulk path" if self.bulk else ", gRPC only"
         return "\n".join([
             f"peers     {self.peers}, fully connected, mu 1, {exchange}, "
             f"{self.payload_bytes / MIB:.1f} MiB model each ({moved:.0f} MiB all-to-all)",
@@ -400,7 +423,7 @@ class ExchangeResult:
 
 
 def run_exchange(peers: int, mib: int, repeats: int = 5,
-                 reduce_scatter: bool = False) -> ExchangeResult:
+                 reduce_scatter: bool = False, bulk: bool = True) -> ExchangeResult:
     """One untimed, checked step, then `repeats` timed steps interleaved with raw TCP ones,
     then one untimed step through counting relays."""
     if peers < 2:
@@ -414,12 +437,14 @@ def run_exchange(peers: int, mib: int, repeats: int = 5,
     with contextlib.ExitStack() as cleanup:
         children = []
         for index in range(peers):
-            child = Child(ids[index], _peer, (index, peers, mib, timeout_s, reduce_scatter))
+            child = Child(ids[index], _peer,
+                          (index, peers, mib, timeout_s, reduce_scatter, bulk))
             cleanup.callback(child.stop)
             children.append(child)
         ports = [child.reply(START_TIMEOUT_S) for child in children]
-        addresses = {ids[i]: f"{LOOPBACK}:{grpc_port}" for i, (grpc_port, _) in enumerate(ports)}
-        tcp_ports = {ids[i]: tcp_port for i, (_, tcp_port) in enumerate(ports)}
+        addresses = {ids[i]: (f"{LOOPBACK}:{grpc_port}", bulk_port)
+                     for i, (grpc_port, _, bulk_port) in enumerate(ports)}
+        tcp_ports = {ids[i]: tcp_port for i, (_, tcp_port, _) in enumerate(ports)}
         for child in children:
             child.call("addresses", addresses, tcp_ports, timeout_s=timeout_s)
 
@@ -438,14 +463,19 @@ def run_exchange(peers: int, mib: int, repeats: int = 5,
         for round_index in range(1, repeats + 1):
             steps.append(everyone("step", round_index))
             tcp.append(everyone("tcp", round_index))
-        relays = [cleanup.enter_context(CountingRelay(grpc_port)) for grpc_port, _ in ports]
-        relayed = {ids[i]: relay.address for i, relay in enumerate(relays)}
+        # Every port a peer receives on (gRPC, and bulk where it serves one) behind a relay.
+        relays = [(cleanup.enter_context(CountingRelay(grpc_port)),
+                   cleanup.enter_context(CountingRelay(bulk_port)) if bulk_port else None)
+                  for grpc_port, _, bulk_port in ports]
+        relayed = {ids[i]: (grpc_relay.address, bulk_relay.port if bulk_relay else 0)
+                   for i, (grpc_relay, bulk_relay) in enumerate(relays)}
         for child in children:
             child.call("addresses", relayed, tcp_ports, timeout_s=timeout_s)
         everyone("step", repeats + 1)
-        socket_bytes_in = tuple(relay.bytes_up for relay in relays)
+        socket_bytes_in = tuple(grpc_relay.bytes_up + (bulk_relay.bytes_up if bulk_relay else 0)
+                                for grpc_relay, bulk_relay in relays)
     return ExchangeResult(peers, payload, tuple(steps), tuple(tcp), reduce_scatter,
-                          socket_bytes_in)
+                          socket_bytes_in, bulk)
 
 
 # ---- command line -----------------------------------------------------------------------------
@@ -469,6 +499,9 @@ def add_exchange_parser(subparsers: argparse._SubParsersAction) -> None:
     exchange.add_argument("--reduce-scatter", action="store_true",
                           help="average by reduce-scatter and all-gather over the holders "
                                "(peerd/algorithm/reduce.py) instead of the direct exchange")
+    exchange.add_argument("--no-bulk", dest="bulk", action="store_false",
+                          help="every slice over gRPC (as `peerd start --no-bulk`); by default "
+                               "slices from 1 MiB go over the bulk path, as the daemon sends them")
     exchange.add_argument("--against-hivemind", action="store_true",
                           help="also run hivemind 1.1.12's DecentralizedAverager on the same "
                                "tensors (in its own virtual environment, made on first use) "
@@ -491,11 +524,13 @@ def run_exchange_command(args: argparse.Namespace) -> int:
         mibs = [args.mib, *args.also_mib]
         venv_dir = args.hivemind_venv or DEFAULT_VENV
         return print_result("exchange", lambda: run_anchor(peer_counts, mibs, args.repeat,
-                                                           venv_dir, args.reduce_scatter),
+                                                           venv_dir, args.reduce_scatter,
+                                                           args.bulk),
                             args.json)
     if args.also_peers or args.also_mib or args.hivemind_venv:
         print("peerd bench exchange: --also-peers, --also-mib and --hivemind-venv need "
               "--against-hivemind", file=sys.stderr)
         return 2
     return print_result("exchange", lambda: run_exchange(args.peers, args.mib, args.repeat,
-                                                         args.reduce_scatter), args.json)
+                                                         args.reduce_scatter, args.bulk),
+                        args.json)

@@ -45,6 +45,7 @@ from peerd.bench.processes import (
     print_result,
 )
 from peerd.net import GRPC_OPTIONS, PROTOCOL_VERSION, codec
+from peerd.net.bulk import BulkSender, BulkServer
 from peerd.net.client import PeerClients
 from peerd.net.codec import DecodedStream, DecodeLimits, Expectation, WireError
 from peerd.net.rpc import add_peer_service
@@ -174,8 +175,10 @@ async def _receiver(
     await server.start()
     listener = socket.create_server((LOOPBACK, 0))
     loop = asyncio.get_running_loop()
+    bulk = BulkServer(host, None, loop)
+    bulk_port = bulk.start(LOOPBACK)
     try:
-        conn.send(("ready", grpc_port, listener.getsockname()[1]))
+        conn.send(("ready", grpc_port, listener.getsockname()[1], bulk_port))
         with _profiled(profile):
             while (command := await next_command(conn))[0] != "stop":
                 if command[0] == "tcp":
@@ -198,6 +201,7 @@ async def _receiver(
                 conn.send(("ok",))
     finally:
         listener.close()
+        bulk.stop()
         await server.stop(grace=1.0)
 
 
@@ -235,6 +239,7 @@ async def _sender(
     tensors = model_parameters(spec, seed)
     header = _stream_header()
     direct = PeerClients(push_timeout_s=timeout_s)
+    bulk = BulkSender(None)
     loop = asyncio.get_running_loop()
     try:
         conn.send(("ready",))
@@ -256,6 +261,10 @@ async def _sender(
                     if fresh_channel:
                         await clients.close()
                     conn.send(("ok", elapsed, acked))
+                elif command[0] == "bulk":
+                    start = time.perf_counter()
+                    acked = await bulk.push(LOOPBACK, command[1], header, tensors)
+                    conn.send(("ok", time.perf_counter() - start, acked))
                 elif command[0] == "tcp":
                     elapsed = await loop.run_in_executor(
                         None, _tcp_send, command[1], tensors, timeout_s
@@ -333,7 +342,8 @@ class CountingRelay:
         self._listener = socket.create_server((LOOPBACK, 0))
         # accept() wakes up now and then to see close(): closing a socket does not wake it.
         self._listener.settimeout(0.1)
-        self.address = f"{LOOPBACK}:{self._listener.getsockname()[1]}"
+        self.port = self._listener.getsockname()[1]
+        self.address = f"{LOOPBACK}:{self.port}"
         self.bytes_up = 0
         self.bytes_down = 0
         self._lock = threading.Lock()
@@ -411,6 +421,8 @@ class WireResult:
     payload_bytes: int
     bytes_on_wire: int
     chunk_bytes: int
+    bulk_runs: tuple[Transfer, ...]
+    bulk_bytes_on_wire: int
 
     def _rates(self, transfers: Sequence[Transfer]) -> list[float]:
         return [self.payload_bytes / MIB / transfer.seconds for transfer in transfers]
@@ -423,6 +435,10 @@ class WireResult:
     def tcp_mib_s(self) -> float:
         return statistics.median(self._rates(self.tcp_runs))
 
+    @property
+    def bulk_mib_s(self) -> float:
+        return statistics.median(self._rates(self.bulk_runs))
+
     def to_json(self) -> dict[str, float | int]:
         return {
             "throughput_mib_s": round(self.throughput_mib_s, 1),
@@ -433,14 +449,26 @@ class WireResult:
             "wire_overhead": round(self.bytes_on_wire / self.payload_bytes, 6),
             "chunk_bytes": self.chunk_bytes,
             "repeats": len(self.grpc_runs),
+            "bulk_mib_s": round(self.bulk_mib_s, 1),
+            "bulk_ratio_to_tcp": round(self.bulk_mib_s / self.tcp_mib_s, 4),
+            "bulk_bytes_on_wire": self.bulk_bytes_on_wire,
+            "bulk_wire_overhead": round(self.bulk_bytes_on_wire / self.payload_bytes, 6),
+            **{f"{path}_cpu_ms_per_mib_{side}": round(value, 3)
+               for path, runs in (("grpc", self.grpc_runs), ("bulk", self.bulk_runs),
+                                  ("tcp", self.tcp_runs))
+               for side, value in zip(("sender", "receiver"), self._cpu_ms_per_mib(runs),
+                                      strict=True)},
         }
+
+    def _cpu_ms_per_mib(self, transfers: Sequence[Transfer]) -> tuple[float, float]:
+        mib = self.payload_bytes / MIB
+        return (statistics.median(t.sender_cpu_s for t in transfers) / mib * 1000,
+                statistics.median(t.receiver_cpu_s for t in transfers) / mib * 1000)
 
     def describe(self) -> str:
         def line(label: str, transfers: Sequence[Transfer]) -> str:
             # CPU per MiB shows where a run's time goes even when other load skews wall times.
-            mib = self.payload_bytes / MIB
-            sender = statistics.median(t.sender_cpu_s for t in transfers) / mib * 1000
-            receiver = statistics.median(t.receiver_cpu_s for t in transfers) / mib * 1000
+            sender, receiver = self._cpu_ms_per_mib(transfers)
             runs = " ".join(f"{rate:.0f}" for rate in self._rates(transfers))
             return (f"{label:9} {statistics.median(self._rates(transfers)):8.1f} MiB/s  "
                     f"runs: {runs}; CPU ms/MiB: sender {sender:.2f}, receiver {receiver:.2f}")
@@ -449,10 +477,13 @@ class WireResult:
             f"payload   {self.payload_bytes / MIB:.0f} MiB float32, chunks of "
             f"{self.chunk_bytes // 1024} KiB",
             line("gRPC", self.grpc_runs),
+            line("bulk", self.bulk_runs),
             line("raw TCP", self.tcp_runs),
-            f"ratio     {self.throughput_mib_s / self.tcp_mib_s:8.3f}",
-            f"on wire   {self.bytes_on_wire} bytes, "
-            f"{self.bytes_on_wire / self.payload_bytes:.5f} x payload",
+            f"ratio     {self.throughput_mib_s / self.tcp_mib_s:8.3f} gRPC, "
+            f"{self.bulk_mib_s / self.tcp_mib_s:.3f} bulk (to raw TCP)",
+            f"on wire   {self.bytes_on_wire} bytes gRPC, "
+            f"{self.bytes_on_wire / self.payload_bytes:.5f} x payload; bulk "
+            f"{self.bulk_bytes_on_wire / self.payload_bytes:.5f} x payload",
         ])
 
 
@@ -472,7 +503,7 @@ def run_wire(
         sender = Child("sender", _sender, (
             spec, seed, profile_dir / "sender" if profile_dir else None, timeout_s))
         cleanup.callback(sender.stop)
-        grpc_port, tcp_port = receiver.reply(START_TIMEOUT_S)
+        grpc_port, tcp_port, bulk_port = receiver.reply(START_TIMEOUT_S)
         sender.reply(START_TIMEOUT_S)
         address = f"{LOOPBACK}:{grpc_port}"
         sender.call("handshake", address, timeout_s=timeout_s)
@@ -494,6 +525,14 @@ def run_wire(
                 raise BenchError(f"gRPC: the receiver acknowledged {acked} of {payload} bytes")
             return elapsed
 
+        def push_bulk(port: int) -> float:
+            nonlocal pushes
+            elapsed, acked = sender.call("bulk", port, timeout_s=timeout_s)
+            pushes += 1
+            if acked != payload:
+                raise BenchError(f"bulk: the receiver acknowledged {acked} of {payload} bytes")
+            return elapsed
+
         def send_tcp() -> float:
             receiver.send("tcp")
             (elapsed,) = sender.call("tcp", tcp_port, timeout_s=timeout_s)
@@ -505,18 +544,25 @@ def run_wire(
         push(address, False)
         receiver.call("check_grpc", pushes, timeout_s=timeout_s)
         grpc_runs: list[Transfer] = []
+        bulk_runs: list[Transfer] = []
         tcp_runs: list[Transfer] = []
         for _ in range(repeats):
-            # Interleaved, so that other load on a shared machine hits both paths alike.
+            # Interleaved, so that other load on a shared machine hits every path alike.
             grpc_runs.append(transfer(lambda: push(address, False)))
+            receiver.call("check_grpc", pushes, timeout_s=timeout_s)
+            bulk_runs.append(transfer(lambda: push_bulk(bulk_port)))
             receiver.call("check_grpc", pushes, timeout_s=timeout_s)
             tcp_runs.append(transfer(send_tcp))
             receiver.call("check_tcp", timeout_s=timeout_s)
         with CountingRelay(grpc_port) as relay:
             push(relay.address, True)
         receiver.call("check_grpc", pushes, timeout_s=timeout_s)
+        with CountingRelay(bulk_port) as bulk_relay:
+            push_bulk(bulk_relay.port)
+        receiver.call("check_grpc", pushes, timeout_s=timeout_s)
     return WireResult(tuple(grpc_runs), tuple(tcp_runs), payload,
-                      relay.bytes_up + relay.bytes_down, chunk_bytes)
+                      relay.bytes_up + relay.bytes_down, chunk_bytes, tuple(bulk_runs),
+                      bulk_relay.bytes_up + bulk_relay.bytes_down)
 
 
 # ---- command line -----------------------------------------------------------------------------

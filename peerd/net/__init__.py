@@ -7,6 +7,9 @@ PROTOCOL_VERSION = 2
 # Explicit limits: frames are chunks of a few hundred KiB, so 8 MiB leaves room for headers
 # that list unit indices without letting a peer make us buffer arbitrarily large messages.
 MAX_MESSAGE_BYTES = 8 << 20
+# Slices from this many payload bytes go over the bulk path (peerd/net/bulk.py,
+# `--bulk-threshold`): below it, gRPC's copy costs less than a connection of their own.
+DEFAULT_BULK_THRESHOLD = 1 << 20
 GRPC_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -273,6 +273,23 @@ class StreamDecoder:
             self._expectation.stream_ended(self._header)
         self._opened = False
 
+    def fill_current(self, fill: Callable[[memoryview], None]) -> None:
+        """The bulk path (peerd/net/bulk.py): the tensor whose header was just fed gets all its
+        bytes from `fill(window)`, which must fill the writable view of its buffer (e.g. by
+        `recv_into`); the tensor is then complete and checked like one that came in chunks."""
+        self._check_usable()
+        current = self._current
+        if current is None:  # an empty tensor completes with its header
+            return
+        try:
+            fill(current.window)
+        except BaseException:
+            # A stream cut mid-tensor is not usable any more.
+            self._error = self._truncated(current, "the connection broke")
+            raise
+        current.received = current.nbytes
+        self._complete_current()
+
     def _check_usable(self) -> None:
         if self._finished:
             raise RuntimeError("StreamDecoder used after finish()")

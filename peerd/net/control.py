@@ -71,6 +71,8 @@ def _check_form(hello: peer_pb2.Hello) -> None:
         parse_address(hello.address)
     except ValueError as error:
         raise _invalid("address", str(error)) from None
+    if hello.bulk_port > 65535:
+        raise _invalid("bulk_port", f"{hello.bulk_port} is not a TCP port")
     if hello.view_id and not VIEW_ID.fullmatch(hello.view_id):
         raise _invalid("view_id", f"{hello.view_id[:80]!r} is not a view digest")
     for field, ids in (("members", list(hello.members)),

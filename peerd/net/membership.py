@@ -157,6 +157,7 @@ class KnownPeer:
     depth: int | None = None  # blocks it keeps (early exits); None: all
     frozen_blocks: int = 0
     widths: tuple[int, ...] = ()  # learned units per sliceable group; empty: uniform
+    bulk_port: int = 0  # its bulk listener (peerd/net/bulk.py); 0: gRPC only
 
     def pending_leaves(self) -> frozenset[str]:
         return frozenset(p for p, ticket in self.leaves.items() if not ticket.decided)
@@ -188,6 +189,7 @@ class Membership:
     # The model's sliceable groups in table order: what a peer's learned widths count.
     width_groups: tuple[str, ...] = ()
     stopping: bool = False  # this peer says goodbye in its handshakes
+    bulk_port: int = 0  # this peer's bulk listener, announced in its handshakes
     gone: set[str] = field(default_factory=set)  # members that said goodbye or restarted
     # member: joiner -> when this peer began waiting at the joiner's round for its decision
     join_waits: dict[str, float] = field(default_factory=dict)
@@ -240,7 +242,7 @@ class Membership:
             leaves={t.peer_id: LeaveTicket(t.round, t.decided) for t in hello.leaves},
             last_member_seen=now if is_member else 0.0,
             depth=hello.capacity.depth or None, frozen_blocks=hello.capacity.frozen_blocks,
-            widths=tuple(hello.capacity.widths),
+            widths=tuple(hello.capacity.widths), bulk_port=hello.bulk_port,
         )
         if previous is not None:
             peer.bytes_sent, peer.bytes_received = previous.bytes_sent, previous.bytes_received
@@ -575,5 +577,5 @@ class Membership:
             view_round=self.views[-1][0] if self.views else 0,
             leaves=[peer_pb2.LeaveTicket(peer_id=p, round=t.round, decided=t.decided)
                     for p, t in sorted(self.leaves.items())],
-            leaving=self.stopping,
+            leaving=self.stopping, bulk_port=self.bulk_port,
         )

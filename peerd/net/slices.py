@@ -1,6 +1,8 @@
 """The gRPC transport of slices: what the round driver sends and receives over the network.
 
-Sending: one PushSlices stream per neighbour, retried while the receiver cannot take it yet.
+Sending: one PushSlices stream per neighbour, retried while the receiver cannot take it yet;
+a slice of at least `--bulk-threshold` payload bytes goes to the neighbour's bulk listener
+instead, where it announced one (peerd/net/bulk.py: the same header and checks, no gRPC copy).
 Receiving: a stream header is checked against the round driver's plans before any value is
 read (`expected_tensors`), the decoder checks every value off the event loop (shape, dtype,
 finiteness), and the slice goes to the driver's inbox as checked. Serving pulls: the driver's
@@ -28,8 +30,10 @@ from peerd.algorithm.submodel import Params, copy_into, with_slice
 from peerd.algorithm.transport import SliceMessage
 from peerd.models.base import Plan
 from peerd.net import PROTOCOL_VERSION
+from peerd.net.bulk import BulkSender, BulkUnreachable
 from peerd.net.client import PeerClients
 from peerd.net.codec import BuiltOnRead, DecodedStream, Expectation, WireError
+from peerd.net.discovery import parse_address
 from peerd.net.membership import Membership, View
 from peerd.v1 import peer_pb2
 
@@ -58,7 +62,8 @@ def plan_to_wire(plan: Plan) -> list[peer_pb2.GroupUnits]:
 
 class GrpcSlices:
     def __init__(self, driver: RoundDriver, membership: Membership, clients: PeerClients,
-                 cluster: str, fingerprint: str) -> None:
+                 cluster: str, fingerprint: str, bulk: BulkSender | None = None) -> None:
+        self.bulk = bulk
         self.driver = driver
         self.membership = membership
         self.clients = clients
@@ -80,7 +85,6 @@ class GrpcSlices:
         driver, membership = self.driver, self.membership
         view = membership.view_at(ctx.round_index)
         assert view is not None
-        address = membership.known[message.receiver].address
         header = self._header(message.receiver, ctx.round_index, view.view_id, message.weight,
                               ctx.plans_now[self.peer_id])
         header.part = part
@@ -93,16 +97,18 @@ class GrpcSlices:
             await asyncio.sleep(POLL_S)
         while True:
             try:
-                acknowledged = await self.clients.push(address, header, message.values)
+                acknowledged = await self._send(message, header)
                 break
-            except grpc.aio.AioRpcError as error:
+            except (grpc.aio.AioRpcError, WireError) as error:
+                code, detail = ((error.code(), error.details())
+                                if isinstance(error, grpc.aio.AioRpcError)
+                                else (error.code, error.detail))
                 # A receiver being dropped from the view is not waited for; refusals (bad
                 # slice, wrong round, ...) are final.
-                retry = (error.code() in RETRIED_PUSH_CODES
-                         and message.receiver not in membership.leaving())
+                retry = code in RETRIED_PUSH_CODES and message.receiver not in membership.leaving()
                 if not retry or time.monotonic() > deadline or driver.stopping.is_set():
                     log.warning("round %d: push to %s failed: %s %s", ctx.round_index,
-                                message.receiver, error.code().name, error.details())
+                                message.receiver, code.name, detail)
                     return 0
                 await asyncio.sleep(0.1)
         # Looked up again: a handshake during the push replaces the peer's record.
@@ -110,6 +116,20 @@ class GrpcSlices:
         if known is not None:
             known.bytes_sent += acknowledged
         return acknowledged
+
+    async def _send(self, message: SliceMessage, header: peer_pb2.StreamHeader) -> int:
+        """One try: over the receiver's bulk listener when the slice is large enough and it
+        announced one, else (or when that listener cannot be reached: a full or filtered port)
+        over gRPC."""
+        known = self.membership.known[message.receiver]
+        if self.bulk is not None and self.bulk.takes(message.values, known.bulk_port):
+            host, _ = parse_address(known.address)
+            try:
+                return await self.bulk.push(host, known.bulk_port, header, message.values)
+            except BulkUnreachable as error:
+                log.info("bulk path to %s: %s; this slice goes over gRPC", message.receiver,
+                         error.detail)
+        return await self.clients.push(known.address, header, message.values)
 
     async def push_part(self, ctx: RoundContext, part: PartMessage) -> int:
         return await self.push(ctx, part.message, part.kind)

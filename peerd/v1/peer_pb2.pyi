@@ -19,7 +19,7 @@ class Capacity(_message.Message):
     def __init__(self, mu: _Optional[float] = ..., depth: _Optional[int] = ..., frozen_blocks: _Optional[int] = ..., widths: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "cluster", "peer_id", "model_fingerprint", "capacity", "address", "round", "members", "view_id", "join_round", "join_confirmed", "accepted_joins", "view_round", "leaves", "leaving")
+    __slots__ = ("protocol_version", "cluster", "peer_id", "model_fingerprint", "capacity", "address", "round", "members", "view_id", "join_round", "join_confirmed", "accepted_joins", "view_round", "leaves", "leaving", "bulk_port")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class Hello(_message.Message):
     VIEW_ROUND_FIELD_NUMBER: _ClassVar[int]
     LEAVES_FIELD_NUMBER: _ClassVar[int]
     LEAVING_FIELD_NUMBER: _ClassVar[int]
+    BULK_PORT_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     cluster: str
     peer_id: str
@@ -50,7 +51,8 @@ class Hello(_message.Message):
     view_round: int
     leaves: _containers.RepeatedCompositeFieldContainer[LeaveTicket]
     leaving: bool
-    def __init__(self, protocol_version: _Optional[int] = ..., cluster: _Optional[str] = ..., peer_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., address: _Optional[str] = ..., round: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., view_id: _Optional[str] = ..., join_round: _Optional[int] = ..., join_confirmed: _Optional[bool] = ..., accepted_joins: _Optional[_Iterable[_Union[JoinTicket, _Mapping]]] = ..., view_round: _Optional[int] = ..., leaves: _Optional[_Iterable[_Union[LeaveTicket, _Mapping]]] = ..., leaving: _Optional[bool] = ...) -> None: ...
+    bulk_port: int
+    def __init__(self, protocol_version: _Optional[int] = ..., cluster: _Optional[str] = ..., peer_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., address: _Optional[str] = ..., round: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., view_id: _Optional[str] = ..., join_round: _Optional[int] = ..., join_confirmed: _Optional[bool] = ..., accepted_joins: _Optional[_Iterable[_Union[JoinTicket, _Mapping]]] = ..., view_round: _Optional[int] = ..., leaves: _Optional[_Iterable[_Union[LeaveTicket, _Mapping]]] = ..., leaving: _Optional[bool] = ..., bulk_port: _Optional[int] = ...) -> None: ...
 
 class JoinTicket(_message.Message):
     __slots__ = ("peer_id", "round", "confirmed")
