@@ -3,9 +3,11 @@
 Usage: python scripts/diagnose_assembly.py OUT.jsonl [--task fmnist] [--method msfusion]
            [--peers 8] [--mu 0.25] [--seed 0] [--rounds 30] [--every 5] [--drift-period R]
            [--topology ring] [--layout ring|rotating|scattered] [--lr LR] [--steps N]
-           [--contrastive] [--balanced-softmax] [--test-samples 2000]
+           [--batch-size B] [--partition dirichlet:0.5] [--contrastive] [--balanced-softmax]
+           [--test-samples 2000] [--eval-samples N]
 
-8 peers unless `--peers`, Dirichlet 0.5, the task's local training unless overridden. Every
+8 peers unless `--peers`, Dirichlet 0.5 unless `--partition`, the task's local training unless
+overridden. Every
 `--every` rounds it prints and appends one JSON line: the assembled model's accuracy (what
 `peerd sim` reports as global_acc), the plain mean of all peers' full parameter copies, peer 0's
 own copy, each peer's sub-model on the global test set (mean and max), the fraction of entries
@@ -19,6 +21,10 @@ this round (a unit has 2 holders at mu 0.25 on 8 peers, but an entry of a weight
 groups is held only where both of a peer's windows meet); the assembled model restricted to
 the entries some peer held in the last k rounds (k = 1, 8; the rest set to zero); and the
 median rounds since an entry was last held.
+
+For a text task also the assembled model's loss on the first `--eval-samples` test samples
+(default: the task's own, what `peerd cluster` reports as global_ppl), beside the loss on the
+`--test-samples` above: how much of a perplexity curve is the choice of evaluation samples.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from peerd.algorithm.evaluate import Evaluation, evaluate
 from peerd.algorithm.plan import LAYOUTS, RING_LAYOUT, make_planner
 from peerd.algorithm.submodel import Params, entry_mask, extract
 from peerd.config import DRIFT_PERIOD, SimConfig
+from peerd.metrics import global_test_set
 from peerd.models.base import Plan, full_plan
 from peerd.sim import build, run_round
 from peerd.tasks import get_task
@@ -60,25 +67,31 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--layout", default=RING_LAYOUT, choices=LAYOUTS)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--steps", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--partition", default="dirichlet:0.5")
     parser.add_argument("--contrastive", action="store_true")
     parser.add_argument("--balanced-softmax", action="store_true")
     parser.add_argument("--test-samples", type=int, default=TEST_SAMPLES)
+    parser.add_argument("--eval-samples", type=int)
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse()
     torch.set_num_threads(1)
-    train = get_task(args.task).train
+    task = get_task(args.task)
+    train = task.train
     if args.lr is not None:
         train = dataclasses.replace(train, lr=args.lr)
     if args.steps is not None:
         train = dataclasses.replace(train, max_local_steps=args.steps)
+    if args.batch_size is not None:
+        train = dataclasses.replace(train, batch_size=args.batch_size)
     train = dataclasses.replace(train, contrastive=args.contrastive,
                                 balanced_softmax=args.balanced_softmax)
     sim = build(SimConfig(
         peers=args.peers, method=args.method, mu=(args.mu,), task=args.task, rounds=args.rounds,
-        seed=args.seed, partition="dirichlet:0.5", out="/tmp/diagnose-assembly",
+        seed=args.seed, partition=args.partition, out="/tmp/diagnose-assembly",
         drift_period=args.drift_period, topology=args.topology, contrastive=args.contrastive,
         train=train))
     spec = sim.spec
@@ -86,6 +99,7 @@ def main() -> None:
         engine.planner = make_planner(args.method, args.seed, drift_period=args.drift_period,
                                       layout=args.layout)
     test = sim.data.test.subset(np.arange(min(args.test_samples, len(sim.data.test))))
+    cluster_test = global_test_set(sim.data, args.eval_samples or task.eval_samples)
 
     def scored(params: Params, plan: Plan | None = None) -> Evaluation:
         module = extract(spec, params, plan if plan is not None else full_plan(spec))
@@ -153,6 +167,9 @@ def main() -> None:
                 "norm": float(sum(t.pow(2).sum() for t in mean.values()) ** 0.5),
                 "wall_s": time.monotonic() - started,
             }
+            if spec.kind == "text":
+                record["assembled_loss_cluster_eval"] = evaluate(
+                    extract(spec, assembled, full_plan(spec)), spec.kind, cluster_test).loss
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
                               for k, v in record.items()}), flush=True)
             log.write(json.dumps(record) + "\n")
