@@ -24,7 +24,11 @@ median rounds since an entry was last held.
 
 For a text task also the assembled model's loss on the first `--eval-samples` test samples
 (default: the task's own, what `peerd cluster` reports as global_ppl), beside the loss on the
-`--test-samples` above: how much of a perplexity curve is the choice of evaluation samples.
+`--test-samples` above: how much of a perplexity curve is the choice of evaluation samples; and
+the logit temperature T (logits / T) at which the assembled model's loss on the `--test-samples`
+is lowest, with that loss: how much of it is a wrong scale of the logits rather than wrong
+predictions (the tied LM head's input scale is sqrt(K / k) in a sub-model, docs/ALGORITHM.md,
+Scaling, so windows that agree sum to logits sqrt(K / k) times sharper than each peer's).
 """
 
 from __future__ import annotations
@@ -38,18 +42,33 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from peerd.algorithm.aggregate import assemble
 from peerd.algorithm.evaluate import Evaluation, evaluate
 from peerd.algorithm.plan import LAYOUTS, RING_LAYOUT, make_planner
 from peerd.algorithm.submodel import Params, entry_mask, extract
 from peerd.config import DRIFT_PERIOD, SimConfig
+from peerd.data import Split
 from peerd.metrics import global_test_set
 from peerd.models.base import Plan, full_plan
 from peerd.sim import build, run_round
 from peerd.tasks import get_task
 
 TEST_SAMPLES = 2000
+TEMPERATURES = tuple(1 + 0.25 * step for step in range(9))  # 1 to 3
+
+
+@torch.no_grad()
+def best_temperature(module: torch.nn.Module, split: Split) -> tuple[float, float]:
+    """(T, loss) of the logit temperature in TEMPERATURES with the lowest mean token loss."""
+    module.eval()
+    logits = torch.cat([module(split.inputs[start:start + 256])
+                        for start in range(0, len(split), 256)])
+    losses = {t: float(F.cross_entropy((logits / t).flatten(0, 1), split.targets.flatten()))
+              for t in TEMPERATURES}
+    best = min(losses, key=losses.__getitem__)
+    return best, losses[best]
 
 
 def parse() -> argparse.Namespace:
@@ -170,6 +189,8 @@ def main() -> None:
             if spec.kind == "text":
                 record["assembled_loss_cluster_eval"] = evaluate(
                     extract(spec, assembled, full_plan(spec)), spec.kind, cluster_test).loss
+                record["assembled_temperature"], record["assembled_loss_at_temperature"] = (
+                    best_temperature(extract(spec, assembled, full_plan(spec)), test))
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
                               for k, v in record.items()}), flush=True)
             log.write(json.dumps(record) + "\n")
