@@ -58,6 +58,7 @@ TASK_SCORING = {
     "fmnist": TaskScoring(ACCURACY, 0.70, "dirichlet:0.5"),
     "digits": TaskScoring(ACCURACY, 0.80, "dirichlet:0.5"),
     "kjv": TaskScoring(PERPLEXITY, 8.0, "natural"),  # whole books per shard
+    "kjv-large": TaskScoring(PERPLEXITY, 8.0, "natural"),  # kjv's text, a 104M model
 }
 
 

@@ -3,9 +3,11 @@
 Usage: python scripts/diagnose_assembly.py OUT.jsonl [--task fmnist] [--method msfusion]
            [--peers 8] [--mu 0.25] [--seed 0] [--rounds 30] [--every 5] [--drift-period R]
            [--topology ring] [--layout ring|rotating|scattered] [--lr LR] [--steps N]
-           [--contrastive] [--balanced-softmax] [--test-samples 2000]
+           [--batch-size B] [--partition dirichlet:0.5] [--contrastive] [--balanced-softmax]
+           [--test-samples 2000] [--eval-samples N]
 
-8 peers unless `--peers`, Dirichlet 0.5, the task's local training unless overridden. Every
+8 peers unless `--peers`, Dirichlet 0.5 unless `--partition`, the task's local training unless
+overridden. Every
 `--every` rounds it prints and appends one JSON line: the assembled model's accuracy (what
 `peerd sim` reports as global_acc), the plain mean of all peers' full parameter copies, peer 0's
 own copy, each peer's sub-model on the global test set (mean and max), the fraction of entries
@@ -19,6 +21,14 @@ this round (a unit has 2 holders at mu 0.25 on 8 peers, but an entry of a weight
 groups is held only where both of a peer's windows meet); the assembled model restricted to
 the entries some peer held in the last k rounds (k = 1, 8; the rest set to zero); and the
 median rounds since an entry was last held.
+
+For a text task also the assembled model's loss on the first `--eval-samples` test samples
+(default: the task's own, what `peerd cluster` reports as global_ppl), beside the loss on the
+`--test-samples` above: how much of a perplexity curve is the choice of evaluation samples; and
+the logit temperature T (logits / T) at which the assembled model's loss on the `--test-samples`
+is lowest, with that loss: how much of it is a wrong scale of the logits rather than wrong
+predictions (the tied LM head's input scale is sqrt(K / k) in a sub-model, docs/ALGORITHM.md,
+Scaling, so windows that agree sum to logits sqrt(K / k) times sharper than each peer's).
 """
 
 from __future__ import annotations
@@ -32,17 +42,33 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from peerd.algorithm.aggregate import assemble
 from peerd.algorithm.evaluate import Evaluation, evaluate
 from peerd.algorithm.plan import LAYOUTS, RING_LAYOUT, make_planner
 from peerd.algorithm.submodel import Params, entry_mask, extract
 from peerd.config import DRIFT_PERIOD, SimConfig
+from peerd.data import Split
+from peerd.metrics import global_test_set
 from peerd.models.base import Plan, full_plan
 from peerd.sim import build, run_round
 from peerd.tasks import get_task
 
 TEST_SAMPLES = 2000
+TEMPERATURES = tuple(1 + 0.25 * step for step in range(9))  # 1 to 3
+
+
+@torch.no_grad()
+def best_temperature(module: torch.nn.Module, split: Split) -> tuple[float, float]:
+    """(T, loss) of the logit temperature in TEMPERATURES with the lowest mean token loss."""
+    module.eval()
+    logits = torch.cat([module(split.inputs[start:start + 256])
+                        for start in range(0, len(split), 256)])
+    losses = {t: float(F.cross_entropy((logits / t).flatten(0, 1), split.targets.flatten()))
+              for t in TEMPERATURES}
+    best = min(losses, key=losses.__getitem__)
+    return best, losses[best]
 
 
 def parse() -> argparse.Namespace:
@@ -60,25 +86,31 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--layout", default=RING_LAYOUT, choices=LAYOUTS)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--steps", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--partition", default="dirichlet:0.5")
     parser.add_argument("--contrastive", action="store_true")
     parser.add_argument("--balanced-softmax", action="store_true")
     parser.add_argument("--test-samples", type=int, default=TEST_SAMPLES)
+    parser.add_argument("--eval-samples", type=int)
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse()
     torch.set_num_threads(1)
-    train = get_task(args.task).train
+    task = get_task(args.task)
+    train = task.train
     if args.lr is not None:
         train = dataclasses.replace(train, lr=args.lr)
     if args.steps is not None:
         train = dataclasses.replace(train, max_local_steps=args.steps)
+    if args.batch_size is not None:
+        train = dataclasses.replace(train, batch_size=args.batch_size)
     train = dataclasses.replace(train, contrastive=args.contrastive,
                                 balanced_softmax=args.balanced_softmax)
     sim = build(SimConfig(
         peers=args.peers, method=args.method, mu=(args.mu,), task=args.task, rounds=args.rounds,
-        seed=args.seed, partition="dirichlet:0.5", out="/tmp/diagnose-assembly",
+        seed=args.seed, partition=args.partition, out="/tmp/diagnose-assembly",
         drift_period=args.drift_period, topology=args.topology, contrastive=args.contrastive,
         train=train))
     spec = sim.spec
@@ -86,6 +118,7 @@ def main() -> None:
         engine.planner = make_planner(args.method, args.seed, drift_period=args.drift_period,
                                       layout=args.layout)
     test = sim.data.test.subset(np.arange(min(args.test_samples, len(sim.data.test))))
+    cluster_test = global_test_set(sim.data, args.eval_samples or task.eval_samples)
 
     def scored(params: Params, plan: Plan | None = None) -> Evaluation:
         module = extract(spec, params, plan if plan is not None else full_plan(spec))
@@ -153,6 +186,11 @@ def main() -> None:
                 "norm": float(sum(t.pow(2).sum() for t in mean.values()) ** 0.5),
                 "wall_s": time.monotonic() - started,
             }
+            if spec.kind == "text":
+                record["assembled_loss_cluster_eval"] = evaluate(
+                    extract(spec, assembled, full_plan(spec)), spec.kind, cluster_test).loss
+                record["assembled_temperature"], record["assembled_loss_at_temperature"] = (
+                    best_temperature(extract(spec, assembled, full_plan(spec)), test))
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
                               for k, v in record.items()}), flush=True)
             log.write(json.dumps(record) + "\n")

@@ -1,10 +1,11 @@
 """How many peers hold each weight entry under msfusion's windows, by N and mu (no training).
 
-Usage: python scripts/window_holders.py [fmnist|kjv|digits] [--round T]
-           [--layout ring|rotating|scattered] [--drift-period R]
+Usage: python scripts/window_holders.py [fmnist|kjv|kjv-large|digits] [--round T]
+           [--layout ring|rotating|scattered] [--drift-period R] [--peers N] [--mu F]
 
-Per (N, mu): the holders of each unit (N mu), and the fractions of all parameter entries held
-by exactly one peer and by two or more in round T (default 0). A unit has N mu holders, but an
+Per (N, mu) (4 to 32 peers and mu 0.125 to 0.5, or only `--peers`, `--mu`): the holders of
+each unit (N mu), and the fractions of all parameter entries held by exactly one peer and by
+two or more in round T (default 0). A unit has N mu holders, but an
 entry of a weight that joins two groups is held only by a peer whose windows of both groups
 contain it; with the windows ordered by ring position in every group (so a unit's co-holders
 are ring neighbours), a peer's blocks of every weight matrix lie on one diagonal band of width
@@ -23,9 +24,8 @@ import argparse
 from peerd.algorithm.plan import LAYOUTS, RING_LAYOUT, Member, Planner, make_planner
 from peerd.algorithm.submodel import Params, entry_mask, init_params
 from peerd.config import DRIFT_PERIOD
-from peerd.data import load_task_data
 from peerd.models.base import ModelSpec
-from peerd.tasks import BLOCK_SIZE, get_task
+from peerd.tasks import get_task
 
 PEERS = (4, 8, 16, 32)
 MUS = (0.125, 0.25, 0.5)
@@ -56,15 +56,18 @@ def main() -> None:
     parser.add_argument("--round", type=int, default=0)
     parser.add_argument("--layout", default=RING_LAYOUT, choices=LAYOUTS)
     parser.add_argument("--drift-period", type=int, default=DRIFT_PERIOD)
+    parser.add_argument("--peers", type=int)
+    parser.add_argument("--mu", type=float)
     args = parser.parse_args()
-    spec = get_task(args.task).model(load_task_data(args.task, None, block_size=BLOCK_SIZE))
+    task = get_task(args.task)
+    spec = task.model(task.load_data(None))
     params = init_params(spec, 0)
     planner = make_planner("msfusion", 0, drift_period=args.drift_period, layout=args.layout)
     print("| N | mu | holders per unit | entries held | by 1 peer | by 2+ peers "
           "| held again next round |")
     print("|---|---|---|---|---|---|---|")
-    for peers in PEERS:
-        for mu in MUS:
+    for peers in (args.peers,) if args.peers else PEERS:
+        for mu in (args.mu,) if args.mu else MUS:
             members = [Member(f"peer-{i:02d}", mu) for i in range(peers)]
             plans = planner.plan(args.round, members, spec.groups)
             one = several = total = 0

@@ -11,7 +11,8 @@ from peerd.cli import main
 
 
 def write_run(directory: Path, method: str, accuracy: list[float], task: str = "digits",
-              flops_per_round: float = 2e9, sent_per_round: float = 4096.0) -> Path:
+              flops_per_round: float = 2e9, sent_per_round: float = 4096.0,
+              perplexity: list[float] | None = None) -> Path:
     directory.mkdir(parents=True)
     records = [{
         "round": n, "task": task, "method": method, "topology": "ring", "peers": 4, "mu": 0.25,
@@ -19,6 +20,8 @@ def write_run(directory: Path, method: str, accuracy: list[float], task: str = "
         "bytes_sent_peer_mean": sent_per_round, "bytes_sent_cum_peer_mean": n * sent_per_round,
         "coverage": 1.0, "global_acc": value, "wall_s": 1.5 * n,
     } for n, value in enumerate(accuracy, start=1)]
+    for record, value in zip(records, perplexity or [], strict=False):
+        record["global_ppl"] = value
     (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return directory
 
@@ -60,3 +63,19 @@ def test_bad_input_is_named(runs: list[str], flags: list[str], message: str, tmp
     write_run(tmp_path / "text", "msfusion", [0.1], task="kjv")
     assert main(["compare", *(str(tmp_path / run) for run in runs), *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_kjv_large_runs_are_scored_by_perplexity(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # The memory proof's runs (BENCHMARKS.md, issue 21) are compared by global_ppl, not accuracy.
+    cluster = write_run(tmp_path / "cluster", "msfusion", [0.1, 0.2], task="kjv-large",
+                        perplexity=[30.0, 7.5])
+    alone = write_run(tmp_path / "alone", "msfusion", [0.1, 0.2], task="kjv-large",
+                      perplexity=[30.0, 9.0])
+    assert main(["compare", str(cluster), str(alone)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("final: global perplexity at the last evaluated round; target: global "
+                        "perplexity <= 8.0")
+    assert lines[2].split()[:7] == ["cluster", "kjv-large", "msfusion", "0.25", "4", "2", "7.5000"]
+    assert lines[2].split()[7] == "4.000"  # 8.0 reached at round 2: 2 x 2 GFLOPs
+    assert lines[3].split()[6:9] == ["9.0000", "not", "reached"]
