@@ -182,3 +182,26 @@ def test_a_budget_excludes_rounds(tmp_path: Path, capsys) -> None:
 def test_a_budget_defaults_to_three_seeds(extra: list[str], seeds: tuple[int, ...]) -> None:
     args = build_parser().parse_args(["bench", "accuracy", *extra])
     assert seeds_from(args) == seeds
+
+
+def test_a_drift_period_reaches_only_msfusions_runs(tmp_path: Path, capsys) -> None:
+    """--drift-period R: msfusion's runs are keyed and configured with R (a faster drift covers
+    more of the model in the same rounds); the full-width run is the one a default-period
+    bench stores, so --reuse shares it between periods."""
+    fast = _bench(tmp_path, "--tables", "e", "--drift-period", "2")
+    capsys.readouterr()
+    default = _bench(tmp_path, "--tables", "e", "--reuse")
+    fast_key = "msfusion-mu0.25-n4-ring-nocon-static-s0"
+    full_key = "full-mu1.0-n4-ring-nocon-static-s0"
+    announced = capsys.readouterr().out  # the runs trained, not read back
+    assert f"run {fast_key}\n" in announced
+    assert f"run {full_key}" not in announced
+    assert {path.name for path in (tmp_path / "runs").iterdir()} == {
+        fast_key + "-r2", fast_key, full_key}
+    stored = {key: json.loads((tmp_path / "runs" / key / "config.json").read_text())
+              for key in (fast_key + "-r2", fast_key, full_key)}
+    assert stored[fast_key + "-r2"]["drift_period"] == 2
+    assert stored[fast_key]["drift_period"] == stored[full_key]["drift_period"] == 64
+    assert fast["runs"][fast_key]["coverage"] > default["runs"][fast_key]["coverage"]
+    markdown = (tmp_path / "accuracy.md").read_text()
+    assert "drift period 64" in markdown
