@@ -357,6 +357,15 @@ class DaemonOptions(PeerOptions):
         True, "announce this daemon and find peers by mDNS (off: peers are found only by their "
         "--peer addresses)", "--no-mdns", off_help="do not announce this daemon or browse by "
         "mDNS: find peers only by their --peer addresses (default: mDNS on)")
+    bulk: bool = option(
+        True, "serve a bulk listener (same TLS identity as gRPC) and send large slices to "
+        "neighbours' bulk listeners instead of over gRPC (docs/NETWORK.md, \"The bulk path\")",
+        "--no-bulk", off_help="no bulk listener: every slice goes over gRPC (default: large "
+        "slices go over the bulk path, docs/NETWORK.md)")
+    bulk_threshold: int = option(
+        DEFAULT_BULK_THRESHOLD, "slices of at least this many payload bytes go over the bulk "
+        "path, smaller ones over gRPC", parse=partial(parse_size, name="bulk_threshold"),
+        metavar="SIZE")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -448,15 +457,6 @@ class DaemonConfig(DaemonOptions):
         rule=Rule(lambda port: 0 <= port <= 65535, "in 0..65535, or unset for no endpoint"))
     metrics_host: str | None = option(
         None, "address the metrics port listens on (default: host, the gRPC address)")
-    bulk: bool = option(
-        True, "serve a bulk listener (same TLS identity as gRPC) and send large slices to "
-        "neighbours' bulk listeners instead of over gRPC (docs/NETWORK.md, \"The bulk path\")",
-        "--no-bulk", off_help="no bulk listener: every slice goes over gRPC (default: large "
-        "slices go over the bulk path, docs/NETWORK.md)")
-    bulk_threshold: int = option(
-        DEFAULT_BULK_THRESHOLD, "slices of at least this many payload bytes go over the bulk "
-        "path, smaller ones over gRPC", parse=partial(parse_size, name="bulk_threshold"),
-        metavar="SIZE")
     bulk_port: int = option(
         0, "TCP port of the bulk listener (0: any free port; peers learn it from the handshake)",
         rule=Rule(lambda port: 0 <= port <= 65535, "in 0..65535"))
