@@ -19,8 +19,15 @@ import torch
 from daemons import ClusterCa, kill_all, start_loopback_daemons, wait_all
 
 from peerd.cluster import free_ports
-from peerd.net import PROTOCOL_VERSION
-from peerd.net.bulk import MAGIC, MAX_CONNECTIONS, MAX_FRAME_BYTES, BulkSender, BulkServer
+from peerd.net import PROTOCOL_VERSION, bulk
+from peerd.net.bulk import (
+    MAGIC,
+    MAX_CONNECTIONS,
+    MAX_FRAME_BYTES,
+    BulkSender,
+    BulkServer,
+    BulkUnreachable,
+)
 from peerd.net.codec import DecodedStream, Expectation, WireError, encode_frames
 from peerd.net.tls import TlsIdentity
 from peerd.ops.ca import init_ca, issue
@@ -314,3 +321,44 @@ def test_a_daemons_bulk_listener_shrugs_off_strangers_while_rounds_run(
         assert [r["round"] for r in daemon.rounds()] == list(range(1, rounds + 1))
     assert "first bulk slice from peer-01" in daemons[0].output()
     assert "first bulk slice from peer-00" in daemons[1].output()
+
+
+class _FailingHost(_Host):
+    """A host whose hand-over fails with a fault of its own (not a refusal)."""
+
+    def accept_slice(self, decoded: DecodedStream) -> None:
+        raise RuntimeError("the inbox is gone")
+
+
+def test_a_fault_on_the_receiver_is_answered_not_a_silent_close(insecure: _Served) -> None:
+    """An exception other than a refusal in a connection thread answers UNKNOWN (as a gRPC
+    handler's does, retried by the sender) instead of ending the thread without a word."""
+    insecure.server.host = _FailingHost()
+    with pytest.raises(WireError) as refused:
+        _push(BulkSender(None), insecure.port)
+    assert not isinstance(refused.value, BulkUnreachable)
+    assert refused.value.code == grpc.StatusCode.UNKNOWN
+    assert "RuntimeError on the receiver: the inbox is gone" in refused.value.detail
+    assert insecure.server.counters.failed == 1
+    insecure.server.host = insecure.host
+    _assert_still_serves(insecure, BulkSender(None))
+
+
+def test_a_header_check_the_busy_loop_never_ran_in_time_never_runs(
+        insecure: _Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sender is cut off when the loop cannot check its header in time; the check must
+    not run later (it would take an inbox slot no stream ends, or accept a slice that is
+    coming again by the fallback)."""
+    checked: list[int] = []
+    insecure.host.expectation = Expectation(
+        PROTOCOL_VERSION, CLUSTER, FINGERPRINT,
+        tensor_spec=lambda header: checked.append(header.round) or SPEC)
+    monkeypatch.setattr(bulk, "LOOP_CALL_TIMEOUT_S", 0.2)
+    insecure.loop.call_soon_threadsafe(time.sleep, 1.0)  # the loop busy elsewhere
+    with pytest.raises(BulkUnreachable):
+        _push(BulkSender(None), insecure.port)
+    time.sleep(1.2)  # the loop is free again: nothing queued from that stream may run
+    assert checked == []
+    assert insecure.host.accepted == []
+    _assert_still_serves(insecure, BulkSender(None))
+    assert checked == [1]

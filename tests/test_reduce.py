@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from daemons import ClusterCa, kill_all, start_loopback_daemons, wait_all
 from safetensors.torch import load_file
 
 from peerd.algorithm.driver import RoundDriver, RoundRules
-from peerd.algorithm.reduce import MIN_HOLDERS, plan_parts
+from peerd.algorithm.reduce import MIN_HOLDERS, PartMessage, PartRefused, plan_parts, values_for
+from peerd.algorithm.transport import SliceMessage
 from peerd.config import SimConfig, TrainConfig
 from peerd.sim import build, run_round
 
@@ -167,3 +169,48 @@ def test_sync_daemons_with_reduce_scatter_equal_the_simulator(tmp_path: Path,
     assert {sender for daemon in daemons
             for sender in re.findall(r"first bulk slice from (peer-\d+)", daemon.output())
             } == {"peer-00", "peer-01"}
+
+
+class _PausedTopology:
+    """The engine's real topology; its first call from a thread other than the test's waits
+    for `go`, holding that thread inside `PartExchange.plan` between its look-up and its store
+    (the window an offloaded plan, as trim_outbox's, leaves open)."""
+
+    def __init__(self, topology: object, entered: threading.Event, go: threading.Event) -> None:
+        self.topology = topology
+        self.entered = entered
+        self.go = go
+
+    def neighbours(self, ids: list[str], peer: str) -> list[str]:
+        if threading.current_thread() is not threading.main_thread() and not self.entered.is_set():
+            self.entered.set()
+            self.go.wait(10)
+        return self.topology.neighbours(ids, peer)
+
+
+def test_a_part_taken_while_an_offload_thread_plans_its_round_is_kept() -> None:
+    """The stall of `bench exchange --reduce-scatter` (issue 26): a values part accepted on the
+    loop while a thread planned the same round was dropped when that thread stored its empty
+    state, and the owner waited for the part its sender saw acknowledged."""
+    sim = build(dataclasses.replace(CONFIG, mu=(1.0,), reduce_scatter=True))
+    receiver = sim.drivers[1]
+    parts = receiver.parts
+    engine = receiver.engine
+    ctx = receiver.context(0)
+    plan = plan_parts(engine.spec, engine.params, ctx, fully_connected=True)
+    sender = sorted(plan.peers_to_hear(parts.peer_id, "values"))[0]
+    sender_engine = next(d.engine for d in sim.drivers if d.peer_id == sender)
+    values = values_for(plan, sender_engine.params, sender, parts.peer_id, engine.wire_dtype)
+    entered, go = threading.Event(), threading.Event()
+    engine.topology = _PausedTopology(engine.topology, entered, go)
+    planner = threading.Thread(target=parts.plan, args=(ctx,))
+    planner.start()
+    assert entered.wait(10)
+    release = threading.Timer(0.5, go.set)
+    release.start()
+    parts.accept_part(PartMessage("values", SliceMessage(sender, parts.peer_id, 0, 1.0, values)),
+                      payload_bytes=1)
+    planner.join(10)
+    release.join()
+    with pytest.raises(PartRefused, match="already arrived"):
+        parts.expected_part("values", 0, sender, parts.peer_id)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -401,18 +402,23 @@ class PartExchange:
         self._rounds: dict[int, _RoundParts] = {}
         self._applied_up_to = -1  # rounds up to this one took their means: later parts dropped
         self._arrived = asyncio.Event()
+        # `plan` runs on the event loop (a part's header) and on offload threads (trim_outbox,
+        # expand_all): without it, a thread planning a round could replace the state a part
+        # arrived into meanwhile with an empty one, and the round would wait for that part.
+        self._planning = threading.Lock()
 
     def plan(self, ctx: RoundContext) -> PartPlan:
-        known = self._rounds.get(ctx.round_index)
-        # A new view of the round (a member dropped meanwhile) plans again; what arrived for
-        # the old one does not fit the new parts.
-        if known is None or known.members != ctx.members:
-            ids = [member.peer_id for member in ctx.members]
-            fully_connected = all(
-                len(self.engine.topology.neighbours(ids, peer)) == len(ids) - 1 for peer in ids)
-            known = self._rounds[ctx.round_index] = _RoundParts(ctx.members, plan_parts(
-                self.engine.spec, self.engine.params, ctx, fully_connected))
-        return known.plan
+        with self._planning:
+            known = self._rounds.get(ctx.round_index)
+            # A new view of the round (a member dropped meanwhile) plans again; what arrived
+            # for the old one does not fit the new parts.
+            if known is None or known.members != ctx.members:
+                ids = [member.peer_id for member in ctx.members]
+                fully_connected = all(len(self.engine.topology.neighbours(ids, peer))
+                                      == len(ids) - 1 for peer in ids)
+                known = self._rounds[ctx.round_index] = _RoundParts(ctx.members, plan_parts(
+                    self.engine.spec, self.engine.params, ctx, fully_connected))
+            return known.plan
 
     # ---- the direct messages, less the parts --------------------------------------------------
 

@@ -236,6 +236,15 @@ class BulkServer:
                 self._log_refusal(client_name, error)
                 _send_reply(connection, error.code.value[0], 0, error.detail)
                 return
+            except (OSError, EOFError):
+                raise  # the connection broke: nothing can be answered (_serve counts it)
+            except Exception as error:  # a fault on this side: answered as gRPC answers it
+                self.counters.failed += 1
+                log.warning("bulk slice from %s failed here", client_name or "a client",
+                            exc_info=True)
+                _send_reply(connection, grpc.StatusCode.UNKNOWN.value[0], 0,
+                            f"unexpected {type(error).__name__} on the receiver: {error}")
+                return
             self.counters.slices += 1
             if decoded.header.sender not in self._senders_heard:
                 self._senders_heard.add(decoded.header.sender)
@@ -264,10 +273,27 @@ class BulkServer:
                  f" ({unlogged} more refusals not logged)" if unlogged else "")
 
     def _on_loop(self, function: Callable[..., T], *args: object) -> T:
-        """Run `function(*args)` on the event loop and wait for it."""
-        async def call() -> T:
-            return function(*args)
-        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(LOOP_CALL_TIMEOUT_S)
+        """Run `function(*args)` on the event loop and wait for it. A call still queued after
+        LOOP_CALL_TIMEOUT_S never runs (TimeoutError): a header check must not take an inbox
+        slot, nor a slice be accepted, after the sender was cut off and sent it again. Queued
+        in order with the decoder's close (`call_soon_threadsafe`, no task step between)."""
+        result: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def call() -> None:
+            if not result.set_running_or_notify_cancel():
+                return  # timed out while queued
+            try:
+                result.set_result(function(*args))
+            except BaseException as error:  # handed to the waiting thread
+                result.set_exception(error)
+
+        self.loop.call_soon_threadsafe(call)
+        try:
+            return result.result(LOOP_CALL_TIMEOUT_S)
+        except TimeoutError:
+            if result.cancel():
+                raise
+            return result.result()  # it began on the loop meanwhile: its outcome stands
 
 
 def partial_reader(connection: socket.socket) -> Callable[[memoryview], None]:
