@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import pty
 import re
-import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -162,7 +163,10 @@ def test_shard_in_a_config_file_says_the_numbering(tmp_path: Path,
 
 
 class Terminal:
-    """A command on a pseudo-terminal: what it wrote, and when."""
+    """A command on a pseudo-terminal: what it wrote, and when.
+
+    A thread reads the terminal as the command writes, so the times are when output came,
+    even while the test itself waits on something else (a `status` command it runs)."""
 
     def __init__(self, argv: list[str], cwd: Path) -> None:
         self.master, slave = pty.openpty()
@@ -172,35 +176,45 @@ class Terminal:
                                         cwd=cwd, env=env, start_new_session=True)
         os.close(slave)
         self.chunks: list[tuple[float, str]] = []
+        self._chunks_lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read_until_closed, daemon=True)
+        self._reader.start()
 
-    def read_for(self, seconds: float) -> bool:
-        """Collects output for up to `seconds`; False once the command has exited."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.master], [], [], 0.2)
-            if ready:
-                try:
-                    data = os.read(self.master, 65536)
-                except OSError:  # the command exited and closed the terminal
-                    data = b""
-                if not data:
-                    self.process.wait(timeout=30)
-                    return False
+    def _read_until_closed(self) -> None:
+        while True:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:  # the command exited and closed the terminal
+                data = b""
+            if not data:
+                return
+            with self._chunks_lock:
                 self.chunks.append((time.monotonic() - self.started,
                                     data.decode(errors="replace")))
-        return True
+
+    def read_for(self, seconds: float) -> bool:
+        """Waits up to `seconds` for the command to close the terminal; False once it has."""
+        self._reader.join(timeout=seconds)
+        if self._reader.is_alive():
+            return True
+        self.process.wait(timeout=30)
+        return False
 
     def text(self) -> str:
-        return ANSI.sub("", "".join(chunk for _, chunk in self.chunks))
+        with self._chunks_lock:
+            written = "".join(chunk for _, chunk in self.chunks)
+        return ANSI.sub("", written)
 
     def longest_silence(self) -> float:
-        times = [0.0, *(at for at, _ in self.chunks)]
+        with self._chunks_lock:
+            times = [0.0, *(at for at, _ in self.chunks)]
         return max(b - a for a, b in itertools.pairwise(times))
 
     def stop(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(timeout=60)
+        self._reader.join(timeout=30)
         os.close(self.master)
 
 
@@ -248,29 +262,81 @@ def _run_in_fresh_shell(command: str, tmp_path: Path) -> subprocess.CompletedPro
                           capture_output=True, text=True, timeout=120, check=False)
 
 
+# A printed `status` command runs from a fresh shell every STATUS_EVERY_S while the cluster
+# runs, STATUS_IN_FLIGHT at most at once: on a loaded machine one takes 20 to 35 s to start
+# (load 17 to 23 on 2 cores), as long as the daemons of a 4-round run serve, so asking only
+# after the last answer could miss them all.
+STATUS_EVERY_S = 3.0
+STATUS_IN_FLIGHT = 3
+
+
+class StatusAttempts:
+    """The printed status command, each run in a fresh shell; how each one ended."""
+
+    def __init__(self, command: str, cwd: Path) -> None:
+        self.command = command
+        self.cwd = cwd
+        self.running: list[tuple[float, subprocess.Popen[str]]] = []
+        self.ended: list[str] = []  # when it started, its exit status and its error
+        self.answered = False
+
+    def start(self, since: float) -> None:
+        process = subprocess.Popen(["bash", "-c", self.command], cwd=self.cwd,
+                                   env=FRESH_SHELL_ENV, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        self.running.append((since, process))
+
+    def collect(self, timeout_s: float = 0.0) -> None:
+        """Notes the attempts that ended; with `timeout_s`, waits that long for each."""
+        for entry in list(self.running):
+            began, process = entry
+            if not timeout_s and process.poll() is None:
+                continue
+            try:
+                stdout, stderr = process.communicate(timeout=timeout_s or None)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                stdout, stderr = process.communicate()
+            self.running.remove(entry)
+            self.ended.append(f"started at {began:.1f} s: {process.returncode} "
+                              f"{stderr.strip()[-200:]}")
+            if process.returncode != 0:
+                assert "no daemon answers" in stderr, stderr
+                continue
+            assert stdout.startswith("peer peer-00 at 127.0.0.1:"), stdout
+            self.answered = True
+
+
 def _cluster_on_terminal(argv: list[str], tmp_path: Path, limit_s: float) -> Terminal:
-    """Runs `peerd cluster` on a terminal; while it runs, each printed `status` command runs
-    in a fresh shell and must answer."""
+    """Runs `peerd cluster` on a terminal; while it runs, the first printed `status` command
+    runs in a fresh shell and must answer."""
     out = tmp_path / "run"
     terminal = Terminal([sys.executable, "-m", "peerd.cli", "cluster", *argv, "--out",
                          str(out)], ROOT)
-    asked = False
+    attempts: StatusAttempts | None = None
+    last_start = -math.inf
     try:
         while terminal.read_for(1.0):
             assert time.monotonic() - terminal.started < limit_s, terminal.text()[-2000:]
             commands = _printed_commands(terminal.text(), "status")
-            # From the moment it is printed, until the daemon serves: on an idle machine a
+            # From the moment it is printed, until a daemon answers: on an idle machine a
             # short run can end before round 1 is even shown, so waiting for it races the end.
-            if commands and not asked:
-                status = _run_in_fresh_shell(commands[0].split("   ")[0], tmp_path)
-                if status.returncode != 0:
-                    assert "no daemon answers" in status.stderr, status.stderr
-                    continue
-                assert status.stdout.startswith("peer peer-00 at 127.0.0.1:")
-                asked = True
+            if not commands:
+                continue
+            if attempts is None:
+                attempts = StatusAttempts(commands[0].split("   ")[0], tmp_path)
+            attempts.collect()
+            now = time.monotonic() - terminal.started
+            if (not attempts.answered and len(attempts.running) < STATUS_IN_FLIGHT
+                    and now - last_start >= STATUS_EVERY_S):
+                attempts.start(now)
+                last_start = now
     finally:
         terminal.stop()
-    assert asked, terminal.text()[-2000:]
+        if attempts is not None:
+            attempts.collect(timeout_s=120)  # one that connected while the daemons served
+    assert attempts is not None and attempts.answered, "\n".join(
+        [*(attempts.ended if attempts else []), terminal.text()[-2000:]])
     return terminal
 
 
