@@ -271,11 +271,14 @@ def _run_in_fresh_shell(command: str, tmp_path: Path) -> subprocess.CompletedPro
 
 
 # A printed `status` command runs from a fresh shell every STATUS_EVERY_S while the cluster
-# runs, STATUS_IN_FLIGHT at most at once: on a loaded machine one takes 20 to 35 s to start
-# (load 17 to 23 on 2 cores), as long as the daemons of a 4-round run serve, so asking only
-# after the last answer could miss them all.
+# runs, STATUS_IN_FLIGHT at most at once: on a loaded machine one takes 13 to 35 s to start
+# (load 17 to 23 on 2 cores; it imports torch), about as long as the daemons of a 4-round run
+# serve, so asking one at a time missed them in 3 runs of 3, and 3 at once slowed each other
+# past the end (1 run of 5). CLUSTER_ROUNDS keeps the daemons serving longer (rounds take
+# about a second idle, 3 to 5 s at load 20).
 STATUS_EVERY_S = 3.0
-STATUS_IN_FLIGHT = 3
+STATUS_IN_FLIGHT = 2
+CLUSTER_ROUNDS = 12
 
 
 class StatusAttempts:
@@ -349,7 +352,8 @@ def _cluster_on_terminal(argv: list[str], tmp_path: Path, limit_s: float) -> Ter
 
 
 def test_cluster_on_a_terminal_is_never_silent_and_its_commands_run(tmp_path: Path) -> None:
-    terminal = _cluster_on_terminal(["--peers", "2", "--rounds", "4"], tmp_path, 300)
+    terminal = _cluster_on_terminal(["--peers", "2", "--rounds", str(CLUSTER_ROUNDS)], tmp_path,
+                                    300)
     _assert_never_silent(terminal)
     text = terminal.text()
     # (A daemon's "waiting for peers" may last less than one poll: the lone-daemon tests.)
@@ -357,7 +361,7 @@ def test_cluster_on_a_terminal_is_never_silent_and_its_commands_run(tmp_path: Pa
     report = next(line for line in text.splitlines() if " report --state-dir " in line)
     result = _run_in_fresh_shell(report.split(": ", 1)[1].strip(), tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "global (metrics.jsonl): 4 rounds" in result.stdout
+    assert f"global (metrics.jsonl): {CLUSTER_ROUNDS} rounds" in result.stdout
 
 
 @pytest.mark.slow
