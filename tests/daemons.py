@@ -103,15 +103,33 @@ def limit_descriptors(limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 
-def wait_all(daemons: list[RunningDaemon], timeout_s: float = 180.0) -> list[int]:
-    codes = []
-    for daemon in daemons:
-        try:
-            codes.append(daemon.process.wait(timeout=timeout_s))
-        except subprocess.TimeoutExpired:
-            daemon.process.kill()
-            codes.append(daemon.process.wait())
-    return codes
+# wait_all without a timeout: a run may go on while a daemon writes to its log (a round, a
+# handshake, a wait line every 10 s) at least every QUIET_S, up to MAX_RUN_S in all. A fixed
+# 180 s killed healthy runs of 4 daemons on a loaded machine (load 20 on 2 cores: torch alone
+# took 57 s to import, a whole run about 150 s); a stuck daemon still fails.
+QUIET_S = 180.0
+MAX_RUN_S = 900.0
+
+
+def wait_all(daemons: list[RunningDaemon], timeout_s: float | None = None) -> list[int]:
+    """The daemons' exit statuses once all have exited; those still running after `timeout_s`
+    (or, without it, once no log grew for QUIET_S or after MAX_RUN_S) are killed (-9)."""
+    started = last_progress = time.monotonic()
+    log_sizes: list[int] = []
+    while any(daemon.process.poll() is None for daemon in daemons):
+        now = time.monotonic()
+        if timeout_s is not None:
+            if now - started > timeout_s:
+                break
+        else:
+            sizes = [(daemon.state_dir / "out.log").stat().st_size for daemon in daemons]
+            if sizes != log_sizes:
+                log_sizes, last_progress = sizes, now
+            if now - last_progress > QUIET_S or now - started > MAX_RUN_S:
+                break
+        time.sleep(0.2)
+    kill_all(daemons)
+    return [daemon.process.returncode for daemon in daemons]
 
 
 def kill_all(daemons: list[RunningDaemon]) -> None:

@@ -17,6 +17,7 @@ import grpc
 import pytest
 import torch
 from daemons import ClusterCa, RunningDaemon, kill_all, start_loopback_daemons, wait_all
+from lag_probe import LagProbe, read_idle_loop_lag
 from safetensors.torch import load_file
 from test_first_minutes import IMPORT_CHECK
 
@@ -38,15 +39,20 @@ def ring_of_four(tmp_path_factory: pytest.TempPathFactory,
     # Strict rounds: the semi-asynchronous default closes rounds by the clock. Both transports
     # (peerd/net/bulk.py): peer-00 and peer-02 send every slice over the bulk path where the
     # receiver serves one; peer-03 serves none (--no-bulk), so they send it gRPC.
-    daemons = start_loopback_daemons(tmp_path_factory.mktemp("ring"), 4,
+    root = tmp_path_factory.mktemp("ring")
+    probe = LagProbe(root / IDLE_LOOP_LAG)  # the machine's own lag while the ring runs
+    probe.start()
+    daemons = start_loopback_daemons(root, 4,
                                      ["--rounds", str(ROUNDS), "--topology", "ring", "--sync"],
                                      cluster_ca, extra_by_position=BULK_FLAGS)
     try:
         codes = wait_all(daemons)
+        probe.stop()
         assert codes == [0, 0, 0, 0], [d.output() for d in daemons]
         yield daemons
     finally:
         kill_all(daemons)
+        probe.kill()
 
 
 @pytest.fixture(scope="module")
@@ -111,15 +117,34 @@ def test_ring_neighbours_and_bytes_follow_the_outbox_rule(
 # the longest stall under the handshake interval (0.5 s) never skips a handshake. Measured
 # (BENCHMARKS.md, "Event-loop lag"): p99 0.02 to 0.11 s, max 0.03 to 0.12 s on 2 cores under
 # load 11 to 14; before the daemon imported torch._dynamo at start, round 1 stalled 0.4 to 2.1 s.
+# On top of each bound: what the machine did to an idle loop in the same minutes (tests/
+# lag_probe.py). At load 20 to 23 an idle loop measured p99 0.03 to 0.09 s and max up to 0.28 s
+# in 10-s windows: the daemons cannot answer faster than the machine lets any loop run.
 LOOP_LAG_P99_BOUND_S = 0.25
 LOOP_LAG_MAX_BOUND_S = 0.5
+IDLE_LOOP_LAG = "idle-loop-lag.jsonl"
+
+
+def rounds_period(daemons: list[RunningDaemon]) -> tuple[float, float]:
+    """Wall-clock seconds from about the first daemon's first round to the last one's last
+    round: rounds.jsonl was last written at the end of the last round, which began the sum of
+    the rounds' times earlier (not the wait for peers, while others still import torch)."""
+    ends = [(d.state_dir / "rounds.jsonl").stat().st_mtime for d in daemons]
+    starts = [end - sum(r["round_s"] for r in d.rounds())
+              for end, d in zip(ends, daemons, strict=True)]
+    return min(starts), max(ends)
 
 
 def test_the_event_loop_keeps_answering_during_rounds(ring_of_four: list[RunningDaemon]) -> None:
+    machine = read_idle_loop_lag(ring_of_four[0].state_dir.parent / IDLE_LOOP_LAG,
+                                 *rounds_period(ring_of_four))
+    p99_bound = LOOP_LAG_P99_BOUND_S + machine.worst_window_p99_s
+    max_bound = LOOP_LAG_MAX_BOUND_S + machine.max_s
     for daemon in ring_of_four:
         for record in daemon.rounds():
-            assert 0 <= record["loop_lag_p99_s"] <= LOOP_LAG_P99_BOUND_S, record
-            assert record["loop_lag_p99_s"] <= record["loop_lag_max_s"] <= LOOP_LAG_MAX_BOUND_S
+            assert 0 <= record["loop_lag_p99_s"] <= p99_bound, (record, machine)
+            assert record["loop_lag_p99_s"] <= record["loop_lag_max_s"] <= max_bound, (
+                record, machine)
 
 
 def test_status_metrics_and_sigterm(tmp_path: Path, cluster_ca: ClusterCa) -> None:
