@@ -15,6 +15,7 @@ last round it ran up to N.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -23,8 +24,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +70,28 @@ ACTIVITY_CHARS = 45  # a daemon's activity on the live line; longer ones keep th
 
 class ClusterError(RuntimeError):
     """A daemon failed; the message carries the end of its log."""
+
+
+class ClusterStopped(ClusterError):
+    """`peerd cluster` was sent SIGTERM (kill, systemd): it stops its daemons before it ends."""
+
+
+@contextlib.contextmanager
+def sigterm_stops_the_cluster() -> Iterator[None]:
+    """Python's default SIGTERM ends the process without running `finally`, which would leave
+    the daemons running as orphans; raising instead lets run_cluster stop them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stopped(signum: int, frame: object) -> None:
+        raise ClusterStopped("stopped by SIGTERM; its daemons were stopped too")
+
+    previous = signal.signal(signal.SIGTERM, stopped)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def free_ports(count: int) -> list[int]:
@@ -371,22 +395,23 @@ def run_cluster(
                        f"{out / 'ca'}")
     tls = tls_dirs(out, [peer_name(position) for position in range(config.peers)])
     daemons = launch(config, out, tls)
-    if on_start is not None:
-        on_start(daemons)
     try:
-        if console is not None:
-            console.status(f"the daemons are starting (each loads torch and its data); loading "
-                           f"the {config.task} data here to evaluate the global model")
-        watcher = ClusterWatcher(config, daemons, TlsIdentity.load(tls[WATCHER_ID]), console)
-        identity = {
-            "task": config.task, "method": config.method, "topology": config.topology,
-            "peers": config.peers, "seed": config.seed,
-        }
-        log = MetricsLog(out, identity, forward_flops_per_sample(watcher.spec,
-                                                                 full_units(watcher.spec)))
-        asyncio.run(watcher.run(log, on_round, on_page))
-        log.close(run_title(config.method, [m.mu for m in watcher.members], config.task,
-                            config.peers))
+        with sigterm_stops_the_cluster():
+            if on_start is not None:
+                on_start(daemons)
+            if console is not None:
+                console.status(f"the daemons are starting (each loads torch and its data); loading "
+                               f"the {config.task} data here to evaluate the global model")
+            watcher = ClusterWatcher(config, daemons, TlsIdentity.load(tls[WATCHER_ID]), console)
+            identity = {
+                "task": config.task, "method": config.method, "topology": config.topology,
+                "peers": config.peers, "seed": config.seed,
+            }
+            log = MetricsLog(out, identity, forward_flops_per_sample(watcher.spec,
+                                                                     full_units(watcher.spec)))
+            asyncio.run(watcher.run(log, on_round, on_page))
+            log.close(run_title(config.method, [m.mu for m in watcher.members], config.task,
+                                config.peers))
     finally:
         codes = stop(daemons)
         write_memory_report(out, daemons, codes, config.memory_limit)
