@@ -32,3 +32,20 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
         mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
+def release_freed_memory() -> bool:
+    """Give every malloc arena's free pages back to the kernel (glibc's malloc_trim(0)); False
+    where the C library is not glibc or nothing was released.
+
+    With `keep_freed_memory`, what a burst of allocation frees (the `--mu auto` probe trains
+    wider sub-models than the one chosen) stays resident in the arena of the thread that
+    freed it, and the worker thread that trains later allocates in its own arena beside it:
+    memory a kernel limit counts although nothing uses it."""
+    try:
+        malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        log.debug("not glibc: no malloc_trim")
+        return False
+    malloc_trim.argtypes = (ctypes.c_size_t,)
+    return bool(malloc_trim(0))

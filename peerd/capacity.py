@@ -43,6 +43,7 @@ from torch import nn
 from peerd.algorithm.engine import sgd, train_step
 from peerd.algorithm.plan import Member, MSFusionPlanner
 from peerd.algorithm.submodel import Params, extract, freeze_shallowest, slice_numel
+from peerd.allocator import release_freed_memory
 from peerd.config import TrainConfig
 from peerd.data import Split
 from peerd.memlimit import own_headroom_bytes
@@ -278,7 +279,11 @@ def measure_capacity(
 ) -> CapacityChoice:
     """Probe every candidate width (and, with early exits, depth and frozen blocks) on this
     device and choose one (see the module's text). Without a budget, the memory the kernel
-    reports available is the budget."""
+    reports available is the budget. The memory the probes free goes back to the kernel
+    before and after them: resident now is then what the daemon holds, and the probes of wider
+    widths leave nothing resident beside the round's training (BENCHMARKS.md, "mu auto under a
+    kernel limit: what the probe left behind")."""
+    release_freed_memory()
     resident = resident_bytes()
     fixed = resident + RUNTIME_MARGIN_BYTES
     budget = budget_bytes if budget_bytes is not None else resident + available_memory_bytes()
@@ -286,4 +291,5 @@ def measure_capacity(
     probes = [probe_width(spec, params, split, config, mu, depth=depth, frozen=frozen,
                           held_bytes=held_bytes)
               for mu in MU_CHOICES for depth, frozen in shapes]
+    release_freed_memory()
     return choose_mu(probes, fixed, budget, steps_per_round(len(split), config), round_target_s)

@@ -31,7 +31,7 @@ from peerd.config import (
     parse_size,
 )
 from peerd.data import Split, TaskData, local_train_test, partition
-from peerd.models.base import DEPTH, ModelSpec, full_units
+from peerd.models.base import DEPTH, ModelSpec, full_shapes_module
 from peerd.tasks import get_task
 
 log = logging.getLogger("peerd.peer")
@@ -95,7 +95,7 @@ def load_data(config: PeerConfig) -> TaskData:
 def _has_representation(spec: ModelSpec) -> bool:
     """Whether the model splits its forward into features() and logits() (the contrastive
     term reads the representation between them)."""
-    model_type = type(spec.build(full_units(spec)))
+    model_type = type(full_shapes_module(spec))
     return callable(getattr(model_type, "features", None)) and callable(
         getattr(model_type, "logits", None))
 

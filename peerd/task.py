@@ -207,10 +207,10 @@ def task_spec(task: Task, example: torch.Tensor) -> ModelSpec:
 def _check_declared(task: Task, spec: ModelSpec, model: nn.Module) -> ModelSpec:
     from torch import nn
 
-    from peerd.models.base import full_units, table_tensors
+    from peerd.models.base import full_shapes_module, table_tensors
 
     declared = {name: tuple(p.shape)
-                for name, p in table_tensors(spec, spec.build(full_units(spec))).items()}
+                for name, p in table_tensors(spec, full_shapes_module(spec)).items()}
     built = {name: tuple(p.shape) for name, p in table_tensors(spec, model).items()}
     if declared != built:
         differing = sorted(name for name in declared.keys() | built.keys()

@@ -110,11 +110,18 @@ FINGERPRINT_PARTS = ("model family", "parameter names", "parameter shapes",
                      "unit groups and axes")
 
 
+def full_shapes_module(spec: ModelSpec) -> nn.Module:
+    """The full module built on the meta device: its names, shapes and types, no values. A
+    full model's worth of memory built after `--mu auto` measured what the daemon holds stayed
+    resident beside training (BENCHMARKS.md, "mu auto under a kernel limit")."""
+    with torch.device("meta"):
+        return spec.build(full_units(spec))
+
+
 def fingerprint(spec: ModelSpec) -> str:
     """A short digest of the architecture: peers may only exchange slices of the same model.
     Four digests joined by '-', one per FINGERPRINT_PARTS entry."""
-    module = spec.build(full_units(spec))
-    tensors = table_tensors(spec, module)
+    tensors = table_tensors(spec, full_shapes_module(spec))
     parts = (
         {"class": type(spec).__name__, "kind": spec.kind},
         sorted(tensors),
