@@ -284,11 +284,13 @@ def test_a_daemons_bulk_listener_shrugs_off_strangers_while_rounds_run(
     """Two daemons sending every slice over the bulk path; during their rounds, peer-00's bulk
     port gets a flood of idle connections beyond its cap, plain bytes, a TLS client without a
     certificate and a cluster device that is no member. Both run every round and exit 0."""
-    rounds = 5
+    # Enough rounds that the strangers (the flood alone waits out the 5 s handshake timeout)
+    # arrive while they run on an idle machine too: 5 rounds had ended before on one.
+    rounds = 16
     bulk_port = free_ports(1)[0]
     daemons = start_loopback_daemons(
         tmp_path, 2, ["--rounds", str(rounds), "--sync", "--bulk-threshold", "1",
-                      "--slowdown", "2"], cluster_ca,
+                      "--slowdown", "3"], cluster_ca,
         extra_by_position={0: ["--bulk-port", str(bulk_port)]})
     flood: list[socket.socket] = []
     try:
