@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from peerd.algorithm.numerics import all_finite
+from peerd.algorithm.numerics import all_finite, valid_weight
 from peerd.algorithm.shards import BlockLayout, Placement, ShardStore
 from peerd.algorithm.submodel import axis_indices, axis_masks, build_from_slice
 from peerd.models.base import ModelSpec, Plan, holds_param, table_tensors
@@ -168,7 +168,7 @@ class Storer:
         if push.sender in self.pushed:
             raise ShardRefused(f"push from {push.sender}: it already pushed round "
                                f"{push.round_index} to {self.store.peer_id}")
-        if not (push.weight > 0 and math.isfinite(push.weight)):
+        if not valid_weight(push.weight):
             raise ShardRefused(f"push from {push.sender}: weight {push.weight} invalid")
         if push.values.dtype != self.layout.dtype:
             raise ShardRefused(f"push from {push.sender}: values are {push.values.dtype}, the "
