@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import peerd
 from peerd.models import ModelSpec, Plan
 
 
@@ -46,6 +47,17 @@ def digits_user_accuracy(state_path: Path) -> float:
     with torch.no_grad():
         predictions = model(data.test.inputs).argmax(dim=-1)
     return float((predictions == data.test.targets).sum()) / len(data.test.targets)
+
+
+def task_user_accuracy(task: peerd.Task, state_path: Path) -> float:
+    """What a user does with a model exported from their own peerd.Task: their own model
+    factory, a strict load, argmax accuracy over their own test set."""
+    model = task.model()
+    model.load_state_dict(load_file(str(state_path)), strict=True)
+    model.eval()
+    inputs, targets = task.test.tensors
+    with torch.no_grad():
+        return float((model(inputs).argmax(dim=-1) == targets).sum()) / len(targets)
 
 
 def last_global_acc(run_dir: Path) -> tuple[int, float]:

@@ -15,6 +15,7 @@ from types import ModuleType
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import task_user_accuracy
 from test_data_dir import image_folder
 
 import peerd
@@ -83,17 +84,6 @@ def test_full_size_sub_models_at_mu_half_cost_at_most_035_of_the_full_forward(na
     assert ratio <= 0.35, ratio
 
 
-def _user_accuracy(exported: Path) -> float:
-    """The user's side: their own class, a strict load, their own test set and argmax."""
-    task = _example("resnet_images").small_task()
-    model = task.model()
-    model.load_state_dict(load_file(str(exported)), strict=True)
-    model.eval()
-    inputs, targets = task.test.tensors
-    with torch.no_grad():
-        return float((model(inputs).argmax(dim=-1) == targets).sum()) / len(targets)
-
-
 def test_the_resnet_export_carries_batchnorm_statistics_and_scores_global_acc(
     tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -105,7 +95,8 @@ def test_the_resnet_export_carries_batchnorm_statistics_and_scores_global_acc(
     state = load_file(str(exported))
     assert state["stem.1.running_var"].shape == (8,)
     assert not torch.equal(state["stem.1.running_var"], torch.ones(8))  # trained, averaged
-    assert _user_accuracy(exported) == _records(out)[-1]["global_acc"]
+    task = _example("resnet_images").small_task()
+    assert task_user_accuracy(task, exported) == _records(out)[-1]["global_acc"]
 
 
 def test_the_resnet_trains_on_an_image_folder(

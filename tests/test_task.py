@@ -9,9 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
-from support import last_global_acc
+from support import last_global_acc, task_user_accuracy
 
 import peerd
 from peerd.cli import main
@@ -37,18 +35,7 @@ def test_a_users_task_trains_and_exports_what_it_scored(
     capsys.readouterr()
     round_number, reported = last_global_acc(out)
     assert round_number == 2
-    assert _user_accuracy(exported) == reported
-
-
-def _user_accuracy(exported: Path) -> float:
-    """The user's side: their own factory, a strict load, their own test set and argmax."""
-    task = _example_task()
-    model = task.model()
-    model.load_state_dict(load_file(str(exported)), strict=True)
-    model.eval()
-    inputs, targets = task.test.tensors
-    with torch.no_grad():
-        return float((model(inputs).argmax(dim=-1) == targets).sum()) / len(targets)
+    assert task_user_accuracy(_example_task(), exported) == reported
 
 
 @pytest.mark.slow
@@ -61,7 +48,7 @@ def test_a_users_task_trains_in_a_cluster_of_daemons(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr
     assert main(["export", "--from", str(out), "--out", str(exported)]) == 0
-    assert _user_accuracy(exported) == last_global_acc(out)[1]
+    assert task_user_accuracy(_example_task(), exported) == last_global_acc(out)[1]
 
 
 BODY = """
