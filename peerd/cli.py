@@ -452,9 +452,7 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    import grpc
-
-    from peerd.net.frames import WireError
+    from peerd.net.frames import CALL_ERRORS, call_failure
     from peerd.net.tls import TlsIdentity
     from peerd.ops.status import show_status
 
@@ -462,8 +460,8 @@ def _status(args: argparse.Namespace) -> int:
     tls = None if config.insecure else TlsIdentity.load(config.tls_dir)
     try:
         print(show_status(args.addr, args.json, tls))
-    except (grpc.aio.AioRpcError, WireError) as error:
-        detail = error.details() if isinstance(error, grpc.aio.AioRpcError) else error.detail
+    except CALL_ERRORS as error:
+        _, detail = call_failure(error)
         print(f"peerd status: error: no daemon answers at {args.addr}: {detail}",
               file=sys.stderr)
         return 1

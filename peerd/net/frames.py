@@ -29,6 +29,17 @@ class WireError(Exception):
         self.detail = detail
 
 
+# What a failed call to a peer raises: gRPC's error, or peerd's own check of the answer.
+CALL_ERRORS = (grpc.aio.AioRpcError, WireError)
+
+
+def call_failure(error: grpc.aio.AioRpcError | WireError) -> tuple[grpc.StatusCode, str]:
+    """The status code and detail of a failed call, whichever of CALL_ERRORS it raised."""
+    if isinstance(error, WireError):
+        return error.code, error.detail
+    return error.code(), error.details() or ""
+
+
 _CHUNK_TAG = 0x1A  # SliceFrame field 3 (chunk), wire type 2 (length-delimited)
 _MAX_VARINT_BYTES = 10
 

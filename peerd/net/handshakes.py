@@ -10,8 +10,6 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-import grpc
-
 from peerd.algorithm.plan import Member, encode_widths
 from peerd.config import DaemonConfig
 from peerd.net import PROTOCOL_VERSION
@@ -24,7 +22,7 @@ from peerd.net.discovery import (
     PeerRecord,
     StaticDiscovery,
 )
-from peerd.net.frames import WireError
+from peerd.net.frames import CALL_ERRORS
 from peerd.net.host import DaemonHost
 from peerd.net.membership import Membership
 
@@ -77,7 +75,7 @@ class Handshakes:
         try:
             self.host.admit(await self.clients.handshake(
                 candidate.address, self.host.hello(), expected))
-        except (grpc.aio.AioRpcError, WireError) as error:
+        except CALL_ERRORS as error:
             self.unanswered.add(candidate.address)
             log.debug("handshake with %s failed: %s", candidate.address, error)
         else:

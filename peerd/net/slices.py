@@ -34,6 +34,7 @@ from peerd.net.bulk import BulkSender, BulkUnreachable
 from peerd.net.client import PeerClients
 from peerd.net.codec import BuiltOnRead, DecodedStream, Expectation, WireError
 from peerd.net.discovery import parse_address
+from peerd.net.frames import CALL_ERRORS, call_failure
 from peerd.net.membership import Membership, View
 from peerd.v1 import peer_pb2
 
@@ -99,10 +100,8 @@ class GrpcSlices:
             try:
                 acknowledged = await self._send(message, header)
                 break
-            except (grpc.aio.AioRpcError, WireError) as error:
-                code, detail = ((error.code(), error.details())
-                                if isinstance(error, grpc.aio.AioRpcError)
-                                else (error.code, error.detail))
+            except CALL_ERRORS as error:
+                code, detail = call_failure(error)
                 # A receiver being dropped from the view is not waited for; refusals (bad
                 # slice, wrong round, ...) are final.
                 retry = code in RETRIED_PUSH_CODES and message.receiver not in membership.leaving()
