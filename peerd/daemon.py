@@ -184,8 +184,8 @@ class Daemon:
             return self._summary()
         # Limits first, then the port: a second daemon on it stops here, before mDNS.
         server = grpc.aio.server(options=GRPC_OPTIONS + prepare_server_limits())
-        add_peer_service(server, PeerService(
-            self.host, self.exporter.observe_rejected if self.exporter else None))
+        on_reject = self.exporter.observe_rejected if self.exporter else None
+        add_peer_service(server, PeerService(self.host, on_reject))
         bind_address = f"{self.config.host}:{self.config.port}"
         if self.tls is None:
             log.warning("running without TLS (--insecure): anyone who reaches %s can join the "
@@ -197,7 +197,8 @@ class Daemon:
             port = bind(lambda where: server.add_secure_port(where, credentials), bind_address)
         address = self.membership.address = f"{advertised_host(self.config)}:{port}"
         await server.start()
-        bulk = BulkServer(self.host, self.tls, loop) if self.config.bulk else None
+        bulk = (BulkServer(self.host, self.tls, loop, on_reject=on_reject) if self.config.bulk
+                else None)
         if bulk is not None:
             self.membership.bulk_port = bulk.start(self.config.host, self.config.bulk_port)
         page = None

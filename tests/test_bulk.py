@@ -5,11 +5,13 @@ oversized headers, corrupt or non-finite values, floods) are refused without har
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
 import struct
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from daemons import ClusterCa, kill_all, start_loopback_daemons, wait_all
 from peerd.cluster import free_ports
 from peerd.net import PROTOCOL_VERSION, bulk
 from peerd.net.bulk import (
+    BULK_RPC,
     MAGIC,
     MAX_CONNECTIONS,
     MAX_FRAME_BYTES,
@@ -68,7 +71,10 @@ class _Served:
     def __init__(self, tls: TlsIdentity | None, **limits: float) -> None:
         self.host = _Host()
         self.loop = asyncio.new_event_loop()
-        self.server = BulkServer(self.host, tls, self.loop, **limits)
+        self.rejected: list[tuple[str, str]] = []  # what the metrics endpoint would count
+        self.server = BulkServer(self.host, tls, self.loop,
+                                 on_reject=lambda rpc, code: self.rejected.append((rpc, code)),
+                                 **limits)
         self.port = self.server.start("127.0.0.1")
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
@@ -208,6 +214,8 @@ def test_garbage_and_oversized_headers_are_answered_and_closed(insecure: _Served
         assert _reply(raw)[0] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert insecure.host.accepted == []
     _assert_still_serves(insecure, BulkSender(None))
+    assert insecure.rejected == [(BULK_RPC, "INVALID_ARGUMENT"), (BULK_RPC, "RESOURCE_EXHAUSTED"),
+                                 (BULK_RPC, "INVALID_ARGUMENT")]
 
 
 def test_a_header_off_the_plan_is_refused_before_any_tensor(insecure: _Served) -> None:
@@ -221,6 +229,7 @@ def test_a_header_off_the_plan_is_refused_before_any_tensor(insecure: _Served) -
     assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "the plan expects 2" in refused.value.detail
     assert insecure.host.accepted == []
+    assert insecure.rejected == [(BULK_RPC, "FAILED_PRECONDITION"), (BULK_RPC, "INVALID_ARGUMENT")]
 
 
 def _send_raw_stream(port: int, tensors: dict[str, torch.Tensor], corrupt: bool = False,
@@ -291,7 +300,7 @@ def test_a_daemons_bulk_listener_shrugs_off_strangers_while_rounds_run(
     daemons = start_loopback_daemons(
         tmp_path, 2, ["--rounds", str(rounds), "--sync", "--bulk-threshold", "1",
                       "--slowdown", "3"], cluster_ca,
-        extra_by_position={0: ["--bulk-port", str(bulk_port)]})
+        extra_by_position={0: ["--bulk-port", str(bulk_port), "--metrics-port", "0"]})
     flood: list[socket.socket] = []
     try:
         daemons[0].wait_rounds(1)
@@ -307,6 +316,13 @@ def test_a_daemons_bulk_listener_shrugs_off_strangers_while_rounds_run(
                                           _header(sender=claimed, receiver="peer-00"),
                                           _tensors()))
             assert refused.value.code == code, refused.value.detail
+        # Counted where an operator looks, as gRPC's refusals are.
+        metrics_url = re.search(r"metrics on (http://\S+)", daemons[0].output()).group(1)
+        scraped = urllib.request.urlopen(metrics_url.replace("0.0.0.0", "127.0.0.1"),
+                                         timeout=10).read().decode()
+        for code in ("PERMISSION_DENIED", "FAILED_PRECONDITION"):
+            assert (f'peerd_rejected_messages_total{{code="{code}",rpc="{BULK_RPC}"}} 1.0'
+                    in scraped), scraped
         # Idle connections beyond the cap: the last ones are closed at once, the others after
         # the handshake timeout; meanwhile slices to peer-00 fall back to gRPC.
         flood = [socket.create_connection(("127.0.0.1", bulk_port), timeout=10)

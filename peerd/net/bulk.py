@@ -97,14 +97,21 @@ class BulkCounters:
     slices: int = 0  # handed to the host
 
 
+BULK_RPC = "BulkPush"  # the `rpc` label of refusals on the bulk listener
+
+
 class BulkServer:
     """The bulk listener of one daemon, handing checked slices to `host` on `loop`."""
 
     def __init__(self, host: PeerHost, tls: TlsIdentity | None,
                  loop: asyncio.AbstractEventLoop, max_connections: int = MAX_CONNECTIONS,
                  handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
-                 idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
+                 idle_timeout_s: float = IDLE_TIMEOUT_S,
+                 on_reject: Callable[[str, str], None] | None = None) -> None:
         self.host = host
+        # (rpc, status code name) of every refused slice but "not yet", as PeerService counts
+        # gRPC's: for the metrics endpoint.
+        self.on_reject = on_reject
         self.loop = loop
         self.max_connections = max_connections
         self.handshake_timeout_s = handshake_timeout_s
@@ -233,6 +240,8 @@ class BulkServer:
                 self._on_loop(self.host.accept_slice, decoded)
             except WireError as error:
                 self.counters.failed += 1
+                if self.on_reject is not None and error.code != grpc.StatusCode.UNAVAILABLE:
+                    self.on_reject(BULK_RPC, error.code.name)
                 self._log_refusal(client_name, error)
                 _send_reply(connection, error.code.value[0], 0, error.detail)
                 return
