@@ -47,7 +47,7 @@ from peerd.allocator import release_freed_memory
 from peerd.config import TrainConfig
 from peerd.data import Split
 from peerd.memlimit import own_headroom_bytes
-from peerd.models.base import DEPTH, ModelSpec
+from peerd.models.base import DEPTH, ModelSpec, Plan
 
 log = logging.getLogger(__name__)
 
@@ -187,13 +187,26 @@ def depth_shapes(blocks: int) -> list[tuple[int, int]]:
     return frozen + [(depth, 0) for depth in range(blocks - 1, 0, -1)]
 
 
+def _probe_plan(spec: ModelSpec, mu: float, depth: int | None) -> Plan:
+    return MSFusionPlanner(seed=0).plan(0, [Member("probe", mu, depth)], spec.groups)["probe"]
+
+
+def floor_bytes(spec: ModelSpec, params: Params, mu: float, depth: int | None = None,
+                held_bytes: Callable[[int], int] | None = None) -> int:
+    """What a shape holds before its first step, counted without building it: its parameters
+    and the slices a daemon keeps at that width. A lower bound of the probe's own peak (no
+    gradients, optimizer state or activations yet)."""
+    slice_bytes = 4 * sum(slice_numel(spec, params, _probe_plan(spec, mu, depth)).values())
+    return slice_bytes + (0 if held_bytes is None else held_bytes(slice_bytes))
+
+
 def probe_width(spec: ModelSpec, params: Params, split: Split, config: TrainConfig,
                 mu: float, steps: int = PROBE_STEPS, depth: int | None = None,
                 frozen: int = 0, held_bytes: Callable[[int], int] | None = None) -> WidthProbe:
     """Train `steps` + 1 steps of the sub-model of width mu, keeping `depth` blocks with
     `frozen` of them frozen (extracted: a copy, the daemon's parameters stay untouched): the
     first step is measured for memory, the rest are timed."""
-    plan = MSFusionPlanner(seed=0).plan(0, [Member("probe", mu, depth)], spec.groups)["probe"]
+    plan = _probe_plan(spec, mu, depth)
     module = extract(spec, params, plan)
     module.train()
     freeze_shallowest(spec, module, frozen)
@@ -288,8 +301,14 @@ def measure_capacity(
     fixed = resident + RUNTIME_MARGIN_BYTES
     budget = budget_bytes if budget_bytes is not None else resident + available_memory_bytes()
     shapes = depth_shapes(spec.groups[DEPTH].units) if DEPTH in spec.groups else [(None, 0)]
+    # A shape whose parameters and held slices alone exceed the budget could never be chosen,
+    # and training it to find out could be what the kernel kills the daemon for: not probed.
+    # The narrowest width always is, so that a budget nothing fits names its figure.
+    narrowest = min(MU_CHOICES)
     probes = [probe_width(spec, params, split, config, mu, depth=depth, frozen=frozen,
                           held_bytes=held_bytes)
-              for mu in MU_CHOICES for depth, frozen in shapes]
+              for mu in MU_CHOICES for depth, frozen in shapes
+              if mu == narrowest
+              or fixed + floor_bytes(spec, params, mu, depth, held_bytes) <= budget]
     release_freed_memory()
     return choose_mu(probes, fixed, budget, steps_per_round(len(split), config), round_target_s)

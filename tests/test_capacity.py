@@ -15,11 +15,13 @@ from peerd.algorithm.submodel import extract, init_params, write_back
 from peerd.algorithm.topology import load_topology
 from peerd.capacity import (
     MU_CHOICES,
+    RUNTIME_MARGIN_BYTES,
     CapacityError,
     StepMemory,
     WidthProbe,
     available_memory_bytes,
     choose_mu,
+    floor_bytes,
     measure_capacity,
     measure_step,
     probe_width,
@@ -118,6 +120,28 @@ def test_probes_of_a_real_model_grow_with_the_width() -> None:
     assert choice.fixed_bytes > resident_bytes() // 2
     with pytest.raises(CapacityError, match="too small"):
         measure_capacity(spec, params, split, task.train, 1 * MiB, None, held_bytes=ten_slices)
+
+
+def test_a_width_whose_parameters_alone_exceed_the_budget_is_never_trained() -> None:
+    """Probing mu 0.5 to learn that it does not fit was what could get a daemon killed under a
+    kernel limit (its probe was the process's peak): a shape whose parameters and held slices
+    already exceed the budget is skipped, the narrower ones are probed and chosen from."""
+    torch.set_num_threads(1)
+    task = get_task("kjv")
+    data = load_task_data("kjv")
+    spec = task.model(data)
+    params = init_params(spec, 0)
+
+    def forty_slices(slice_bytes: int) -> int:  # wide gaps between the widths' floors
+        return 40 * slice_bytes
+
+    floors = {mu: floor_bytes(spec, params, mu, held_bytes=forty_slices) for mu in MU_CHOICES}
+    assert floors[0.5] - floors[0.25] > 80 * MiB  # far beyond what resident memory wanders
+    budget = resident_bytes() + RUNTIME_MARGIN_BYTES + (floors[0.5] + floors[0.25]) // 2
+    choice = measure_capacity(spec, params, data.train.subset(torch.arange(64).numpy()),
+                              task.train, budget, None, held_bytes=forty_slices)
+    assert sorted({probe.mu for probe in choice.probes}) == [0.0625, 0.125, 0.25]
+    assert choice.mu == 0.25
 
 
 def test_memory_of_one_linear_step_is_exact() -> None:
