@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from peerd.algorithm.engine import sgd, train_step
-from peerd.algorithm.plan import Member, MSFusionPlanner
+from peerd.algorithm.plan import Member, MSFusionPlanner, Planner
 from peerd.algorithm.submodel import Params, extract, freeze_shallowest, slice_numel
 from peerd.allocator import release_freed_memory
 from peerd.config import TrainConfig
@@ -189,11 +189,14 @@ def depth_shapes(blocks: int) -> list[tuple[int, int]]:
 
 def probe_width(spec: ModelSpec, params: Params, split: Split, config: TrainConfig,
                 mu: float, steps: int = PROBE_STEPS, depth: int | None = None,
-                frozen: int = 0, held_bytes: Callable[[int], int] | None = None) -> WidthProbe:
+                frozen: int = 0, held_bytes: Callable[[int], int] | None = None,
+                planner: Planner | None = None) -> WidthProbe:
     """Train `steps` + 1 steps of the sub-model of width mu, keeping `depth` blocks with
     `frozen` of them frozen (extracted: a copy, the daemon's parameters stay untouched): the
-    first step is measured for memory, the rest are timed."""
-    plan = MSFusionPlanner(seed=0).plan(0, [Member("probe", mu, depth)], spec.groups)["probe"]
+    first step is measured for memory, the rest are timed. The sub-model is the one `planner`
+    gives (default msfusion's: the daemon's own planner counts the groups it keeps whole)."""
+    planner = planner if planner is not None else MSFusionPlanner(seed=0)
+    plan = planner.plan(0, [Member("probe", mu, depth)], spec.groups)["probe"]
     module = extract(spec, params, plan)
     module.train()
     freeze_shallowest(spec, module, frozen)
@@ -275,7 +278,7 @@ def choose_mu(probes: Sequence[WidthProbe], fixed_bytes: int, budget_bytes: int,
 def measure_capacity(
     spec: ModelSpec, params: Params, split: Split, config: TrainConfig,
     budget_bytes: int | None, round_target_s: float | None,
-    held_bytes: Callable[[int], int] | None = None,
+    held_bytes: Callable[[int], int] | None = None, planner: Planner | None = None,
 ) -> CapacityChoice:
     """Probe every candidate width (and, with early exits, depth and frozen blocks) on this
     device and choose one (see the module's text). Without a budget, the memory the kernel
@@ -289,7 +292,7 @@ def measure_capacity(
     budget = budget_bytes if budget_bytes is not None else resident + available_memory_bytes()
     shapes = depth_shapes(spec.groups[DEPTH].units) if DEPTH in spec.groups else [(None, 0)]
     probes = [probe_width(spec, params, split, config, mu, depth=depth, frozen=frozen,
-                          held_bytes=held_bytes)
+                          held_bytes=held_bytes, planner=planner)
               for mu in MU_CHOICES for depth, frozen in shapes]
     release_freed_memory()
     return choose_mu(probes, fixed, budget, steps_per_round(len(split), config), round_target_s)
