@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from peerd.algorithm.engine import sgd, train_step
-from peerd.algorithm.plan import Member, MSFusionPlanner
+from peerd.algorithm.plan import Member, MSFusionPlanner, Planner
 from peerd.algorithm.submodel import Params, extract, freeze_shallowest, slice_numel
 from peerd.allocator import release_freed_memory
 from peerd.config import TrainConfig
@@ -187,26 +187,34 @@ def depth_shapes(blocks: int) -> list[tuple[int, int]]:
     return frozen + [(depth, 0) for depth in range(blocks - 1, 0, -1)]
 
 
-def _probe_plan(spec: ModelSpec, mu: float, depth: int | None) -> Plan:
-    return MSFusionPlanner(seed=0).plan(0, [Member("probe", mu, depth)], spec.groups)["probe"]
+def _probe_plan(spec: ModelSpec, mu: float, depth: int | None,
+                planner: Planner | None) -> Plan:
+    """The sub-model `planner` gives one member (default msfusion's: the daemon's own planner
+    counts the groups it keeps whole)."""
+    planner = planner if planner is not None else MSFusionPlanner(seed=0)
+    return planner.plan(0, [Member("probe", mu, depth)], spec.groups)["probe"]
 
 
 def floor_bytes(spec: ModelSpec, params: Params, mu: float, depth: int | None = None,
-                held_bytes: Callable[[int], int] | None = None) -> int:
+                held_bytes: Callable[[int], int] | None = None,
+                planner: Planner | None = None) -> int:
     """What a shape holds before its first step, counted without building it: its parameters
     and the slices a daemon keeps at that width. A lower bound of the probe's own peak (no
     gradients, optimizer state or activations yet)."""
-    slice_bytes = 4 * sum(slice_numel(spec, params, _probe_plan(spec, mu, depth)).values())
+    plan = _probe_plan(spec, mu, depth, planner)
+    slice_bytes = 4 * sum(slice_numel(spec, params, plan).values())
     return slice_bytes + (0 if held_bytes is None else held_bytes(slice_bytes))
 
 
 def probe_width(spec: ModelSpec, params: Params, split: Split, config: TrainConfig,
                 mu: float, steps: int = PROBE_STEPS, depth: int | None = None,
-                frozen: int = 0, held_bytes: Callable[[int], int] | None = None) -> WidthProbe:
+                frozen: int = 0, held_bytes: Callable[[int], int] | None = None,
+                planner: Planner | None = None) -> WidthProbe:
     """Train `steps` + 1 steps of the sub-model of width mu, keeping `depth` blocks with
     `frozen` of them frozen (extracted: a copy, the daemon's parameters stay untouched): the
-    first step is measured for memory, the rest are timed."""
-    plan = _probe_plan(spec, mu, depth)
+    first step is measured for memory, the rest are timed. The sub-model is `planner`'s
+    (_probe_plan)."""
+    plan = _probe_plan(spec, mu, depth, planner)
     module = extract(spec, params, plan)
     module.train()
     freeze_shallowest(spec, module, frozen)
@@ -288,7 +296,7 @@ def choose_mu(probes: Sequence[WidthProbe], fixed_bytes: int, budget_bytes: int,
 def measure_capacity(
     spec: ModelSpec, params: Params, split: Split, config: TrainConfig,
     budget_bytes: int | None, round_target_s: float | None,
-    held_bytes: Callable[[int], int] | None = None,
+    held_bytes: Callable[[int], int] | None = None, planner: Planner | None = None,
 ) -> CapacityChoice:
     """Probe every candidate width (and, with early exits, depth and frozen blocks) on this
     device and choose one (see the module's text). Without a budget, the memory the kernel
@@ -306,9 +314,9 @@ def measure_capacity(
     # The narrowest width always is, so that a budget nothing fits names its figure.
     narrowest = min(MU_CHOICES)
     probes = [probe_width(spec, params, split, config, mu, depth=depth, frozen=frozen,
-                          held_bytes=held_bytes)
+                          held_bytes=held_bytes, planner=planner)
               for mu in MU_CHOICES for depth, frozen in shapes
               if mu == narrowest
-              or fixed + floor_bytes(spec, params, mu, depth, held_bytes) <= budget]
+              or fixed + floor_bytes(spec, params, mu, depth, held_bytes, planner) <= budget]
     release_freed_memory()
     return choose_mu(probes, fixed, budget, steps_per_round(len(split), config), round_target_s)

@@ -218,6 +218,26 @@ def parse_overlap_text(text: str) -> str:
     return text
 
 
+WHOLE_GROUPS_FORM = "a comma list of the model's unit group names, e.g. embd or res0,res1"
+
+
+def parse_whole_groups(text: str | None) -> tuple[str, ...]:
+    """msfusion's groups kept whole, from 'embd' or 'res0,res1' (None: none); whether the model
+    has them is checked against its groups when a planner meets the model."""
+    if text is None:
+        return ()
+    names = tuple(part.strip() for part in text.split(","))
+    if not all(names) or len(set(names)) != len(names):
+        raise ConfigError(f"whole_groups={text!r} is invalid: must be {WHOLE_GROUPS_FORM}, each "
+                          "named once")
+    return names
+
+
+def parse_whole_groups_text(text: str) -> str:
+    """The names sorted, so that members listing them in another order agree."""
+    return ",".join(sorted(parse_whole_groups(text)))
+
+
 # The planners' and tasks' names, as peerd.algorithm.plan.PLANNERS and peerd.tasks.TASKS hold them
 # (tests/test_first_minutes.py checks): importing those loads torch, which parsing must not
 # wait for.
@@ -289,6 +309,11 @@ class PeerOptions:
         "ring", "msfusion: the order of the peers' windows: ring (each group's windows in ring "
         "order), or the experiments scattered and rotating (docs/ALGORITHM.md)" + SAME,
         agreed=True, planner="msfusion", choices=WINDOW_LAYOUTS)
+    whole_groups: str | None = option(
+        None, "msfusion: unit groups every member keeps whole in every round, not windowed (e.g. "
+        "embd, a transformer's residual width; an unknown name is refused with the model's "
+        "groups listed)" + SAME,
+        agreed=True, planner="msfusion", parse=parse_whole_groups_text, metavar="NAME[,NAME...]")
     partition: str = option(
         "iid", "how the data is split among peers: iid, dirichlet:ALPHA, natural",
         parse=parse_partition_text, metavar="iid|dirichlet:ALPHA|natural")
@@ -326,6 +351,12 @@ class PeerOptions:
         check_options(self)
         check_width_options(self.width_epochs, self.width_penalty)
         parse_overlap(self.overlap)
+        parse_whole_groups(self.whole_groups)
+        if self.whole_groups is not None and self.learned_width and self.method == "msfusion":
+            # Learned widths spend a FLOPs budget over every group's width; a whole group is
+            # not theirs to choose, and the budget does not count it.
+            raise ConfigError(f"whole_groups={self.whole_groups!r} cannot be combined with "
+                              "learned_width: choose one")
         self.train_config(TrainConfig())  # checks the contrastive options with early_exits
 
     def train_config(self, task_defaults: TrainConfig) -> TrainConfig:

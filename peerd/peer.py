@@ -161,6 +161,7 @@ def _measured_capacity(config: DaemonConfig, engine: Engine, train: TrainConfig
             slice_bytes, SNAPSHOTS_KEPT, snapshot_budget_bytes(full_bytes)))
 
     choice = measure_capacity(engine.spec, engine.params, engine.train_split, train, budget,
-                              config.round_target_s, held_bytes=held_bytes)
+                              config.round_target_s, held_bytes=held_bytes,
+                              planner=engine.planner)
     log.info("mu auto: %s", choice.describe())
     return choice.mu, choice.depth, choice.frozen

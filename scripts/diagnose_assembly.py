@@ -4,7 +4,7 @@ Usage: python scripts/diagnose_assembly.py OUT.jsonl [--task fmnist] [--method m
            [--peers 8] [--mu 0.25] [--seed 0] [--rounds 30] [--every 5] [--drift-period R]
            [--topology ring] [--layout ring|rotating|scattered] [--lr LR] [--steps N]
            [--batch-size B] [--partition dirichlet:0.5] [--contrastive] [--balanced-softmax]
-           [--test-samples 2000] [--eval-samples N]
+           [--test-samples 2000] [--eval-samples N] [--whole-groups NAME[,NAME...]]
 
 8 peers unless `--peers`, Dirichlet 0.5 unless `--partition`, the task's local training unless
 overridden. Every
@@ -48,7 +48,7 @@ from peerd.algorithm.aggregate import assemble
 from peerd.algorithm.evaluate import Evaluation, evaluate
 from peerd.algorithm.plan import LAYOUTS, RING_LAYOUT, make_planner
 from peerd.algorithm.submodel import Params, entry_mask, extract
-from peerd.config import DRIFT_PERIOD, SimConfig
+from peerd.config import DRIFT_PERIOD, SimConfig, parse_whole_groups_text
 from peerd.data import Split
 from peerd.metrics import global_test_set
 from peerd.models.base import Plan, full_plan
@@ -92,6 +92,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--balanced-softmax", action="store_true")
     parser.add_argument("--test-samples", type=int, default=TEST_SAMPLES)
     parser.add_argument("--eval-samples", type=int)
+    parser.add_argument("--whole-groups", type=parse_whole_groups_text,
+                        help="msfusion: unit groups every peer keeps whole (e.g. embd)")
     return parser.parse_args()
 
 
@@ -112,11 +114,11 @@ def main() -> None:
         peers=args.peers, method=args.method, mu=(args.mu,), task=args.task, rounds=args.rounds,
         seed=args.seed, partition=args.partition, out="/tmp/diagnose-assembly",
         drift_period=args.drift_period, topology=args.topology, contrastive=args.contrastive,
-        train=train))
+        whole_groups=args.whole_groups, train=train))
     spec = sim.spec
     for engine in sim.engines:
         engine.planner = make_planner(args.method, args.seed, drift_period=args.drift_period,
-                                      layout=args.layout)
+                                      layout=args.layout, whole_groups=args.whole_groups)
     test = sim.data.test.subset(np.arange(min(args.test_samples, len(sim.data.test))))
     cluster_test = global_test_set(sim.data, args.eval_samples or task.eval_samples)
 

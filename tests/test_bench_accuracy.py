@@ -205,3 +205,20 @@ def test_a_drift_period_reaches_only_msfusions_runs(tmp_path: Path, capsys) -> N
     assert fast["runs"][fast_key]["coverage"] > default["runs"][fast_key]["coverage"]
     markdown = (tmp_path / "accuracy.md").read_text()
     assert "drift period 64" in markdown
+
+
+def test_whole_groups_reach_only_msfusions_runs(tmp_path: Path) -> None:
+    """--whole-groups: msfusion's run is keyed and configured with the groups (rows with and
+    without them never share a folder); the full-width run stays the default one."""
+    result = _bench(tmp_path, "--tables", "e", "--whole-groups", "res1,res0")
+    key = "msfusion-mu0.25-n4-ring-nocon-static-s0-whole-res0+res1"
+    full_key = "full-mu1.0-n4-ring-nocon-static-s0"
+    assert {path.name for path in (tmp_path / "runs").iterdir()} == {key, full_key}
+    stored = {name: json.loads((tmp_path / "runs" / name / "config.json").read_text())
+              for name in (key, full_key)}
+    assert stored[key]["whole_groups"] == "res0,res1"
+    assert stored[full_key]["whole_groups"] is None
+    # A quarter of the mid groups' width but the whole residual width: above mu^2 of the FLOPs.
+    figures = result["runs"]["msfusion-mu0.25-n4-ring-nocon-static-s0"]
+    assert figures["flops_per_sample_peer"] > 0.15 * figures["flops_per_sample_full"]
+    assert "msfusion keeps res0,res1 whole" in (tmp_path / "accuracy.md").read_text()

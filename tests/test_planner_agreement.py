@@ -44,7 +44,7 @@ def test_a_mismatch_names_the_half_that_differs() -> None:
     theirs = cluster_fingerprint(MODEL, planner_settings("msfusion", 0, "decay:5", 1))
     reason = fingerprint_mismatch(theirs, ours)
     assert reason.startswith(f"planner fingerprint {theirs.split('.')[1]}, expected ")
-    names = "method, seed, reduce_scatter, overlap, drift_period and layout"
+    names = "method, seed, reduce_scatter, overlap, drift_period, layout and whole_groups"
     assert f"{names} must be the same" in reason
     other_model = cluster_fingerprint("f" * 16, planner_settings("msfusion", 0, "static", 1))
     assert fingerprint_mismatch(other_model, ours) == (
@@ -64,7 +64,7 @@ def test_daemons_with_different_regroup_periods_refuse_each_other(
             assert all(d.process.poll() is None for d in daemons), [d.output() for d in daemons]
             time.sleep(0.5)
         for daemon in daemons:
-            assert "drift_period and layout must be the same on every member" in daemon.output()
+            assert "layout and whole_groups must be the same on every member" in daemon.output()
             assert not (daemon.state_dir / "rounds.jsonl").exists()
     finally:
         kill_all(daemons)
@@ -101,4 +101,5 @@ def test_each_planner_takes_exactly_the_options_declared_for_it() -> None:
         assert keywords == set(planner_options(config)), method
         agreed = {"method", "seed", "reduce_scatter", *keywords}
         assert set(agreed_settings(config)) == agreed, method
-    assert set(planner_options(DaemonConfig())) == {"overlap", "drift_period", "layout"}
+    assert set(planner_options(DaemonConfig())) == {"overlap", "drift_period", "layout",
+                                                   "whole_groups"}

@@ -132,6 +132,7 @@ class Engine:
         self.params = params
         self.train_split = train_split
         self.test_split = test_split
+        planner.check_groups(spec.groups)  # a bad group name fails at build, not in a round
         self.planner = planner
         self.topology = topology
         self.train_config = train

@@ -15,7 +15,11 @@ member's index in that order is its *position*.
   is mostly what it or its neighbour holds now. When the widths add up to more than K, the
   overlap schedule sets how far apart the windows are spread (docs/ALGORITHM.md, adaptive
   overlap). The windows follow the members' ring positions in every group (layout `ring`);
-  the experimental layouts `rotating` and `scattered` reorder them (member_order).
+  the experimental layouts `rotating` and `scattered` reorder them (member_order). Groups
+  named in `whole_groups` are not windowed: every member keeps all their units in every round
+  (e.g. a transformer's residual width `embd`, so every sub-model reads and writes the whole
+  residual stream; docs/ALGORITHM.md, whole groups); the other groups keep their windows and
+  drift exactly as without it.
 - fedrolex: one rolling window, the same for every member and every layer.
 - heterofl: a static prefix of each group.
 - fd: Federated Dropout, a fresh random subset per member per round.
@@ -48,6 +52,7 @@ from peerd.config import (
     WINDOW_LAYOUTS,
     PeerOptions,
     parse_overlap,
+    parse_whole_groups,
     planner_options,
 )
 from peerd.models.base import DEPTH, Plan, UnitGroup
@@ -160,9 +165,15 @@ class Planner(ABC):
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
+    def check_groups(self, groups: Mapping[str, UnitGroup]) -> None:
+        """Refuse settings that name groups the model lacks (a planner without such settings
+        accepts every model)."""
+        del groups
+
     def plan(
         self, round_index: int, members: Sequence[Member], groups: Mapping[str, UnitGroup]
     ) -> Plans:
+        self.check_groups(groups)
         ordered = sorted(members, key=lambda member: member.peer_id)
         if len({m.peer_id for m in ordered}) != len(ordered):
             raise ValueError("duplicate peer ids among members")
@@ -211,7 +222,8 @@ class MSFusionPlanner(Planner):
     name = "msfusion"
 
     def __init__(self, seed: int, overlap: str = STATIC_OVERLAP,
-                 drift_period: int = DRIFT_PERIOD, layout: str = RING_LAYOUT) -> None:
+                 drift_period: int = DRIFT_PERIOD, layout: str = RING_LAYOUT,
+                 whole_groups: str | None = None) -> None:
         super().__init__(seed)
         if layout not in LAYOUTS:
             raise ValueError(f"layout={layout!r} is invalid: must be one of {', '.join(LAYOUTS)}")
@@ -226,6 +238,15 @@ class MSFusionPlanner(Planner):
         self.drift_period = drift_period
         parse_overlap(overlap)  # refuse a bad schedule now, not in some later round
         self.overlap = overlap
+        # Groups every member keeps whole; checked against a model's groups by check_groups.
+        self.whole_groups = frozenset(parse_whole_groups(whole_groups))
+
+    def check_groups(self, groups: Mapping[str, UnitGroup]) -> None:
+        names = width_group_names(groups)
+        unknown = sorted(self.whole_groups - set(names))
+        if unknown:
+            raise ValueError(f"whole_groups: the model has no group {', '.join(unknown)}; its "
+                             f"groups are {', '.join(names)}")
 
     def window_starts(self, widths: Sequence[int], units: int, level: float = 1.0) -> list[int]:
         """Starts at stride s * (widths so far), s = 1 - level * (1 - K / W), s in [K/W, 1]:
@@ -265,6 +286,8 @@ class MSFusionPlanner(Planner):
     def group_plan(
         self, round_index: int, members: Sequence[Member], group: UnitGroup, rank: int
     ) -> list[torch.Tensor]:
+        if group.name in self.whole_groups:
+            return [torch.arange(group.units) for _ in members]
         order = self.member_order(round_index, len(members), group, rank)
         widths = [member_width(members[position], group) for position in order]
         offset = self.group_offset(round_index, group, rank)

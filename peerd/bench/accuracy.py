@@ -56,7 +56,14 @@ from peerd.algorithm.losses import ModelContrastive
 from peerd.algorithm.submodel import forward_flops_per_sample
 from peerd.bench.processes import partition_arg, positive_int, seeds_arg
 from peerd.bench.stored import run_or_reuse, spread
-from peerd.config import DRIFT_PERIOD, STATIC_OVERLAP, ConfigError, SimConfig, TrainConfig
+from peerd.config import (
+    DRIFT_PERIOD,
+    STATIC_OVERLAP,
+    ConfigError,
+    SimConfig,
+    TrainConfig,
+    parse_whole_groups_text,
+)
 from peerd.models.base import plan_units
 from peerd.ops.plots import plot_series
 from peerd.scoring import TASK_SCORING, Metric, deliverable
@@ -91,6 +98,7 @@ class Settings:
     budget_gflops: float | None = None  # None: every row trains `rounds` rounds
     balanced_softmax: bool = False  # every row's local loss (TrainConfig.balanced_softmax)
     drift_period: int = DRIFT_PERIOD  # msfusion rows' SimConfig.drift_period
+    whole_groups: str | None = None  # msfusion rows' SimConfig.whole_groups
 
     @property
     def metric(self) -> Metric:
@@ -130,6 +138,7 @@ class RunSpec:
             shard_size=settings.shard_size * self.peers // peers,
             # Only msfusion's windows drift: the other rows stay one run whatever the period.
             drift_period=settings.drift_period if self.method == "msfusion" else DRIFT_PERIOD,
+            whole_groups=settings.whole_groups if self.method == "msfusion" else None,
         )
         if settings.budget_gflops is None:
             return config
@@ -224,6 +233,8 @@ def run_spec(spec: RunSpec, settings: Settings, out: Path, reuse: bool,
     key = spec.key + ("-balanced" if settings.balanced_softmax else "")
     if spec.method == "msfusion" and settings.drift_period != DRIFT_PERIOD:
         key += f"-r{settings.drift_period}"
+    if spec.method == "msfusion" and settings.whole_groups is not None:
+        key += "-whole-" + settings.whole_groups.replace(",", "+")
     records = run_or_reuse(spec.sim_config(settings, out / "runs" / key), reuse, log)
     return summarize(spec, records, settings.metric, settings.target)
 
@@ -370,9 +381,11 @@ def run_accuracy(
     results: dict[str, dict[str, dict]] = {}
     length = (f"{settings.rounds} rounds" if settings.budget_gflops is None else
               f"{settings.budget_gflops:g} GFLOPs of training per peer (rounds follow)")
+    whole = ("" if settings.whole_groups is None else
+             f"msfusion keeps {settings.whole_groups} whole, ")
     markdown = [f"task {settings.task}, {settings.peers} peers ({settings.partition}), "
                 f"{length} x {settings.steps} steps, shard {settings.shard_size}, "
-                f"drift period {settings.drift_period}, "
+                f"drift period {settings.drift_period}, {whole}"
                 f"target {settings.target}, seeds {', '.join(map(str, seeds))}; delivered: "
                 "the assembled model, or for heterofl and fd the shared sub-model on the test set"]
     for table in tables:
@@ -443,6 +456,13 @@ _target = _positive_number("target", "a positive number")
 _budget = _positive_number("budget-gflops", "a positive number of GFLOPs")
 
 
+def _whole_groups(text: str) -> str:
+    try:
+        return parse_whole_groups_text(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 QUICK = {"rounds": 2, "steps": 1, "shard_size": 24, "eval_every": 1, "eval_samples": 60}
 
 
@@ -486,6 +506,10 @@ def add_accuracy_parser(subparsers: argparse._SubParsersAction) -> None:
                           metavar="R",
                           help="msfusion rows: rounds in which the first unit group's windows "
                                "drift once around (default: %(default)s)")
+    accuracy.add_argument("--whole-groups", type=_whole_groups, default=None,
+                          metavar="NAME[,NAME...]",
+                          help="msfusion rows: unit groups every peer keeps whole, not "
+                               "windowed (e.g. embd on kjv; default: none)")
     accuracy.add_argument("--threads", type=positive_int, default=1,
                           help="torch threads (default: %(default)s)")
     accuracy.add_argument("--quick", action="store_true",
@@ -517,7 +541,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         partition=scoring.partition if args.partition is None else args.partition,
         eval_every=pick("eval_every"), eval_samples=pick("eval_samples"), target=target,
         budget_gflops=args.budget_gflops, balanced_softmax=args.balanced_softmax,
-        drift_period=args.drift_period,
+        drift_period=args.drift_period, whole_groups=args.whole_groups,
     )
 
 
