@@ -58,28 +58,6 @@ def print_row(label: str, points: list[Point]) -> None:
           f"{best.median:.3f} at {best.gflops:.0f}")
 
 
-def draw(rows: dict[str, list[Point]], path: Path, title: str) -> None:
-    import matplotlib  # only when a figure is asked for
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(8, 5))
-    for label, points in rows.items():
-        x = [point.gflops for point in points]
-        line, = axis.plot(x, [point.median for point in points], marker=".", label=label)
-        axis.fill_between(x, [point.low for point in points], [point.high for point in points],
-                          color=line.get_color(), alpha=0.2)
-    axis.set_xlabel("training GFLOPs per peer (cumulative)")
-    axis.set_ylabel("test accuracy (median of seeds, range shaded)")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize="small")
-    axis.set_title(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--row", nargs=4, action="append", required=True,
@@ -97,7 +75,14 @@ def main() -> None:
         rows[label] = read_row(field, per_round, pattern)
         print_row(label, rows[label])
     if args.png:
-        draw(rows, args.png, args.title)
+        from peerd.ops.plots import plot_series  # matplotlib: only when a figure is asked for
+
+        plot_series({label: [(p.gflops, p.median) for p in points]
+                     for label, points in rows.items()}, args.png, args.title,
+                    "training GFLOPs per peer (cumulative)",
+                    "test accuracy (median of seeds, range shaded)",
+                    bands={label: [(p.low, p.high) for p in points]
+                           for label, points in rows.items()})
 
 
 if __name__ == "__main__":
