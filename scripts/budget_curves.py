@@ -3,7 +3,8 @@
 Usage: python scripts/budget_curves.py [--png OUT.png] [--title T]
            --row LABEL FIELD GFLOPS_PER_ROUND GLOB [--row ...]
 
-One row per `--row`: the records matching GLOB (one file per seed), the figure FIELD of each
+One row per `--row`: the records matching GLOB (one file per seed; several patterns joined by
+commas, e.g. a long run of one seed and shorter runs of the others), the figure FIELD of each
 evaluation (`assembled`, `sub_global_mean`, ...), placed at round x GFLOPS_PER_ROUND (a peer's
 training GFLOPs in one round; `peerd bench compute` or `peerd sim`'s `train_flops_cum_peer_mean`
 give it). Prints a markdown table per row: every evaluation's median over the seeds that reached
@@ -32,8 +33,9 @@ class Point:
 
 
 def read_row(field: str, gflops_per_round: float, pattern: str) -> list[Point]:
-    """Median, range and seed count of FIELD at each evaluated round over GLOB's files."""
-    paths = sorted(glob.glob(pattern))
+    """Median, range and seed count of FIELD at each evaluated round over the files matching
+    the comma-separated patterns."""
+    paths = sorted({path for part in pattern.split(",") for path in glob.glob(part)})
     if not paths:
         raise SystemExit(f"no records match {pattern!r}")
     by_round: dict[int, list[float]] = {}

@@ -24,10 +24,10 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_medians_ranges_and_seeds_that_reached_each_point(tmp_path: Path) -> None:
     write_records(tmp_path / "a-s0.jsonl", [0.2, 0.5, 0.6])
     write_records(tmp_path / "a-s1.jsonl", [0.4, 0.3])  # still running: two evaluations
-    write_records(tmp_path / "a-s2.jsonl", [0.3, 0.7])
+    write_records(tmp_path / "b-s2.jsonl", [0.3, 0.7])  # another run's seed, named apart
     png = tmp_path / "curves.png"
     result = run("--png", str(png), "--row", "rowA", "assembled", "2.5",
-                 str(tmp_path / "a-s*.jsonl"))
+                 f"{tmp_path / 'a-s*.jsonl'},{tmp_path / 'b-s2.jsonl'}")
     assert result.returncode == 0, result.stderr
     assert "| 10 | 0.300 | 0.200..0.400 | 3 |" in result.stdout
     assert "| 20 | 0.500 | 0.300..0.700 | 3 |" in result.stdout
