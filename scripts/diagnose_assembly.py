@@ -116,9 +116,11 @@ def main() -> None:
         drift_period=args.drift_period, topology=args.topology, contrastive=args.contrastive,
         whole_groups=args.whole_groups, train=train))
     spec = sim.spec
-    for engine in sim.engines:
-        engine.planner = make_planner(args.method, args.seed, drift_period=args.drift_period,
-                                      layout=args.layout, whole_groups=args.whole_groups)
+    if args.method == "msfusion":  # the only planner with a drift period and a layout
+        for engine in sim.engines:
+            engine.planner = make_planner(args.method, args.seed,
+                                          drift_period=args.drift_period, layout=args.layout,
+                                          whole_groups=args.whole_groups)
     test = sim.data.test.subset(np.arange(min(args.test_samples, len(sim.data.test))))
     cluster_test = global_test_set(sim.data, args.eval_samples or task.eval_samples)
 

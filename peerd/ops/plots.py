@@ -47,16 +47,23 @@ def plot_curves(records: Sequence[dict], path: Path, title: str) -> None:
 def plot_series(
     series: dict[str, Sequence[tuple[float, float]]], path: Path, title: str, xlabel: str,
     ylabel: str, log_x: bool = False, target: float | None = None,
+    bands: dict[str, Sequence[tuple[float, float]]] | None = None,
 ) -> None:
     """One line per label through its (x, y) points: a benchmark's curves side by side; a
-    dotted line at `target` when given."""
+    dotted line at `target` when given; a label's (low, high) at each of its points shaded
+    when `bands` has it (the range over seeds)."""
     figure, axis = plt.subplots(figsize=(7, 4.5))
     if target is not None:
         axis.axhline(target, color="grey", linestyle=":", label=f"target {target}")
     for index, (label, points) in enumerate(series.items()):
+        x = [x for x, _ in points]
         # Matplotlib's colours repeat after ten lines: the next ten are dashed.
-        axis.plot([x for x, _ in points], [y for _, y in points], marker=".", label=label,
-                  linestyle="-" if index < 10 else "--")
+        line, = axis.plot(x, [y for _, y in points], marker=".", label=label,
+                          linestyle="-" if index < 10 else "--")
+        if bands is not None and label in bands:
+            axis.fill_between(x, [low for low, _ in bands[label]],
+                              [high for _, high in bands[label]], color=line.get_color(),
+                              alpha=0.2)
     axis.set_xlabel(xlabel)
     axis.set_ylabel(ylabel)
     if log_x:
