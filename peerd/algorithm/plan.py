@@ -9,7 +9,9 @@ member's index in that order is its *position*.
   windows cover every unit whenever the widths add up to K) and drift around the ring over
   rounds (shift across rounds). Each group drifts at its own rate: the r-th width group of the
   model goes once around its ring every R / (r + 1) rounds (R, the drift period, default 64;
-  docs/ALGORITHM.md). Any two groups that share a weight therefore slide past each other by at
+  docs/ALGORITHM.md), or with drift rates `colour` every R / (c + 1) rounds, c the group's colour
+  in a greedy colouring of the groups that share a weight (peerd/algorithm/colouring.py). Any
+  two groups that share a weight therefore slide past each other by at
   least 1/R of a ring a round, so every unit of one meets every unit of the other (DESIGN
   invariant 3), while a window moves only a little each round and what it holds next round
   is mostly what it or its neighbour holds now. When the widths add up to more than K, the
@@ -42,15 +44,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from peerd.algorithm.colouring import greedy_colours
 from peerd.config import (
+    COLOUR_RATES,
     DRIFT_PERIOD,
+    DRIFT_RATES,
+    RANK_RATES,
     STATIC_OVERLAP,
     WINDOW_LAYOUTS,
     PeerOptions,
     parse_overlap,
     planner_options,
 )
-from peerd.models.base import DEPTH, Plan, UnitGroup
+from peerd.models.base import DEPTH, ModelSpec, Plan, UnitGroup
 
 LAYOUTS = WINDOW_LAYOUTS
 RING_LAYOUT, SCATTERED_LAYOUT, ROTATING_LAYOUT = LAYOUTS
@@ -211,7 +217,8 @@ class MSFusionPlanner(Planner):
     name = "msfusion"
 
     def __init__(self, seed: int, overlap: str = STATIC_OVERLAP,
-                 drift_period: int = DRIFT_PERIOD, layout: str = RING_LAYOUT) -> None:
+                 drift_period: int = DRIFT_PERIOD, layout: str = RING_LAYOUT,
+                 drift_rates: str = RANK_RATES, spec: ModelSpec | None = None) -> None:
         super().__init__(seed)
         if layout not in LAYOUTS:
             raise ValueError(f"layout={layout!r} is invalid: must be one of {', '.join(LAYOUTS)}")
@@ -224,6 +231,17 @@ class MSFusionPlanner(Planner):
         # Rounds in which the first width group drifts once around its ring; the r-th goes
         # r + 1 times (docs/ALGORITHM.md, drift).
         self.drift_period = drift_period
+        if drift_rates not in DRIFT_RATES:
+            raise ValueError(f"drift_rates={drift_rates!r} is invalid: must be one of "
+                             f"{', '.join(DRIFT_RATES)}")
+        self.drift_rates = drift_rates
+        # colour: the colour of each width group in the model's sharing graph (None: by rank).
+        self.colours: dict[str, int] | None = None
+        if drift_rates == COLOUR_RATES:
+            if spec is None:
+                raise ValueError("drift_rates=colour needs the model: its axes table says "
+                                 "which groups share a weight")
+            self.colours = greedy_colours(width_group_names(spec.groups), spec.axes)
         parse_overlap(overlap)  # refuse a bad schedule now, not in some later round
         self.overlap = overlap
 
@@ -241,11 +259,20 @@ class MSFusionPlanner(Planner):
         stride_num = total * _LEVEL_DENOMINATOR - level_num * (total - units)
         return [int(c) * stride_num // (total * _LEVEL_DENOMINATOR) for c in cumulative]
 
+    def drift_rate(self, group: UnitGroup, rank: int) -> int:
+        """Times a group goes around its ring in a drift period: rank + 1, or colour + 1."""
+        if self.colours is None:
+            return rank + 1
+        if group.name not in self.colours:
+            raise ValueError(f"group {group.name!r} is not a width group of the model this "
+                             "planner coloured")
+        return self.colours[group.name] + 1
+
     def group_offset(self, round_index: int, group: UnitGroup, rank: int) -> int:
         """How far the windows of a group are rotated in a round: a seeded start per group,
-        advanced by (rank + 1) K / R units a round (exact integer floor)."""
+        advanced by rate * K / R units a round (exact integer floor; drift_rate)."""
         start = int(_rng(self.seed, _stable_hash(group.name)).integers(group.units))
-        drift = round_index * (rank + 1) * group.units // self.drift_period
+        drift = round_index * self.drift_rate(group, rank) * group.units // self.drift_period
         return (start + drift) % group.units
 
     def member_order(self, round_index: int, count: int, group: UnitGroup,
@@ -339,6 +366,10 @@ def make_planner(method: str, seed: int, **settings: object) -> Planner:
     return planner_class(seed, **settings)
 
 
-def planner_for(config: PeerOptions) -> Planner:
-    """The planner a configuration runs: its method, seed and the method's declared options."""
-    return make_planner(config.method, config.seed, **planner_options(config))
+def planner_for(config: PeerOptions, spec: ModelSpec) -> Planner:
+    """The planner a configuration runs on a model: its method, seed and the method's declared
+    options."""
+    settings = planner_options(config)
+    if config.method == MSFusionPlanner.name:
+        settings["spec"] = spec  # drift rates `colour` read which groups share a weight
+    return make_planner(config.method, config.seed, **settings)

@@ -56,7 +56,15 @@ from peerd.algorithm.losses import ModelContrastive
 from peerd.algorithm.submodel import forward_flops_per_sample
 from peerd.bench.processes import partition_arg, positive_int, seeds_arg
 from peerd.bench.stored import run_or_reuse, spread
-from peerd.config import DRIFT_PERIOD, STATIC_OVERLAP, ConfigError, SimConfig, TrainConfig
+from peerd.config import (
+    DRIFT_PERIOD,
+    DRIFT_RATES,
+    RANK_RATES,
+    STATIC_OVERLAP,
+    ConfigError,
+    SimConfig,
+    TrainConfig,
+)
 from peerd.models.base import plan_units
 from peerd.ops.plots import plot_series
 from peerd.scoring import TASK_SCORING, Metric, deliverable
@@ -91,6 +99,7 @@ class Settings:
     budget_gflops: float | None = None  # None: every row trains `rounds` rounds
     balanced_softmax: bool = False  # every row's local loss (TrainConfig.balanced_softmax)
     drift_period: int = DRIFT_PERIOD  # msfusion rows' SimConfig.drift_period
+    drift_rates: str = SimConfig().drift_rates  # msfusion rows' SimConfig.drift_rates
 
     @property
     def metric(self) -> Metric:
@@ -130,6 +139,7 @@ class RunSpec:
             shard_size=settings.shard_size * self.peers // peers,
             # Only msfusion's windows drift: the other rows stay one run whatever the period.
             drift_period=settings.drift_period if self.method == "msfusion" else DRIFT_PERIOD,
+            drift_rates=settings.drift_rates if self.method == "msfusion" else RANK_RATES,
         )
         if settings.budget_gflops is None:
             return config
@@ -224,6 +234,8 @@ def run_spec(spec: RunSpec, settings: Settings, out: Path, reuse: bool,
     key = spec.key + ("-balanced" if settings.balanced_softmax else "")
     if spec.method == "msfusion" and settings.drift_period != DRIFT_PERIOD:
         key += f"-r{settings.drift_period}"
+    if spec.method == "msfusion" and settings.drift_rates != RANK_RATES:  # rank: the older runs
+        key += f"-{settings.drift_rates}"
     records = run_or_reuse(spec.sim_config(settings, out / "runs" / key), reuse, log)
     return summarize(spec, records, settings.metric, settings.target)
 
@@ -372,7 +384,7 @@ def run_accuracy(
               f"{settings.budget_gflops:g} GFLOPs of training per peer (rounds follow)")
     markdown = [f"task {settings.task}, {settings.peers} peers ({settings.partition}), "
                 f"{length} x {settings.steps} steps, shard {settings.shard_size}, "
-                f"drift period {settings.drift_period}, "
+                f"drift period {settings.drift_period} ({settings.drift_rates} rates), "
                 f"target {settings.target}, seeds {', '.join(map(str, seeds))}; delivered: "
                 "the assembled model, or for heterofl and fd the shared sub-model on the test set"]
     for table in tables:
@@ -486,6 +498,9 @@ def add_accuracy_parser(subparsers: argparse._SubParsersAction) -> None:
                           metavar="R",
                           help="msfusion rows: rounds in which the first unit group's windows "
                                "drift once around (default: %(default)s)")
+    accuracy.add_argument("--drift-rates", choices=DRIFT_RATES, default=SimConfig().drift_rates,
+                          help="msfusion rows: each group's turns per drift period, by rank or "
+                               "by colour (default: %(default)s)")
     accuracy.add_argument("--threads", type=positive_int, default=1,
                           help="torch threads (default: %(default)s)")
     accuracy.add_argument("--quick", action="store_true",
@@ -517,7 +532,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         partition=scoring.partition if args.partition is None else args.partition,
         eval_every=pick("eval_every"), eval_samples=pick("eval_samples"), target=target,
         budget_gflops=args.budget_gflops, balanced_softmax=args.balanced_softmax,
-        drift_period=args.drift_period,
+        drift_period=args.drift_period, drift_rates=args.drift_rates,
     )
 
 
