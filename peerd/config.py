@@ -88,6 +88,7 @@ DRIFT_PERIOD = 64
 # that share a weight; docs/ALGORITHM.md, drift rates from a colouring).
 DRIFT_RATES = ("rank", "colour")
 RANK_RATES, COLOUR_RATES = DRIFT_RATES
+DEFAULT_DRIFT_RATES = RANK_RATES
 
 
 @dataclass(frozen=True)
@@ -291,9 +292,9 @@ class PeerOptions:
         "ring; a group of rate r drifts r times as fast (drift_rates)" + SAME, agreed=True,
         planner="msfusion", rule=at_least(1), metavar="R")
     drift_rates: str = option(
-        RANK_RATES, "msfusion: how many times each group drifts around in a drift period: rank "
-        "(the r-th group r + 1) or colour (1 + the group's colour in a greedy colouring of the "
-        "groups that share a weight)" + SAME, agreed=True, planner="msfusion",
+        DEFAULT_DRIFT_RATES, "msfusion: how many times each group drifts around in a drift "
+        "period: rank (the r-th group r + 1) or colour (1 + the group's colour in a greedy "
+        "colouring of the groups that share a weight)" + SAME, agreed=True, planner="msfusion",
         choices=DRIFT_RATES)
     layout: str = option(
         "ring", "msfusion: the order of the peers' windows: ring (each group's windows in ring "

@@ -49,7 +49,7 @@ from peerd.algorithm.aggregate import assemble
 from peerd.algorithm.evaluate import Evaluation, evaluate
 from peerd.algorithm.plan import LAYOUTS, RING_LAYOUT
 from peerd.algorithm.submodel import Params, entry_mask, extract
-from peerd.config import DRIFT_PERIOD, DRIFT_RATES, SimConfig
+from peerd.config import DEFAULT_DRIFT_RATES, DRIFT_PERIOD, DRIFT_RATES, SimConfig
 from peerd.data import Split
 from peerd.metrics import global_test_set
 from peerd.models.base import Plan, full_plan
@@ -83,7 +83,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--drift-period", type=int, default=DRIFT_PERIOD)
-    parser.add_argument("--drift-rates", default=SimConfig().drift_rates, choices=DRIFT_RATES)
+    parser.add_argument("--drift-rates", default=DEFAULT_DRIFT_RATES, choices=DRIFT_RATES)
     parser.add_argument("--topology", default="ring")
     parser.add_argument("--layout", default=RING_LAYOUT, choices=LAYOUTS)
     parser.add_argument("--lr", type=float)

@@ -28,7 +28,7 @@ import argparse
 from peerd.algorithm.coverage import rounds_until_covered
 from peerd.algorithm.plan import LAYOUTS, RING_LAYOUT, Member, Planner, make_planner
 from peerd.algorithm.submodel import Params, entry_mask, init_params
-from peerd.config import DRIFT_PERIOD, DRIFT_RATES, SimConfig
+from peerd.config import DEFAULT_DRIFT_RATES, DRIFT_PERIOD, DRIFT_RATES
 from peerd.models.base import ModelSpec
 from peerd.tasks import get_task
 
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--round", type=int, default=0)
     parser.add_argument("--layout", default=RING_LAYOUT, choices=LAYOUTS)
     parser.add_argument("--drift-period", type=int, default=DRIFT_PERIOD)
-    parser.add_argument("--drift-rates", default=SimConfig().drift_rates, choices=DRIFT_RATES)
+    parser.add_argument("--drift-rates", default=DEFAULT_DRIFT_RATES, choices=DRIFT_RATES)
     parser.add_argument("--peers", type=int)
     parser.add_argument("--mu", type=float)
     args = parser.parse_args()

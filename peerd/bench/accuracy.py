@@ -57,6 +57,7 @@ from peerd.algorithm.submodel import forward_flops_per_sample
 from peerd.bench.processes import partition_arg, positive_int, seeds_arg
 from peerd.bench.stored import run_or_reuse, spread
 from peerd.config import (
+    DEFAULT_DRIFT_RATES,
     DRIFT_PERIOD,
     DRIFT_RATES,
     RANK_RATES,
@@ -99,7 +100,7 @@ class Settings:
     budget_gflops: float | None = None  # None: every row trains `rounds` rounds
     balanced_softmax: bool = False  # every row's local loss (TrainConfig.balanced_softmax)
     drift_period: int = DRIFT_PERIOD  # msfusion rows' SimConfig.drift_period
-    drift_rates: str = SimConfig().drift_rates  # msfusion rows' SimConfig.drift_rates
+    drift_rates: str = DEFAULT_DRIFT_RATES  # msfusion rows' SimConfig.drift_rates
 
     @property
     def metric(self) -> Metric:
@@ -139,7 +140,8 @@ class RunSpec:
             shard_size=settings.shard_size * self.peers // peers,
             # Only msfusion's windows drift: the other rows stay one run whatever the period.
             drift_period=settings.drift_period if self.method == "msfusion" else DRIFT_PERIOD,
-            drift_rates=settings.drift_rates if self.method == "msfusion" else RANK_RATES,
+            drift_rates=(settings.drift_rates if self.method == "msfusion"
+                         else DEFAULT_DRIFT_RATES),
         )
         if settings.budget_gflops is None:
             return config
@@ -498,7 +500,7 @@ def add_accuracy_parser(subparsers: argparse._SubParsersAction) -> None:
                           metavar="R",
                           help="msfusion rows: rounds in which the first unit group's windows "
                                "drift once around (default: %(default)s)")
-    accuracy.add_argument("--drift-rates", choices=DRIFT_RATES, default=SimConfig().drift_rates,
+    accuracy.add_argument("--drift-rates", choices=DRIFT_RATES, default=DEFAULT_DRIFT_RATES,
                           help="msfusion rows: each group's turns per drift period, by rank or "
                                "by colour (default: %(default)s)")
     accuracy.add_argument("--threads", type=positive_int, default=1,
