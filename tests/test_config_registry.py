@@ -139,7 +139,7 @@ print(fingerprint_mismatch(printed(gossip_fanout=4), printed()))
                                    "drift_rates", "layout", "gossip_fanout", "window_jitter"]))
     assert shown[1] == str(sorted(["method", "seed", "reduce_scatter", "gossip_fanout"]))
     assert shown[2:5] == ["True True", "True", "True"]
-    assert shown[5] == ("{'overlap': 'static', 'drift_period': 64, 'drift_rates': 'rank', "
+    assert shown[5] == ("{'overlap': 'static', 'drift_period': 64, 'drift_rates': 'colour', "
                         "'layout': 'ring', 'window_jitter': 2}")
     assert "gossip_fanout and window_jitter must be the same on every member" in shown[6]
 

@@ -236,6 +236,8 @@ class MSFusionPlanner(Planner):
                              f"{', '.join(DRIFT_RATES)}")
         self.drift_rates = drift_rates
         # colour: the colour of each width group in the model's sharing graph (None: by rank).
+        # The option's default is colour (DEFAULT_DRIFT_RATES, through planner_for); a planner
+        # made without the model cannot colour, so the keyword's own default is rank.
         self.colours: dict[str, int] | None = None
         if drift_rates == COLOUR_RATES:
             if spec is None:

@@ -60,7 +60,6 @@ from peerd.config import (
     DEFAULT_DRIFT_RATES,
     DRIFT_PERIOD,
     DRIFT_RATES,
-    RANK_RATES,
     STATIC_OVERLAP,
     ConfigError,
     SimConfig,
@@ -236,7 +235,7 @@ def run_spec(spec: RunSpec, settings: Settings, out: Path, reuse: bool,
     key = spec.key + ("-balanced" if settings.balanced_softmax else "")
     if spec.method == "msfusion" and settings.drift_period != DRIFT_PERIOD:
         key += f"-r{settings.drift_period}"
-    if spec.method == "msfusion" and settings.drift_rates != RANK_RATES:  # rank: the older runs
+    if spec.method == "msfusion" and settings.drift_rates != DEFAULT_DRIFT_RATES:
         key += f"-{settings.drift_rates}"
     records = run_or_reuse(spec.sim_config(settings, out / "runs" / key), reuse, log)
     return summarize(spec, records, settings.metric, settings.target)
