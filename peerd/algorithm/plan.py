@@ -9,8 +9,9 @@ member's index in that order is its *position*.
   windows cover every unit whenever the widths add up to K) and drift around the ring over
   rounds (shift across rounds). Each group drifts at its own rate: the r-th width group of the
   model goes once around its ring every R / (r + 1) rounds (R, the drift period, default 64;
-  docs/ALGORITHM.md), or with drift rates `colour` every R / (c + 1) rounds, c the group's colour
-  in a greedy colouring of the groups that share a weight (peerd/algorithm/colouring.py). Any
+  docs/ALGORITHM.md) with drift rates `rank`, or with `colour` (the configured default) every
+  R / (c + 1) rounds, c the group's colour in a greedy colouring of the groups that share a
+  weight (peerd/algorithm/colouring.py). Any
   two groups that share a weight therefore slide past each other by at
   least 1/R of a ring a round, so every unit of one meets every unit of the other (DESIGN
   invariant 3), while a window moves only a little each round and what it holds next round
