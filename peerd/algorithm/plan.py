@@ -11,9 +11,8 @@ member's index in that order is its *position*.
   model goes once around its ring every R / (r + 1) rounds (R, the drift period, default 64;
   docs/ALGORITHM.md) with drift rates `rank`, or with `colour` (the configured default) every
   R / (c + 1) rounds, c the group's colour in a greedy colouring of the groups that share a
-  weight (peerd/algorithm/colouring.py). Any
-  two groups that share a weight therefore slide past each other by at
-  least 1/R of a ring a round, so every unit of one meets every unit of the other (DESIGN
+  weight (peerd/algorithm/colouring.py). Any two groups that share a weight therefore slide
+  past each other by at least 1/R of a ring a round, so every unit of one meets every unit of the other (DESIGN
   invariant 3), while a window moves only a little each round and what it holds next round
   is mostly what it or its neighbour holds now. When the widths add up to more than K, the
   overlap schedule sets how far apart the windows are spread (docs/ALGORITHM.md, adaptive
