@@ -12,12 +12,13 @@ member's index in that order is its *position*.
   docs/ALGORITHM.md) with drift rates `rank`, or with `colour` (the configured default) every
   R / (c + 1) rounds, c the group's colour in a greedy colouring of the groups that share a
   weight (peerd/algorithm/colouring.py). Any two groups that share a weight therefore slide
-  past each other by at least 1/R of a ring a round, so every unit of one meets every unit of the other (DESIGN
-  invariant 3), while a window moves only a little each round and what it holds next round
-  is mostly what it or its neighbour holds now. When the widths add up to more than K, the
-  overlap schedule sets how far apart the windows are spread (docs/ALGORITHM.md, adaptive
-  overlap). The windows follow the members' ring positions in every group (layout `ring`);
-  the experimental layouts `rotating` and `scattered` reorder them (member_order).
+  past each other by at least 1/R of a ring a round, so every unit of one meets every unit of
+  the other (DESIGN invariant 3), while a window moves only a little each round and what it
+  holds next round is mostly what it or its neighbour holds now. When the widths add up to
+  more than K, the overlap schedule sets how far apart the windows are spread
+  (docs/ALGORITHM.md, adaptive overlap). The windows follow the members' ring positions in
+  every group (layout `ring`); the experimental layouts `rotating` and `scattered` reorder
+  them (member_order).
 - fedrolex: one rolling window, the same for every member and every layer.
 - heterofl: a static prefix of each group.
 - fd: Federated Dropout, a fresh random subset per member per round.
