@@ -242,7 +242,7 @@ class ClusterWatcher:
                                        cluster_fingerprint(fingerprint(self.spec), settings),
                                        lambda header: shapes)
         self.clients = PeerClients(tls)
-        self.planner = planner_for(config)
+        self.planner = planner_for(config, self.spec)
         self.members: list[Member] = []  # with the widths the daemons report (mu auto)
         self.coverage = CoverageTracker(self.spec, initial)
 

@@ -80,9 +80,15 @@ STATIC_OVERLAP = "static"
 # msfusion: the order of the peers' windows (docs/ALGORITHM.md, small widths); ring is the
 # method, the others are experiments kept for the scalability question.
 WINDOW_LAYOUTS = ("ring", "scattered", "rotating")
-# msfusion: rounds in which the first unit group's windows drift once around its ring; the r-th
-# group drifts r + 1 times as fast (docs/ALGORITHM.md, drift).
+# msfusion: rounds in which a group of rate 1 drifts once around its ring; a group of rate r
+# drifts r times as fast (DRIFT_RATES; docs/ALGORITHM.md, drift).
 DRIFT_PERIOD = 64
+# msfusion: how fast each width group drifts, in turns around its ring per drift period: rank
+# (the r-th group r + 1) or colour (a group's colour + 1 in a greedy colouring of the groups
+# that share a weight; docs/ALGORITHM.md, drift rates from a colouring).
+DRIFT_RATES = ("rank", "colour")
+RANK_RATES, COLOUR_RATES = DRIFT_RATES
+DEFAULT_DRIFT_RATES = COLOUR_RATES  # won on fmnist and kjv (BENCHMARKS.md, issue 23)
 
 
 @dataclass(frozen=True)
@@ -302,9 +308,14 @@ class PeerOptions:
         "(the overlap halves every H rounds)" + SAME, agreed=True, planner="msfusion",
         parse=parse_overlap_text, metavar="static|decay:H")
     drift_period: int = option(
-        DRIFT_PERIOD, "msfusion: rounds in which the first unit group's windows drift once "
-        "around; the r-th group drifts r + 1 times as fast" + SAME, agreed=True,
+        DRIFT_PERIOD, "msfusion: rounds in which a group of rate 1 drifts once around its "
+        "ring; a group of rate r drifts r times as fast (drift_rates)" + SAME, agreed=True,
         planner="msfusion", rule=at_least(1), metavar="R")
+    drift_rates: str = option(
+        DEFAULT_DRIFT_RATES, "msfusion: how many times each group drifts around in a drift "
+        "period: rank (the r-th group r + 1) or colour (1 + the group's colour in a greedy "
+        "colouring of the groups that share a weight)" + SAME, agreed=True, planner="msfusion",
+        choices=DRIFT_RATES)
     layout: str = option(
         "ring", "msfusion: the order of the peers' windows: ring (each group's windows in ring "
         "order), or the experiments scattered and rotating (docs/ALGORITHM.md)" + SAME,

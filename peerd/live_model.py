@@ -120,7 +120,7 @@ async def _pull(address: str, config: DaemonConfig, tls: TlsIdentity | None, spe
     try:
         reached = await _reach(clients, address, expected, config)
         # Plans are a pure function: computed here, never taken from the wire.
-        plans = planner_for(config).plan(
+        plans = planner_for(config, spec).plan(
             reached.rounds - 1, [fact.member(spec.groups) for fact in reached.members],
             spec.groups)
         expectation = Expectation(PROTOCOL_VERSION, reached.cluster, expected,

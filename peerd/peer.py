@@ -123,7 +123,7 @@ def build_peer(config: PeerConfig, position: int, peer_id: str,
         local_test = local_test[:task.local_eval_samples]
     engine = Engine(
         peer_id, spec, init_params(spec, config.seed), train_split, train_set.subset(local_test),
-        planner_for(config), load_topology(config.topology), train, config.seed,
+        planner_for(config, spec), load_topology(config.topology), train, config.seed,
         config.wire_dtype, Staleness(config.staleness_exponent, config.max_staleness),
         config.frozen_blocks,
     )

@@ -2,6 +2,7 @@
 
 Usage: python scripts/diagnose_assembly.py OUT.jsonl [--task fmnist] [--method msfusion]
            [--peers 8] [--mu 0.25] [--seed 0] [--rounds 30] [--every 5] [--drift-period R]
+           [--drift-rates rank|colour]
            [--topology ring] [--layout ring|rotating|scattered] [--lr LR] [--steps N]
            [--batch-size B] [--partition dirichlet:0.5] [--contrastive] [--balanced-softmax]
            [--test-samples 2000] [--eval-samples N] [--whole-groups NAME[,NAME...]]
@@ -46,9 +47,15 @@ import torch.nn.functional as F
 
 from peerd.algorithm.aggregate import assemble
 from peerd.algorithm.evaluate import Evaluation, evaluate
-from peerd.algorithm.plan import LAYOUTS, RING_LAYOUT, make_planner
+from peerd.algorithm.plan import LAYOUTS, RING_LAYOUT
 from peerd.algorithm.submodel import Params, entry_mask, extract
-from peerd.config import DRIFT_PERIOD, SimConfig, parse_whole_groups_text
+from peerd.config import (
+    DEFAULT_DRIFT_RATES,
+    DRIFT_PERIOD,
+    DRIFT_RATES,
+    SimConfig,
+    parse_whole_groups_text,
+)
 from peerd.data import Split
 from peerd.metrics import global_test_set
 from peerd.models.base import Plan, full_plan
@@ -82,6 +89,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--drift-period", type=int, default=DRIFT_PERIOD)
+    parser.add_argument("--drift-rates", default=DEFAULT_DRIFT_RATES, choices=DRIFT_RATES)
     parser.add_argument("--topology", default="ring")
     parser.add_argument("--layout", default=RING_LAYOUT, choices=LAYOUTS)
     parser.add_argument("--lr", type=float)
@@ -113,14 +121,10 @@ def main() -> None:
     sim = build(SimConfig(
         peers=args.peers, method=args.method, mu=(args.mu,), task=args.task, rounds=args.rounds,
         seed=args.seed, partition=args.partition, out="/tmp/diagnose-assembly",
-        drift_period=args.drift_period, topology=args.topology, contrastive=args.contrastive,
-        whole_groups=args.whole_groups, train=train))
+        drift_period=args.drift_period, drift_rates=args.drift_rates, layout=args.layout,
+        topology=args.topology, contrastive=args.contrastive, whole_groups=args.whole_groups,
+        train=train))
     spec = sim.spec
-    if args.method == "msfusion":  # the only planner with a drift period and a layout
-        for engine in sim.engines:
-            engine.planner = make_planner(args.method, args.seed,
-                                          drift_period=args.drift_period, layout=args.layout,
-                                          whole_groups=args.whole_groups)
     test = sim.data.test.subset(np.arange(min(args.test_samples, len(sim.data.test))))
     cluster_test = global_test_set(sim.data, args.eval_samples or task.eval_samples)
 

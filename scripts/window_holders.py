@@ -1,7 +1,8 @@
 """How many peers hold each weight entry under msfusion's windows, by N and mu (no training).
 
 Usage: python scripts/window_holders.py [fmnist|kjv|kjv-large|digits] [--round T]
-           [--layout ring|rotating|scattered] [--drift-period R] [--peers N] [--mu F]
+           [--layout ring|rotating|scattered] [--drift-period R] [--drift-rates rank|colour]
+           [--peers N] [--mu F]
 
 Per (N, mu) (4 to 32 peers and mu 0.125 to 0.5, or only `--peers`, `--mu`): the holders of
 each unit (N mu), and the fractions of all parameter entries held by exactly one peer and by
@@ -14,16 +15,20 @@ group's windows in a seeded order of the members instead (rotating holds what ri
 
 The last column says how fast the windows move against the model: the share of the entries a
 peer holds in a round that it holds again in the next, averaged over the peers and the rounds
-T to T + 7 (drift period R, default 64; docs/ALGORITHM.md, a slower drift).
+T to T + 7 (drift period R, default 64; docs/ALGORITHM.md, a slower drift), under the drift rates
+`--drift-rates` (rank or colour; docs/ALGORITHM.md, drift rates from a colouring); and after it
+the round by which every weight entry has been held by some peer since round 0 (DESIGN
+invariant 3; "-" if not within 2 R rounds).
 """
 
 from __future__ import annotations
 
 import argparse
 
+from peerd.algorithm.coverage import rounds_until_covered
 from peerd.algorithm.plan import LAYOUTS, RING_LAYOUT, Member, Planner, make_planner
 from peerd.algorithm.submodel import Params, entry_mask, init_params
-from peerd.config import DRIFT_PERIOD
+from peerd.config import DEFAULT_DRIFT_RATES, DRIFT_PERIOD, DRIFT_RATES
 from peerd.models.base import ModelSpec
 from peerd.tasks import get_task
 
@@ -50,22 +55,25 @@ def held_again(spec: ModelSpec, params: Params, planner: Planner, members: list[
     return sum(shares) / len(shares)
 
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("task", nargs="?", default="fmnist")
     parser.add_argument("--round", type=int, default=0)
     parser.add_argument("--layout", default=RING_LAYOUT, choices=LAYOUTS)
     parser.add_argument("--drift-period", type=int, default=DRIFT_PERIOD)
+    parser.add_argument("--drift-rates", default=DEFAULT_DRIFT_RATES, choices=DRIFT_RATES)
     parser.add_argument("--peers", type=int)
     parser.add_argument("--mu", type=float)
     args = parser.parse_args()
     task = get_task(args.task)
     spec = task.model(task.load_data(None))
     params = init_params(spec, 0)
-    planner = make_planner("msfusion", 0, drift_period=args.drift_period, layout=args.layout)
+    planner = make_planner("msfusion", 0, drift_period=args.drift_period, layout=args.layout,
+                           drift_rates=args.drift_rates, spec=spec)
     print("| N | mu | holders per unit | entries held | by 1 peer | by 2+ peers "
-          "| held again next round |")
-    print("|---|---|---|---|---|---|---|")
+          "| held again next round | every entry held by round |")
+    print("|---|---|---|---|---|---|---|---|")
     for peers in (args.peers,) if args.peers else PEERS:
         for mu in (args.mu,) if args.mu else MUS:
             members = [Member(f"peer-{i:02d}", mu) for i in range(peers)]
@@ -78,8 +86,10 @@ def main() -> None:
                 several += int((holders >= 2).sum())
                 total += tensor.numel()
             again = held_again(spec, params, planner, members, args.round)
+            covered = rounds_until_covered(spec, planner, members, 2 * args.drift_period)
             print(f"| {peers} | {mu} | {peers * mu:g} | {(one + several) / total:.3f} | "
-                  f"{one / total:.3f} | {several / total:.3f} | {again:.3f} |", flush=True)
+                  f"{one / total:.3f} | {several / total:.3f} | {again:.3f} | "
+                  f"{'-' if covered is None else covered} |", flush=True)
 
 
 if __name__ == "__main__":

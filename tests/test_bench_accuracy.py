@@ -222,3 +222,19 @@ def test_whole_groups_reach_only_msfusions_runs(tmp_path: Path) -> None:
     figures = result["runs"]["msfusion-mu0.25-n4-ring-nocon-static-s0"]
     assert figures["flops_per_sample_peer"] > 0.15 * figures["flops_per_sample_full"]
     assert "msfusion keeps res0,res1 whole" in (tmp_path / "accuracy.md").read_text()
+
+
+def test_rank_drift_rates_reach_only_msfusions_runs(tmp_path: Path) -> None:
+    """--drift-rates rank (the default is colour): msfusion's run is keyed `-rank` and
+    configured so; the full-width run is the default one (its windows do not drift)."""
+    result = _bench(tmp_path, "--tables", "e", "--drift-rates", "rank")
+    ranked_key = "msfusion-mu0.25-n4-ring-nocon-static-s0"
+    full_key = "full-mu1.0-n4-ring-nocon-static-s0"
+    assert set(result["runs"]) == {ranked_key, full_key}
+    assert {path.name for path in (tmp_path / "runs").iterdir()} == {ranked_key + "-rank",
+                                                                      full_key}
+    stored = {key: json.loads((tmp_path / "runs" / key / "config.json").read_text())
+              for key in (ranked_key + "-rank", full_key)}
+    assert stored[ranked_key + "-rank"]["drift_rates"] == "rank"
+    assert stored[full_key]["drift_rates"] == "colour"
+    assert "drift period 64 (rank rates)" in (tmp_path / "accuracy.md").read_text()

@@ -136,11 +136,12 @@ print(planner_options(DaemonConfig(window_jitter=2)))
 print(fingerprint_mismatch(printed(gossip_fanout=4), printed()))
 """).splitlines()
     assert shown[0] == str(sorted(["method", "seed", "reduce_scatter", "overlap", "drift_period",
-                                   "layout", "whole_groups", "gossip_fanout", "window_jitter"]))
+                                   "drift_rates", "layout", "whole_groups", "gossip_fanout",
+                                   "window_jitter"]))
     assert shown[1] == str(sorted(["method", "seed", "reduce_scatter", "gossip_fanout"]))
     assert shown[2:5] == ["True True", "True", "True"]
-    assert shown[5] == ("{'overlap': 'static', 'drift_period': 64, 'layout': 'ring', "
-                        "'whole_groups': None, 'window_jitter': 2}")
+    assert shown[5] == ("{'overlap': 'static', 'drift_period': 64, 'drift_rates': 'colour', "
+                        "'layout': 'ring', 'whole_groups': None, 'window_jitter': 2}")
     assert "gossip_fanout and window_jitter must be the same on every member" in shown[6]
 
 

@@ -70,7 +70,7 @@ def simulated() -> tuple[dict[str, float], dict[str, torch.Tensor]]:
             run_round(sim, round_index)
     finally:
         torch.set_num_threads(threads)
-    plans = planner_for(config).plan(ROUNDS - 1, sim.members, sim.spec.groups)
+    plans = planner_for(config, sim.spec).plan(ROUNDS - 1, sim.members, sim.spec.groups)
     figures, model = evaluate_global(sim.spec, sim.data,
                                      {engine.peer_id: engine.params for engine in sim.engines},
                                      plans, sim.eval_samples)
@@ -186,7 +186,7 @@ def test_the_watchers_member_by_member_evaluation_equals_the_simulators(
     member pulled and added in turn (its tensors gone before the next is added), the figures
     and the assembled model those of `evaluate_global` in the simulator."""
     sim = build(CONFIG)
-    plans = planner_for(CONFIG).plan(ROUNDS - 1, sim.members, sim.spec.groups)
+    plans = planner_for(CONFIG, sim.spec).plan(ROUNDS - 1, sim.members, sim.spec.groups)
     shapes = {name: (tensor.dtype, tuple(tensor.shape))
               for name, tensor in init_params(sim.spec, CONFIG.seed).items()}
     watched = OneMemberAtATime(GlobalEvaluation(sim.spec, sim.data, sim.eval_samples))

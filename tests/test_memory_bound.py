@@ -42,7 +42,7 @@ def _slice(round_index: int, members: list[Member], sender: str, receiver: str
     config = DaemonConfig()
     task = get_task(TASK)
     spec = task.model(task.load_data(None))
-    planner = planner_for(config)
+    planner = planner_for(config, spec)
     now = planner.plan(round_index, members, spec.groups)
     following = planner.plan(round_index + 1, members, spec.groups)
     shapes = {name: p.shape for name, p in spec.build(

@@ -14,7 +14,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from peerd.algorithm.coverage import CoverageTracker
+from peerd.algorithm.coverage import CoverageTracker, rounds_until_covered
 from peerd.algorithm.plan import (
     PLANNERS,
     Member,
@@ -500,23 +500,6 @@ def coverage_history(
     return history
 
 
-def unit_level_rounds_until_full(
-    spec: ModelSpec, planner: MSFusionPlanner, members: list[Member], limit: int
-) -> int | None:
-    """Same question as coverage_history, on unit pairs: an entry is trained iff some plan holds
-    the units of all its sliced axes (spans and unsliced axes only repeat them)."""
-    keys = {tuple(g for g in axes if g is not None) for axes in spec.axes.values()}
-    keys.discard(())
-    covered = {key: np.zeros([spec.groups[g].units for g in key], bool) for key in keys}
-    for round_index in range(limit):
-        for plan in planner.plan(round_index, members, spec.groups).values():
-            for key, mask in covered.items():
-                mask[np.ix_(*[plan[g].numpy() for g in key])] = True
-        if all(mask.all() for mask in covered.values()):
-            return round_index + 1
-    return None
-
-
 @pytest.mark.parametrize("case", list(COVERAGE_CASES))
 @pytest.mark.parametrize("model", list(SPECS))
 def test_msfusion_reaches_full_coverage(
@@ -538,7 +521,7 @@ def test_msfusion_reaches_full_coverage(
     assert tracker.untrained() == {}
     assert all(bool(mask.all()) for mask in tracker.trained.values())
     # The unit-level model used to pick the bounds agrees with CoverageTracker.
-    assert unit_level_rounds_until_full(spec, MSFusionPlanner(0), members, bound) == reached
+    assert rounds_until_covered(spec, MSFusionPlanner(0), members, bound) == reached
 
 
 @pytest.mark.parametrize("case", list(COVERAGE_CASES))
@@ -548,7 +531,7 @@ def test_msfusion_coverage_bound_over_seeds(model: str, case: str) -> None:
     mu_values, bound = COVERAGE_CASES[case]
     members = members_of(mu_values)
     measured = [
-        unit_level_rounds_until_full(spec, MSFusionPlanner(seed), members, bound)
+        rounds_until_covered(spec, MSFusionPlanner(seed), members, bound)
         for seed in range(1, 9)
     ]
     assert None not in measured, measured

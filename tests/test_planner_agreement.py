@@ -44,7 +44,8 @@ def test_a_mismatch_names_the_half_that_differs() -> None:
     theirs = cluster_fingerprint(MODEL, planner_settings("msfusion", 0, "decay:5", 1))
     reason = fingerprint_mismatch(theirs, ours)
     assert reason.startswith(f"planner fingerprint {theirs.split('.')[1]}, expected ")
-    names = "method, seed, reduce_scatter, overlap, drift_period, layout and whole_groups"
+    names = ("method, seed, reduce_scatter, overlap, drift_period, drift_rates, layout and "
+             "whole_groups")
     assert f"{names} must be the same" in reason
     other_model = cluster_fingerprint("f" * 16, planner_settings("msfusion", 0, "static", 1))
     assert fingerprint_mismatch(other_model, ours) == (
@@ -94,12 +95,14 @@ def test_cluster_runs_the_planner_settings_it_is_given(tmp_path: Path) -> None:
 
 def test_each_planner_takes_exactly_the_options_declared_for_it() -> None:
     """A planner's settings are the options peerd/config.py declares with its method's name:
-    its class takes them as keywords, and the fingerprint covers them under that method only."""
+    its class takes them as keywords (and msfusion the model, `spec`, whose axes table colours
+    its groups), and the fingerprint covers them under that method only."""
     for method, planner_class in PLANNERS.items():
-        keywords = set(inspect.signature(planner_class.__init__).parameters) - {"self", "seed"}
+        keywords = (set(inspect.signature(planner_class.__init__).parameters)
+                    - {"self", "seed", "spec"})
         config = DaemonConfig(method=method)
         assert keywords == set(planner_options(config)), method
         agreed = {"method", "seed", "reduce_scatter", *keywords}
         assert set(agreed_settings(config)) == agreed, method
-    assert set(planner_options(DaemonConfig())) == {"overlap", "drift_period", "layout",
-                                                   "whole_groups"}
+    assert set(planner_options(DaemonConfig())) == {"overlap", "drift_period", "drift_rates",
+                                                    "layout", "whole_groups"}

@@ -9,17 +9,20 @@ member's index in that order is its *position*.
   windows cover every unit whenever the widths add up to K) and drift around the ring over
   rounds (shift across rounds). Each group drifts at its own rate: the r-th width group of the
   model goes once around its ring every R / (r + 1) rounds (R, the drift period, default 64;
-  docs/ALGORITHM.md). Any two groups that share a weight therefore slide past each other by at
-  least 1/R of a ring a round, so every unit of one meets every unit of the other (DESIGN
-  invariant 3), while a window moves only a little each round and what it holds next round
-  is mostly what it or its neighbour holds now. When the widths add up to more than K, the
-  overlap schedule sets how far apart the windows are spread (docs/ALGORITHM.md, adaptive
-  overlap). The windows follow the members' ring positions in every group (layout `ring`);
-  the experimental layouts `rotating` and `scattered` reorder them (member_order). Groups
-  named in `whole_groups` are not windowed: every member keeps all their units in every round
-  (e.g. a transformer's residual width `embd`, so every sub-model reads and writes the whole
-  residual stream; docs/ALGORITHM.md, whole groups); the other groups keep their windows and
-  drift exactly as without it.
+  docs/ALGORITHM.md) with drift rates `rank`, or with `colour` (the configured default) every
+  R / (c + 1) rounds, c the group's colour in a greedy colouring of the groups that share a
+  weight (peerd/algorithm/colouring.py). Any two groups that share a weight therefore slide
+  past each other by at least 1/R of a ring a round, so every unit of one meets every unit of
+  the other (DESIGN invariant 3), while a window moves only a little each round and what it
+  holds next round is mostly what it or its neighbour holds now. When the widths add up to
+  more than K, the overlap schedule sets how far apart the windows are spread
+  (docs/ALGORITHM.md, adaptive overlap). The windows follow the members' ring positions in
+  every group (layout `ring`); the experimental layouts `rotating` and `scattered` reorder
+  them (member_order).
+  Groups named in `whole_groups` are not windowed: every member keeps all their units in every
+  round (e.g. a transformer's residual width `embd`, so every sub-model reads and writes the
+  whole residual stream; docs/ALGORITHM.md, whole groups); they do not drift, and the other
+  groups keep their windows.
 - fedrolex: one rolling window, the same for every member and every layer.
 - heterofl: a static prefix of each group.
 - fd: Federated Dropout, a fresh random subset per member per round.
@@ -46,8 +49,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from peerd.algorithm.colouring import greedy_colours
 from peerd.config import (
+    COLOUR_RATES,
     DRIFT_PERIOD,
+    DRIFT_RATES,
+    RANK_RATES,
     STATIC_OVERLAP,
     WINDOW_LAYOUTS,
     PeerOptions,
@@ -55,7 +62,7 @@ from peerd.config import (
     parse_whole_groups,
     planner_options,
 )
-from peerd.models.base import DEPTH, Plan, UnitGroup
+from peerd.models.base import DEPTH, ModelSpec, Plan, UnitGroup
 
 LAYOUTS = WINDOW_LAYOUTS
 RING_LAYOUT, SCATTERED_LAYOUT, ROTATING_LAYOUT = LAYOUTS
@@ -223,7 +230,8 @@ class MSFusionPlanner(Planner):
 
     def __init__(self, seed: int, overlap: str = STATIC_OVERLAP,
                  drift_period: int = DRIFT_PERIOD, layout: str = RING_LAYOUT,
-                 whole_groups: str | None = None) -> None:
+                 whole_groups: str | None = None, drift_rates: str = RANK_RATES,
+                 spec: ModelSpec | None = None) -> None:
         super().__init__(seed)
         if layout not in LAYOUTS:
             raise ValueError(f"layout={layout!r} is invalid: must be one of {', '.join(LAYOUTS)}")
@@ -236,10 +244,27 @@ class MSFusionPlanner(Planner):
         # Rounds in which the first width group drifts once around its ring; the r-th goes
         # r + 1 times (docs/ALGORITHM.md, drift).
         self.drift_period = drift_period
-        parse_overlap(overlap)  # refuse a bad schedule now, not in some later round
-        self.overlap = overlap
+        if drift_rates not in DRIFT_RATES:
+            raise ValueError(f"drift_rates={drift_rates!r} is invalid: must be one of "
+                             f"{', '.join(DRIFT_RATES)}")
+        self.drift_rates = drift_rates
         # Groups every member keeps whole; checked against a model's groups by check_groups.
         self.whole_groups = frozenset(parse_whole_groups(whole_groups))
+        # colour: the colour of each windowed group in the model's sharing graph (None: by
+        # rank). Whole groups do not drift, so they are left out: groups that share weights
+        # only with them all get the slowest rate. The option's default is colour
+        # (DEFAULT_DRIFT_RATES, through planner_for); a planner made without the model cannot
+        # colour, so the keyword's own default is rank.
+        self.colours: dict[str, int] | None = None
+        if drift_rates == COLOUR_RATES:
+            if spec is None:
+                raise ValueError("drift_rates=colour needs the model: its axes table says "
+                                 "which groups share a weight")
+            windowed = [name for name in width_group_names(spec.groups)
+                        if name not in self.whole_groups]
+            self.colours = greedy_colours(windowed, spec.axes)
+        parse_overlap(overlap)  # refuse a bad schedule now, not in some later round
+        self.overlap = overlap
 
     def check_groups(self, groups: Mapping[str, UnitGroup]) -> None:
         names = width_group_names(groups)
@@ -262,11 +287,20 @@ class MSFusionPlanner(Planner):
         stride_num = total * _LEVEL_DENOMINATOR - level_num * (total - units)
         return [int(c) * stride_num // (total * _LEVEL_DENOMINATOR) for c in cumulative]
 
+    def drift_rate(self, group: UnitGroup, rank: int) -> int:
+        """Times a group goes around its ring in a drift period: rank + 1, or colour + 1."""
+        if self.colours is None:
+            return rank + 1
+        if group.name not in self.colours:
+            raise ValueError(f"group {group.name!r} is not a width group of the model this "
+                             "planner coloured")
+        return self.colours[group.name] + 1
+
     def group_offset(self, round_index: int, group: UnitGroup, rank: int) -> int:
         """How far the windows of a group are rotated in a round: a seeded start per group,
-        advanced by (rank + 1) K / R units a round (exact integer floor)."""
+        advanced by rate * K / R units a round (exact integer floor; drift_rate)."""
         start = int(_rng(self.seed, _stable_hash(group.name)).integers(group.units))
-        drift = round_index * (rank + 1) * group.units // self.drift_period
+        drift = round_index * self.drift_rate(group, rank) * group.units // self.drift_period
         return (start + drift) % group.units
 
     def member_order(self, round_index: int, count: int, group: UnitGroup,
@@ -362,6 +396,10 @@ def make_planner(method: str, seed: int, **settings: object) -> Planner:
     return planner_class(seed, **settings)
 
 
-def planner_for(config: PeerOptions) -> Planner:
-    """The planner a configuration runs: its method, seed and the method's declared options."""
-    return make_planner(config.method, config.seed, **planner_options(config))
+def planner_for(config: PeerOptions, spec: ModelSpec) -> Planner:
+    """The planner a configuration runs on a model: its method, seed and the method's declared
+    options."""
+    settings = planner_options(config)
+    if config.method == MSFusionPlanner.name:
+        settings["spec"] = spec  # drift rates `colour` read which groups share a weight
+    return make_planner(config.method, config.seed, **settings)

@@ -57,7 +57,9 @@ from peerd.algorithm.submodel import forward_flops_per_sample
 from peerd.bench.processes import partition_arg, positive_int, seeds_arg
 from peerd.bench.stored import run_or_reuse, spread
 from peerd.config import (
+    DEFAULT_DRIFT_RATES,
     DRIFT_PERIOD,
+    DRIFT_RATES,
     STATIC_OVERLAP,
     ConfigError,
     SimConfig,
@@ -99,6 +101,7 @@ class Settings:
     balanced_softmax: bool = False  # every row's local loss (TrainConfig.balanced_softmax)
     drift_period: int = DRIFT_PERIOD  # msfusion rows' SimConfig.drift_period
     whole_groups: str | None = None  # msfusion rows' SimConfig.whole_groups
+    drift_rates: str = DEFAULT_DRIFT_RATES  # msfusion rows' SimConfig.drift_rates
 
     @property
     def metric(self) -> Metric:
@@ -139,6 +142,8 @@ class RunSpec:
             # Only msfusion's windows drift: the other rows stay one run whatever the period.
             drift_period=settings.drift_period if self.method == "msfusion" else DRIFT_PERIOD,
             whole_groups=settings.whole_groups if self.method == "msfusion" else None,
+            drift_rates=(settings.drift_rates if self.method == "msfusion"
+                         else DEFAULT_DRIFT_RATES),
         )
         if settings.budget_gflops is None:
             return config
@@ -235,6 +240,8 @@ def run_spec(spec: RunSpec, settings: Settings, out: Path, reuse: bool,
         key += f"-r{settings.drift_period}"
     if spec.method == "msfusion" and settings.whole_groups is not None:
         key += "-whole-" + settings.whole_groups.replace(",", "+")
+    if spec.method == "msfusion" and settings.drift_rates != DEFAULT_DRIFT_RATES:
+        key += f"-{settings.drift_rates}"
     records = run_or_reuse(spec.sim_config(settings, out / "runs" / key), reuse, log)
     return summarize(spec, records, settings.metric, settings.target)
 
@@ -385,7 +392,7 @@ def run_accuracy(
              f"msfusion keeps {settings.whole_groups} whole, ")
     markdown = [f"task {settings.task}, {settings.peers} peers ({settings.partition}), "
                 f"{length} x {settings.steps} steps, shard {settings.shard_size}, "
-                f"drift period {settings.drift_period}, {whole}"
+                f"drift period {settings.drift_period} ({settings.drift_rates} rates), {whole}"
                 f"target {settings.target}, seeds {', '.join(map(str, seeds))}; delivered: "
                 "the assembled model, or for heterofl and fd the shared sub-model on the test set"]
     for table in tables:
@@ -510,6 +517,9 @@ def add_accuracy_parser(subparsers: argparse._SubParsersAction) -> None:
                           metavar="NAME[,NAME...]",
                           help="msfusion rows: unit groups every peer keeps whole, not "
                                "windowed (e.g. embd on kjv; default: none)")
+    accuracy.add_argument("--drift-rates", choices=DRIFT_RATES, default=DEFAULT_DRIFT_RATES,
+                          help="msfusion rows: each group's turns per drift period, by rank or "
+                               "by colour (default: %(default)s)")
     accuracy.add_argument("--threads", type=positive_int, default=1,
                           help="torch threads (default: %(default)s)")
     accuracy.add_argument("--quick", action="store_true",
@@ -541,7 +551,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         partition=scoring.partition if args.partition is None else args.partition,
         eval_every=pick("eval_every"), eval_samples=pick("eval_samples"), target=target,
         budget_gflops=args.budget_gflops, balanced_softmax=args.balanced_softmax,
-        drift_period=args.drift_period, whole_groups=args.whole_groups,
+        drift_period=args.drift_period, drift_rates=args.drift_rates,
+        whole_groups=args.whole_groups,
     )
 
 

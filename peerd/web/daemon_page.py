@@ -69,7 +69,7 @@ class DaemonPage:
         self.daemon = daemon
         config = daemon.config
         self.topology = load_topology(config.topology)
-        self.windows = Windows(planner_for(config), daemon.spec.groups)
+        self.windows = Windows(planner_for(config, daemon.spec), daemon.spec.groups)
         self.records = RecordsFile(daemon.state_dir / ROUNDS_LOG)
         self.warnings = RecentWarnings()
         self.view_changes = ViewChanges()
